@@ -14,16 +14,32 @@ whatever the worker count. A video folder maps k to (epoch, position) through a 
 by (seed, epoch): every epoch is shuffled differently, and a resumed run that starts at clip j
 continues exactly where it stopped instead of repeating the data order.
 
-Shapes:  video (T, H, W, 3) uint8  ->  batch {"video": (B, 3, T, H, W) float in [-1, 1], "caption": [B str]}
+Real data has the same interface (`make_source` reads a --data spec): a folder of videos captioned by
+a captions.csv of `path,caption` rows or by label sub-folders (`a video of {label}`, as for Moments in
+Time), webdataset tar shards (key.mp4 + key.txt), and folders of images as one-frame videos. PyAV
+decodes (`read_video`: resampled by timestamp to a fixed fps, short side resized, centre-cropped,
+phone rotation undone) and writes .mp4 (H.264) and .gif (`write_video`).
+
+Source:  video (T, H, W, 3) uint8  ->  batch {"video": (B, 3, T, H, W) float in [-1, 1], "caption": [B str]}
 
 Deviations: the paper trains on licensed web video; here the Shapes world stands in by default.
 Object edges are anti-aliased by 4x supersampling so that positions between pixels are visible.
+A video shorter than one clip counts as a bad file (skipped), rather than being padded or looped.
 """
 
+import csv
+import glob
+import io
 import math
+import os
+import re
+import tarfile
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
 
+import av
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -253,3 +269,229 @@ class ClipStream(IterableDataset):
         while b < end:
             yield self.batch(b)
             b += workers
+
+
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _rgb(frame: av.VideoFrame, size: int | None) -> np.ndarray:
+    """One decoded frame as (H, W, 3) uint8, upright, short side resized to `size` and centre-cropped."""
+    # phones store "rotate this many degrees counter-clockwise" in the display matrix; read it before
+    # reformat, whose new frame lacks that side data
+    turns = round(frame.rotation / 90) % 4
+    if size is not None:
+        scale = size / min(frame.width, frame.height)
+        w, h = max(size, round(frame.width * scale)), max(size, round(frame.height * scale))
+        # swscale's area filter averages the pixels it drops, so downscaling does not alias
+        frame = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA")
+    img = np.rot90(frame.to_ndarray(format="rgb24"), k=turns)  # (H, W, 3) from any pixel format
+    if size is not None:
+        top, left = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+        img = img[top:top + size, left:left + size]  # (size, size, 3)
+    return np.ascontiguousarray(img)
+
+
+def _pick(container, stream, fps: float | None, start: float):
+    """Yield the frames on screen at start + i / fps, i = 0, 1, ... (every frame from `start` if fps is
+    None). Picking by timestamp rather than index is what makes variable frame rates work; a frame
+    comes twice when fps is above the video's rate."""
+    t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    if start > 0:  # jump to the key frame before `start` instead of decoding everything up to it
+        container.seek(int((t0 + start) / stream.time_base), stream=stream)
+    rate = float(stream.average_rate or 25)
+    eps = 0.1 / fps if fps else 1e-6  # GIF times are in 1/100 s: 0.125 s reads back as 0.13 s
+    prev, prev_t, gap, i = None, 0.0, 1 / (fps or rate), 0
+    for n, frame in enumerate(container.decode(stream)):
+        t = (frame.time if frame.time is not None else n / rate) - t0 - start  # seconds into the clip
+        if fps is None:
+            if t >= -eps:
+                yield frame
+            continue
+        while prev is not None and t > i / fps + eps:  # prev is the last frame at or before i / fps
+            yield prev
+            i += 1
+        gap = t - prev_t if prev is not None and t > prev_t else gap
+        prev, prev_t = frame, t
+    while prev is not None and fps and i / fps < prev_t + gap - eps:  # the last frame lasts one gap
+        yield prev
+        i += 1
+
+
+def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, size: int | None = None,
+               fps: float | None = None, start: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Decode a video or image (a path or a binary file object) to (T, H, W, 3) uint8 RGB.
+
+    frames: exactly this many (ValueError if the video is shorter), else all.  size: short side resized
+    to `size`, centre-cropped to size x size.  fps: resample by timestamp.  start: seconds to skip; with
+    `rng`, the start is drawn uniformly over where a full clip fits.  Unreadable, empty or video-less
+    files raise ValueError: PyAV's errors are converted, since not all derive from OSError or ValueError."""
+    name = str(src) if isinstance(src, (str, os.PathLike)) else "a file object"
+    try:
+        with av.open(src) as container:
+            if not container.streams.video:
+                raise ValueError(f"{name} has no video stream")
+            stream = container.streams.video[0]
+            if rng is not None and frames is not None:
+                # container.duration is in microseconds; both are None when the header does not say
+                duration = (float(stream.duration * stream.time_base) if stream.duration
+                            else (container.duration or 0) / 1e6)
+                clip = frames / (fps or float(stream.average_rate or 25))
+                start = float(rng.uniform(0, duration - clip)) if duration > clip else 0.0
+            out, last, img = [], None, None
+            for frame in _pick(container, stream, fps, start):
+                if frame is not last:  # convert a repeated frame once
+                    last, img = frame, _rgb(frame, size)
+                out.append(img)
+                if len(out) == frames:
+                    break
+    except av.error.FFmpegError as err:
+        raise ValueError(f"cannot decode {name}: {err}") from err
+    if not out or (frames is not None and len(out) < frames):
+        raise ValueError(f"{name} is too short: {len(out)} frames from {start:.2f} s, {frames or 1} needed")
+    return np.stack(out)  # (T, H, W, 3)
+
+
+def write_video(path: str, video: np.ndarray | torch.Tensor, fps: float = 8) -> None:
+    """Write (T, H, W, 3) uint8 frames (or what to_uint8_frames takes) to .mp4 (H.264) or .gif."""
+    video, ext = to_uint8_frames(video), os.path.splitext(path)[1].lower()
+    if ext not in (".mp4", ".gif"):  # .png frame grids are drawn elsewhere, with matplotlib
+        raise ValueError(f"write_video writes .mp4 or .gif, not {ext or 'no extension'!r} ({path})")
+    mp4 = ext == ".mp4"
+    if mp4:  # 4:2:0 halves the chroma grid, so H.264 needs even sides: repeat the last row / column
+        video = np.pad(video, ((0, 0), (0, video.shape[1] % 2), (0, video.shape[2] % 2), (0, 0)), mode="edge")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264" if mp4 else "gif", rate=Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = video.shape[1:3]
+        # the GIF encoder wants 8-bit colour: rgb8 is a fixed 3-3-2 palette that keeps the Shapes
+        # colours exact, where pal8 would need a palette computed first
+        stream.pix_fmt = "yuv420p" if mp4 else "rgb8"
+        stream.options = {"crf": "18"} if mp4 else {}  # near lossless; the default 23 smears small clips
+        for img in video:
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=stream.pix_fmt)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())  # flush the frames the encoder still holds
+
+
+def _folder_items(root: Path, exts: tuple[str, ...]) -> list[tuple[Path, str]]:
+    """(file, caption) pairs of a folder: root/captions.csv (`path,caption` rows, paths relative to root)
+    if there is one, else `a video of {label}` from each file's sub-folder, else ""."""
+    table = root / "captions.csv"
+    if not table.is_file():
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())
+        labels = [re.sub("[_-]", " ", p.parent.name) if p.parent != root else "" for p in files]
+        return [(p, f"a video of {label}" if label else "") for p, label in zip(files, labels)]
+    # lift the csv module's 128 KiB field limit (process-wide), so a huge caption is cut, not fatal
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
+    with open(table, newline="", encoding="utf-8-sig", errors="replace") as f:
+        rows = [row for row in csv.reader(f) if row and row[:2] != ["path", "caption"]]
+    found = [row for row in rows if (root / row[0]).is_file()]
+    if len(found) < len(rows):
+        warnings.warn(f"{table}: skipped {len(rows) - len(found)} rows whose file is missing", stacklevel=3)
+    return [(root / row[0], (row[1] if len(row) > 1 else "").strip()[:1000]) for row in found]
+
+
+class VideoFolderSource:
+    """A folder of videos, searched recursively; captions from captions.csv or label sub-folders
+    (root/label/clip.mp4, the Moments in Time layout). Clip k is position k % len of epoch k // len,
+    and each epoch visits every file once, shuffled by (seed, epoch); the clip's start time is drawn
+    from (seed, k), so the same k gives the same clip in any worker and after any resume."""
+    exts = VIDEO_EXTS
+
+    def __init__(self, root: str, frames: int = 11, size: int = 128, fps: float | None = 8.0, seed: int = 0):
+        self.name, self.frames, self.size, self.fps, self.seed = str(root), frames, size, fps, seed
+        self.items = self.index_files(root)  # [(file, caption)]
+        if not self.items:
+            raise ValueError(f"no videos found in {root}")
+        self._epoch, self._order = -1, np.arange(0)
+
+    def index_files(self, root: str) -> list:
+        """[(file, caption)] of the data set; subclasses index other containers."""
+        return _folder_items(Path(root), self.exts)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def item(self, k: int) -> tuple:
+        """The entry of self.items that clip k reads."""
+        epoch, position = divmod(k, len(self.items))
+        if epoch != self._epoch:  # one permutation per epoch, cached while the stream is in it
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+        return self.items[self._order[position]]
+
+    def fetch(self, path: Path) -> Path:
+        """What read_video decodes for one entry of self.items (TarShardSource reads bytes)."""
+        return path
+
+    def load(self, k: int) -> tuple[np.ndarray, str]:
+        entry, text = self.item(k)
+        rng = np.random.default_rng([self.seed, k])  # the clip's start time
+        return read_video(self.fetch(entry), self.frames, self.size, self.fps, rng=rng), text
+
+
+class ImageFolderSource(VideoFolderSource):
+    """A folder of images read as one-frame videos (1, size, size, 3), for joint image-video training
+    (Phenaki §3.2: an image is a video with T = 1). Captions as for VideoFolderSource."""
+    exts = IMAGE_EXTS
+
+    def __init__(self, root: str, size: int = 128, seed: int = 0):
+        super().__init__(root, 1, size, None, seed)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'shard-{000..002}.tar' -> ['shard-000.tar', 'shard-001.tar', 'shard-002.tar']; '{a,b}' too."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    lo, hi, options = match.groups()
+    if options is None:  # a numeric range keeps the zero padding of its lower end
+        options = ",".join(str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1))
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [p for option in options.split(",") for p in expand_braces(head + option + tail)]
+
+
+class TarShardSource(VideoFolderSource):
+    """Webdataset tar shards ('/data/shard-{000..009}.tar' or a glob): members key.mp4 (or another
+    video type) and key.txt (its caption) make one sample. Indexing reads every header and caption
+    once; a load then reads the video's bytes at their offset, so the tars must be uncompressed.
+    Order and clip start follow the rules of VideoFolderSource."""
+
+    def index_files(self, pattern: str) -> list:
+        items = []  # [((shard, offset, length), caption)]
+        for shard in sorted({path for p in expand_braces(pattern) for path in glob.glob(p)}):
+            try:
+                with tarfile.open(shard, "r:") as tar:
+                    members = {os.path.splitext(m.name): m for m in tar if m.isfile()}  # (key, ext) -> member
+                    for (key, ext), m in sorted(members.items()):
+                        if ext.lower() not in VIDEO_EXTS:
+                            continue
+                        text = members.get((key, ".txt"))
+                        text = tar.extractfile(text).read().decode("utf-8", errors="replace") if text else ""
+                        items.append(((shard, m.offset_data, m.size), text.strip()[:1000]))
+            except tarfile.TarError as err:
+                raise ValueError(f"{shard} is not an uncompressed tar: {err}") from err
+        return items
+
+    def fetch(self, member: tuple[str, int, int]) -> io.BytesIO:
+        shard, offset, length = member
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            return io.BytesIO(f.read(length))
+
+
+def make_source(spec: str, frames: int, size: int, seed: int = 0,
+                fps: float = 8.0) -> ShapesSource | VideoFolderSource:
+    """The source for a --data spec: 'shapes', tar shards (a '.tar' path, braces or a glob), a folder
+    of videos, or a folder of images (one with no videos, or any folder as 'images:FOLDER')."""
+    if spec == "shapes":
+        return ShapesSource(frames, size, seed)
+    if spec.startswith("images:"):
+        return ImageFolderSource(spec[len("images:"):], size, seed)
+    if ".tar" in spec or any(c in spec for c in "{*?["):
+        return TarShardSource(spec, frames, size, fps, seed)
+    if os.path.isdir(spec):  # an empty folder fails in ImageFolderSource with "no videos found in ..."
+        if any(p.suffix.lower() in VIDEO_EXTS for p in Path(spec).rglob("*")):
+            return VideoFolderSource(spec, frames, size, fps, seed)
+        return ImageFolderSource(spec, size, seed)
+    raise ValueError(f"unknown data {spec!r}: expected 'shapes', a folder, 'images:FOLDER' or tar shards")

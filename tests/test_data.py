@@ -1,0 +1,218 @@
+"""Tests for the real-data half of data.py: PyAV decoding and writing, the folder, tar and image
+sources, and the sharded, resumable ClipStream. Every file is made here with PyAV; CPU only."""
+
+import io
+import re
+import tarfile
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from data import (ClipStream, ImageFolderSource, ShapesSource, TarShardSource, VideoFolderSource,
+                  expand_braces, make_source, read_video, write_video)
+
+
+def moving_square(frames: int = 24, height: int = 48, width: int = 80) -> np.ndarray:
+    """(T, H, W, 3) uint8: a white 8 x 8 square whose left edge is at x = 3 t in frame t."""
+    video = np.zeros((frames, height, width, 3), dtype=np.uint8)
+    for t in range(frames):
+        video[t, 16:24, 3 * t:3 * t + 8] = 255
+    return video
+
+
+def encode(path, video: np.ndarray, fps: int = 16, rotation: int = 0) -> None:
+    """Write an H.264 .mp4 with PyAV directly, so that reading is not tested against our own writer."""
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width, stream.pix_fmt = video.shape[1], video.shape[2], "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for img in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def encode_png(path, img: np.ndarray) -> None:
+    with av.open(str(path), "w", format="image2") as container:
+        stream = container.add_stream("png")
+        stream.height, stream.width, stream.pix_fmt = img.shape[0], img.shape[1], "rgb24"
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def square_x(img: np.ndarray) -> float:
+    """Left edge of the bright square, in pixels."""
+    return float(np.flatnonzero(img.max(axis=(0, 2)) > 128).min())
+
+
+def small_clips(folder, names, frames: int = 24) -> None:
+    """Tiny 16 fps grey clips (32 x 32) at folder/name whose frame t has brightness 8 t, so a clip's
+    first frame tells where in the video it starts."""
+    video = np.repeat(8 * np.arange(frames, dtype=np.uint8), 32 * 32 * 3).reshape(frames, 32, 32, 3)
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        encode(folder / name, video)
+
+
+def test_read_video_resizes_crops_and_resamples_by_timestamp(tmp_path):
+    encode(tmp_path / "a.mp4", moving_square())  # 24 frames at 16 fps: 1.5 s
+    full = read_video(str(tmp_path / "a.mp4"))
+    assert full.shape == (24, 48, 80, 3) and full.dtype == np.uint8
+    half = read_video(tmp_path / "a.mp4", fps=8)
+    assert half.shape[0] == 12  # 1.5 s at 8 fps
+    # every second frame: the square's edge moves 6 pixels per output frame, starting at 0
+    assert [square_x(f) for f in half] == pytest.approx([6 * j for j in range(12)], abs=1)
+    clip = read_video(tmp_path / "a.mp4", frames=5, size=32, fps=8, start=0.5)
+    assert clip.shape == (5, 32, 32, 3)
+    # 48 x 80 -> 32 x 53, cropped to columns 10..42; at 0.5 s (frame 8) the edge is at 24 * 32 / 48 - 10
+    assert square_x(clip[0]) == pytest.approx(24 * 32 / 48 - 10, abs=1)
+
+
+def test_read_video_undoes_display_rotation(tmp_path):
+    video = np.zeros((2, 16, 32, 3), dtype=np.uint8)
+    video[:, :8, :8] = 255  # a bright top-left corner
+    encode(tmp_path / "r.mp4", video, rotation=90)
+    upright = read_video(tmp_path / "r.mp4")
+    assert upright.shape == (2, 32, 16, 3)  # a quarter turn swaps height and width
+    assert upright[0, -4:, :4].min() > 200  # 90 degrees counter-clockwise: top-left goes bottom-left
+
+
+def test_read_video_rejects_bad_files(tmp_path):
+    (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    encode(tmp_path / "short.mp4", moving_square(8))
+    for bad in ("corrupt.mp4", "empty.mp4", "missing.mp4"):
+        with pytest.raises((ValueError, OSError)):
+            read_video(str(tmp_path / bad))
+    with pytest.raises((ValueError, OSError)):
+        read_video(io.BytesIO(b"not a video at all"))
+    with pytest.raises(ValueError, match="too short"):
+        read_video(tmp_path / "short.mp4", frames=11, fps=8)  # 0.5 s holds 4 frames at 8 fps
+
+
+def test_stream_skips_corrupt_file_and_keeps_batches_full(tmp_path):
+    small_clips(tmp_path, ["good.mp4"])
+    (tmp_path / "bad.mp4").write_bytes(np.random.default_rng(1).bytes(3000))
+    stream = ClipStream(VideoFolderSource(str(tmp_path), frames=3, size=16), batch_size=2, max_batches=2)
+    with pytest.warns(UserWarning, match="skipped clip"):
+        batches = list(stream)
+    assert stream.skipped > 0
+    assert [b["video"].shape for b in batches] == [(2, 3, 3, 16, 16)] * 2
+
+
+def test_captions_from_csv_and_from_label_folders(tmp_path):
+    csv_root, labelled = tmp_path / "csv", tmp_path / "labelled"
+    small_clips(csv_root, ["a.mp4", "sub/b.mp4", "c.mp4"], frames=4)
+    (csv_root / "captions.csv").write_bytes(
+        b'path,caption\na.mp4,"a dog, running"\nsub/b.mp4,caf\xe9 \xff\nc.mp4,\ngone.mp4,lost\n')
+    with pytest.warns(UserWarning, match="skipped 1 rows"):
+        source = VideoFolderSource(str(csv_root), frames=1, size=8)
+    assert sorted(text for _, text in source.items) == ["", "a dog, running", "caf\ufffd \ufffd"]
+    big = "x" * 200_000  # beyond the csv module's default field limit
+    (csv_root / "captions.csv").write_text(f"a.mp4,{big}\n")
+    assert VideoFolderSource(str(csv_root), frames=1, size=8).load(0)[1] == "x" * 1000
+
+    small_clips(labelled, ["playing_guitar/1.mp4", "dog-barking/2.mp4", "loose.mp4"], frames=4)
+    source = VideoFolderSource(str(labelled), frames=2, size=8)
+    captions = {source.load(k)[1] for k in range(len(source))}
+    assert captions == {"a video of playing guitar", "a video of dog barking", ""}
+
+
+def test_tar_shards_from_a_brace_pattern(tmp_path):
+    assert expand_braces("s-{008..010}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar"]
+    small_clips(tmp_path, ["clip.mp4"], frames=4)
+    data = (tmp_path / "clip.mp4").read_bytes()
+    for shard, keys in (("shard-000.tar", ["k0", "k1"]), ("shard-001.tar", ["k2"])):
+        with tarfile.open(tmp_path / shard, "w") as tar:
+            for key in keys:
+                for name, payload in ((f"{key}.mp4", data), (f"{key}.txt", f"caption {key}\n".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    source = make_source(str(tmp_path / "shard-{000..001}.tar"), frames=2, size=16)
+    assert isinstance(source, TarShardSource) and len(source) == 3
+    loaded = [source.load(k) for k in range(3)]
+    assert sorted(text for _, text in loaded) == ["caption k0", "caption k1", "caption k2"]
+    assert all(video.shape == (2, 16, 16, 3) for video, _ in loaded)
+
+
+def test_image_folder_gives_one_frame_videos(tmp_path):
+    (tmp_path / "cats").mkdir()
+    encode_png(tmp_path / "cats" / "a.png", np.full((20, 30, 3), 200, dtype=np.uint8))
+    encode_png(tmp_path / "b.png", np.zeros((40, 24, 3), dtype=np.uint8))
+    source = make_source(str(tmp_path), frames=11, size=16)
+    assert isinstance(source, ImageFolderSource) and len(source) == 2
+    loaded = dict((text, video) for video, text in (source.load(k) for k in range(2)))
+    assert loaded["a video of cats"].shape == (1, 16, 16, 3) and loaded["a video of cats"].min() == 200
+    assert loaded[""].shape == (1, 16, 16, 3)
+    assert isinstance(make_source(f"images:{tmp_path}", 11, 16), ImageFolderSource)
+
+
+def test_folder_order_is_a_new_permutation_each_epoch_and_clips_are_reproducible(tmp_path):
+    names = [f"{i}.mp4" for i in range(6)]
+    small_clips(tmp_path, names, frames=24)
+    (tmp_path / "captions.csv").write_text("".join(f"{n},clip {n}\n" for n in names))
+    source = VideoFolderSource(str(tmp_path), frames=3, size=16, seed=3)
+    epochs = [[source.load(k)[1] for k in range(e * 6, e * 6 + 6)] for e in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(f"clip {n}" for n in names)
+    assert epochs[0] != epochs[1]
+    again = VideoFolderSource(str(tmp_path), frames=3, size=16, seed=3)
+    np.testing.assert_array_equal(source.load(9)[0], again.load(9)[0])
+    # one file read as clips 0..7: each clip starts at its own time, drawn from (seed, k)
+    small_clips(tmp_path / "one", ["only.mp4"])
+    one = VideoFolderSource(str(tmp_path / "one"), frames=3, size=16)
+    brightness = [round(float(one.load(k)[0][0].mean()) / 8) for k in range(8)]
+    assert len(set(brightness)) > 3 and max(brightness) <= 24 - 6  # a 3-frame clip at 8 fps spans 6 frames
+
+
+def test_clip_stream_ranks_are_disjoint_and_resume_continues():
+    source = ShapesSource(frames=3, size=16)
+    seen = [ClipStream(source, 4, rank=r, world=2, max_batches=2) for r in range(2)]
+    clips = [{b["video"][i].numpy().tobytes() for b in stream for i in range(4)} for stream in seen]
+    assert len(clips[0]) == len(clips[1]) == 8 and not clips[0] & clips[1]
+    whole = list(ClipStream(source, 4, max_batches=4))
+    resumed = next(iter(ClipStream(source, 4, start_batch=3, max_batches=1)))
+    assert torch.equal(resumed["video"], whole[3]["video"]) and resumed["caption"] == whole[3]["caption"]
+
+
+def test_batches_do_not_depend_on_the_worker_count():
+    stream = ClipStream(ShapesSource(frames=3, size=16), batch_size=2, max_batches=4)
+    runs = [list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=n)) for n in (0, 2)]
+    assert len(runs[0]) == len(runs[1]) == 4
+    for a, b in zip(*runs):
+        assert torch.equal(a["video"], b["video"]) and a["caption"] == b["caption"]
+
+
+def test_write_video_mp4_and_gif_round_trip(tmp_path):
+    video = moving_square(6, 25, 33)  # odd sides: H.264 4:2:0 needs them padded
+    write_video(str(tmp_path / "v.mp4"), video, fps=8)
+    with av.open(str(tmp_path / "v.mp4")) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264" and (stream.height, stream.width) == (26, 34)
+        assert len(list(container.decode(stream))) == 6
+    write_video(str(tmp_path / "v.gif"), video, fps=8)
+    gif = read_video(str(tmp_path / "v.gif"))
+    assert gif.shape == (6, 25, 33, 3)
+    assert square_x(gif[5]) == 15  # the white square survives the 8-bit palette where it was
+    # GIF stores times in 1/100 s (0.125 s becomes 0.13 s), yet resampling still picks each frame once
+    assert [square_x(f) for f in read_video(str(tmp_path / "v.gif"), fps=8)] == [3 * t for t in range(6)]
+    for bad in ("v.png", "v.avi2", "v"):
+        with pytest.raises(ValueError):
+            write_video(str(tmp_path / bad), video)
+
+
+def test_empty_folder_or_pattern_names_itself(tmp_path):
+    empty = tmp_path / "nothing_here"
+    empty.mkdir()
+    for spec in (str(empty), str(tmp_path / "none-{0..3}.tar")):
+        with pytest.raises(ValueError, match=re.escape(f"no videos found in {spec}")):
+            make_source(spec, 3, 16)
+    with pytest.raises(ValueError, match="nothing_here"):
+        VideoFolderSource(str(empty))
+    with pytest.raises(ValueError, match="not-a-spec"):
+        make_source("not-a-spec", 3, 16)
+    assert isinstance(make_source("shapes", 3, 16), ShapesSource)
+    small_clips(tmp_path / "ok", ["x.mp4"], frames=4)
+    assert isinstance(make_source(str(tmp_path / "ok"), 2, 8), VideoFolderSource)

@@ -1,0 +1,139 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cvivit import CViViT, CViViTConfig
+from data import ClipStream, ShapesSource
+from evaluate import psnr
+from vqgan import VQGAN, VectorQuantizer, VQGANConfig
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "vqgan":
+        return VQGAN(VQGANConfig(widths=(16, 32, 32), codebook_size=64, code_dim=8))
+    return CViViT(CViViTConfig(dim=32, spatial_depth=1, temporal_depth=1, heads=2, mlp=64, image_size=32,
+                               codebook_size=64, code_dim=8))
+
+
+KINDS = ["vqgan", "cvivit"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shapes_of_codes_and_reconstruction(kind):
+    model = tiny(kind).eval()
+    video = torch.rand(2, 3, 7, 32, 32) * 2 - 1
+    codes = model.encode(video)
+    assert codes.shape == (2, 4, 4, 4) and codes.dtype == torch.long
+    assert codes.min() >= 0 and codes.max() < 64
+    assert model.decode(codes).shape == video.shape
+    image = video[:, :, :1]  # an image is a one-frame video
+    assert model.encode(image).shape == (2, 1, 4, 4)
+    assert model.decode(model.encode(image)).shape == image.shape
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encoder_is_causal_in_time(kind):
+    """The first k latent frames depend only on the first 1 + 2(k - 1) frames."""
+    model = tiny(kind).eval()
+    video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    for k in (1, 2, 3):
+        changed = video.clone()
+        changed[:, :, 1 + 2 * (k - 1):] = torch.rand_like(changed[:, :, 1 + 2 * (k - 1):])
+        a, b = model.encode_latent(video), model.encode_latent(changed)
+        torch.testing.assert_close(a[:, :k], b[:, :k])
+        assert not torch.allclose(a[:, k:], b[:, k:])  # the change is visible where it may be
+        assert torch.equal(model.encode(video)[:, :k], model.encode(changed)[:, :k])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoder_is_causal_in_time(kind):
+    """Frames made from the first k latent frames do not change when later codes do."""
+    model = tiny(kind).eval()
+    codes = torch.randint(0, 64, (1, 5, 4, 4))
+    later = codes.clone()
+    later[:, 2:] = torch.randint(0, 64, (1, 3, 4, 4))
+    a, b = model.decode(codes), model.decode(later)
+    torch.testing.assert_close(a[:, :, :3], b[:, :, :3])  # latent frames 0, 1 make frames 0..2
+    assert not torch.allclose(a[:, :, 3:], b[:, :, 3:])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_straight_through_gradient_reaches_the_encoder(kind):
+    model = tiny(kind).train()
+    video = torch.rand(2, 3, 5, 32, 32) * 2 - 1
+    out = model(video)
+    F.mse_loss(out.recon, video).backward()  # the reconstruction loss alone, not the VQ loss
+    first = model.stem.conv.weight if kind == "vqgan" else model.embed_first.weight
+    assert first.grad is not None and first.grad.abs().sum() > 0
+    assert model.quantizer.proj_in.weight.grad.abs().sum() > 0
+
+
+def test_commitment_weight_sits_on_the_encoder_term():
+    """loss = ||sg(z) - q||^2 + beta ||z - sg(q)||^2: the encoder side gets beta times the pull."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(dim=4, codebook_size=8, code_dim=4, beta=0.25)
+    vq.initialised.fill_(True)
+    x = torch.randn(1, 16, 4)
+    z = F.normalize(vq.proj_in(x), dim=-1).reshape(16, 4).detach().requires_grad_(True)
+    codes = vq.lookup(z)
+    q = F.normalize(vq.codebook, dim=-1)[codes]
+    loss = F.mse_loss(q, z.detach()) + vq.beta * F.mse_loss(z, q.detach())
+    loss.backward()
+    expected = 0.25 * 2 * (z - q).detach() / z.numel()
+    torch.testing.assert_close(z.grad, expected)
+    out = vq(x)  # the module computes the same loss value
+    torch.testing.assert_close(out.loss, loss.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_kmeans_initialisation_moves_the_codebook_onto_the_data():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(dim=8, codebook_size=16, code_dim=4, beta=0.25).train()
+    before = vq.codebook.detach().clone()
+    x = torch.randn(4, 64, 8)
+    vq(x)
+    assert bool(vq.initialised)
+    assert not torch.allclose(before, vq.codebook)
+    z = F.normalize(vq.proj_in(x), dim=-1).reshape(-1, 4)
+    cosine_to_nearest = (z @ F.normalize(vq.codebook, dim=-1).t()).max(dim=1).values
+    random_cosine = (z @ F.normalize(before, dim=-1).t()).max(dim=1).values
+    assert cosine_to_nearest.mean() > random_cosine.mean()  # codes now sit among the data
+
+
+def test_dead_codes_restart_from_recent_encoder_outputs():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(dim=8, codebook_size=16, code_dim=4, beta=0.25).train()
+    vq.initialised.fill_(True)  # skip k-means so that most codes stay unused
+    with torch.no_grad():
+        vq.codebook[1:] = -vq.codebook[0]  # every input picks code 0 or nothing near the rest
+        vq.proj_in.weight.zero_(), vq.proj_in.bias.copy_(F.normalize(vq.codebook[0], dim=0))
+    vq(torch.randn(2, 32, 8))
+    assert vq.counts[0] == 64 and vq.counts[1:].sum() == 0
+    before = vq.codebook.detach().clone()
+    restarted = vq.restart_dead_codes()
+    assert restarted == 15
+    torch.testing.assert_close(vq.codebook[0], before[0])  # a used code stays
+    assert not torch.allclose(vq.codebook[1:], before[1:])
+    pool = vq.pool[: int(vq.pool_filled)]
+    nearest = (F.normalize(vq.codebook[1:], dim=-1) @ pool.t()).max(dim=1).values
+    assert (nearest > 0.99).all()  # each restarted code is (a jittered copy of) an encoder output
+    assert vq.counts.sum() == 0
+
+
+@pytest.mark.parametrize("kind,threshold", [("vqgan", 24.0), ("cvivit", 22.0)])
+def test_tiny_tokenizer_overfits_one_batch(kind, threshold):
+    torch.manual_seed(0)
+    model = tiny(kind).train()
+    video = ClipStream(ShapesSource(frames=5, size=32, seed=3), 4).batch(0)["video"]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(150):
+        out = model(video)
+        (F.mse_loss(out.recon, video) + out.vq_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 25 == 0:
+            model.quantizer.restart_dead_codes()
+    model.eval()
+    before = psnr(tiny(kind).eval().decode(tiny(kind).eval().encode(video)), video).mean()
+    after = psnr(model.decode(model.encode(video)), video).mean()
+    assert before < 15 < threshold < after, (before, after)

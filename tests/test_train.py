@@ -1,0 +1,89 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from train import UsageError, build_tokenizer, load_tokenizer, override, save_checkpoint, tokenizer_meta
+from vqgan import VQGANConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a model and a run small enough for a test: 3-frame 32 x 32 clips, batches of 2
+TINY = ["--set", "model.widths=8,16,16", "--set", "model.codebook_size=32", "--set", "model.code_dim=4",
+        "--set", "train.frames=3", "--set", "train.image_size=32", "--set", "train.batch_size=2",
+        "--set", "train.warmup=2", "--set", "train.restart_every=2", "--set", "train.log_every=1",
+        "--set", "train.image_every=100", "--set", "train.save_every=2"]
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    config = VQGANConfig(widths=(8, 16, 16), codebook_size=32, code_dim=4)
+    model = build_tokenizer("vqgan", json.dumps(config.__dict__)).eval()
+    path = str(tmp_path / "model.safetensors")
+    save_checkpoint(path, model.state_dict(), tokenizer_meta("vqgan", config, step=7))
+    loaded, meta = load_tokenizer(path)
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    assert torch.equal(model.encode(video), loaded.encode(video))
+    assert torch.equal(model.decode(model.encode(video)), loaded.decode(loaded.encode(video)))
+    assert meta["step"] == "7" and meta["kind"] == "vqgan"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in load_file(path))
+
+
+def test_unknown_config_key_is_an_error():
+    model_cfg, cfg = train.preset("tiny", "vqgan")
+    with pytest.raises(UsageError, match="unknown config key"):
+        override(cfg, ["train.learning_rate=1"], "train")
+    assert override(cfg, ["train.lr=0.5"], "train").lr == 0.5
+    assert override(model_cfg, ["model.widths=4,8,8"], "model").widths == (4, 8, 8)
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+def test_cli_rejects_unknown_key_and_preset_with_one_line():
+    for bad in (["--set", "train.nope=1"], ["--preset", "huge"], ["--set", "optimizer.lr=1"]):
+        result = run_cli("--stage", "1", *bad)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    train.main(["--stage", "1", "--out", whole, "--max-steps", "4", *TINY])
+    train.main(["--stage", "1", "--out", parts, "--max-steps", "2", *TINY])
+    # the resumed run is told the same total length, so its schedule matches the uninterrupted one
+    train.main(["--stage", "1", "--out", parts, "--max-steps", "4", "--resume", *TINY])
+    a = load_file(os.path.join(whole, "train_state.safetensors"))
+    b = load_file(os.path.join(parts, "train_state.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in open(os.path.join(parts, "log.jsonl"))]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_gan_phase_trains_both_networks(tmp_path):
+    out = str(tmp_path / "gan")
+    train.main(["--stage", "1", "--out", out, "--max-steps", "2", *TINY, "--set", "train.gan_start=0"])
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert all(rec["disc"] > 0 for rec in log)
+    state = load_file(os.path.join(out, "train_state.safetensors"))
+    assert any(k.startswith("opt_d.") for k in state)  # the discriminator's optimizer has taken steps
+
+
+def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
+    out = str(tmp_path / "ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), "--stage", "1", "--out", out, "--max-steps", "3", *TINY,
+           "--set", "train.gan_start=1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights identical across 2 ranks: True" in result.stdout
+    assert os.path.exists(os.path.join(out, "model.safetensors"))

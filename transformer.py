@@ -1,0 +1,112 @@
+"""
+The one transformer every part of Phenaki is built from (Vaswani et al. 2017, pre-norm as in GPT-2).
+
+C-ViViT uses it twice per direction: a spatial transformer over the patches of one frame, then a
+causal temporal transformer over the frames at one patch position (Phenaki §2.1). The text encoder
+is a plain bidirectional stack. The MaskGIT generator is a bidirectional stack whose blocks also
+cross-attend to the text states (Phenaki §2.2). So there is one `Attention` with three uses:
+
+    self attention    x (B, N, D) attends to itself
+    causal attention  position i attends to positions <= i only (time in C-ViViT)
+    cross attention   x (B, N, D) attends to a context (B, L, D) with a padding mask (B, L), True = real
+
+Attention runs on `F.scaled_dot_product_attention`, which picks fused flash / memory-efficient
+kernels on CUDA and a fused C++ kernel on the CPU; nothing here materialises the (N, N) matrix itself.
+
+A `Block` is  x + attn(ln(x)),  [x + cross(ln(x), context)],  x + mlp(ln(x)).
+A `Transformer` is a stack of blocks and a final LayerNorm:  (B, N, D) -> (B, N, D).
+
+Deviations: none in substance; the paper does not say pre- or post-norm, and pre-norm trains stably
+without warm-up tricks at small sizes.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Legend: B batch, N query tokens, L context tokens, D width, nh heads, hd head dim.
+
+
+class Attention(nn.Module):
+    """Multi-head attention. Keys and values come from `context` when given (cross attention)."""
+
+    def __init__(self, dim: int, heads: int, causal: bool = False):
+        super().__init__()
+        assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
+        self.heads, self.causal = heads, causal
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        return x.view(B, N, self.heads, D // self.heads).transpose(1, 2)  # (B, nh, N, hd)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D); context (B, L, D) or None for self attention; mask (B, L) bool, True = attend."""
+        B, N, D = x.shape
+        context = x if context is None else context
+        q = self.split_heads(self.to_q(x))  # (B, nh, N, hd)
+        k, v = self.to_kv(context).chunk(2, dim=-1)  # 2 x (B, L, D)
+        k, v = self.split_heads(k), self.split_heads(v)  # (B, nh, L, hd)
+        attn_mask = None
+        if mask is not None:
+            attn_mask = mask[:, None, None, :]  # (B, 1, 1, L), broadcast over heads and queries
+        if self.causal and mask is not None:
+            # SDPA takes either is_causal or a mask, so fold the triangle into the mask ourselves
+            tri = torch.ones(N, k.shape[2], dtype=torch.bool, device=x.device).tril()
+            attn_mask, causal = attn_mask & tri, False
+        else:
+            causal = self.causal
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # (B, nh, N, hd)
+        y = y.transpose(1, 2).reshape(B, N, D)  # re-join heads: (B, N, D)
+        return self.proj(y)
+
+
+class FeedForward(nn.Module):
+    """The position-wise MLP: D -> hidden -> D with a GELU between."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden)
+        self.proj = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block: self (or causal) attention, optional cross attention, MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, causal: bool = False, cross: bool = False):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, causal=causal)
+        self.ln_cross = nn.LayerNorm(dim) if cross else None
+        self.cross = Attention(dim, heads) if cross else None
+        self.ln_mlp = nn.LayerNorm(dim)
+        self.mlp = FeedForward(dim, mlp)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D); context (B, L, D) and context_mask (B, L) for cross attention."""
+        x = x + self.attn(self.ln_attn(x))
+        if self.cross is not None:
+            x = x + self.cross(self.ln_cross(x), context, context_mask)
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class Transformer(nn.Module):
+    """A stack of `depth` blocks and a final LayerNorm: (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp: int, causal: bool = False, cross: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp, causal, cross) for _ in range(depth))
+        self.ln_out = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, context, context_mask)
+        return self.ln_out(x)

@@ -1,0 +1,363 @@
+"""
+Stage 1, part one: the vector quantizer both tokenizers share, a causal 3D-convolutional VQGAN, and
+the adversarial and perceptual losses (Esser et al. 2021, "Taming Transformers"; Yu et al. 2022,
+"Vector-quantized Image Modeling with Improved VQGAN"; Phenaki §2.1 and appendix).
+
+The quantizer snaps each encoder vector to its nearest entry of a learned codebook of K codes. As in
+ViT-VQGAN and Phenaki, lookup happens in a low-dimensional factorised space: project D -> c (c = 16
+or 32), l2-normalise both sides, pick the nearest code by cosine, project back c -> D. The gradient
+skips the non-differentiable lookup (straight-through). Two fixes keep the codebook alive: k-means
+initialisation from the first batch, and restarting codes nobody used from recent encoder outputs.
+
+The VQGAN compresses a video (B, 3, T, H, W), T = 1 + 2n, to codes (B, 1 + n, H/8, W/8):
+  prepend a learned frame -> (B, 3, 2 + 2n, H, W)   so that the first real frame is encoded alone
+  fold 2x2x2 cubes into channels, causal convs, /2 twice -> (B, D, 1 + n, H/8, W/8)
+  quantize                                            -> codes (B, 1 + n, H/8, W/8) in [0, K)
+and the decoder mirrors it, turning each latent frame into two and dropping the learned frame's twin.
+Every temporal kernel pads on the past side only and every norm is per frame, so the codes of the
+first k latent frames depend on the first 1 + 2(k - 1) frames alone: an image is a one-frame video,
+and long videos can be made a window at a time (tests/test_tokenizers.py checks this).
+
+Deviations: the seed's 3D-conv VQGAN stands in for the paper's C-ViViT by default (cvivit.py holds
+C-ViViT). The paper's perceptual losses use ImageNet VGG and Kinetics I3D weights, which we cannot
+download at run time: `VGGPerceptual` is a hand-written VGG16 feature net that loads such weights
+from a local safetensors file when the user provides one, and is off otherwise. No I3D loss.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Legend: B batch, C channels, T frames, H W pixels, t h w latent grid, D width, K codebook size,
+# c code dim, N tokens.
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class Quantized(NamedTuple):
+    z: torch.Tensor  # (B, N, D) quantized vectors, straight-through to the encoder
+    codes: torch.Tensor  # (B, N) long in [0, K)
+    loss: torch.Tensor  # scalar: codebook loss + beta * commitment loss
+
+
+class VectorQuantizer(nn.Module):
+    """Factorised, l2-normalised vector quantizer with k-means init and dead-code restarts."""
+
+    def __init__(self, dim: int, codebook_size: int, code_dim: int, beta: float, pool_size: int = 4096):
+        super().__init__()
+        self.beta = beta
+        self.proj_in = nn.Linear(dim, code_dim)
+        self.proj_out = nn.Linear(code_dim, dim)
+        self.codebook = nn.Parameter(torch.randn(codebook_size, code_dim))
+        self.register_buffer("initialised", torch.tensor(False))
+        self.register_buffer("counts", torch.zeros(codebook_size))  # uses since the last restart
+        self.register_buffer("pool", torch.zeros(pool_size, code_dim))  # recent encoder outputs
+        self.register_buffer("pool_filled", torch.tensor(0))
+
+    def lookup(self, z: torch.Tensor) -> torch.Tensor:
+        """Nearest code for each unit vector z (N, c) -> (N,). Distances in fp32 even under autocast."""
+        codebook = F.normalize(self.codebook.float(), dim=-1)  # (K, c)
+        return (z @ codebook.t()).argmax(dim=-1)  # max cosine = min l2 distance between unit vectors
+
+    def forward(self, x: torch.Tensor) -> Quantized:
+        """x (B, N, D) -> Quantized(z (B, N, D), codes (B, N), loss)."""
+        B, N, _ = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            z = F.normalize(self.proj_in(x.float()), dim=-1).reshape(B * N, -1)  # (BN, c)
+            if self.training and not self.initialised:
+                self.kmeans_init(z.detach())
+            codes = self.lookup(z)  # (BN,)
+            q = F.normalize(self.codebook.float(), dim=-1)[codes]  # (BN, c)
+            # VQ-VAE eq. 3: the codebook term pulls codes to the encoder, beta * the commitment term
+            # pulls the encoder to its code; stop-gradients decide which side each term moves
+            loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())
+            q = z + (q - z).detach()  # straight-through: forward uses q, backward copies the gradient to z
+            if self.training:
+                self.remember(z.detach(), codes)
+            out = self.proj_out(q).reshape(B, N, -1)  # (B, N, D)
+        return Quantized(out, codes.reshape(B, N), loss)
+
+    def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, N) -> (B, N, D): what the decoder sees for given codes."""
+        return self.proj_out(F.normalize(self.codebook.float(), dim=-1)[codes])
+
+    @torch.no_grad()
+    def remember(self, z: torch.Tensor, codes: torch.Tensor) -> None:
+        """Count code uses and keep a ring of recent encoder outputs to restart dead codes from."""
+        self.counts += torch.bincount(codes, minlength=self.counts.numel()).float()
+        P = self.pool.shape[0]
+        take = z[torch.randperm(z.shape[0], device=z.device)[: P // 4]]  # a random slice of this batch
+        start = int(self.pool_filled) % P
+        idx = (start + torch.arange(take.shape[0], device=z.device)) % P
+        self.pool[idx] = take
+        self.pool_filled += take.shape[0]
+
+    @torch.no_grad()
+    def kmeans_init(self, z: torch.Tensor, iters: int = 10) -> None:
+        """Spherical k-means on the first batch (N, c); rank 0 decides, every rank receives it."""
+        K = self.codebook.shape[0]
+        pick = torch.randint(z.shape[0], (K,), device=z.device)
+        centres = F.normalize(z[pick] + 0.01 * torch.randn_like(z[pick]), dim=-1)  # (K, c)
+        for _ in range(iters):
+            assign = (z @ centres.t()).argmax(dim=-1)  # (N,)
+            sums = torch.zeros_like(centres).index_add_(0, assign, z)
+            used = torch.bincount(assign, minlength=K) > 0
+            centres[used] = F.normalize(sums[used], dim=-1)  # empty clusters keep their sample
+        self.codebook.data.copy_(centres)
+        if distributed():
+            dist.broadcast(self.codebook.data, src=0)
+        self.initialised.fill_(True)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, min_uses: float = 1.0) -> int:
+        """Move codes used fewer than `min_uses` times since the last call onto recent encoder
+        outputs. All ranks agree: counts are summed, rank 0 draws, the codebook is broadcast.
+        Returns how many codes were restarted."""
+        if distributed():
+            dist.all_reduce(self.counts)
+        dead = torch.nonzero(self.counts < min_uses).squeeze(1)
+        filled = min(int(self.pool_filled), self.pool.shape[0])
+        if len(dead) and filled:
+            src = self.pool[torch.randint(filled, (len(dead),), device=dead.device)]
+            self.codebook.data[dead] = F.normalize(src + 0.01 * torch.randn_like(src), dim=-1)
+            if distributed():
+                dist.broadcast(self.codebook.data, src=0)
+        self.counts.zero_()
+        return len(dead)
+
+
+class TokenizerOutput(NamedTuple):
+    recon: torch.Tensor  # (B, 3, T, H, W) reconstruction in about [-1, 1]
+    codes: torch.Tensor  # (B, t, h, w) long
+    vq_loss: torch.Tensor  # scalar
+
+
+@dataclass
+class VQGANConfig:
+    widths: tuple[int, ...] = (64, 128, 256)  # channels at H/2, H/4 and H/8 (the latent grid)
+    res_blocks: int = 1  # residual blocks per resolution, in the encoder and the decoder
+    codebook_size: int = 1024  # K, the generator's vocabulary
+    code_dim: int = 16  # c, the factorised lookup space
+    beta: float = 0.25  # commitment weight (VQ-VAE eq. 3)
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d that pads time on the past side only, so output frame i sees input frames <= i."""
+
+    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int] = (3, 3, 3),
+                 stride: tuple[int, int, int] = (1, 1, 1)):
+        super().__init__()
+        kt, kh, kw = kernel
+        self.pad = (kw // 2, kw // 2, kh // 2, kh // 2, kt - stride[0], 0)  # (W, W, H, H, T_past, T_future)
+        self.conv = nn.Conv3d(cin, cout, kernel, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, self.pad))
+
+
+class FrameNorm(nn.Module):
+    """GroupNorm applied to each frame on its own: a norm over time would leak the future."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(min(32, channels // 4), channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, T, H, W = x.shape
+        y = self.norm(x.transpose(1, 2).reshape(B * T, C, H, W))  # (BT, C, H, W)
+        return y.view(B, T, C, H, W).transpose(1, 2)  # (B, C, T, H, W)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = FrameNorm(cin), CausalConv3d(cin, cout)
+        self.norm2, self.conv2 = FrameNorm(cout), CausalConv3d(cout, cout)
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour, then a causal conv (avoids transposed-conv checkerboards)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = CausalConv3d(cin, cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"))  # (B, C', T, 2H, 2W)
+
+
+def to_depth(x: torch.Tensor) -> torch.Tensor:
+    """Fold each 2 x 2 x 2 (time, row, column) cube into channels: (B, C, T, H, W) -> (B, 8C, T/2, H/2, W/2).
+    Frames pair as (0, 1), (2, 3), ...: a latent frame sees its own two frames and nothing later."""
+    B, C, T, H, W = x.shape
+    x = x.view(B, C, T // 2, 2, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, C, 2, 2, 2, t, h, w)
+    return x.reshape(B, 8 * C, T // 2, H // 2, W // 2)
+
+
+def from_depth(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_depth: (B, 8C, t, h, w) -> (B, C, 2t, 2h, 2w)."""
+    B, C8, t, h, w = x.shape
+    x = x.view(B, C8 // 8, 2, 2, 2, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, C, t, 2, h, 2, w, 2)
+    return x.reshape(B, C8 // 8, 2 * t, 2 * h, 2 * w)
+
+
+class VQGAN(nn.Module):
+    """Causal 3D-conv VQ autoencoder: video (B, 3, T, H, W) <-> codes (B, 1 + (T-1)/2, H/8, W/8)."""
+
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        self.config = config
+        w, n = config.widths, config.res_blocks
+        assert len(w) == 3, "widths at H/2, H/4 and H/8 give the f8 spatial compression"
+        self.first_frame = nn.Parameter(torch.zeros(1, 3, 1, 1, 1))  # the learned frame, as one colour
+        # encoder: fold 2 x 2 x 2 cubes into channels (f2 in time, the first /2 in space), then two
+        # strided convs for /4 and /8; full-size 3D convs would cost 4x more for little gain
+        self.stem = CausalConv3d(24, w[0])
+        self.enc_blocks = nn.ModuleList(nn.Sequential(*[ResBlock(c, c) for _ in range(n)]) for c in w)
+        self.downs = nn.ModuleList(CausalConv3d(w[i], w[i + 1], (3, 3, 3), (1, 2, 2)) for i in range(2))
+        self.enc_out = nn.Sequential(FrameNorm(w[2]), nn.SiLU(), nn.Conv3d(w[2], w[2], 1))
+        self.quantizer = VectorQuantizer(w[2], config.codebook_size, config.code_dim, config.beta)
+        # decoder: the mirror image, ending in a conv to 2 x 2 x 2 cubes of pixels
+        self.dec_in = CausalConv3d(w[2], w[2])
+        self.dec_blocks = nn.ModuleList(nn.Sequential(*[ResBlock(c, c) for _ in range(n)]) for c in reversed(w))
+        self.ups = nn.ModuleList(Upsample(w[i + 1], w[i]) for i in reversed(range(2)))
+        self.dec_norm = FrameNorm(w[0])
+        self.dec_out = CausalConv3d(w[0], 24)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's last weight: the adaptive GAN weight compares gradient norms here."""
+        return self.dec_out.conv.weight
+
+    def encode_latent(self, video: torch.Tensor) -> torch.Tensor:
+        """video (B, 3, T, H, W) -> continuous latent (B, t, h, w, D) before quantization."""
+        B, _, T, H, W = video.shape
+        assert T % 2 == 1, f"a clip has 1 + 2n frames, got {T}"
+        x = torch.cat([self.first_frame.expand(B, 3, 1, H, W), video], dim=2)  # (B, 3, T+1, H, W)
+        x = self.stem(to_depth(x))  # (B, w0, t, H/2, W/2)
+        for i, blocks in enumerate(self.enc_blocks):
+            x = blocks(x)
+            if i < 2:
+                x = self.downs[i](x)  # halves H and W
+        x = self.enc_out(x)  # (B, D, t, h, w)
+        return x.permute(0, 2, 3, 4, 1)  # (B, t, h, w, D)
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, t, h, w, D) -> video (B, 3, 2t - 1, 8h, 8w)."""
+        x = self.dec_in(z.permute(0, 4, 1, 2, 3))  # (B, D, t, h, w)
+        for i, blocks in enumerate(self.dec_blocks):
+            x = blocks(x)
+            if i < 2:
+                x = self.ups[i](x)  # doubles H and W
+        x = from_depth(self.dec_out(F.silu(self.dec_norm(x))))  # (B, 3, 2t, H, W)
+        return x[:, :, 1:]  # drop the twin of the learned frame: (B, 3, 2t - 1, H, W)
+
+    def forward(self, video: torch.Tensor) -> TokenizerOutput:
+        z = self.encode_latent(video)  # (B, t, h, w, D)
+        B, t, h, w, D = z.shape
+        q = self.quantizer(z.reshape(B, t * h * w, D))
+        recon = self.decode_latent(q.z.reshape(B, t, h, w, D))
+        return TokenizerOutput(recon, q.codes.view(B, t, h, w), q.loss)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """video (B, 3, T, H, W) -> codes (B, t, h, w)."""
+        z = self.encode_latent(video)
+        B, t, h, w, D = z.shape
+        return self.quantizer(z.reshape(B, t * h * w, D)).codes.view(B, t, h, w)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, t, h, w) -> video (B, 3, 2t - 1, 8h, 8w), clamped to [-1, 1]."""
+        B, t, h, w = codes.shape
+        z = self.quantizer.code_vectors(codes.reshape(B, t * h * w)).view(B, t, h, w, -1)
+        return self.decode_latent(z).clamp(-1, 1)
+
+
+class Discriminator(nn.Module):
+    """A 3D-conv patch discriminator: video (B, 3, T, H, W) -> real/fake logits (B, 1, t', h', w').
+    No BatchNorm: batch statistics differ between ranks under DDP and mix real with fake; plain
+    LeakyReLU convs with a residual path (as in StyleGAN's discriminator) train stably here."""
+
+    def __init__(self, width: int = 32, levels: int = 3):
+        super().__init__()
+        self.stem = nn.Conv3d(3, width, 3, padding=1)
+        self.convs = nn.ModuleList()
+        self.skips = nn.ModuleList()
+        c = width
+        for _ in range(levels):
+            self.convs.append(nn.Conv3d(c, 2 * c, (3, 4, 4), stride=(1, 2, 2), padding=(1, 1, 1)))
+            self.skips.append(nn.Conv3d(c, 2 * c, 1, stride=(1, 2, 2)))
+            c *= 2
+        self.head = nn.Conv3d(c, 1, 3, padding=1)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        x = F.leaky_relu(self.stem(video), 0.2)
+        for conv, skip in zip(self.convs, self.skips):
+            x = (F.leaky_relu(conv(x), 0.2) + skip(x)) / math.sqrt(2)  # halves H and W
+        return self.head(x)
+
+
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: push real logits above +1 and fake ones below -1."""
+    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """Taming Transformers eq. 7: scale the GAN loss so its gradient at the decoder's last layer is as
+    large as the reconstruction loss's there; neither loss then drowns the other."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+VGG16_TAPS = (3, 8, 15, 22, 29)  # ReLU outputs relu1_2 ... relu5_3, as indices into `features`
+
+
+class VGGPerceptual(nn.Module):
+    """Image perceptual loss from VGG16 features (the LPIPS idea with uniform layer weights). The
+    weights are not downloaded: load ImageNet VGG16 weights from a safetensors file whose keys follow
+    the common layout `features.{i}.weight` / `features.{i}.bias` (index i into VGG16_LAYERS with a
+    ReLU after each conv). Applied to each frame: video (B, 3, T, H, W) pairs -> scalar."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for v in VGG16_LAYERS:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+                c = v
+        self.features = nn.ModuleList(layers)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        B, C, T, H, W = x.shape
+        both = torch.cat([x, y]).transpose(1, 2).reshape(2 * B * T, C, H, W)  # frames as images
+        h = ((both + 1) / 2 - self.mean) / self.std
+        loss = both.new_zeros(())
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in VGG16_TAPS:
+                f = F.normalize(h, dim=1)  # unit length over channels at each position, as LPIPS
+                loss = loss + (f[: B * T] - f[B * T:]).pow(2).sum(1).mean()
+            if i == VGG16_TAPS[-1]:
+                break
+        return loss
