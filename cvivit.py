@@ -124,22 +124,15 @@ class CViViT(nn.Module):
         return torch.cat([first, rest], dim=2)
 
     def forward(self, video: torch.Tensor) -> TokenizerOutput:
-        z = self.encode_latent(video)  # (B, t, h, w, D)
-        B, t, h, w, D = z.shape
-        q = self.quantizer(z.reshape(B, t * h * w, D))
-        recon = self.decode_latent(q.z.view(B, t, h, w, D))
-        return TokenizerOutput(recon, q.codes.view(B, t, h, w), q.loss)
+        q = self.quantizer(self.encode_latent(video))  # codes (B, t, h, w)
+        return TokenizerOutput(self.decode_latent(q.z), q.codes, q.loss)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """video (B, 3, T, H, W) -> codes (B, t, h, w)."""
-        z = self.encode_latent(video)
-        B, t, h, w, D = z.shape
-        return self.quantizer(z.reshape(B, t * h * w, D)).codes.view(B, t, h, w)
+        return self.quantizer(self.encode_latent(video)).codes
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, t, h, w) -> video (B, 3, 2t - 1, H, W), clamped to [-1, 1]."""
-        B, t, h, w = codes.shape
-        z = self.quantizer.code_vectors(codes.reshape(B, t * h * w)).view(B, t, h, w, -1)
-        return self.decode_latent(z).clamp(-1, 1)
+        return self.decode_latent(self.quantizer.code_vectors(codes)).clamp(-1, 1)

@@ -42,8 +42,8 @@ def distributed() -> bool:
 
 
 class Quantized(NamedTuple):
-    z: torch.Tensor  # (B, N, D) quantized vectors, straight-through to the encoder
-    codes: torch.Tensor  # (B, N) long in [0, K)
+    z: torch.Tensor  # (..., D) quantized vectors, straight-through to the encoder
+    codes: torch.Tensor  # (...) long in [0, K)
     loss: torch.Tensor  # scalar: codebook loss + beta * commitment loss
 
 
@@ -67,25 +67,25 @@ class VectorQuantizer(nn.Module):
         return (z @ codebook.t()).argmax(dim=-1)  # max cosine = min l2 distance between unit vectors
 
     def forward(self, x: torch.Tensor) -> Quantized:
-        """x (B, N, D) -> Quantized(z (B, N, D), codes (B, N), loss)."""
-        B, N, _ = x.shape
+        """x (..., D), e.g. a latent grid (B, t, h, w, D) -> Quantized(z (..., D), codes (...), loss)."""
+        lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
-            z = F.normalize(self.proj_in(x.float()), dim=-1).reshape(B * N, -1)  # (BN, c)
+            z = F.normalize(self.proj_in(x.float()), dim=-1).reshape(-1, self.codebook.shape[1])  # (N, c)
             if self.training and not self.initialised:
                 self.kmeans_init(z.detach())
-            codes = self.lookup(z)  # (BN,)
-            q = F.normalize(self.codebook.float(), dim=-1)[codes]  # (BN, c)
+            codes = self.lookup(z)  # (N,)
+            q = F.normalize(self.codebook.float(), dim=-1)[codes]  # (N, c)
             # VQ-VAE eq. 3: the codebook term pulls codes to the encoder, beta * the commitment term
             # pulls the encoder to its code; stop-gradients decide which side each term moves
             loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())
             q = z + (q - z).detach()  # straight-through: forward uses q, backward copies the gradient to z
             if self.training:
                 self.remember(z.detach(), codes)
-            out = self.proj_out(q).reshape(B, N, -1)  # (B, N, D)
-        return Quantized(out, codes.reshape(B, N), loss)
+            out = self.proj_out(q).view(*lead, -1)  # (..., D)
+        return Quantized(out, codes.view(lead), loss)
 
     def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, N) -> (B, N, D): what the decoder sees for given codes."""
+        """codes (...) -> (..., D): what the decoder sees for given codes."""
         return self.proj_out(F.normalize(self.codebook.float(), dim=-1)[codes])
 
     @torch.no_grad()
@@ -266,25 +266,18 @@ class VQGAN(nn.Module):
         return x[:, :, 1:]  # drop the twin of the learned frame: (B, 3, 2t - 1, H, W)
 
     def forward(self, video: torch.Tensor) -> TokenizerOutput:
-        z = self.encode_latent(video)  # (B, t, h, w, D)
-        B, t, h, w, D = z.shape
-        q = self.quantizer(z.reshape(B, t * h * w, D))
-        recon = self.decode_latent(q.z.reshape(B, t, h, w, D))
-        return TokenizerOutput(recon, q.codes.view(B, t, h, w), q.loss)
+        q = self.quantizer(self.encode_latent(video))  # codes (B, t, h, w)
+        return TokenizerOutput(self.decode_latent(q.z), q.codes, q.loss)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """video (B, 3, T, H, W) -> codes (B, t, h, w)."""
-        z = self.encode_latent(video)
-        B, t, h, w, D = z.shape
-        return self.quantizer(z.reshape(B, t * h * w, D)).codes.view(B, t, h, w)
+        return self.quantizer(self.encode_latent(video)).codes
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, t, h, w) -> video (B, 3, 2t - 1, 8h, 8w), clamped to [-1, 1]."""
-        B, t, h, w = codes.shape
-        z = self.quantizer.code_vectors(codes.reshape(B, t * h * w)).view(B, t, h, w, -1)
-        return self.decode_latent(z).clamp(-1, 1)
+        return self.decode_latent(self.quantizer.code_vectors(codes)).clamp(-1, 1)
 
 
 class Discriminator(nn.Module):
