@@ -269,8 +269,9 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, rank: int, world: int, de
     stream = ClipStream(source, cfg.batch_size, rank, world, start_batch=step * cfg.grad_accum)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                               pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
-    held_out = ClipStream(make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed + 1, fps=cfg.fps), 8).batch(0)
-    held_out = held_out["video"].to(device)
+    # a fixed batch to watch reconstructions on (unseen Shapes clips; for real data, just a fixed batch)
+    watch = ClipStream(make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed + 1, fps=cfg.fps), 8).batch(0)
+    watch = watch["video"].to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     history, bad_steps, t0, start_step = [], 0, time.time(), step
 
@@ -340,22 +341,22 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, rank: int, world: int, de
         step += 1
         if step % cfg.restart_every == 0:
             logs["restarted"] = model.quantizer.restart_dead_codes()
-        if master:
+        tty = sys.stdout.isatty()
+        if master and (tty or step % cfg.log_every == 0):  # one updating line on a terminal
             elapsed = time.time() - t0
             rate = (step - start_step) * cfg.batch_size * cfg.grad_accum * world / elapsed
             line = progress(step, cfg.max_steps, {k: logs[k] for k in ("rec", "vq", "gan", "disc")}, rate, elapsed, start_step)
-            print(("\r" if sys.stdout.isatty() else "") + line, end="" if sys.stdout.isatty() else "\n",
-                  flush=True) if sys.stdout.isatty() or step % cfg.log_every == 0 else None
+            print(("\r" if tty else "") + line, end="" if tty else "\n", flush=True)
         if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
             record = {"step": step, "lr": lr_at(step, cfg), "time": round(time.time() - t0, 1)} | logs
             if step % cfg.image_every == 0 or step == cfg.max_steps:
                 was = model.training
                 model.eval()
                 with torch.no_grad(), autocast:
-                    recon = model(held_out).recon.float().clamp(-1, 1)
+                    recon = model(watch).recon.float().clamp(-1, 1)
                 model.train(was)
-                record["val_psnr"] = (-10 * torch.log10(((recon - held_out) / 2).pow(2).mean())).item()
-                save_plots(args.out, history + [record], held_out, recon)
+                record["val_psnr"] = (-10 * torch.log10(((recon - watch) / 2).pow(2).mean())).item()
+                save_plots(args.out, history + [record], watch, recon)
             history.append(record)
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
