@@ -138,3 +138,19 @@ def test_tiny_tokenizer_overfits_one_batch(kind, lr, steps):
     before = psnr(tiny(kind).eval().decode(tiny(kind).eval().encode(video)), video).mean()
     after = psnr(model.decode(model.encode(video)), video).mean()
     assert before < 15 and after > 23, (before, after)
+
+
+def test_perceptual_loss_loads_vgg16_weights_from_a_file(tmp_path):
+    """The VGG16 layout (`features.{i}.weight`) loads strictly; identical videos cost nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from vqgan import VGGPerceptual
+    torch.manual_seed(0)
+    weights = {k: torch.randn_like(v) * 0.05 for k, v in VGGPerceptual().state_dict().items() if k.startswith("features.")}
+    assert "features.0.weight" in weights and "features.28.weight" in weights  # conv1_1 ... conv5_3
+    save_file(weights, str(tmp_path / "vgg16.safetensors"))
+    net = VGGPerceptual()
+    net.load_state_dict(load_file(str(tmp_path / "vgg16.safetensors")))  # strict by default
+    a = torch.rand(1, 3, 1, 32, 32) * 2 - 1
+    assert net(a, a).item() == 0
+    assert net(a, a.flip(-1)).item() > 0
