@@ -234,7 +234,7 @@ def progress(step: int, total: int, losses: dict, clips_per_s: float, elapsed: f
 
 # ----------------------------------------------------------------------------- stage 1
 
-def train_tokenizer(args, model_cfg, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
+def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world: int, device: torch.device) -> None:
     master = rank == 0
     torch.manual_seed(cfg.seed)  # the same init on every rank
     model = TOKENIZERS[args.tokenizer][0](model_cfg).to(device)
@@ -266,12 +266,12 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, rank: int, world: int, de
     # quantizer buffers hold per-rank usage counts: keep DDP from overwriting them with rank 0's
     model_d = DDP(model, broadcast_buffers=False) if ddp else model
     disc_d = DDP(disc, broadcast_buffers=False) if ddp else disc
-    source = make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed, fps=cfg.fps)
     stream = ClipStream(source, cfg.batch_size, rank, world, start_batch=step * cfg.grad_accum)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                               pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
-    # a fixed batch to watch reconstructions on (unseen Shapes clips; for real data, just a fixed batch)
-    watch = ClipStream(make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed + 1, fps=cfg.fps), 8).batch(0)
+    # a fixed batch to watch reconstructions on: unseen clips of the Shapes world, else the first batch
+    shown = make_source("shapes", cfg.frames, cfg.image_size, seed=cfg.seed + 1) if cfg.data == "shapes" else source
+    watch = ClipStream(shown, 8).batch(0)
     watch = watch["video"].to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     history, bad_steps, t0, start_step = [], 0, time.time(), step
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.frames % 2 == 0:
             raise UsageError(f"train.frames must be 1 + 2n, got {cfg.frames}")
         args.out = args.out or f"runs/stage{args.stage}-{args.tokenizer}-{args.preset}"
-        make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed, fps=cfg.fps)  # fail early on bad data
+        source = make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed, fps=cfg.fps)  # fails early on bad data
     except (UsageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        train_tokenizer(args, model_cfg, cfg, rank, world, device)
+        train_tokenizer(args, model_cfg, cfg, source, rank, world, device)
     finally:
         if ddp:
             dist.destroy_process_group()
