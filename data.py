@@ -22,6 +22,10 @@ phone rotation undone) and writes .mp4 (H.264) and .gif (`write_video`).
 
 Source:  video (T, H, W, 3) uint8  ->  batch {"video": (B, 3, T, H, W) float in [-1, 1], "caption": [B str]}
 
+Stage 2 trains from a token cache: `build_token_cache` encodes the clips once with the frozen
+tokenizer, each rank its share, into safetensors shards of codes (N, t, h, w) int16 with the captions
+in the metadata; `load_token_cache` reads all shards back. A generator step then costs no decoding.
+
 Deviations: the paper trains on licensed web video; here the Shapes world stands in by default.
 Object edges are anti-aliased by 4x supersampling so that positions between pixels are visible.
 A video shorter than one clip counts as a bad file (skipped), rather than being padded or looped.
@@ -30,6 +34,7 @@ A video shorter than one clip counts as a bad file (skipped), rather than being 
 import csv
 import glob
 import io
+import json
 import math
 import os
 import re
@@ -42,6 +47,8 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import IterableDataset, get_worker_info
 
 # Legend: B batch, T frames, H W pixels, k global clip index, j clip index within one rank.
@@ -192,7 +199,8 @@ def oracle(video) -> dict:
         upper = (ys < (ys.min() + ys.max()) / 2).sum()  # a triangle has most of its pixels low down
         tops.append(upper / max(len(blob) - upper, 1))
     if not centres:
-        return {"color": None, "shape": None, "size": None, "direction": None, "one_object": False}
+        return {"color": None, "shape": None, "size": None, "direction": None, "one_object": False,
+                "start": None, "end": None}
     color = max(set(colours), key=colours.count)
     # an upright triangle fills half its box and is top-light; a square fills it; a circle fills pi/4
     if np.median(tops) < 0.6:
@@ -209,7 +217,16 @@ def oracle(video) -> dict:
         direction = "right" if dx > 0 else "left"
     else:
         direction = "down" if dy > 0 else "up"
-    return {"color": color, "shape": shape, "size": size, "direction": direction, "one_object": one_object}
+    return {"color": color, "shape": shape, "size": size, "direction": direction, "one_object": one_object,
+            "start": (x0 / scale, y0 / scale), "end": (x1 / scale, y1 / scale)}  # centres, 64 x 64 pixels
+
+
+
+def agreement(video, spec: ShapeSpec) -> dict[str, bool]:
+    """Does the video show what `spec` says? One verdict per attribute, by the oracle."""
+    seen = oracle(video)
+    return {k: seen[k] == getattr(spec, k) for k in ("color", "shape", "size", "direction")} | {
+        "one_object": seen["one_object"]}
 
 
 class ShapesSource:
@@ -495,3 +512,47 @@ def make_source(spec: str, frames: int, size: int, seed: int = 0,
             return VideoFolderSource(spec, frames, size, fps, seed)
         return ImageFolderSource(spec, size, seed)
     raise ValueError(f"unknown data {spec!r}: expected 'shapes', a folder, 'images:FOLDER' or tar shards")
+
+
+# ----------------------------------------------------------------------------- the token cache
+
+def cache_shard(folder: str, rank: int, world: int) -> str:
+    return os.path.join(folder, f"tokens-{rank:03d}-of-{world:03d}.safetensors")
+
+
+def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, rank: int, world: int,
+                      key: str, on_batch=None) -> None:
+    """Encode this rank's share of `clips` clips with `encode` (video (B, 3, T, H, W) -> codes (B, t, h, w))
+    into one shard. `key` names what made the cache (tokenizer hash, data, sizes); a shard whose key
+    differs is rebuilt. Written atomically, so an interrupted build is redone, never half-read."""
+    path = cache_shard(folder, rank, world)
+    if os.path.exists(path):
+        with safe_open(path, framework="pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                return
+    os.makedirs(folder, exist_ok=True)
+    stream = ClipStream(source, batch_size, rank, world)
+    batches = math.ceil(clips / world / batch_size)
+    codes, captions = [], []
+    for b in range(batches):
+        batch = stream.batch(b)
+        codes.append(encode(batch["video"]).to(torch.int16).cpu())  # (B, t, h, w)
+        captions += batch["caption"]
+        if on_batch is not None:
+            on_batch(b + 1, batches)
+    meta = {"key": key, "captions": json.dumps(captions), "skipped": str(stream.skipped)}
+    save_file({"codes": torch.cat(codes)}, path + ".tmp", metadata=meta)
+    os.replace(path + ".tmp", path)
+
+
+def load_token_cache(folder: str, world: int, key: str) -> tuple[torch.Tensor, list[str]]:
+    """All shards of a cache -> codes (N, t, h, w) long and N captions."""
+    codes, captions = [], []
+    for rank in range(world):
+        with safe_open(cache_shard(folder, rank, world), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                raise ValueError(f"token cache shard {rank} in {folder} was made by another tokenizer or data")
+            codes.append(f.get_tensor("codes").long())
+            captions += json.loads(meta["captions"])
+    return torch.cat(codes), captions

@@ -1,7 +1,9 @@
 """
-Measure a trained stage: how well a tokenizer reconstructs held-out clips.
+Measure a trained stage: how well a tokenizer reconstructs held-out clips, and how well a generator
+follows its captions.
 
     python evaluate.py runs/stage1-vqgan-tiny/model.safetensors [--data SPEC] [--clips 256] [--json out.json]
+    python evaluate.py [checkpoints/generator.safetensors] [--prompts 200] [--stories 100] [--json out.json]
 
 Stage 1 (a tokenizer checkpoint) reports, on clips it never trained on:
   psnr        peak signal-to-noise ratio in dB, 10 log10(1 / MSE) with pixels in [0, 1], averaged over clips
@@ -9,9 +11,16 @@ Stage 1 (a tokenizer checkpoint) reports, on clips it never trained on:
               channel, averaged
   codebook_use  the share of the K codes that occur at least once in the held-out codes
   perplexity    exp of the entropy of the code histogram: the number of codes in effective use
+On the Shapes world the held-out clips come from a seed no training run uses (EVAL_SEED). For real
+data pass a held-out folder with --data.
 
-On the Shapes world the held-out clips come from a seed no training run uses (EVAL_SEED), so the
-figures measure generalisation. For real data pass a held-out folder with --data.
+Stage 2 (a generator checkpoint, default the shipped one) makes one clip for each of N random canonical
+prompts ("a large red circle moving right") and reads it back with the Shapes oracle:
+  color, shape, size, direction   the share of clips where the oracle reads what the prompt says
+  one_object                      the share with exactly one object in every frame
+and makes two-prompt stories (one object, a new direction after the cut):
+  story_direction    the share of segments whose direction is right
+  story_continuity   the share of cuts where colour and shape stay and the object moves at most 6 pixels
 Figures are printed as `name: value` lines and, with --json, written to a file.
 """
 
@@ -19,11 +28,13 @@ import argparse
 import json
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import ClipStream, make_source
-from train import UsageError, load_tokenizer
+from data import DIRECTIONS, ClipStream, ShapeSpec, caption, make_source, oracle, random_spec
+from maskgit import make_video
+from train import DEFAULT_GENERATOR, DEFAULT_TOKENIZER, UsageError, load_checkpoint, load_generator, load_tokenizer, sample_and_judge
 
 # Legend: B batch, C channels, T frames, H W pixels, K codebook size.
 
@@ -77,22 +88,66 @@ def evaluate_tokenizer(model, data: str, clips: int, frames: int, size: int, bat
             "clips": clips}
 
 
+@torch.no_grad()
+def evaluate_generator(model, text, tokenizer, prompts: int, stories: int, batch_size: int = 20, **sampling) -> dict:
+    """Oracle agreement of clips made from `prompts` random canonical prompts, and of `stories` two-prompt stories."""
+    rng = np.random.default_rng(EVAL_SEED)
+    specs = [random_spec(rng) for _ in range(prompts)]
+    totals: dict[str, list[float]] = {}
+    for i in range(0, prompts, batch_size):
+        chunk = specs[i:i + batch_size]
+        _, verdicts = sample_and_judge(model, text, tokenizer, chunk, torch.device("cpu"), **sampling)
+        for k, v in verdicts.items():
+            totals.setdefault(k, []).append(v * len(chunk))
+    results = {k: sum(v) / prompts for k, v in totals.items()}
+    window = 1 + 2 * (model.config.latent_frames - 1)
+    right, continuous = [], []
+    for i in range(0, stories, batch_size):
+        first = [random_spec(rng) for _ in range(min(batch_size, stories - i))]
+        second = [ShapeSpec(s.color, s.shape, s.size, str(rng.choice([d for d in DIRECTIONS if d != s.direction])))
+                  for s in first]
+        prompts_ = [text.encode([caption(s) for s in seg], model.config.text.max_len) for seg in (first, second)]
+        videos = make_video(model, tokenizer, prompts_, [window, window], **sampling).float()  # (B, 3, 2 window, H, W)
+        for video, a, b in zip(videos, first, second):
+            one, two = oracle(video[:, :window]), oracle(video[:, window:])
+            right += [one["direction"] == a.direction, two["direction"] == b.direction]
+            jump = np.inf if one["end"] is None or two["start"] is None else np.hypot(*np.subtract(one["end"], two["start"]))
+            continuous.append(jump <= 6 and two["color"] == a.color and two["shape"] == a.shape)
+    if stories:
+        results |= {"story_direction": float(np.mean(right)), "story_continuity": float(np.mean(continuous))}
+    return results | {"prompts": prompts, "stories": stories}
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Evaluate a phenaki checkpoint on held-out clips.")
-    p.add_argument("checkpoint", help="a stage-1 model.safetensors")
-    p.add_argument("--data", help="held-out data (default: the Shapes world at an unseen seed)")
-    p.add_argument("--clips", type=int, default=256, help="how many held-out clips")
+    p = argparse.ArgumentParser(description="Evaluate a phenaki checkpoint: a tokenizer or a generator.")
+    p.add_argument("checkpoint", nargs="?", default=DEFAULT_GENERATOR, help="a stage-1 or stage-2 model.safetensors")
+    p.add_argument("--data", help="stage 1: held-out data (default: the Shapes world at an unseen seed)")
+    p.add_argument("--clips", type=int, default=256, help="stage 1: how many held-out clips")
+    p.add_argument("--tokenizer-checkpoint", default=DEFAULT_TOKENIZER, help="stage 2: the generator's tokenizer")
+    p.add_argument("--prompts", type=int, default=200, help="stage 2: random canonical prompts")
+    p.add_argument("--stories", type=int, default=100, help="stage 2: two-prompt stories")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--temperature", type=float, default=4.5)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     try:
-        model, meta = load_tokenizer(args.checkpoint)
-        train_cfg = json.loads(meta.get("train_config", "{}"))
-        data = args.data or train_cfg.get("data", "shapes")
-        results = evaluate_tokenizer(model, data, args.clips, train_cfg.get("frames", 11), train_cfg.get("image_size", 64))
+        _, meta = load_checkpoint(args.checkpoint)
+        if meta.get("stage") == "2":
+            model, text, tokenizer, meta = load_generator(args.checkpoint, args.tokenizer_checkpoint)
+            results = {"generator": args.checkpoint, "step": int(meta["step"])} | evaluate_generator(
+                model, text, tokenizer, args.prompts, args.stories, steps=args.steps, cfg=args.cfg,
+                temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
+        else:
+            model, meta = load_tokenizer(args.checkpoint)
+            train_cfg = json.loads(meta.get("train_config", "{}"))
+            data = args.data or train_cfg.get("data", "shapes")
+            results = {"tokenizer": meta["kind"], "step": int(meta["step"])} | evaluate_tokenizer(
+                model, data, args.clips, train_cfg.get("frames", 11), train_cfg.get("image_size", 64))
     except (UsageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    results = {"tokenizer": meta["kind"], "step": int(meta["step"])} | results
     for k, v in results.items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     if args.json:

@@ -1,12 +1,19 @@
 """
-Make videos with a trained Phenaki, or push a real video through the stage-1 tokenizer.
+Make videos with a trained Phenaki: from text, as a story, as the continuation of an image or a video,
+or push a real video through the stage-1 tokenizer alone.
 
-    python sample.py --reconstruct clip.mp4 --out recon.mp4     # prints psnr and ssim
+    python sample.py "a red circle moving right"                            # samples/a-red-circle-moving-right.mp4
+    python sample.py "a red circle moving right" "a red circle moving down" --out story.mp4
+    python sample.py "a blue square moving up" --init frame.png --out anim.gif
+    python sample.py --reconstruct clip.mp4 --out recon.mp4                 # prints psnr and ssim
 
-Reconstruction reads the video at the tokenizer's frame rate and size, cuts it into windows of the
-trained clip length (1 + 2n frames, the last one shorter), sends each window through encode and
-decode, and writes the frames back to back. Output goes where --out says: .mp4 (H.264), .gif, or
-.png (a grid of frames, one row per window, drawn with matplotlib).
+One prompt makes one clip of --frames frames (default: the trained window, 11). Several prompts make a
+story: each gets an equal share of --frames (default 11 + 10 per further prompt), each segment continuing the last
+frames of the one before (maskgit.make_video). --init continues an image or a video instead of starting
+from nothing. --frames must be 1 + 2n; another number is rounded up, with a note.
+
+Reconstruction cuts a video into windows of the trained clip length and sends each through encode and
+decode. Output goes where --out says: .mp4 (H.264), .gif, or .png (a grid of frames, 11 a row).
 
 Exit codes: 0 on success, 2 on a usage or input error (one line on stderr, no traceback), 1 otherwise.
 """
@@ -14,18 +21,19 @@ Exit codes: 0 on success, 2 on a usage or input error (one line on stderr, no tr
 import argparse
 import json
 import os
+import re
 import sys
+import time
 
 import numpy as np
 import torch
 
 from data import read_video, to_uint8_frames, write_video
 from evaluate import psnr, ssim
-from train import UsageError, load_tokenizer
+from maskgit import make_video
+from train import DEFAULT_GENERATOR, DEFAULT_TOKENIZER, UsageError, load_generator, load_tokenizer
 
-# Legend: T frames, H W pixels, t latent frames.
-
-DEFAULT_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tokenizer.safetensors")
+# Legend: T frames, H W pixels, t latent frames, L text length.
 
 
 def save_output(path: str, video: torch.Tensor, fps: float = 8, columns: int = 11) -> None:
@@ -61,37 +69,102 @@ def check_out(path: str) -> None:
     if not path.lower().endswith((".mp4", ".gif", ".png")):
         raise UsageError(f"--out must end in .mp4, .gif or .png, got {path}")
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror}") from None
+    if not os.access(folder, os.W_OK):
         raise UsageError(f"cannot write {path}: {folder} is not a writable folder")
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Reconstruct a video through the Phenaki tokenizer.")
-    p.add_argument("--reconstruct", metavar="VIDEO", required=True, help="send this video through stage 1")
-    p.add_argument("--out", default="samples/reconstruction.mp4", help=".mp4, .gif or .png")
-    p.add_argument("--tokenizer-checkpoint", default=DEFAULT_TOKENIZER)
-    p.add_argument("--frames", type=int, help="use at most this many frames of the input")
-    args = p.parse_args(argv)
-    try:
-        if os.path.dirname(args.out):
-            os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        check_out(args.out)
-        model, meta = load_tokenizer(args.tokenizer_checkpoint)
-        cfg = json.loads(meta.get("train_config", "{}"))
-        size, fps, window = cfg.get("image_size", 64), cfg.get("fps", 8.0), cfg.get("frames", 11)
-        frames = read_video(args.reconstruct, size=size, fps=fps)  # (T, H, W, 3)
-        if args.frames:
-            frames = frames[: args.frames]
-        frames = frames[: len(frames) - (len(frames) + 1) % 2]  # a tokenizer takes 1 + 2n frames
-        video = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, T, H, W)
-    except (UsageError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    recon = reconstruct(model, video, window)
-    save_output(args.out, recon, fps)
+def load_video(path: str, size: int, fps: float, frames: int | None = None) -> torch.Tensor:
+    """An image or a video file -> (3, T, H, W) in [-1, 1] at the model's size and frame rate, T odd."""
+    clip = read_video(path, size=size, fps=fps)  # (T, H, W, 3) uint8
+    if frames:
+        clip = clip[:frames]
+    clip = clip[: len(clip) - (len(clip) + 1) % 2]  # a tokenizer takes 1 + 2n frames
+    return torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
+def run_reconstruct(args) -> None:
+    model, meta = load_tokenizer(args.tokenizer_checkpoint)
+    cfg = json.loads(meta.get("train_config", "{}"))
+    video = load_video(args.reconstruct, cfg.get("image_size", 64), cfg.get("fps", 8.0), args.frames)
+    recon = reconstruct(model, video, cfg.get("frames", 11))
+    save_output(args.out, recon, cfg.get("fps", 8.0))
     print(f"frames: {video.shape[1]}")
     print(f"psnr: {psnr(recon[None], video[None]).item():.2f}")
     print(f"ssim: {ssim(recon[None], video[None]).item():.4f}")
+
+
+def run_generate(args) -> None:
+    if any(not p.strip() for p in args.prompts):
+        raise UsageError("a prompt is empty; say what the video should show")
+    model, text, tokenizer, meta = load_generator(args.checkpoint, args.tokenizer_checkpoint)
+    cfg = json.loads(meta.get("train_config", "{}"))
+    window = 1 + 2 * (model.config.latent_frames - 1)
+    frames = args.frames or 1 + (window - 1) * len(args.prompts)  # 11 for one prompt, 10 more for each further one
+    if frames % 2 == 0:
+        print(f"note: --frames {frames} is not 1 + 2n; making {frames + 1}")
+        frames += 1
+    if frames < len(args.prompts):
+        raise UsageError(f"--frames {frames} is too few for {len(args.prompts)} prompts")
+    for p in args.prompts:
+        unseen = text.unseen(p)
+        if unseen:
+            print(f"warning: the model never saw these words in training: {', '.join(unseen)}", file=sys.stderr)
+    init = None
+    if args.init:
+        init = load_video(args.init, cfg.get("image_size", 64), cfg.get("fps", 8.0))[None]  # (1, 3, T0, H, W)
+    new = frames - (0 if init is None else init.shape[2])
+    if new < 1:
+        raise UsageError(f"--init already has {init.shape[2]} frames; ask for more with --frames")
+    shares = [new // len(args.prompts) + (i < new % len(args.prompts)) for i in range(len(args.prompts))]
+    device = torch.device(args.device)
+    model, tokenizer = model.to(device), tokenizer.to(device)
+    prompts = [tuple(x.to(device) for x in text.encode([p], model.config.text.max_len)) for p in args.prompts]
+    t0 = time.time()
+
+    def shown(step: int, steps: int) -> None:
+        print(f"\rdecoding step {step}/{steps}, {time.time() - t0:.1f} s", end="", flush=True)
+
+    video = make_video(model, tokenizer, prompts, shares, None if init is None else init.to(device), args.keep,
+                       steps=args.steps, cfg=args.cfg, temperature=args.temperature,
+                       generator=torch.Generator(device).manual_seed(args.seed), on_step=shown)
+    print()
+    save_output(args.out, video[0].float().cpu(), cfg.get("fps", 8.0))
+    print(f"frames: {video.shape[2]}")
+    print(f"seconds: {time.time() - t0:.1f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Generate a video from text with Phenaki, or reconstruct one.")
+    p.add_argument("prompts", nargs="*", help="one prompt for a clip, several for a story")
+    p.add_argument("--out", help=".mp4, .gif or .png (default samples/<prompt>.mp4)")
+    p.add_argument("--frames", type=int, help="length of the video, 1 + 2n (default 11, plus 10 per further prompt)")
+    p.add_argument("--init", metavar="IMAGE_OR_VIDEO", help="continue this image or video")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=12, help="MaskGIT decoding steps per window")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--temperature", type=float, default=4.5, help="Gumbel noise on the confidence, annealed to 0")
+    p.add_argument("--keep", type=int, help="latent frames kept as context at each shift (default half the window)")
+    p.add_argument("--checkpoint", default=DEFAULT_GENERATOR, help="a stage-2 generator")
+    p.add_argument("--tokenizer-checkpoint", default=DEFAULT_TOKENIZER, help="the stage-1 tokenizer it was trained on")
+    p.add_argument("--reconstruct", metavar="VIDEO", help="send this video through stage 1 only")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+    try:
+        if not args.prompts and not args.reconstruct:
+            raise UsageError("give a prompt, or --reconstruct VIDEO")
+        if args.frames is not None and args.frames < 1:
+            raise UsageError(f"--frames must be positive, got {args.frames}")
+        slug = re.sub(r"[^a-z0-9]+", "-", (args.prompts[0] if args.prompts else "reconstruction").lower()).strip("-")
+        args.out = args.out or os.path.join("samples", f"{slug[:60] or 'video'}.mp4")
+        check_out(args.out)
+        run_reconstruct(args) if args.reconstruct else run_generate(args)
+    except (UsageError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote: {args.out}")
 
 

@@ -35,18 +35,26 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cvivit import CViViT, CViViTConfig
-from data import ClipStream, make_source
+from data import (ClipStream, agreement, build_token_cache, caption, load_token_cache, make_source, random_spec)
+from maskgit import MaskGIT, MaskGITConfig
+from text_encoder import CaptionTokenizer, TextEncoderConfig
 from vqgan import VQGAN, Discriminator, VGGPerceptual, VQGANConfig, adaptive_gan_weight, hinge_d_loss
 
 TOKENIZERS = {"vqgan": (VQGAN, VQGANConfig), "cvivit": (CViViT, CViViTConfig)}
+
+# the models that ship with the repo, used by sample.py and evaluate.py when no checkpoint is given
+DEFAULT_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tokenizer.safetensors")
+DEFAULT_GENERATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "generator.safetensors")
 
 
 class UsageError(Exception):
@@ -78,6 +86,9 @@ class TrainConfig:
     save_every: int = 500  # steps between checkpoints
     image_every: int = 500  # steps between loss-curve and reconstruction PNGs
     workers: int = 0  # DataLoader worker processes per rank
+    cache_clips: int = 20_000  # stage 2: clips encoded into the token cache (all of a smaller dataset)
+    image_ratio: float = 0.0  # stage 2: share of samples trained as images (their first latent frame alone)
+    sample_steps: int = 12  # stage 2: decoding steps of the sample grid and the alignment check in the log
 
 
 def preset(name: str, tokenizer: str) -> tuple[object, TrainConfig]:
@@ -104,6 +115,27 @@ def preset(name: str, tokenizer: str) -> tuple[object, TrainConfig]:
     raise UsageError(f"unknown preset {name!r}; choose tiny, base or paper")
 
 
+def generator_preset(name: str) -> tuple[MaskGITConfig, TrainConfig]:
+    """Stage-2 sizes. tiny: two CPU cores in under 90 minutes. base: one GPU. paper: Phenaki's 1.8B
+    generator (24 layers, width 2048, 32 heads) over the paper's 8192 codes."""
+    if name == "tiny":
+        text = TextEncoderConfig(vocab_size=512, dim=128, depth=2, heads=4, mlp=512)
+        return (MaskGITConfig(dim=256, depth=4, heads=8, mlp=1024, text=text),
+                TrainConfig(batch_size=32, max_steps=4000, lr=1e-3, min_lr=5e-5, warmup=200, weight_decay=0.01,
+                            save_every=250, image_every=500))
+    if name == "base":
+        text = TextEncoderConfig(vocab_size=8192, dim=512, depth=6, heads=8, mlp=2048, max_len=64)
+        return (MaskGITConfig(codebook_size=4096, grid=16, dim=768, depth=12, heads=12, mlp=3072, text=text),
+                TrainConfig(image_size=128, batch_size=32, max_steps=200_000, lr=4e-4, min_lr=4e-5, warmup=5000,
+                            weight_decay=0.045, ema=0.9999, cache_clips=1_000_000, image_ratio=0.2, workers=8))
+    if name == "paper":
+        text = TextEncoderConfig(vocab_size=32_000, dim=1024, depth=12, heads=16, mlp=4096, max_len=64)
+        return (MaskGITConfig(codebook_size=8192, grid=16, dim=2048, depth=24, heads=32, mlp=8192, text=text),
+                TrainConfig(image_size=128, batch_size=16, max_steps=1_000_000, lr=1e-4, min_lr=1e-5, warmup=10_000,
+                            weight_decay=0.045, ema=0.9999, cache_clips=10_000_000, image_ratio=0.2, workers=8))
+    raise UsageError(f"unknown preset {name!r}; choose tiny, base or paper")
+
+
 def override(config, assignments: list[str], prefix: str):
     """Apply `prefix.field=value` overrides to a dataclass, parsing by the field's type."""
     fields = {f.name: f for f in dataclasses.fields(config)}
@@ -113,6 +145,10 @@ def override(config, assignments: list[str], prefix: str):
         if not key.startswith(prefix + "."):
             continue
         name = key[len(prefix) + 1:]
+        head, dot, _ = name.partition(".")
+        if dot and head in fields and dataclasses.is_dataclass(getattr(config, head)):  # a nested config
+            changes[head] = override(changes.get(head, getattr(config, head)), [item], f"{prefix}.{head}")
+            continue
         if not sep or name not in fields:
             raise UsageError(f"unknown config key {key!r}; known: {', '.join(prefix + '.' + f for f in fields)}")
         current = getattr(config, name)
@@ -175,6 +211,34 @@ def load_tokenizer(path: str):
     return model.eval(), meta
 
 
+def file_digest(path: str) -> str:
+    """sha256 of a file: ties a generator to the exact tokenizer it was trained on."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def generator_meta(config: MaskGITConfig, step: int, text: CaptionTokenizer, tokenizer_sha256: str) -> dict[str, str]:
+    return {"format": "phenaki", "stage": "2", "kind": "maskgit", "config": json.dumps(dataclasses.asdict(config)),
+            "step": str(step), "text_tokenizer": text.to_json(), "tokenizer_sha256": tokenizer_sha256}
+
+
+def load_generator(path: str, tokenizer_path: str):
+    """A stage-2 checkpoint and the tokenizer it was trained on -> (generator, caption tokenizer,
+    stage-1 tokenizer, metadata), models in eval mode on the CPU."""
+    tensors, meta = load_checkpoint(path)
+    if meta.get("stage") != "2":
+        raise UsageError(f"{path} holds a stage-{meta.get('stage')} model, not a stage-2 generator")
+    tokenizer, _ = load_tokenizer(tokenizer_path)
+    if file_digest(tokenizer_path) != meta["tokenizer_sha256"]:
+        raise UsageError(f"{path} was trained on another tokenizer than {tokenizer_path} (sha256 differs)")
+    model = MaskGIT(MaskGITConfig.from_dict(json.loads(meta["config"])))
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return model.eval(), CaptionTokenizer.from_json(meta["text_tokenizer"]), tokenizer, meta
+
+
 def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, str]:
     """Flatten an optimizer state into safetensors-friendly tensors plus JSON for the rest."""
     state = opt.state_dict()
@@ -208,28 +272,63 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def save_plots(out: str, history: list[dict], video: torch.Tensor, recon: torch.Tensor) -> None:
-    """loss.png: the curves so far; recon.png: rows of real frames over their reconstructions."""
+def save_plots(out: str, history: list[dict], keys: tuple[str, ...], videos: torch.Tensor, name: str) -> None:
+    """loss.png: the curves of `keys` so far; `name`: videos (B, 3, T, H, W) as a grid, one clip a row."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("rec", "vq", "val_psnr"):
+    for key in keys:
         pts = [(h["step"], h[key]) for h in history if key in h]
         if pts:
             ax.plot(*zip(*pts), label=key)
     ax.set_yscale("log"), ax.set_xlabel("step"), ax.legend()
     fig.savefig(os.path.join(out, "loss.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
-    rows = torch.stack([video[:4], recon[:4]], dim=1).flatten(0, 1)  # (8, 3, T, H, W), real above fake
-    grid = rows.permute(0, 3, 2, 4, 1).flatten(2, 3).flatten(0, 1)  # (8H, T*W, 3)
-    plt.imsave(os.path.join(out, "recon.png"), ((grid.clamp(-1, 1) + 1) / 2).cpu().numpy())
+    grid = videos.permute(0, 3, 2, 4, 1).flatten(2, 3).flatten(0, 1)  # (B*H, T*W, 3)
+    plt.imsave(os.path.join(out, name), ((grid.clamp(-1, 1) + 1) / 2).cpu().numpy())
 
 
-def progress(step: int, total: int, losses: dict, clips_per_s: float, elapsed: float, start_step: int) -> str:
-    eta = (total - step) * elapsed / max(1, step - start_step)
+def show_progress(step: int, cfg: TrainConfig, world: int, losses: dict, t0: float, start_step: int) -> None:
+    """The progress line: step, losses, clips/s, time left. One updating line on a terminal."""
+    tty = sys.stdout.isatty()
+    if not tty and step % cfg.log_every:
+        return
+    elapsed = time.time() - t0
+    rate = (step - start_step) * cfg.batch_size * cfg.grad_accum * world / elapsed
+    eta = (cfg.max_steps - step) * elapsed / max(1, step - start_step)
     shown = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
-    return f"step {step}/{total} | {shown} | {clips_per_s:.1f} clips/s | eta {int(eta) // 60}m{int(eta) % 60:02d}s"
+    line = f"step {step}/{cfg.max_steps} | {shown} | {rate:.1f} clips/s | eta {int(eta) // 60}m{int(eta) % 60:02d}s"
+    print(("\r" if tty else "") + line, end="" if tty else "\n", flush=True)
+
+
+def all_finite(loss: float, device: torch.device, bad_before: int) -> bool:
+    """Is this step's loss finite on every rank? All ranks skip a bad step together; ten in a row stop the run."""
+    finite = torch.tensor(float(math.isfinite(loss)), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() < 1 and bad_before + 1 >= 10:
+        raise RuntimeError("the loss was not finite 10 steps in a row; lower the learning rate")
+    return finite.item() == 1
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def finish(model: nn.Module, world: int, master: bool, message: str) -> None:
+    """End of a run: under DDP a cheap check that every rank's weights stayed in step."""
+    if world > 1:
+        digests = [None] * world
+        dist.all_gather_object(digests, weights_digest(model))
+        if master:
+            print(f"weights identical across {world} ranks: {len(set(digests)) == 1}")
+    if master:
+        print(message)
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -319,35 +418,21 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
                 logs["disc"] += d_loss.item() / cfg.grad_accum
             logs["rec"] += rec.item() / cfg.grad_accum
             logs["vq"] += out.vq_loss.item() / cfg.grad_accum
-        finite = torch.tensor(float(math.isfinite(logs["rec"] + logs["vq"] + logs["gan"] + logs["disc"])), device=device)
-        if ddp:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips together
-        if finite.item() < 1:
+        bad_steps = 0 if all_finite(logs["rec"] + logs["vq"] + logs["gan"] + logs["disc"], device, bad_steps) else bad_steps + 1
+        if bad_steps:
             opt.zero_grad(set_to_none=True), opt_d.zero_grad(set_to_none=True)
-            bad_steps += 1
-            if bad_steps >= 10:
-                raise RuntimeError("the loss was not finite 10 steps in a row; lower the learning rate")
             continue
-        bad_steps = 0
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step(), opt.zero_grad(set_to_none=True)
         if use_gan:
             opt_d.step(), opt_d.zero_grad(set_to_none=True)
         if ema is not None:
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), model.parameters()):
-                    e.lerp_(p, 1 - cfg.ema)
-                for e, b in zip(ema.buffers(), model.buffers()):
-                    e.copy_(b)
+            update_ema(ema, model, cfg.ema)
         step += 1
         if step % cfg.restart_every == 0:
             logs["restarted"] = model.quantizer.restart_dead_codes()
-        tty = sys.stdout.isatty()
-        if master and (tty or step % cfg.log_every == 0):  # one updating line on a terminal
-            elapsed = time.time() - t0
-            rate = (step - start_step) * cfg.batch_size * cfg.grad_accum * world / elapsed
-            line = progress(step, cfg.max_steps, {k: logs[k] for k in ("rec", "vq", "gan", "disc")}, rate, elapsed, start_step)
-            print(("\r" if tty else "") + line, end="" if tty else "\n", flush=True)
+        if master:
+            show_progress(step, cfg, world, {k: logs[k] for k in ("rec", "vq", "gan", "disc")}, t0, start_step)
         if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
             record = {"step": step, "lr": lr_at(step, cfg), "time": round(time.time() - t0, 1)} | logs
             if step % cfg.image_every == 0 or step == cfg.max_steps:
@@ -357,22 +442,186 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
                     recon = model(watch).recon.float().clamp(-1, 1)
                 model.train(was)
                 record["val_psnr"] = (-10 * torch.log10(((recon - watch) / 2).pow(2).mean())).item()
-                save_plots(args.out, history + [record], watch, recon)
+                real_over_fake = torch.stack([watch[:4], recon[:4]], dim=1).flatten(0, 1)  # (8, 3, T, H, W)
+                save_plots(args.out, history + [record], ("rec", "vq", "val_psnr"), real_over_fake, "recon.png")
             history.append(record)
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
         if master and (step % cfg.save_every == 0 or step == cfg.max_steps):
             save()
-    if ddp:  # a cheap end-of-run check that DDP kept every rank's weights in step
-        digests = [None] * world
-        dist.all_gather_object(digests, weights_digest(model))
+    finish(model, world, master, f"done: {step} steps in {time.time() - t0:.0f} s; weights in {model_path}")
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+class LossOf(nn.Module):
+    """Makes `model.loss` the forward pass, so that DDP's gradient hooks see it."""
+
+    def __init__(self, model: MaskGIT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, codes, ids, mask, frames):
+        return self.model.loss(codes, ids, mask, frames)
+
+
+def watch_specs(n: int, seed: int) -> list:
+    rng = np.random.default_rng([seed, 424242])
+    return [random_spec(rng) for _ in range(n)]
+
+
+@torch.no_grad()
+def sample_and_judge(model: MaskGIT, text: CaptionTokenizer, tokenizer, specs: list, device, **sampling):
+    """Generate one clip per spec from its canonical caption -> (videos (B, 3, T, H, W), mean oracle verdicts)."""
+    ids, mask = text.encode([caption(s) for s in specs], model.config.text.max_len)
+    codes = model.generate(ids.to(device), mask.to(device), **sampling)
+    videos = tokenizer.decode(codes).float().cpu()
+    verdicts = [agreement(v, s) for v, s in zip(videos, specs)]
+    return videos, {k: float(np.mean([v[k] for v in verdicts])) for k in verdicts[0]}
+
+
+def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, rank: int, world: int,
+                    device: torch.device) -> None:
+    master, ddp = rank == 0, world > 1
+    tokenizer, _ = load_tokenizer(args.tokenizer_checkpoint)
+    tokenizer = tokenizer.to(device)
+    digest = file_digest(args.tokenizer_checkpoint)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    os.makedirs(args.out, exist_ok=True)
+    state_path, model_path = os.path.join(args.out, "train_state.safetensors"), os.path.join(args.out, "model.safetensors")
+
+    # 1. the token cache: every clip through the frozen encoder once, each rank its share
+    key = json.dumps([digest, cfg.data, cfg.frames, cfg.image_size, cfg.fps, cfg.cache_clips, cfg.seed])
+    t0 = time.time()
+
+    def encode(video: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast:
+            return tokenizer.encode(video.to(device))
+
+    def shown(b: int, total: int) -> None:
+        if master and (b % 50 == 0 or b == total):
+            print(f"token cache: batch {b}/{total}, {time.time() - t0:.0f} s", flush=True)
+
+    folder = os.path.join(args.out, "token_cache")
+    build_token_cache(encode, source, cfg.cache_clips, folder, 32, rank, world, key, on_batch=shown)
+    if ddp:
+        dist.barrier()
+    codes, captions = load_token_cache(folder, world, key)  # (N, t, h, w), N captions
+
+    # 2. the caption tokenizer: trained on the cached captions by rank 0, or restored on resume
+    resume = args.resume and os.path.exists(state_path)
+    if resume:
+        tensors, meta = load_checkpoint(state_path)
+        text_json = meta["text_tokenizer"]
+    else:
+        text_json = [CaptionTokenizer.train(captions, model_cfg.text.vocab_size).to_json() if master else None]
+        if ddp:
+            dist.broadcast_object_list(text_json)
+        text_json = text_json[0]
+    text = CaptionTokenizer.from_json(text_json)
+    all_ids, all_masks = text.encode(captions, model_cfg.text.max_len)  # (N, L) each, tokenized once
+
+    # 3. the generator
+    torch.manual_seed(cfg.seed)
+    model = MaskGIT(model_cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
+    step = 0
+    if resume:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if ema is not None:
+            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        restore_optimizer(opt, tensors, meta["opt_groups"], "opt")
+        step = int(meta["step"])
         if master:
-            print(f"weights identical across {world} ranks: {len(set(digests)) == 1}")
+            print(f"resumed from {state_path} at step {step}")
     if master:
-        print(f"done: {step} steps in {time.time() - t0:.0f} s; weights in {model_path}")
+        params = sum(p.numel() for p in model.parameters())
+        print(f"generator: {params / 1e6:.2f}M parameters; cache: {len(codes)} clips of {tuple(codes.shape[1:])} codes; "
+              f"captions: {text.vocab_size} BPE tokens")
+    loss_d = DDP(LossOf(model)) if ddp else LossOf(model)
+    specs = watch_specs(8, cfg.seed)
+    history, bad_steps, t0, start_step = [], 0, time.time(), step
+    t = model_cfg.latent_frames
+
+    def save() -> None:
+        meta = generator_meta(model_cfg, step, text, digest)
+        save_checkpoint(model_path, (ema or model).state_dict(), meta | {"train_config": json.dumps(dataclasses.asdict(cfg))})
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        if ema is not None:
+            tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+        opt_t, groups = optimizer_tensors(opt, "opt")
+        save_checkpoint(state_path, tensors | opt_t, meta | {"opt_groups": groups})
+
+    while step < cfg.max_steps:
+        seed = cfg.seed * 1_000_003 + rank * 10_007 + step  # RNG state and batch are functions of the step
+        torch.manual_seed(seed)
+        pick = torch.Generator().manual_seed(seed)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            idx = torch.randint(len(codes), (cfg.batch_size,), generator=pick)  # with replacement
+            mask = all_masks[idx]
+            width = int(mask.sum(1).max())  # trim the padding this batch does not need
+            ids, mask = all_ids[idx, :width].to(device), mask[:, :width].to(device)
+            frames = None
+            if cfg.image_ratio > 0:  # by causality an image's codes are its clip's first latent frame
+                image = torch.rand(cfg.batch_size, generator=pick) < cfg.image_ratio
+                frames = torch.where(image, 1, t).to(device)
+            last = micro == cfg.grad_accum - 1
+            with (loss_d.no_sync() if ddp and not last else contextlib.nullcontext()), autocast:
+                loss = loss_d(codes[idx].to(device), ids, mask, frames)
+                (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+        bad_steps = 0 if all_finite(total, device, bad_steps) else bad_steps + 1
+        if bad_steps:
+            opt.zero_grad(set_to_none=True)
+            continue
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step(), opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            update_ema(ema, model, cfg.ema)
+        step += 1
+        if master:
+            show_progress(step, cfg, world, {"loss": total}, t0, start_step)
+        if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            record = {"step": step, "lr": lr_at(step, cfg), "time": round(time.time() - t0, 1), "loss": total}
+            if step % cfg.image_every == 0 or step == cfg.max_steps:
+                model.eval()
+                videos, verdicts = sample_and_judge(ema or model, text, tokenizer, specs, device, steps=cfg.sample_steps,
+                                                    generator=torch.Generator(device).manual_seed(cfg.seed))
+                model.train()
+                record |= {f"val_{k}": v for k, v in verdicts.items()}
+                save_plots(args.out, history + [record], ("loss",), videos, "samples.png")
+            history.append(record)
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if master and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            save()
+    finish(model, world, master, f"done: {step} steps in {time.time() - t0:.0f} s; weights in {model_path}")
 
 
 # ----------------------------------------------------------------------------- entry point
+
+def check_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig) -> MaskGITConfig:
+    """Stage 2 needs a tokenizer, and the generator's vocabulary and window must match it."""
+    if not args.tokenizer_checkpoint:
+        raise UsageError("stage 2 needs --tokenizer-checkpoint PATH (a stage-1 model.safetensors)")
+    tokenizer, meta = load_tokenizer(args.tokenizer_checkpoint)
+    K = tokenizer.quantizer.codebook.shape[0]
+    if model_cfg.codebook_size != K:
+        raise UsageError(f"the generator's vocabulary ({model_cfg.codebook_size}) must equal the tokenizer's "
+                         f"codebook size ({K}); pass --set model.codebook_size={K}")
+    trained = json.loads(meta.get("train_config", "{}"))
+    if trained.get("image_size", cfg.image_size) != cfg.image_size:
+        raise UsageError(f"the tokenizer was trained at {trained['image_size']} pixels, stage 2 asks for {cfg.image_size}")
+    if not 0 <= cfg.image_ratio <= 1:
+        raise UsageError(f"--image-ratio must lie in [0, 1], got {cfg.image_ratio}")
+    # the window: 1 + 2n frames are 1 + n latent frames of (size / 8)^2 codes
+    return dataclasses.replace(model_cfg, latent_frames=1 + (cfg.frames - 1) // 2, grid=cfg.image_size // 8)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a Phenaki stage: 1 = video tokenizer, 2 = MaskGIT generator.")
@@ -386,6 +635,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.safetensors")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field: model.<field>=... or train.<field>=...")
+    p.add_argument("--image-ratio", type=float, help="stage 2: share of samples trained as images")
     p.add_argument("--perceptual-weights", help="VGG16 weights (.safetensors) to switch on the perceptual loss")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
@@ -394,12 +644,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        if args.stage == 2:
-            raise UsageError("stage 2 is not implemented yet")
-        model_cfg, cfg = preset(args.preset, args.tokenizer)
         unknown = [s for s in args.set if not s.startswith(("model.", "train."))]
         if unknown:
             raise UsageError(f"unknown config key {unknown[0]!r}: keys start with model. or train.")
+        if args.stage == 1:
+            model_cfg, cfg = preset(args.preset, args.tokenizer)
+        else:
+            model_cfg, cfg = generator_preset(args.preset)
+            if args.image_ratio is not None:
+                cfg = dataclasses.replace(cfg, image_ratio=args.image_ratio)
         model_cfg, cfg = override(model_cfg, args.set, "model"), override(cfg, args.set, "train")
         if args.data:
             cfg = dataclasses.replace(cfg, data=args.data)
@@ -407,7 +660,10 @@ def main(argv: list[str] | None = None) -> None:
             cfg = dataclasses.replace(cfg, max_steps=args.max_steps)
         if cfg.frames % 2 == 0:
             raise UsageError(f"train.frames must be 1 + 2n, got {cfg.frames}")
-        args.out = args.out or f"runs/stage{args.stage}-{args.tokenizer}-{args.preset}"
+        if args.stage == 2:
+            model_cfg = check_generator(args, model_cfg, cfg)
+        name = args.tokenizer if args.stage == 1 else "maskgit"
+        args.out = args.out or f"runs/stage{args.stage}-{name}-{args.preset}"
         source = make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed, fps=cfg.fps)  # fails early on bad data
     except (UsageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -424,7 +680,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        train_tokenizer(args, model_cfg, cfg, source, rank, world, device)
+        (train_tokenizer if args.stage == 1 else train_generator)(args, model_cfg, cfg, source, rank, world, device)
     finally:
         if ddp:
             dist.destroy_process_group()

@@ -10,6 +10,9 @@ cross-attend to the text states (Phenaki §2.2). So there is one `Attention` wit
     causal attention  position i attends to positions <= i only (time in C-ViViT)
     cross attention   x (B, N, D) attends to a context (B, L, D) with a padding mask (B, L), True = real
 
+Self attention takes a padding mask (B, N) too: the text encoder pads captions to one length, and the
+generator pads an image (one latent frame) to the length of a video when both share a batch.
+
 Attention runs on `F.scaled_dot_product_attention`, which picks fused flash / memory-efficient
 kernels on CUDA and a fused C++ kernel on the CPU; nothing here materialises the (N, N) matrix itself.
 
@@ -89,9 +92,10 @@ class Block(nn.Module):
         self.mlp = FeedForward(dim, mlp)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, D) -> (B, N, D); context (B, L, D) and context_mask (B, L) for cross attention."""
-        x = x + self.attn(self.ln_attn(x))
+                context_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D); mask (B, N) marks the real tokens of x (None: all are);
+        context (B, L, D) and context_mask (B, L) for cross attention."""
+        x = x + self.attn(self.ln_attn(x), mask=mask)
         if self.cross is not None:
             x = x + self.cross(self.ln_cross(x), context, context_mask)
         return x + self.mlp(self.ln_mlp(x))
@@ -106,7 +110,7 @@ class Transformer(nn.Module):
         self.ln_out = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, context, context_mask)
+            x = block(x, context, context_mask, mask)
         return self.ln_out(x)

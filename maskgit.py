@@ -1,0 +1,221 @@
+"""
+Phenaki's generator (§2.2): a bidirectional transformer that fills in masked video codes, conditioned on
+a caption, trained and sampled as MaskGIT (Chang et al. 2022).
+
+The video tokenizer turns a clip into codes (B, t, h, w) with t = 1 + n latent frames. Flattened, that is
+N = t·h·w positions. Each position gets a code embedding (or the embedding of the extra [MASK] id K)
+plus factorised learned position embeddings for its time, row and column. The stack self-attends over
+all N positions and cross-attends to the text states; a linear head gives logits over the K codes.
+
+Training (`loss`): for each sample draw r ~ U(0, 1) and mask ⌈γ(r)·N⌉ random positions, with the cosine
+schedule γ(r) = cos(πr/2) (MaskGIT §3.2). The cross-entropy counts only the masked positions: the
+visible ones are copied from the input and would teach nothing. A caption is replaced by the empty one
+10% of the time, so the same network also predicts without text (classifier-free guidance, Ho &
+Salimans 2022). An image is a one-latent-frame video: its later frames are padding that is neither
+attended to nor scored, so only its first-frame codes are masked (Phenaki §3, joint image-video training).
+
+Decoding (`generate`), MaskGIT §3.2: start with every unknown position masked. At step s of S,
+  1. predict logits for all positions (guided: uncond + scale·(cond − uncond));
+  2. sample a code at each masked position;
+  3. score each sampled code by its log-probability plus Gumbel noise of temperature τ·(1 − (s+1)/S),
+     noise that anneals to zero so that late steps pick the truly confident codes;
+  4. keep masked the ⌊γ((s+1)/S)·N_unknown⌋ least confident; the rest are decided for good.
+After S steps nothing is masked. Codes given by the caller (the first frames in a continuation) are
+never masked, so they never change.
+
+Any length and stories (`make_video`, Phenaki §2.3): generate one window of t latent frames, decode it,
+then again and again re-encode the last 1 + 2(k − 1) frames with the causal tokenizer, give their k
+latent frames as known codes, and generate the remaining t − k under the current prompt. Each shift adds
+2(t − k) frames, so the length has no bound, and a new prompt per segment tells a story.
+
+Deviations: none in the method. Sizes are far below the paper's 1.8B, and the text encoder is our own.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from text_encoder import BOS, PAD, TextEncoder, TextEncoderConfig
+from transformer import Transformer
+
+# Legend: B batch, t h w latent grid, N = t·h·w positions, K codebook size, D width, L text length.
+
+
+@dataclass
+class MaskGITConfig:
+    codebook_size: int = 1024  # K; must equal the tokenizer's codebook size
+    latent_frames: int = 6  # t = 1 + n for the 1 + 2n frame clips it is trained on (the window)
+    grid: int = 8  # h = w = image size / 8
+    dim: int = 256  # D
+    depth: int = 4  # transformer blocks
+    heads: int = 8  # attention heads
+    mlp: int = 1024  # hidden width of the feed-forward
+    text_drop: float = 0.1  # share of captions replaced by the empty one in training (for guidance)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # the caption encoder
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "MaskGITConfig":
+        return cls(**(fields | {"text": TextEncoderConfig(**fields["text"])}))
+
+
+def mask_ratio(r: torch.Tensor) -> torch.Tensor:
+    """MaskGIT's cosine schedule γ(r) = cos(πr/2): the share of positions still masked at progress r."""
+    return torch.cos(math.pi / 2 * r)
+
+
+def gumbel(shape: tuple, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, device=device).clamp(1e-20, 1.0)
+    return -torch.log(-torch.log(u) + 1e-20)
+
+
+class MaskGIT(nn.Module):
+    def __init__(self, config: MaskGITConfig):
+        super().__init__()
+        self.config = config
+        D, K = config.dim, config.codebook_size
+        self.mask_id = K  # one extra embedding row for [MASK]
+        self.tok_emb = nn.Embedding(K + 1, D)
+        # factorised positions: time, row and column embeddings are summed (t + h + w rows, not t·h·w)
+        self.pos_t = nn.Parameter(torch.randn(config.latent_frames, D) * 0.02)
+        self.pos_h = nn.Parameter(torch.randn(config.grid, D) * 0.02)
+        self.pos_w = nn.Parameter(torch.randn(config.grid, D) * 0.02)
+        self.text = TextEncoder(config.text)
+        self.text_proj = nn.Linear(config.text.dim, D)  # text width -> generator width
+        self.transformer = Transformer(D, config.depth, config.heads, config.mlp, cross=True)
+        self.head = nn.Linear(D, K)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask (B, L) -> states (B, L, D) in the generator's width."""
+        return self.text_proj(self.text(ids, mask))
+
+    def forward(self, tokens: torch.Tensor, states: torch.Tensor, text_mask: torch.Tensor,
+                frames: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, t, h, w) in [0, K] (K = [MASK]) -> logits (B, t, h, w, K). `frames` (B,) is the
+        number of real latent frames of each sample (1 for an image); the rest is padding."""
+        B, t, h, w = tokens.shape
+        pos = self.pos_t[:t, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]  # (t, h, w, D)
+        x = (self.tok_emb(tokens) + pos).view(B, t * h * w, -1)  # (B, N, D)
+        mask = None
+        if frames is not None:
+            mask = self.real_positions(frames, tokens.shape)  # (B, N), padding is never attended to
+        x = self.transformer(x, states, text_mask, mask)  # (B, N, D)
+        return self.head(x).view(B, t, h, w, -1)  # (B, t, h, w, K)
+
+    @staticmethod
+    def real_positions(frames: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        B, t, h, w = shape
+        time = torch.arange(t, device=frames.device).repeat_interleave(h * w)  # (N,) time index of each position
+        return time[None] < frames[:, None]  # (B, N)
+
+    def drop_captions(self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None):
+        """Replace a `text_drop` share of the captions with the empty caption ([BOS] alone)."""
+        drop = torch.rand(ids.shape[0], generator=generator, device=ids.device) < self.config.text_drop  # (B,)
+        mask = mask & ~(drop[:, None] & (ids != BOS))  # keep only [BOS] in dropped rows
+        return torch.where(mask, ids, PAD), mask
+
+    def mask_positions(self, codes: torch.Tensor, frames: torch.Tensor | None = None):
+        """Draw the training mask: codes (B, t, h, w) -> tokens (B, t, h, w) with [MASK] where hidden,
+        and masked (B, N), the positions to score. Each sample hides ⌈γ(r)·N_real⌉ of its real positions,
+        r ~ U(0, 1); an image's padding frames are [MASK] too but are not scored."""
+        B, t, h, w = codes.shape
+        N = t * h * w
+        real = torch.ones(B, N, dtype=torch.bool, device=codes.device) if frames is None else self.real_positions(frames, codes.shape)
+        ratio = mask_ratio(torch.rand(B, device=codes.device))  # (B,) share to mask, cosine schedule
+        n_mask = (ratio * real.sum(1)).ceil().clamp(min=1)  # at least one masked position per sample
+        # a random order of the real positions; the first n_mask of each row are masked
+        scores = torch.rand(B, N, device=codes.device).masked_fill(~real, 2.0)  # padding sorts last
+        masked = scores.argsort(1).argsort(1) < n_mask[:, None]  # (B, N)
+        tokens = codes.reshape(B, N).masked_fill(masked | ~real, self.mask_id)
+        return tokens.view(B, t, h, w), masked
+
+    def loss(self, codes: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor,
+             frames: torch.Tensor | None = None) -> torch.Tensor:
+        """codes (B, t, h, w) long; ids, text_mask (B, L); frames (B,) real latent frames or None (all).
+        Returns the mean cross-entropy over the masked positions only."""
+        tokens, masked = self.mask_positions(codes, frames)
+        ids, text_mask = self.drop_captions(ids, text_mask)
+        logits = self(tokens, self.encode_text(ids, text_mask), text_mask, frames)  # (B, t, h, w, K)
+        K = logits.shape[-1]
+        return F.cross_entropy(logits.view(-1, K)[masked.flatten()].float(), codes.flatten()[masked.flatten()])
+
+    def guided_logits(self, tokens: torch.Tensor, cond: tuple, uncond: tuple, scale: float) -> torch.Tensor:
+        """Classifier-free guidance: uncond + scale·(cond − uncond). 1 is plain conditional, 0 ignores the text.
+        cond and uncond are (states, mask) pairs; both halves run as one batch."""
+        if scale == 1.0:
+            return self(tokens, *cond)
+        B, pad = len(tokens), cond[0].shape[1] - uncond[0].shape[1]  # pad the empty caption to the prompts' length
+        states = torch.cat([cond[0], F.pad(uncond[0], (0, 0, 0, pad)).expand(B, -1, -1)])  # (2B, L, D)
+        mask = torch.cat([cond[1], F.pad(uncond[1], (0, pad)).expand(B, -1)])  # (2B, L)
+        c, u = self(torch.cat([tokens, tokens]), states, mask).float().chunk(2)
+        return u + scale * (c - u)
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, text_mask: torch.Tensor, given: torch.Tensor | None = None,
+                 steps: int = 12, cfg: float = 3.0, temperature: float = 4.5, generator: torch.Generator | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Captions ids, text_mask (B, L) -> codes (B, t, h, w). `given` (B, t', h, w) holds known codes
+        and -1 where a code is to be generated; t' may be shorter than the window. None: generate all."""
+        c = self.config
+        B, device = ids.shape[0], ids.device
+        if given is None:
+            given = torch.full((B, c.latent_frames, c.grid, c.grid), -1, dtype=torch.long, device=device)
+        shape = given.shape
+        tokens = given.reshape(B, -1).masked_fill(given.reshape(B, -1) < 0, self.mask_id)  # (B, N)
+        n_unknown = (tokens == self.mask_id).sum(1)  # (B,)
+        cond = (self.encode_text(ids, text_mask), text_mask)
+        empty_ids = torch.full((1, 1), BOS, dtype=torch.long, device=device)
+        empty_mask = torch.ones(1, 1, dtype=torch.bool, device=device)
+        uncond = (self.encode_text(empty_ids, empty_mask), empty_mask)
+        for s in range(steps):
+            logits = self.guided_logits(tokens.view(shape), cond, uncond, cfg).view(B, tokens.shape[1], -1)  # (B, N, K)
+            probs = logits.float().softmax(-1)
+            sampled = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(B, -1)  # (B, N)
+            logp = probs.gather(-1, sampled[..., None]).squeeze(-1).clamp_min(1e-30).log()  # (B, N)
+            open_ = tokens == self.mask_id  # positions still to decide
+            sampled = torch.where(open_, sampled, tokens)
+            noise = temperature * (1 - (s + 1) / steps) * gumbel(logp.shape, generator, device)
+            confidence = (logp + noise).masked_fill(~open_, math.inf)  # decided codes are never re-masked
+            progress = torch.tensor((s + 1) / steps, device=device)
+            n_mask = (mask_ratio(progress) * n_unknown).floor().long()  # (B,)
+            n_mask = torch.minimum(n_mask, open_.sum(1) - 1).clamp(min=0)  # unmask at least one per step
+            rank = confidence.argsort(1).argsort(1)  # 0 = least confident
+            tokens = sampled.masked_fill(rank < n_mask[:, None], self.mask_id)
+            if on_step is not None:
+                on_step(s + 1, steps)
+        return tokens.view(shape)
+
+
+@torch.no_grad()
+def make_video(model: MaskGIT, tokenizer: nn.Module, prompts: list[tuple[torch.Tensor, torch.Tensor]],
+               frames: list[int], init: torch.Tensor | None = None, keep: int | None = None,
+               **sampling) -> torch.Tensor:
+    """A video of any length: segment i has `frames[i]` new frames under prompt i (ids, mask each (1, L)).
+    `init` (1, 3, T0, H, W) is an image or video to continue; it starts the output. `keep` latent frames
+    (default half the window) are re-encoded and given at each shift. -> video (1, 3, T0 + sum(frames), H, W)."""
+    t = model.config.latent_frames
+    keep = max(1, min(keep or t // 2, t - 1))
+    out = [] if init is None else [init]
+    have = 0 if init is None else init.shape[2]  # frames made so far
+    for (ids, mask), wanted in zip(prompts, frames):
+        made = 0
+        while made < wanted:
+            if have == 0:  # nothing to continue: a fresh window
+                codes = model.generate(ids, mask, **sampling)  # (1, t, h, w)
+                new = tokenizer.decode(codes)  # (1, 3, 1 + 2(t-1), H, W)
+            else:
+                video = torch.cat(out, dim=2)
+                context = min(1 + 2 * (keep - 1), have - (1 - have % 2))  # an odd number of frames, 1 + 2(k-1)
+                known = tokenizer.encode(video[:, :, have - context:])  # (1, k, h, w), causal: no future needed
+                k = known.shape[1]
+                given = F.pad(known, (0, 0, 0, 0, 0, t - k), value=-1)  # (1, t, h, w), -1 = generate
+                codes = model.generate(ids, mask, given=given, **sampling)
+                new = tokenizer.decode(codes)[:, :, context:]  # the frames after the context
+            new = new[:, :, : wanted - made]
+            out.append(new)
+            made += new.shape[2]
+            have += new.shape[2]
+    return torch.cat(out, dim=2)

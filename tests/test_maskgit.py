@@ -1,0 +1,138 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data import ShapeSpec, agreement, caption, render_shapes
+from maskgit import MaskGIT, MaskGITConfig, make_video, mask_ratio
+from text_encoder import CaptionTokenizer, TextEncoderConfig
+from train import DEFAULT_TOKENIZER, load_tokenizer
+from vqgan import VQGAN, VQGANConfig
+
+CAPTIONS = ["a red circle moving right", "a blue square moving up", "a large green triangle standing still"]
+
+
+def tiny_generator(seed: int = 0, **changes) -> MaskGIT:
+    torch.manual_seed(seed)
+    text = TextEncoderConfig(vocab_size=300, dim=32, depth=1, heads=2, mlp=64, max_len=16)
+    config = MaskGITConfig(codebook_size=16, latent_frames=3, grid=2, dim=32, depth=2, heads=2, mlp=64, text=text)
+    return MaskGIT(MaskGITConfig(**(config.__dict__ | changes))).eval()
+
+
+def tiny_tokenizer(seed: int = 0) -> VQGAN:
+    torch.manual_seed(seed)
+    return VQGAN(VQGANConfig(widths=(8, 8, 8), codebook_size=16, code_dim=4)).eval()
+
+
+@pytest.fixture(scope="module")
+def text() -> CaptionTokenizer:
+    return CaptionTokenizer.train(CAPTIONS * 3, vocab_size=300)
+
+
+def test_loss_counts_only_masked_positions(text):
+    model = tiny_generator(text_drop=0.0)
+    codes = torch.randint(16, (4, 3, 2, 2))
+    ids, mask = text.encode(CAPTIONS + CAPTIONS[:1], 16)
+    torch.manual_seed(1)
+    loss = model.loss(codes, ids, mask)
+    torch.manual_seed(1)  # replay the same draws by hand
+    tokens, masked = model.mask_positions(codes)
+    assert (tokens.flatten(1) == model.mask_id).equal(masked)  # masked inputs are exactly the scored ones
+    logits = model(tokens, model.encode_text(ids, mask), mask).flatten(1, 3)  # (B, N, K)
+    on_masked = F.cross_entropy(logits[masked], codes.flatten(1)[masked])
+    on_all = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+    torch.testing.assert_close(loss, on_masked)
+    assert not torch.isclose(loss, on_all)
+
+
+def test_an_image_masks_only_its_first_frame_codes():
+    model = tiny_generator()
+    codes = torch.randint(16, (64, 3, 2, 2))
+    frames = torch.tensor([1, 3]).repeat(32)  # images and videos in one batch
+    tokens, masked = model.mask_positions(codes, frames)
+    time = torch.arange(3).repeat_interleave(4)  # (N,) latent frame of each position
+    assert not masked[frames == 1][:, time > 0].any()  # nothing beyond an image's one frame is scored
+    assert masked[frames == 1].any() and masked[frames == 3][:, time > 0].any()
+    assert (tokens.flatten(1)[frames == 1][:, time > 0] == model.mask_id).all()  # padding is [MASK], unattended
+
+
+def test_schedule_is_monotone_and_decoding_leaves_nothing_masked(text):
+    r = torch.linspace(0, 1, 101)
+    gamma = mask_ratio(r)
+    assert gamma[0] == 1 and gamma[-1] < 1e-6 and (gamma[1:] <= gamma[:-1]).all()
+    model = tiny_generator()
+    ids, mask = text.encode(CAPTIONS, 16)
+    open_counts = []
+    codes = model.generate(ids, mask, steps=5, generator=torch.Generator().manual_seed(0),
+                           on_step=lambda s, n: open_counts.append(s))
+    assert codes.shape == (3, 3, 2, 2) and open_counts == [1, 2, 3, 4, 5]
+    assert ((codes >= 0) & (codes < 16)).all()  # no [MASK] (id 16) left
+
+
+def test_given_codes_never_change(text):
+    model = tiny_generator()
+    ids, mask = text.encode(CAPTIONS, 16)
+    given = torch.full((3, 3, 2, 2), -1)
+    given[:, :2] = torch.randint(16, (3, 2, 2, 2))  # the first two latent frames are known
+    codes = model.generate(ids, mask, given=given, steps=4, temperature=10.0, generator=torch.Generator().manual_seed(0))
+    assert codes[:, :2].equal(given[:, :2]) and (codes[:, 2] >= 0).all()
+
+
+def test_guidance_scale_zero_is_the_unconditional_prediction(text):
+    model = tiny_generator()
+    ids, mask = text.encode(CAPTIONS, 16)
+    tokens = torch.randint(17, (3, 3, 2, 2))
+    empty_ids, empty_mask = text.encode([""], 16)  # [BOS] alone
+    cond = (model.encode_text(ids, mask), mask)
+    uncond = (model.encode_text(empty_ids, empty_mask), empty_mask)
+    with torch.no_grad():
+        plain_uncond = model(tokens, uncond[0].expand(3, -1, -1), uncond[1].expand(3, -1))
+        torch.testing.assert_close(model.guided_logits(tokens, cond, uncond, 0.0), plain_uncond, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.guided_logits(tokens, cond, uncond, 1.0), model(tokens, *cond))
+        assert not torch.allclose(plain_uncond, model(tokens, *cond), atol=1e-3)  # the text does matter
+
+
+def test_text_tokenizer_round_trips_and_knows_what_it_saw(text):
+    for sentence in CAPTIONS + ["a dog running", "ünïcode and 🐕 survive"]:
+        ids, mask = text.encode([sentence], 64)
+        assert mask.all() and text.decode(ids[0]) == sentence.lower()  # byte-level: nothing is [UNK]
+    assert text.unseen("a red dog running") == ["dog", "running"]
+    restored = CaptionTokenizer.from_json(text.to_json())
+    torch.testing.assert_close(restored.encode(CAPTIONS, 16), text.encode(CAPTIONS, 16))
+
+
+def test_story_of_two_prompts_has_the_expected_length(text):
+    model, tokenizer = tiny_generator(), tiny_tokenizer()
+    prompts = [text.encode([c], 16) for c in CAPTIONS[:2]]
+    video = make_video(model, tokenizer, prompts, [5, 7], steps=2, generator=torch.Generator().manual_seed(0))
+    assert video.shape == (1, 3, 12, 16, 16)  # window 5 frames; 7 needs two shifts of 2 (t - k) frames
+    init = torch.rand(1, 3, 1, 16, 16) * 2 - 1  # continue an image
+    video = make_video(model, tokenizer, prompts[:1], [8], init=init, steps=2, generator=torch.Generator().manual_seed(0))
+    assert video.shape[2] == 9 and video[:, :, :1].equal(init)
+
+
+def test_tiny_generator_overfits_captioned_clips_and_the_oracle_agrees():
+    """Memorise four captioned Shapes clips; sampling from each caption must give its clip back."""
+    tokenizer, _ = load_tokenizer(DEFAULT_TOKENIZER)  # the shipped stage-1 model
+    specs = [ShapeSpec("red", "circle", "large", "right"), ShapeSpec("blue", "square", "large", "up"),
+             ShapeSpec("green", "triangle", "large", "down"), ShapeSpec("yellow", "square", "small", "left")]
+    clips = np.stack([render_shapes(s, 11, 64, np.random.default_rng(i)) for i, s in enumerate(specs)])
+    video = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (4, 3, 11, 64, 64)
+    codes = tokenizer.encode(video)  # (4, 6, 8, 8)
+    captions = [caption(s) for s in specs]
+    text = CaptionTokenizer.train(captions, vocab_size=300)
+    torch.manual_seed(0)
+    config = MaskGITConfig(codebook_size=tokenizer.quantizer.codebook.shape[0],
+                           latent_frames=6, grid=8, dim=64, depth=2, heads=4, mlp=128, text_drop=0.0,
+                           text=TextEncoderConfig(vocab_size=300, dim=32, depth=1, heads=2, mlp=64, max_len=16))
+    model = MaskGIT(config)
+    ids, mask = text.encode(captions, 16)
+    opt = torch.optim.AdamW(model.parameters(), 3e-3)
+    for _ in range(300):
+        loss = model.loss(codes, ids, mask)
+        loss.backward(), opt.step(), opt.zero_grad()
+    model.eval()
+    sampled = model.generate(ids, mask, steps=8, cfg=1.0, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert (sampled == codes).float().mean() > 0.95
+    for clip, spec in zip(tokenizer.decode(sampled), specs):
+        assert all(agreement(clip, spec).values()), spec
