@@ -53,6 +53,7 @@ class MaskGITConfig:
     dim: int = 256  # D
     depth: int = 4  # transformer blocks
     heads: int = 8  # attention heads
+    head_dim: int | None = None  # width of a head; None = dim / heads
     mlp: int = 1024  # hidden width of the feed-forward
     text_drop: float = 0.1  # share of captions replaced by the empty one in training (for guidance)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # the caption encoder
@@ -85,7 +86,7 @@ class MaskGIT(nn.Module):
         self.pos_w = nn.Parameter(torch.randn(config.grid, D) * 0.02)
         self.text = TextEncoder(config.text)
         self.text_proj = nn.Linear(config.text.dim, D)  # text width -> generator width
-        self.transformer = Transformer(D, config.depth, config.heads, config.mlp, cross=True)
+        self.transformer = Transformer(D, config.depth, config.heads, config.mlp, cross=True, head_dim=config.head_dim)
         self.head = nn.Linear(D, K)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

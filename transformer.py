@@ -33,17 +33,19 @@ import torch.nn.functional as F
 class Attention(nn.Module):
     """Multi-head attention. Keys and values come from `context` when given (cross attention)."""
 
-    def __init__(self, dim: int, heads: int, causal: bool = False):
+    def __init__(self, dim: int, heads: int, causal: bool = False, head_dim: int | None = None):
         super().__init__()
-        assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
+        if head_dim is None:  # usually nh * hd = D; a model may widen its heads instead
+            assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
+            head_dim = dim // heads
         self.heads, self.causal = heads, causal
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
+        self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * heads * head_dim, bias=False)
+        self.proj = nn.Linear(heads * head_dim, dim)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        return x.view(B, N, self.heads, D // self.heads).transpose(1, 2)  # (B, nh, N, hd)
+        B, N, inner = x.shape
+        return x.view(B, N, self.heads, inner // self.heads).transpose(1, 2)  # (B, nh, N, hd)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,7 +53,7 @@ class Attention(nn.Module):
         B, N, D = x.shape
         context = x if context is None else context
         q = self.split_heads(self.to_q(x))  # (B, nh, N, hd)
-        k, v = self.to_kv(context).chunk(2, dim=-1)  # 2 x (B, L, D)
+        k, v = self.to_kv(context).chunk(2, dim=-1)  # 2 x (B, L, nh * hd)
         k, v = self.split_heads(k), self.split_heads(v)  # (B, nh, L, hd)
         attn_mask = None
         if mask is not None:
@@ -63,7 +65,7 @@ class Attention(nn.Module):
         else:
             causal = self.causal
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # (B, nh, N, hd)
-        y = y.transpose(1, 2).reshape(B, N, D)  # re-join heads: (B, N, D)
+        y = y.transpose(1, 2).reshape(B, N, -1)  # re-join heads: (B, N, nh * hd)
         return self.proj(y)
 
 
@@ -82,12 +84,13 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """One pre-norm transformer block: self (or causal) attention, optional cross attention, MLP."""
 
-    def __init__(self, dim: int, heads: int, mlp: int, causal: bool = False, cross: bool = False):
+    def __init__(self, dim: int, heads: int, mlp: int, causal: bool = False, cross: bool = False,
+                 head_dim: int | None = None):
         super().__init__()
         self.ln_attn = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, causal=causal)
+        self.attn = Attention(dim, heads, causal, head_dim)
         self.ln_cross = nn.LayerNorm(dim) if cross else None
-        self.cross = Attention(dim, heads) if cross else None
+        self.cross = Attention(dim, heads, head_dim=head_dim) if cross else None
         self.ln_mlp = nn.LayerNorm(dim)
         self.mlp = FeedForward(dim, mlp)
 
@@ -104,9 +107,10 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of `depth` blocks and a final LayerNorm: (B, N, D) -> (B, N, D)."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp: int, causal: bool = False, cross: bool = False):
+    def __init__(self, dim: int, depth: int, heads: int, mlp: int, causal: bool = False, cross: bool = False,
+                 head_dim: int | None = None):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp, causal, cross) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp, causal, cross, head_dim) for _ in range(depth))
         self.ln_out = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,

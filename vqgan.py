@@ -18,8 +18,9 @@ Every temporal kernel pads on the past side only and every norm is per frame, so
 first k latent frames depend on the first 1 + 2(k - 1) frames alone: an image is a one-frame video,
 and long videos can be made a window at a time (tests/test_tokenizers.py checks this).
 
-Deviations: the seed's 3D-conv VQGAN stands in for the paper's C-ViViT by default (cvivit.py holds
-C-ViViT). The paper's perceptual losses use ImageNet VGG and Kinetics I3D weights, which we cannot
+Deviations: the 3D-conv VQGAN is the seed's tokenizer, kept beside the paper's C-ViViT (cvivit.py),
+which is the default and the one that ships. On the Shapes world this VQGAN reconstructs grey objects
+for its first ~2000 steps before colour arrives; C-ViViT gets colour within a few hundred. The paper's perceptual losses use ImageNet VGG and Kinetics I3D weights, which we cannot
 download at run time: `VGGPerceptual` is a hand-written VGG16 feature net that loads such weights
 from a local safetensors file when the user provides one, and is off otherwise. No I3D loss.
 """

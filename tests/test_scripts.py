@@ -10,7 +10,7 @@ import evaluate
 import sample
 import train
 from data import ShapesSource, write_video
-from test_train import TINY
+from test_train import TINY, TINY_GENERATOR
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +57,6 @@ def test_bad_checkpoint_is_a_one_line_error(tmp_path, capsys, make_bad):
 
 
 # ----------------------------------------------------------------------------- stage 2
-
-TINY_GENERATOR = ["--set", "model.dim=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.mlp=64",
-                  "--set", "model.text.dim=32", "--set", "model.text.depth=1", "--set", "model.text.heads=2",
-                  "--set", "model.text.mlp=64", "--set", "model.text.vocab_size=300", "--set", "model.codebook_size=32",
-                  "--set", "train.frames=3", "--set", "train.image_size=32", "--set", "train.batch_size=4",
-                  "--set", "train.cache_clips=8", "--set", "train.warmup=2", "--set", "train.log_every=1",
-                  "--set", "train.image_every=2", "--set", "train.save_every=2", "--set", "train.sample_steps=2"]
-
 
 @pytest.fixture(scope="module")
 def generator(tokenizer, tmp_path_factory):

@@ -13,10 +13,17 @@ from vqgan import VQGANConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a model and a run small enough for a test: 3-frame 32 x 32 clips, batches of 2
-TINY = ["--set", "model.widths=8,16,16", "--set", "model.codebook_size=32", "--set", "model.code_dim=4",
+TINY = ["--tokenizer", "vqgan", "--set", "model.widths=8,16,16", "--set", "model.codebook_size=32", "--set", "model.code_dim=4",
         "--set", "train.frames=3", "--set", "train.image_size=32", "--set", "train.batch_size=2",
         "--set", "train.warmup=2", "--set", "train.restart_every=2", "--set", "train.log_every=1",
         "--set", "train.image_every=100", "--set", "train.save_every=2"]
+# a generator to match: 2 latent frames of 4 x 4 codes, width 32
+TINY_GENERATOR = ["--set", "model.dim=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.mlp=64",
+                  "--set", "model.text.dim=32", "--set", "model.text.depth=1", "--set", "model.text.heads=2",
+                  "--set", "model.text.mlp=64", "--set", "model.text.vocab_size=300", "--set", "model.codebook_size=32",
+                  "--set", "train.frames=3", "--set", "train.image_size=32", "--set", "train.batch_size=4",
+                  "--set", "train.cache_clips=8", "--set", "train.warmup=2", "--set", "train.log_every=1",
+                  "--set", "train.image_every=2", "--set", "train.save_every=2", "--set", "train.sample_steps=2"]
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
@@ -87,3 +94,18 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "weights identical across 2 ranks: True" in result.stdout
     assert os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_two_process_torchrun_trains_the_generator_from_a_sharded_cache(tmp_path):
+    tok_out = str(tmp_path / "tok")
+    train.main(["--stage", "1", "--out", tok_out, "--max-steps", "1", *TINY])
+    out = str(tmp_path / "gen")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), "--stage", "2", "--tokenizer-checkpoint", os.path.join(tok_out, "model.safetensors"),
+           "--out", out, "--max-steps", "2", *TINY_GENERATOR, "--image-ratio", "0.5"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights identical across 2 ranks: True" in result.stdout
+    shards = sorted(os.listdir(os.path.join(out, "token_cache")))
+    assert shards == ["tokens-000-of-002.safetensors", "tokens-001-of-002.safetensors"]

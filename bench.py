@@ -1,0 +1,224 @@
+"""
+How fast is this Phenaki? Every hot path timed the same way, on whatever device runs it.
+
+    python bench.py                          # every configuration, on CUDA if present, else the CPU
+    python bench.py --only maskgit_train     # one configuration (repeat --only for more)
+    python bench.py --repeats 10 --json bench.json
+
+Each configuration runs in a fresh subprocess (so that peak memory belongs to it alone), warms up,
+then times `repeats` runs and reports the median:
+  ms            median wall time of one run (a training step includes backward and the AdamW update)
+  clips/s       clips (or images) per second;  tokens/s: latent codes per second
+  peak_mb       CUDA: max_memory_allocated; CPU: growth of the process's peak resident set
+  gflop         model FLOPs of one run, counted by torch.utils.flop_counter (matmuls, convolutions,
+                attention; forward and backward), not estimated by formula
+  mfu           model FLOPs per second / the peak FLOP/s of a large matmul measured in the same
+                process on the same device: fp32 on the CPU, bf16 under autocast on CUDA
+
+The configurations:
+  cvivit_train    C-ViViT dim 256, 2 + 2 layers, 8 heads of 32, K 1024, patch 8 (2 x 8 x 8 tubelets),
+                  64 x 64, a batch of 2 clips of 9 frames
+  vqgan_train     the tiny VQGAN preset, a batch of 8 clips of 11 frames at 64 x 64
+  maskgit_train   MaskGIT dim 256, depth 4, 8 heads of 64, K 1024, 320 positions (5 x 8 x 8), 16 text
+                  states of width 768, batch 2
+  maskgit_tiny    the tiny generator preset as train.py runs it: batch 32 over 6 x 8 x 8 codes
+  encode, decode  the tiny C-ViViT preset, a batch of 8 clips of 11 frames
+  sample          one 11-frame clip from text: 12 decoding steps with guidance, then decode
+  data            decoding real .mp4 files the bench writes itself into 11-frame 64 x 64 clips, on one core
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from cvivit import CViViT, CViViTConfig
+from maskgit import MaskGIT, MaskGITConfig
+from text_encoder import TextEncoderConfig
+from train import generator_preset, preset
+from vqgan import VQGAN
+
+# Legend: B batch, T frames, t h w latent grid, N codes, L text length.
+
+CONFIGS = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", "encode", "decode", "sample", "data")
+
+
+def matmul_peak(device: torch.device) -> float:
+    """FLOP/s of a large square matmul: the roof MFU is measured against."""
+    n = 4096 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timed(lambda: a @ b, device, repeats=10)
+    return 2 * n**3 / seconds
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of fn() over `repeats` runs, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def count_flops(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def train_step(model: torch.nn.Module, loss_fn, device: torch.device):
+    """One optimizer step as train.py takes it: forward under autocast on CUDA, backward, AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=device.type == "cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def tokenizer_step(model, video: torch.Tensor, device: torch.device):
+    def loss() -> torch.Tensor:
+        out = model(video)
+        return F.mse_loss(out.recon.float(), video) + out.vq_loss
+    return train_step(model, loss, device)
+
+
+def build(name: str, device: torch.device) -> tuple:
+    """-> (function to time, clips per run, codes per run, parameters)."""
+    torch.manual_seed(0)
+    if name == "cvivit_train":
+        model = CViViT(CViViTConfig(dim=256, spatial_depth=2, temporal_depth=2, heads=8, mlp=1024,
+                                    codebook_size=1024, code_dim=32)).to(device)
+        video = torch.rand(2, 3, 9, 64, 64, device=device) * 2 - 1
+        return tokenizer_step(model, video, device), 2, 2 * 5 * 64, model
+    if name == "vqgan_train":
+        model = VQGAN(preset("tiny", "vqgan")[0]).to(device)
+        video = torch.rand(8, 3, 11, 64, 64, device=device) * 2 - 1
+        return tokenizer_step(model, video, device), 8, 8 * 6 * 64, model
+    if name in ("maskgit_train", "maskgit_tiny"):
+        if name == "maskgit_train":  # text states come ready-made, as from a frozen text encoder
+            config = MaskGITConfig(codebook_size=1024, latent_frames=5, grid=8, dim=256, depth=4, heads=8, head_dim=64,
+                                   mlp=1024, text=TextEncoderConfig(dim=768))
+            B, L = 2, 16
+        else:
+            config, train_cfg = generator_preset("tiny")
+            B, L = train_cfg.batch_size, 12
+        model = MaskGIT(config).to(device)
+        codes = torch.randint(config.codebook_size, (B, config.latent_frames, config.grid, config.grid), device=device)
+        text = torch.randn(B, L, config.text.dim, device=device)
+        mask = torch.ones(B, L, dtype=torch.bool, device=device)
+
+        def loss() -> torch.Tensor:
+            tokens, masked = model.mask_positions(codes)
+            states = model.text_proj(text) if name == "maskgit_train" else model.encode_text(
+                torch.randint(2, 300, (B, L), device=device), mask)
+            logits = model(tokens, states, mask)
+            return F.cross_entropy(logits.flatten(0, 3)[masked.flatten()].float(), codes.flatten()[masked.flatten()])
+
+        return train_step(model, loss, device), B, codes.numel(), model
+    model = CViViT(preset("tiny", "cvivit")[0]).to(device).eval()
+    video = torch.rand(8, 3, 11, 64, 64, device=device) * 2 - 1
+    if name == "encode":
+        return lambda: model.encode(video), 8, 8 * 6 * 64, model
+    if name == "decode":
+        codes = model.encode(video)
+        return lambda: model.decode(codes), 8, codes.numel(), model
+    if name == "sample":
+        config, _ = generator_preset("tiny")
+        generator = MaskGIT(config).to(device).eval()
+        ids = torch.randint(2, 300, (1, 8), device=device)
+        mask = torch.ones(1, 8, dtype=torch.bool, device=device)
+        return lambda: model.decode(generator.generate(ids, mask, steps=12, cfg=3.0)), 1, 6 * 64, generator
+    raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
+
+
+def bench_data(repeats: int) -> dict:
+    """Decoded clips per second on one core, from .mp4 files written here first."""
+    from data import ShapesSource, VideoFolderSource, write_video
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as folder:
+        shapes = ShapesSource(frames=48, size=128)
+        with open(os.path.join(folder, "captions.csv"), "w") as f:
+            for k in range(8):
+                video, text = shapes.load(k)
+                write_video(os.path.join(folder, f"{k}.mp4"), video, fps=24)  # 2 s of 128 x 128 at 24 fps
+                f.write(f"{k}.mp4,{text}\n")
+        source = VideoFolderSource(folder, frames=11, size=64, fps=8.0)
+        k = iter(range(10**6))
+        seconds = timed(lambda: source.load(next(k)), torch.device("cpu"), repeats=max(repeats, 8))
+    return {"ms": seconds * 1e3, "clips/s": 1 / seconds, "tokens/s": 6 * 64 / seconds}
+
+
+def run_one(name: str, device: torch.device, repeats: int) -> dict:
+    """Measure one configuration in this process."""
+    if name == "data":
+        return bench_data(repeats)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn, clips, tokens, model = build(name, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    flops = count_flops(fn)
+    seconds = timed(fn, device, repeats)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024)  # ru_maxrss is in KiB
+    params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("text."))
+    peak_flops = matmul_peak(device)
+    return {"ms": seconds * 1e3, "clips/s": clips / seconds, "tokens/s": tokens / seconds, "peak_mb": peak,
+            "gflop": flops / 1e9, "mfu": flops / seconds / peak_flops, "params_m": params / 1e6,
+            "matmul_tflops": peak_flops / 1e12}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Benchmark phenaki's hot paths.")
+    p.add_argument("--only", action="append", choices=CONFIGS, help="run just these configurations")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (the median is reported)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one configuration, JSON on stdout
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.child:
+        print(json.dumps(run_one(args.only[0], device, args.repeats)))
+        return
+    results = {}
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'}")
+    for name in args.only or CONFIGS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--only", name, "--repeats", str(args.repeats),
+               "--device", args.device]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{name}: failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+            continue
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{name}: " + " ".join(f"{k} {v:.3g}" for k, v in results[name].items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
