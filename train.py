@@ -271,6 +271,37 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups_json: st
     opt.load_state_dict({"state": state, "param_groups": json.loads(groups_json)})
 
 
+def save_run(out: str, meta: dict[str, str], cfg: TrainConfig, modules: dict[str, nn.Module],
+             opts: dict[str, torch.optim.Optimizer]) -> None:
+    """model.safetensors: the weights to sample with (the EMA's when there is one);
+    train_state.safetensors: every module and optimizer, for --resume."""
+    weights = (modules.get("ema") or modules["model"]).state_dict()
+    save_checkpoint(os.path.join(out, "model.safetensors"), weights,
+                    meta | {"train_config": json.dumps(dataclasses.asdict(cfg))})
+    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    groups = {}
+    for name, opt in opts.items():
+        opt_tensors, groups[f"{name}_groups"] = optimizer_tensors(opt, name)
+        tensors |= opt_tensors
+    save_checkpoint(os.path.join(out, "train_state.safetensors"), tensors, meta | groups)
+
+
+def restore_run(tensors: dict, meta: dict[str, str], modules: dict[str, nn.Module],
+                opts: dict[str, torch.optim.Optimizer]) -> int:
+    """The inverse of save_run's train state -> the step to continue from."""
+    for name, m in modules.items():
+        m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+    for name, opt in opts.items():
+        restore_optimizer(opt, tensors, meta[f"{name}_groups"], name)
+    return int(meta["step"])
+
+
+def write_log(out: str, history: list[dict], record: dict) -> None:
+    history.append(record)
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for p in model.parameters():
@@ -367,15 +398,10 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
     os.makedirs(args.out, exist_ok=True)
     state_path, model_path = os.path.join(args.out, "train_state.safetensors"), os.path.join(args.out, "model.safetensors")
     step = 0
+    modules = {"model": model, "disc": disc} | ({"ema": ema} if ema is not None else {})
+    opts = {"opt": opt, "opt_d": opt_d}
     if args.resume and os.path.exists(state_path):
-        tensors, meta = load_checkpoint(state_path)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
-        if ema is not None:
-            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        restore_optimizer(opt, tensors, meta["opt_groups"], "opt")
-        restore_optimizer(opt_d, tensors, meta["opt_d_groups"], "opt_d")
-        step = int(meta["step"])
+        step = restore_run(*load_checkpoint(state_path), modules, opts)
         if master:
             print(f"resumed from {state_path} at step {step}")
     ddp = world > 1
@@ -391,18 +417,6 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
     watch = watch["video"].to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     history, bad_steps, t0, start_step = [], 0, time.time(), step
-
-    def save() -> None:
-        weights = (ema or model).state_dict()
-        meta = tokenizer_meta(args.tokenizer, model_cfg, step)
-        save_checkpoint(model_path, weights, meta | {"train_config": json.dumps(dataclasses.asdict(cfg))})
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors |= {f"disc.{k}": v for k, v in disc.state_dict().items()}
-        if ema is not None:
-            tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
-        opt_t, groups = optimizer_tensors(opt, "opt")
-        opt_d_t, groups_d = optimizer_tensors(opt_d, "opt_d")
-        save_checkpoint(state_path, tensors | opt_t | opt_d_t, meta | {"opt_groups": groups, "opt_d_groups": groups_d})
 
     while step < cfg.max_steps:
         torch.manual_seed(cfg.seed * 1_000_003 + rank * 10_007 + step)  # RNG state is a function of the step
@@ -461,11 +475,9 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
                 record["val_psnr"] = (-10 * torch.log10(((recon - watch) / 2).pow(2).mean())).item()
                 real_over_fake = torch.stack([watch[:4], recon[:4]], dim=1).flatten(0, 1)  # (8, 3, T, H, W)
                 save_plots(args.out, history + [record], ("rec", "vq", "val_psnr"), real_over_fake, "recon.png")
-            history.append(record)
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            write_log(args.out, history, record)
         if master and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            save()
+            save_run(args.out, tokenizer_meta(args.tokenizer, model_cfg, step), cfg, modules, opts)
     finish(model, world, master, f"done: {step} steps in {time.time() - t0:.0f} s; weights in {model_path}")
 
 
@@ -545,12 +557,9 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
                             fused=device.type == "cuda")
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
     step = 0
+    modules, opts = {"model": model} | ({"ema": ema} if ema is not None else {}), {"opt": opt}
     if resume:
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        if ema is not None:
-            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        restore_optimizer(opt, tensors, meta["opt_groups"], "opt")
-        step = int(meta["step"])
+        step = restore_run(tensors, meta, modules, opts)
         if master:
             print(f"resumed from {state_path} at step {step}")
     if master:
@@ -561,15 +570,6 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
     specs = watch_specs(8, cfg.seed)
     history, bad_steps, t0, start_step = [], 0, time.time(), step
     t = model_cfg.latent_frames
-
-    def save() -> None:
-        meta = generator_meta(model_cfg, step, text, digest)
-        save_checkpoint(model_path, (ema or model).state_dict(), meta | {"train_config": json.dumps(dataclasses.asdict(cfg))})
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        if ema is not None:
-            tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
-        opt_t, groups = optimizer_tensors(opt, "opt")
-        save_checkpoint(state_path, tensors | opt_t, meta | {"opt_groups": groups})
 
     while step < cfg.max_steps:
         seed = cfg.seed * 1_000_003 + rank * 10_007 + step  # RNG state and batch are functions of the step
@@ -612,11 +612,9 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
                 model.train()
                 record |= {f"val_{k}": v for k, v in verdicts.items()}
                 save_plots(args.out, history + [record], ("loss",), videos, "samples.png")
-            history.append(record)
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            write_log(args.out, history, record)
         if master and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            save()
+            save_run(args.out, generator_meta(model_cfg, step, text, digest), cfg, modules, opts)
     finish(model, world, master, f"done: {step} steps in {time.time() - t0:.0f} s; weights in {model_path}")
 
 
