@@ -4,6 +4,7 @@ How fast is this Phenaki? Every hot path timed the same way, on whatever device 
     python bench.py                          # every configuration, on CUDA if present, else the CPU
     python bench.py --only maskgit_train     # one configuration (repeat --only for more)
     python bench.py --repeats 10 --json bench.json
+    python bench.py --peer                   # also time phenaki-pytorch 0.5.0 on the same work
 
 Each configuration runs in a fresh subprocess (so that peak memory belongs to it alone), warms up,
 then times `repeats` runs and reports the median:
@@ -14,6 +15,15 @@ then times `repeats` runs and reports the median:
                 attention; forward and backward), not estimated by formula
   mfu           model FLOPs per second / the peak FLOP/s of a large matmul measured in the same
                 process on the same device: fp32 on the CPU, bf16 under autocast on CUDA
+
+With --peer, cvivit_train and maskgit_train also run through the earlier open implementation, the pip
+package phenaki-pytorch==0.5.0, when it is installed (it is not a dependency of ours):
+    pip install --no-deps phenaki-pytorch==0.5.0 einops beartype ema-pytorch vector-quantize-pytorch \
+        einx loguru torch-einops-utils
+Its modules import torchvision, transformers and accelerate at the top and fetch T5 and VGG weights
+when asked; the bench stubs those modules (nothing of them is used) and builds the peer's models
+without VGG and GAN, so it never touches the network. The bench prints both sides' parameter counts
+and FLOPs beside the times, so that "the same work" can be checked, and peer ms / our ms.
 
 The configurations:
   cvivit_train    C-ViViT dim 256, 2 + 2 layers, 8 heads of 32, K 1024, patch 8 (2 x 8 x 8 tubelets),
@@ -29,6 +39,7 @@ The configurations:
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -50,6 +61,7 @@ from vqgan import VQGAN
 # Legend: B batch, T frames, t h w latent grid, N codes, L text length.
 
 CONFIGS = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", "encode", "decode", "sample", "data")
+PEER_CONFIGS = ("cvivit_train", "maskgit_train")
 
 
 def matmul_peak(device: torch.device) -> float:
@@ -134,7 +146,7 @@ def build(name: str, device: torch.device) -> tuple:
 
         def loss() -> torch.Tensor:
             tokens, masked = model.mask_positions(codes)
-            states = model.text_proj(text) if name == "maskgit_train" else model.encode_text(
+            states = text if name == "maskgit_train" else model.encode_text(
                 torch.randint(2, 300, (B, L), device=device), mask)
             logits = model(tokens, states, mask)
             return F.cross_entropy(logits.flatten(0, 3)[masked.flatten()].float(), codes.flatten()[masked.flatten()])
@@ -156,6 +168,65 @@ def build(name: str, device: torch.device) -> tuple:
     raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
 
 
+def import_peer():
+    """-> phenaki-pytorch's (cvivit module, phenaki module), with its unused heavy imports stubbed."""
+    import importlib.machinery
+    import types
+
+    class Anything(type):  # a class whose every attribute and call is another harmless class
+        def __getattr__(cls, name):
+            return Anything(name, (), {})
+
+        def __call__(cls, *args, **kwargs):
+            return cls
+
+    class Stub(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return Anything(name, (), {})
+
+    for name in ("torchvision", "torchvision.transforms", "torchvision.models", "torchvision.utils",
+                 "torchvision.datasets", "transformers", "accelerate", "torchtyping", "cv2", "sentencepiece"):
+        if name not in sys.modules:
+            module = Stub(name)
+            module.__path__, module.__spec__ = [], importlib.machinery.ModuleSpec(name, None)
+            sys.modules[name] = module
+    import phenaki_pytorch.cvivit as peer_cvivit
+    import phenaki_pytorch.phenaki_pytorch as peer_phenaki
+    return peer_cvivit, peer_phenaki
+
+
+def build_peer(name: str, device: torch.device) -> tuple:
+    """The peer's models on the same work as build(name): -> (function to time, clips, codes, model)."""
+    peer_cvivit, peer_phenaki = import_peer()
+    torch.manual_seed(0)
+    if name == "cvivit_train":
+        model = peer_cvivit.CViViT(dim=256, codebook_size=1024, image_size=64, patch_size=8, temporal_patch_size=2,
+                                   spatial_depth=2, temporal_depth=2, heads=8, dim_head=32, use_vgg_and_gan=False,
+                                   lookup_free_quantization=False).to(device)
+        video = torch.rand(2, 3, 9, 64, 64, device=device) * 2 - 1
+        return train_step(model, lambda: model(video), device), 2, 2 * 5 * 64, model
+    if name == "maskgit_train":
+        model = peer_phenaki.MaskGit(dim=256, num_tokens=1024, max_seq_len=320, depth=4, heads=8, dim_head=64,
+                                     dim_context=768).to(device)
+        B, shape = 2, (5, 8, 8)
+        codes = torch.randint(1024, (B, *shape), device=device).flatten(1)  # (B, N)
+        text = torch.randn(B, 16, 768, device=device)
+
+        def loss() -> torch.Tensor:  # the masking and loss of the peer's Phenaki.forward
+            step = torch.randint(0, 18, (B,), device=device)
+            everything = torch.ones_like(codes, dtype=torch.bool)
+            masked = peer_phenaki.get_mask_subset_with_prob(everything, torch.cos(step * math.pi * 0.5 / 18))
+            tokens = torch.where(masked, model.mask_id, codes).view(B, *shape)
+            logits = model(tokens, video_mask=everything, cond_drop_prob=0.1, text_mask=everything[:, :16],
+                           context=text)
+            return F.cross_entropy(logits[masked], codes[masked])
+
+        return train_step(model, loss, device), B, codes.numel(), model
+    raise ValueError(f"the peer runs only {', '.join(PEER_CONFIGS)}")
+
+
 def bench_data(repeats: int) -> dict:
     """Decoded clips per second on one core, from .mp4 files written here first."""
     from data import ShapesSource, VideoFolderSource, write_video
@@ -173,12 +244,12 @@ def bench_data(repeats: int) -> dict:
     return {"ms": seconds * 1e3, "clips/s": 1 / seconds, "tokens/s": 6 * 64 / seconds}
 
 
-def run_one(name: str, device: torch.device, repeats: int) -> dict:
-    """Measure one configuration in this process."""
+def run_one(name: str, device: torch.device, repeats: int, peer: bool = False) -> dict:
+    """Measure one configuration in this process (through the peer's models if `peer`)."""
     if name == "data":
         return bench_data(repeats)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn, clips, tokens, model = build(name, device)
+    fn, clips, tokens, model = (build_peer if peer else build)(name, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     flops = count_flops(fn)
@@ -192,29 +263,57 @@ def run_one(name: str, device: torch.device, repeats: int) -> dict:
             "matmul_tflops": peak_flops / 1e12}
 
 
+def run_child(name: str, args, peer: bool = False) -> dict | str:
+    """One configuration in a fresh process: -> its results, or the reason it failed."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--only", name, "--repeats", str(args.repeats),
+           "--device", args.device] + (["--peer-side"] if peer else [])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        return lines[-1] if lines else f"exit status {done.returncode}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def show(name: str, result: dict) -> None:
+    print(f"{name}: " + " ".join(f"{k} {v:.3g}" for k, v in result.items()), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Benchmark phenaki's hot paths.")
     p.add_argument("--only", action="append", choices=CONFIGS, help="run just these configurations")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (the median is reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--peer", action="store_true", help="also run phenaki-pytorch 0.5.0 where it has the configuration")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one configuration, JSON on stdout
+    p.add_argument("--peer-side", action="store_true", help=argparse.SUPPRESS)  # the child times the peer
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.child:
-        print(json.dumps(run_one(args.only[0], device, args.repeats)))
+        print(json.dumps(run_one(args.only[0], device, args.repeats, args.peer_side)))
         return
     results = {}
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'}")
     for name in args.only or CONFIGS:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--only", name, "--repeats", str(args.repeats),
-               "--device", args.device]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{name}: failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        ours = run_child(name, args)
+        if isinstance(ours, str):
+            print(f"{name}: failed: {ours}")
             continue
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name}: " + " ".join(f"{k} {v:.3g}" for k, v in results[name].items()), flush=True)
+        results[name] = ours
+        show(name, ours)
+        if not (args.peer and name in PEER_CONFIGS):
+            continue
+        peer = run_child(name, args, peer=True)
+        if isinstance(peer, str):
+            if "phenaki_pytorch" in peer:
+                peer = "phenaki-pytorch is not installed (see the top of bench.py for the pip line)"
+            print(f"{name} [peer]: failed: {peer}")
+            continue
+        results[name + "_peer"] = peer
+        show(name + " [peer]", peer)
+        print(f"{name}: ours is {peer['ms'] / ours['ms']:.2f}x faster than the peer; peak memory ours/peer "
+              f"{ours['peak_mb'] / max(peer['peak_mb'], 1e-9):.2f}; parameters ours/peer "
+              f"{ours['params_m'] / peer['params_m']:.3f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "results": results}, f, indent=2)

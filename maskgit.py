@@ -85,13 +85,14 @@ class MaskGIT(nn.Module):
         self.pos_h = nn.Parameter(torch.randn(config.grid, D) * 0.02)
         self.pos_w = nn.Parameter(torch.randn(config.grid, D) * 0.02)
         self.text = TextEncoder(config.text)
-        self.text_proj = nn.Linear(config.text.dim, D)  # text width -> generator width
-        self.transformer = Transformer(D, config.depth, config.heads, config.mlp, cross=True, head_dim=config.head_dim)
+        # cross attention reads the text states at their own width, as Phenaki reads T5's
+        self.transformer = Transformer(D, config.depth, config.heads, config.mlp, cross=True, head_dim=config.head_dim,
+                                       context_dim=config.text.dim)
         self.head = nn.Linear(D, K)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """ids, mask (B, L) -> states (B, L, D) in the generator's width."""
-        return self.text_proj(self.text(ids, mask))
+        """ids, mask (B, L) -> text states (B, L, Dt)."""
+        return self.text(ids, mask)
 
     def forward(self, tokens: torch.Tensor, states: torch.Tensor, text_mask: torch.Tensor,
                 frames: torch.Tensor | None = None) -> torch.Tensor:

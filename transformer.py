@@ -8,7 +8,8 @@ cross-attend to the text states (Phenaki §2.2). So there is one `Attention` wit
 
     self attention    x (B, N, D) attends to itself
     causal attention  position i attends to positions <= i only (time in C-ViViT)
-    cross attention   x (B, N, D) attends to a context (B, L, D) with a padding mask (B, L), True = real
+    cross attention   x (B, N, D) attends to a context (B, L, Dc) with a padding mask (B, L), True = real;
+                      the context keeps its own width Dc (the text encoder's), projected to keys and values
 
 Self attention takes a padding mask (B, N) too: the text encoder pads captions to one length, and the
 generator pads an image (one latent frame) to the length of a video when both share a batch.
@@ -27,20 +28,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Legend: B batch, N query tokens, L context tokens, D width, nh heads, hd head dim.
+# Legend: B batch, N query tokens, L context tokens, D width, Dc context width, nh heads, hd head dim.
 
 
 class Attention(nn.Module):
     """Multi-head attention. Keys and values come from `context` when given (cross attention)."""
 
-    def __init__(self, dim: int, heads: int, causal: bool = False, head_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, causal: bool = False, head_dim: int | None = None,
+                 context_dim: int | None = None):
         super().__init__()
         if head_dim is None:  # usually nh * hd = D; a model may widen its heads instead
             assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
             head_dim = dim // heads
         self.heads, self.causal = heads, causal
         self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * heads * head_dim, bias=False)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * heads * head_dim, bias=False)
         self.proj = nn.Linear(heads * head_dim, dim)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +51,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, D); context (B, L, D) or None for self attention; mask (B, L) bool, True = attend."""
+        """x (B, N, D); context (B, L, Dc) or None for self attention; mask (B, L) bool, True = attend."""
         B, N, D = x.shape
         context = x if context is None else context
         q = self.split_heads(self.to_q(x))  # (B, nh, N, hd)
@@ -85,19 +87,19 @@ class Block(nn.Module):
     """One pre-norm transformer block: self (or causal) attention, optional cross attention, MLP."""
 
     def __init__(self, dim: int, heads: int, mlp: int, causal: bool = False, cross: bool = False,
-                 head_dim: int | None = None):
+                 head_dim: int | None = None, context_dim: int | None = None):
         super().__init__()
         self.ln_attn = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, causal, head_dim)
         self.ln_cross = nn.LayerNorm(dim) if cross else None
-        self.cross = Attention(dim, heads, head_dim=head_dim) if cross else None
+        self.cross = Attention(dim, heads, head_dim=head_dim, context_dim=context_dim) if cross else None
         self.ln_mlp = nn.LayerNorm(dim)
         self.mlp = FeedForward(dim, mlp)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, D) -> (B, N, D); mask (B, N) marks the real tokens of x (None: all are);
-        context (B, L, D) and context_mask (B, L) for cross attention."""
+        context (B, L, Dc) and context_mask (B, L) for cross attention."""
         x = x + self.attn(self.ln_attn(x), mask=mask)
         if self.cross is not None:
             x = x + self.cross(self.ln_cross(x), context, context_mask)
@@ -108,9 +110,9 @@ class Transformer(nn.Module):
     """A stack of `depth` blocks and a final LayerNorm: (B, N, D) -> (B, N, D)."""
 
     def __init__(self, dim: int, depth: int, heads: int, mlp: int, causal: bool = False, cross: bool = False,
-                 head_dim: int | None = None):
+                 head_dim: int | None = None, context_dim: int | None = None):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp, causal, cross, head_dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp, causal, cross, head_dim, context_dim) for _ in range(depth))
         self.ln_out = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,

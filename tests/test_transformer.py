@@ -35,10 +35,12 @@ def test_self_attention_matches_naive_softmax(causal, masked):
     torch.testing.assert_close(attn(x, mask=mask), naive_attention(attn, x, mask=mask), atol=1e-5, rtol=1e-5)
 
 
-def test_cross_attention_with_padding_matches_naive_softmax():
+@pytest.mark.parametrize("context_dim", [None, 48])
+def test_cross_attention_with_padding_matches_naive_softmax(context_dim):
+    """Also when the context keeps its own width (text states wider or narrower than the generator)."""
     torch.manual_seed(0)
-    attn = Attention(32, 4)
-    x, context = torch.randn(2, 5, 32), torch.randn(2, 6, 32)
+    attn = Attention(32, 4, context_dim=context_dim)
+    x, context = torch.randn(2, 5, 32), torch.randn(2, 6, context_dim or 32)
     mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
     torch.testing.assert_close(attn(x, context, mask), naive_attention(attn, x, context, mask), atol=1e-5, rtol=1e-5)
 
