@@ -10,6 +10,9 @@ Stage 1 (a tokenizer checkpoint) reports, on clips it never trained on:
   ssim        structural similarity (Wang et al. 2004): 11 x 11 Gaussian window, sigma 1.5, per frame and
               channel, averaged
   codebook_use  the share of the K codes that occur at least once in the held-out codes
+  distinct_codes  how many different codes the book still has: K, or fewer once near-copies have been
+                folded together at the end of training (VectorQuantizer.merge_near_duplicates)
+  distinct_use  the share of those distinct codes that occur
   perplexity    exp of the entropy of the code histogram: the number of codes in effective use
 On the Shapes world the held-out clips come from a seed no training run uses (EVAL_SEED). For real
 data pass a held-out folder with --data.
@@ -81,11 +84,12 @@ def evaluate_tokenizer(model, data: str, clips: int, frames: int, size: int, bat
         psnrs.append(psnr(recon, video))
         ssims.append(ssim(recon, video))
         counts += torch.bincount(codes.flatten(), minlength=K).float()
+    owners = model.quantizer.alias.unique()
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return {"psnr": torch.cat(psnrs)[:clips].mean().item(), "ssim": torch.cat(ssims)[:clips].mean().item(),
             "codebook_use": (counts > 0).float().mean().item(), "perplexity": entropy.exp().item(),
-            "clips": clips}
+            "distinct_codes": len(owners), "distinct_use": (counts[owners] > 0).float().mean().item(), "clips": clips}
 
 
 @torch.no_grad()

@@ -85,6 +85,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     ema: float = 0.0  # EMA decay of the weights saved for sampling; 0 turns EMA off
     restart_every: int = 50  # steps between dead-code restarts
+    merge_codes: float = 0.0  # at the end, fold codes within this cosine of a more used one; 0: keep all
     gan_weight: float = 0.1  # weight of the adversarial loss once it is on
     gan_start: int = 1_000_000  # step at which the discriminator switches on
     perceptual_weight: float = 0.1  # weight of the VGG loss, when --perceptual-weights is given
@@ -106,10 +107,11 @@ def preset(name: str, tokenizer: str) -> tuple[object, TrainConfig]:
     if name == "tiny":
         model = (VQGANConfig(widths=(32, 64, 128), codebook_size=1024, code_dim=16) if tokenizer == "vqgan" else
                  CViViTConfig(dim=128, spatial_depth=2, temporal_depth=2, heads=4, mlp=512, codebook_size=1024, code_dim=16))
-        # the VQGAN is stable at 3e-4 but not at 1e-3 (its reconstructions fall back to grey)
+        # the VQGAN is stable at 3e-4 but not at 1e-3 (its reconstructions fall back to grey). At the
+        # end, near-copies of a code are folded into it: about 850 of the VQGAN's 1024 codes are black
         if tokenizer == "cvivit":
-            return model, TrainConfig(max_steps=8000, lr=1e-3, min_lr=1e-4, save_every=250)
-        return model, TrainConfig(max_steps=8000, lr=3e-4, min_lr=3e-5, save_every=250)
+            return model, TrainConfig(max_steps=8000, lr=1e-3, min_lr=1e-4, save_every=250, merge_codes=0.95)
+        return model, TrainConfig(max_steps=8000, lr=3e-4, min_lr=3e-5, save_every=250, merge_codes=0.95)
     if name == "base":
         model = (VQGANConfig(widths=(64, 128, 256), res_blocks=2, codebook_size=4096, code_dim=32) if tokenizer == "vqgan" else
                  CViViTConfig(dim=256, spatial_depth=4, temporal_depth=4, heads=8, mlp=1024, codebook_size=4096, code_dim=32))
@@ -478,6 +480,25 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
         if master and (step % cfg.save_every == 0 or step == cfg.max_steps):
             save_run(args.out, tokenizer_meta(args.tokenizer, model_cfg, step), cfg, modules, opts)
     finish(model, world, master, f"done: {step} steps in {time.time() - t0:.0f} s; weights in {model_path}")
+    if master and cfg.merge_codes:  # model.safetensors only: train_state keeps the raw book for --resume
+        sampled = ema if ema is not None else model
+        left = merge_codes(sampled, source, cfg, device)
+        save_checkpoint(model_path, sampled.state_dict(), tokenizer_meta(args.tokenizer, model_cfg, step) | {
+            "train_config": json.dumps(dataclasses.asdict(cfg)), "codes_left": str(left)})
+        print(f"merged near-duplicate codes (cosine >= {cfg.merge_codes}): {left} of {model_cfg.codebook_size} left")
+
+
+def merge_codes(model: nn.Module, source, cfg: TrainConfig, device: torch.device, clips: int = 512) -> int:
+    """Count the codes that `clips` training clips use, then fold near-duplicates into the most used
+    code of each group (VectorQuantizer.merge_near_duplicates). -> the number of codes left."""
+    usage = torch.zeros_like(model.quantizer.counts)
+    stream = ClipStream(source, cfg.batch_size)
+    model.eval()
+    with torch.no_grad():
+        for b in range(math.ceil(clips / cfg.batch_size)):
+            codes = model.encode(stream.batch(b)["video"].to(device))  # (B, t, h, w)
+            usage += torch.bincount(codes.flatten(), minlength=usage.numel())
+    return model.quantizer.merge_near_duplicates(usage, cfg.merge_codes)
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -615,6 +636,25 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
         if master and (step % cfg.save_every == 0 or step == cfg.max_steps):
             save_run(args.out, generator_meta(model_cfg, step, text, digest), cfg, modules, opts)
     finish(model, world, master, f"done: {step} steps in {time.time() - t0:.0f} s; weights in {model_path}")
+    if master and cfg.merge_codes:  # model.safetensors only: train_state keeps the raw book for --resume
+        sampled = ema if ema is not None else model
+        left = merge_codes(sampled, source, cfg, device)
+        save_checkpoint(model_path, sampled.state_dict(), tokenizer_meta(args.tokenizer, model_cfg, step) | {
+            "train_config": json.dumps(dataclasses.asdict(cfg)), "codes_left": str(left)})
+        print(f"merged near-duplicate codes (cosine >= {cfg.merge_codes}): {left} of {model_cfg.codebook_size} left")
+
+
+def merge_codes(model: nn.Module, source, cfg: TrainConfig, device: torch.device, clips: int = 512) -> int:
+    """Count the codes that `clips` training clips use, then fold near-duplicates into the most used
+    code of each group (VectorQuantizer.merge_near_duplicates). -> the number of codes left."""
+    usage = torch.zeros_like(model.quantizer.counts)
+    stream = ClipStream(source, cfg.batch_size)
+    model.eval()
+    with torch.no_grad():
+        for b in range(math.ceil(clips / cfg.batch_size)):
+            codes = model.encode(stream.batch(b)["video"].to(device))  # (B, t, h, w)
+            usage += torch.bincount(codes.flatten(), minlength=usage.numel())
+    return model.quantizer.merge_near_duplicates(usage, cfg.merge_codes)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -8,6 +8,8 @@ ViT-VQGAN and Phenaki, lookup happens in a low-dimensional factorised space: pro
 or 32), l2-normalise both sides, pick the nearest code by cosine, project back c -> D. The gradient
 skips the non-differentiable lookup (straight-through). Two fixes keep the codebook alive: k-means
 initialisation from the first batch, and restarting codes nobody used from recent encoder outputs.
+Restarts leave a finished book full of near-copies of its commonest content (on the Shapes world,
+black); `merge_near_duplicates` folds each group into one code, so that stage 2 sees one word per thing.
 
 The VQGAN compresses a video (B, 3, T, H, W), T = 1 + 2n, to codes (B, 1 + n, H/8, W/8):
   prepend a learned frame -> (B, 3, 2 + 2n, H, W)   so that the first real frame is encoded alone
@@ -68,11 +70,16 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("counts", torch.zeros(codebook_size))  # uses since the last restart
         self.register_buffer("pool", torch.zeros(pool_size, code_dim))  # recent encoder outputs
         self.register_buffer("pool_filled", torch.tensor(0))
+        self.register_buffer("alias", torch.arange(codebook_size))  # the code each index stands for (see merge)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "alias", torch.arange(self.codebook.shape[0]))  # files from before merging
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest code for each unit vector z (N, c) -> (N,). Distances in fp32 even under autocast."""
         codebook = F.normalize(self.codebook.float(), dim=-1)  # (K, c)
-        return (z @ codebook.t()).argmax(dim=-1)  # max cosine = min l2 distance between unit vectors
+        return self.alias[(z @ codebook.t()).argmax(dim=-1)]  # max cosine = min l2 distance between unit vectors
 
     def forward(self, x: torch.Tensor) -> Quantized:
         """x (..., D), e.g. a latent grid (B, t, h, w, D) -> Quantized(z (..., D), codes (...), loss)."""
@@ -124,6 +131,25 @@ class VectorQuantizer(nn.Module):
         self.initialised.fill_(True)
 
     @torch.no_grad()
+    def merge_near_duplicates(self, usage: torch.Tensor, threshold: float) -> int:
+        """Fold every code within cosine `threshold` of a more used code into that code; -> codes left.
+
+        Dead-code restarts refill the book from recent encoder outputs, and most of those are
+        background: on the Shapes world about 850 of the tiny VQGAN's 1024 codes end up as near-copies
+        of black (cosine 0.995 to each other). They decode alike, but to the generator they are
+        different words for one thing, and it would spend its capacity guessing between them. After
+        the merge a folded code keeps its index, takes its owner's vector (so it still decodes the
+        same) and `lookup` returns the owner in its place. usage (K,) decides who owns a group."""
+        unit = F.normalize(self.codebook.float(), dim=-1)  # (K, c)
+        owner = torch.full_like(self.alias, -1)
+        for k in usage.argsort(descending=True).tolist():  # the most used code of a group owns it
+            if owner[k] < 0:
+                owner[((unit @ unit[k] >= threshold) & (owner < 0)).nonzero().squeeze(1)] = k
+        self.codebook.data.copy_(self.codebook.data[owner])
+        self.alias.copy_(owner)
+        return int(owner.unique().numel())
+
+    @torch.no_grad()
     def restart_dead_codes(self, min_uses: float = 1.0) -> int:
         """Move codes used fewer than `min_uses` times since the last call onto recent encoder
         outputs. All ranks agree: counts are summed, rank 0 draws, the codebook is broadcast.
@@ -135,6 +161,7 @@ class VectorQuantizer(nn.Module):
         if len(dead) and filled:
             src = self.pool[torch.randint(filled, (len(dead),), device=dead.device)]
             self.codebook.data[dead] = F.normalize(src + 0.01 * torch.randn_like(src), dim=-1)
+            self.alias[dead] = dead  # a restarted code stands for itself again
             if distributed():
                 dist.broadcast(self.codebook.data, src=0)
         self.counts.zero_()

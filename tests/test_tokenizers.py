@@ -120,6 +120,24 @@ def test_dead_codes_restart_from_recent_encoder_outputs():
     assert vq.counts.sum() == 0
 
 
+def test_merging_folds_near_copies_into_the_most_used_code():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(dim=8, codebook_size=6, code_dim=4, beta=0.25).eval()
+    e = torch.eye(4)
+    with torch.no_grad():  # codes 0, 2, 4 are near-copies of e0; 1 and 3 of e1; 5 is e2 alone
+        vq.codebook.copy_(torch.stack([e[0], e[1], e[0], e[1], e[0], e[2]]) + 0.05 * torch.randn(6, 4))
+    left = vq.merge_near_duplicates(torch.tensor([1.0, 5, 9, 0, 2, 3]), threshold=0.95)
+    assert left == 3
+    assert vq.alias.tolist() == [2, 1, 2, 1, 2, 5]  # each group is owned by its most used code
+    assert vq.lookup(e[:3]).tolist() == [2, 1, 5]  # the encoder only ever emits owners
+    torch.testing.assert_close(vq.code_vectors(torch.tensor([0, 4])), vq.code_vectors(torch.tensor([2, 2])))
+    # a file saved before merging existed loads with every code standing for itself
+    old = {k: v for k, v in vq.state_dict().items() if k != "alias"}
+    fresh = VectorQuantizer(dim=8, codebook_size=6, code_dim=4, beta=0.25)
+    fresh.load_state_dict(old)
+    assert fresh.alias.tolist() == list(range(6))
+
+
 @pytest.mark.parametrize("kind,lr,steps", [("vqgan", 1e-3, 300), ("cvivit", 3e-3, 500)])
 def test_tiny_tokenizer_overfits_one_batch(kind, lr, steps):
     """Measured: about 27 dB (vqgan) and 25.5 dB (cvivit) after these steps; an untrained model gives 5."""

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--tokenizer", "vqgan", "--set", "model.widths=8,16,16", "--set", "model.codebook_size=32", "--set", "model.code_dim=4",
         "--set", "train.frames=3", "--set", "train.image_size=32", "--set", "train.batch_size=2",
         "--set", "train.warmup=2", "--set", "train.restart_every=2", "--set", "train.log_every=1",
-        "--set", "train.image_every=100", "--set", "train.save_every=2"]
+        "--set", "train.image_every=100", "--set", "train.save_every=2", "--set", "train.merge_codes=0"]
 # a generator to match: 2 latent frames of 4 x 4 codes, width 32
 TINY_GENERATOR = ["--set", "model.dim=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.mlp=64",
                   "--set", "model.text.dim=32", "--set", "model.text.depth=1", "--set", "model.text.heads=2",
@@ -73,6 +73,17 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         assert torch.equal(a[key], b[key]), key
     steps = [json.loads(line)["step"] for line in open(os.path.join(parts, "log.jsonl"))]
     assert steps == [1, 2, 3, 4]
+
+
+def test_finished_run_folds_near_duplicate_codes_in_the_sampling_weights_only(tmp_path):
+    out = str(tmp_path / "merge")
+    train.main(["--stage", "1", "--out", out, "--max-steps", "2", *TINY, "--set", "train.merge_codes=0.5"])
+    model, meta = train.load_tokenizer(os.path.join(out, "model.safetensors"))
+    owners = model.quantizer.alias.unique()
+    assert int(meta["codes_left"]) == len(owners) < 32  # 32 codes in 4 dimensions: many lie within 60 degrees
+    assert (model.quantizer.alias[owners] == owners).all()  # an owner stands for itself
+    state = load_file(os.path.join(out, "train_state.safetensors"))
+    assert torch.equal(state["model.quantizer.alias"], torch.arange(32))  # --resume continues from the raw book
 
 
 def test_gan_phase_trains_both_networks(tmp_path):
