@@ -33,6 +33,8 @@ The configurations:
                   states of width 768, batch 2
   maskgit_tiny    the tiny generator preset as train.py runs it: batch 32 over 6 x 8 x 8 codes
   encode, decode  the tiny C-ViViT preset, a batch of 8 clips of 11 frames
+  stream_short    the tiny VQGAN streams one clip of 6 latent frames (11 frames) out of its decoder
+  stream_long     the same for 60 latent frames (119 frames): 10x the length, cost linear in it
   sample          one 11-frame clip from text: 12 decoding steps with guidance, then decode
   data            decoding real .mp4 files the bench writes itself into 11-frame 64 x 64 clips, on one core
 """
@@ -60,7 +62,8 @@ from vqgan import VQGAN
 
 # Legend: B batch, T frames, t h w latent grid, N codes, L text length.
 
-CONFIGS = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", "encode", "decode", "sample", "data")
+CONFIGS = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", "encode", "decode", "stream_short",
+           "stream_long", "sample", "data")
 PEER_CONFIGS = ("cvivit_train", "maskgit_train")
 
 
@@ -152,6 +155,10 @@ def build(name: str, device: torch.device) -> tuple:
             return F.cross_entropy(logits.flatten(0, 3)[masked.flatten()].float(), codes.flatten()[masked.flatten()])
 
         return train_step(model, loss, device), B, codes.numel(), model
+    if name in ("stream_short", "stream_long"):
+        model = VQGAN(preset("tiny", "vqgan")[0]).to(device).eval()
+        codes = torch.randint(1024, (1, 6 if name == "stream_short" else 60, 8, 8), device=device)
+        return lambda: list(model.decode_stream(codes)), 1, codes.numel(), model
     model = CViViT(preset("tiny", "cvivit")[0]).to(device).eval()
     video = torch.rand(8, 3, 11, 64, 64, device=device) * 2 - 1
     if name == "encode":
@@ -314,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: ours is {peer['ms'] / ours['ms']:.2f}x faster than the peer; peak memory ours/peer "
               f"{ours['peak_mb'] / max(peer['peak_mb'], 1e-9):.2f}; parameters ours/peer "
               f"{ours['params_m'] / peer['params_m']:.3f}", flush=True)
+    if "stream_short" in results and "stream_long" in results:
+        ratio = results["stream_long"]["ms"] / results["stream_short"]["ms"]
+        print(f"streamed decoding: 10x the length costs {ratio:.1f}x the time")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "results": results}, f, indent=2)

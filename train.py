@@ -636,25 +636,6 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
         if master and (step % cfg.save_every == 0 or step == cfg.max_steps):
             save_run(args.out, generator_meta(model_cfg, step, text, digest), cfg, modules, opts)
     finish(model, world, master, f"done: {step} steps in {time.time() - t0:.0f} s; weights in {model_path}")
-    if master and cfg.merge_codes:  # model.safetensors only: train_state keeps the raw book for --resume
-        sampled = ema if ema is not None else model
-        left = merge_codes(sampled, source, cfg, device)
-        save_checkpoint(model_path, sampled.state_dict(), tokenizer_meta(args.tokenizer, model_cfg, step) | {
-            "train_config": json.dumps(dataclasses.asdict(cfg)), "codes_left": str(left)})
-        print(f"merged near-duplicate codes (cosine >= {cfg.merge_codes}): {left} of {model_cfg.codebook_size} left")
-
-
-def merge_codes(model: nn.Module, source, cfg: TrainConfig, device: torch.device, clips: int = 512) -> int:
-    """Count the codes that `clips` training clips use, then fold near-duplicates into the most used
-    code of each group (VectorQuantizer.merge_near_duplicates). -> the number of codes left."""
-    usage = torch.zeros_like(model.quantizer.counts)
-    stream = ClipStream(source, cfg.batch_size)
-    model.eval()
-    with torch.no_grad():
-        for b in range(math.ceil(clips / cfg.batch_size)):
-            codes = model.encode(stream.batch(b)["video"].to(device))  # (B, t, h, w)
-            usage += torch.bincount(codes.flatten(), minlength=usage.numel())
-    return model.quantizer.merge_near_duplicates(usage, cfg.merge_codes)
 
 
 # ----------------------------------------------------------------------------- entry point

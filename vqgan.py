@@ -36,7 +36,7 @@ from a local safetensors file when the user provides one, and is off otherwise. 
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -192,9 +192,17 @@ class CausalConv3d(nn.Module):
         kt, kh, kw = kernel
         self.pad = (kw // 2, kw // 2, kh // 2, kh // 2, kt - stride[0], 0)  # (W, W, H, H, T_past, T_future)
         self.conv = nn.Conv3d(cin, cout, kernel, stride)
+        self.past: torch.Tensor | None = None  # streaming only: the last input frames of the previous chunk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, self.pad))
+        n = self.pad[4]  # past frames the kernel reaches back to
+        if self.past is None or n == 0:
+            return self.conv(F.pad(x, self.pad))
+        # streaming: the previous chunk's last n frames stand where a full pass has them (zeros at first)
+        past = self.past if self.past.numel() else torch.zeros_like(x[:, :, :1]).expand(-1, -1, n, -1, -1)
+        x = torch.cat([past, x], dim=2)  # (B, C, n + T, H, W)
+        self.past = x[:, :, -n:]
+        return self.conv(F.pad(x, self.pad[:4]))
 
 
 class FrameNorm(nn.Module):
@@ -295,15 +303,18 @@ class VQGAN(nn.Module):
         x = self.enc_out(x)  # (B, D, t, h, w)
         return x.permute(0, 2, 3, 4, 1)  # (B, t, h, w, D)
 
-    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, t, h, w, D) -> video (B, 3, 2t - 1, 8h, 8w)."""
+    def decode_pairs(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, t, h, w, D) -> two frames per latent frame (B, 3, 2t, 8h, 8w)."""
         x = self.dec_in(z.permute(0, 4, 1, 2, 3))  # (B, D, t, h, w)
         for i, blocks in enumerate(self.dec_blocks):
             x = blocks(x)
             if i < 2:
                 x = self.ups[i](x)  # doubles H and W
-        x = from_depth(self.dec_out(F.silu(self.dec_norm(x))))  # (B, 3, 2t, H, W)
-        return x[:, :, 1:]  # drop the twin of the learned frame: (B, 3, 2t - 1, H, W)
+        return from_depth(self.dec_out(F.silu(self.dec_norm(x))))  # (B, 3, 2t, H, W)
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, t, h, w, D) -> video (B, 3, 2t - 1, 8h, 8w)."""
+        return self.decode_pairs(z)[:, :, 1:]  # drop the twin of the learned frame
 
     def forward(self, video: torch.Tensor) -> TokenizerOutput:
         q = self.quantizer(self.encode_latent(video))  # codes (B, t, h, w)
@@ -318,6 +329,22 @@ class VQGAN(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, t, h, w) -> video (B, 3, 2t - 1, 8h, 8w), clamped to [-1, 1]."""
         return self.decode_latent(self.quantizer.code_vectors(codes)).clamp(-1, 1)
+
+    @torch.no_grad()
+    def decode_stream(self, codes: torch.Tensor, chunk: int = 6) -> Iterator[torch.Tensor]:
+        """codes (B, t, h, w) of any length -> the frames of decode(codes), `chunk` latent frames at a time.
+        Every causal conv keeps the last input frames it saw and starts the next chunk from them, so
+        nothing is computed twice: the cost grows linearly with t and memory stays that of one chunk."""
+        convs = [m for m in self.modules() if isinstance(m, CausalConv3d)]
+        for conv in convs:
+            conv.past = torch.empty(0)  # streaming on, nothing seen yet
+        try:
+            for start in range(0, codes.shape[1], chunk):
+                video = self.decode_pairs(self.quantizer.code_vectors(codes[:, start:start + chunk])).clamp(-1, 1)
+                yield video[:, :, 1:] if start == 0 else video  # (B, 3, 2c or 2c - 1, H, W)
+        finally:
+            for conv in convs:
+                conv.past = None
 
 
 class Discriminator(nn.Module):

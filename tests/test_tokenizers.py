@@ -120,6 +120,16 @@ def test_dead_codes_restart_from_recent_encoder_outputs():
     assert vq.counts.sum() == 0
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_streamed_decoding_gives_the_frames_of_one_full_pass(chunk):
+    torch.manual_seed(0)
+    model = tiny("vqgan").eval()
+    codes = torch.randint(model.config.codebook_size, (2, 7, 2, 2))  # 7 latent frames: 13 video frames
+    streamed = torch.cat(list(model.decode_stream(codes, chunk)), dim=2)
+    torch.testing.assert_close(streamed, model.decode(codes), atol=1e-5, rtol=1e-5)
+    assert all(conv.past is None for conv in model.modules() if hasattr(conv, "past"))  # streaming is off again
+
+
 def test_merging_folds_near_copies_into_the_most_used_code():
     torch.manual_seed(0)
     vq = VectorQuantizer(dim=8, codebook_size=6, code_dim=4, beta=0.25).eval()
