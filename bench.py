@@ -35,7 +35,7 @@ The configurations:
   encode, decode  the tiny C-ViViT preset, a batch of 8 clips of 11 frames
   stream_short    the tiny VQGAN streams one clip of 6 latent frames (11 frames) out of its decoder
   stream_long     the same for 60 latent frames (119 frames): 10x the length, cost linear in it
-  sample          one 11-frame clip from text: 12 decoding steps with guidance, then decode
+  sample          one 11-frame clip from text with the default sampling settings (maskgit.py), then decode
   data            decoding real .mp4 files the bench writes itself into 11-frame 64 x 64 clips, on one core
 """
 
@@ -171,7 +171,7 @@ def build(name: str, device: torch.device) -> tuple:
         generator = MaskGIT(config).to(device).eval()
         ids = torch.randint(2, 300, (1, 8), device=device)
         mask = torch.ones(1, 8, dtype=torch.bool, device=device)
-        return lambda: model.decode(generator.generate(ids, mask, steps=12, cfg=3.0)), 1, 6 * 64, generator
+        return lambda: model.decode(generator.generate(ids, mask)), 1, 6 * 64, generator
     raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from data import DIRECTIONS, ClipStream, ShapeSpec, caption, make_source, oracle, random_spec
-from maskgit import make_video
+from maskgit import CFG, STEPS, TEMPERATURE, make_video
 from train import DEFAULT_GENERATOR, DEFAULT_TOKENIZER, UsageError, load_checkpoint, load_generator, load_tokenizer, sample_and_judge
 
 # Legend: B batch, C channels, T frames, H W pixels, K codebook size.
@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer-checkpoint", default=DEFAULT_TOKENIZER, help="stage 2: the generator's tokenizer")
     p.add_argument("--prompts", type=int, default=200, help="stage 2: random canonical prompts")
     p.add_argument("--stories", type=int, default=100, help="stage 2: two-prompt stories")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--temperature", type=float, default=4.5)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--cfg", type=float, default=CFG)
+    p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)

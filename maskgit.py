@@ -63,6 +63,12 @@ class MaskGITConfig:
         return cls(**(fields | {"text": TextEncoderConfig(**fields["text"])}))
 
 
+# Sampling defaults, chosen with the oracle on 100 prompts the reported evaluation never draws (the tiny
+# generator behind the folded VQGAN): guidance 3 gave colour 0.95 / shape 0.82 / one object 0.93,
+# guidance 1.5 gave 1.00 / 0.92 / 1.00, and 24 steps instead of 12 took shape to 0.96.
+STEPS, CFG, TEMPERATURE = 24, 1.5, 4.5
+
+
 def mask_ratio(r: torch.Tensor) -> torch.Tensor:
     """MaskGIT's cosine schedule γ(r) = cos(πr/2): the share of positions still masked at progress r."""
     return torch.cos(math.pi / 2 * r)
@@ -157,7 +163,8 @@ class MaskGIT(nn.Module):
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, text_mask: torch.Tensor, given: torch.Tensor | None = None,
-                 steps: int = 12, cfg: float = 3.0, temperature: float = 4.5, generator: torch.Generator | None = None,
+                 steps: int = STEPS, cfg: float = CFG, temperature: float = TEMPERATURE,
+                 generator: torch.Generator | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Captions ids, text_mask (B, L) -> codes (B, t, h, w). `given` (B, t', h, w) holds known codes
         and -1 where a code is to be generated; t' may be shorter than the window. None: generate all."""

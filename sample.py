@@ -30,7 +30,7 @@ import torch
 
 from data import read_video, to_uint8_frames, write_video
 from evaluate import psnr, ssim
-from maskgit import make_video
+from maskgit import CFG, STEPS, TEMPERATURE, make_video
 from train import DEFAULT_GENERATOR, DEFAULT_TOKENIZER, UsageError, load_generator, load_tokenizer
 
 # Legend: T frames, H W pixels, t latent frames, L text length.
@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frames", type=int, help="length of the video, 1 + 2n (default 11, plus 10 per further prompt)")
     p.add_argument("--init", metavar="IMAGE_OR_VIDEO", help="continue this image or video")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=12, help="MaskGIT decoding steps per window")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--temperature", type=float, default=4.5, help="Gumbel noise on the confidence, annealed to 0")
+    p.add_argument("--steps", type=int, default=STEPS, help="MaskGIT decoding steps per window")
+    p.add_argument("--cfg", type=float, default=CFG, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="Gumbel noise on the confidence, annealed to 0")
     p.add_argument("--keep", type=int, help="latent frames kept as context at each shift (default half the window)")
     p.add_argument("--checkpoint", default=DEFAULT_GENERATOR, help="a stage-2 generator")
     p.add_argument("--tokenizer-checkpoint", default=DEFAULT_TOKENIZER, help="the stage-1 tokenizer it was trained on")

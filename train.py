@@ -1,8 +1,8 @@
 """
 One training script for both stages of Phenaki, on a laptop, one GPU, or many GPUs under torchrun.
 
-    python train.py --stage 1 --tokenizer cvivit --preset tiny           # two CPU cores
-    python train.py --stage 2 --tokenizer-checkpoint runs/stage1-cvivit-tiny/model.safetensors
+    python train.py --stage 1 --tokenizer vqgan --preset tiny            # two CPU cores
+    python train.py --stage 2 --tokenizer-checkpoint runs/stage1-vqgan-tiny/model.safetensors
     torchrun --nproc_per_node=8 train.py --stage 1 --data /videos --preset base
 
 Stage 1 trains a video tokenizer (vqgan.py or cvivit.py) with the loss of Phenaki §2.1 / appendix:
@@ -96,7 +96,7 @@ class TrainConfig:
     workers: int = 0  # DataLoader worker processes per rank
     cache_clips: int = 20_000  # stage 2: clips encoded into the token cache (all of a smaller dataset)
     image_ratio: float = 0.0  # stage 2: share of samples trained as images (their first latent frame alone)
-    sample_steps: int = 12  # stage 2: decoding steps of the sample grid and the alignment check in the log
+    sample_steps: int = 24  # stage 2: decoding steps of the sample grid and the alignment check in the log
 
 
 def preset(name: str, tokenizer: str) -> tuple[object, TrainConfig]:
@@ -186,9 +186,13 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], meta: dict[str,
     os.replace(tmp, path)
 
 
-def export_half(src: str, dst: str) -> None:
-    """Copy a model.safetensors with its floating-point tensors in fp16: how checkpoints/ is made."""
+def export_half(src: str, dst: str, tokenizer: str | None = None) -> None:
+    """Copy a model.safetensors with its floating-point tensors in fp16: how checkpoints/ is made.
+    For a generator, `tokenizer` names the exported tokenizer it will be paired with: its sha256
+    replaces the one the generator was trained on, which is kept as `trained_on_sha256`."""
     tensors, meta = load_checkpoint(src)
+    if tokenizer is not None:
+        meta |= {"trained_on_sha256": meta["tokenizer_sha256"], "tokenizer_sha256": file_digest(tokenizer)}
     save_checkpoint(dst, {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, meta)
 
 
@@ -661,7 +665,7 @@ def check_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig) -> MaskGIT
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a Phenaki stage: 1 = video tokenizer, 2 = MaskGIT generator.")
     p.add_argument("--stage", type=int, choices=(1, 2), required=True)
-    p.add_argument("--tokenizer", default="cvivit", help="cvivit (the paper's, default) or vqgan (stage 1)")
+    p.add_argument("--tokenizer", default="vqgan", help="vqgan (default, the shipped one) or cvivit (the paper's)")
     p.add_argument("--tokenizer-checkpoint", help="the frozen stage-1 model (stage 2)")
     p.add_argument("--data", help="shapes (default), a video folder, tar shards, or an image folder")
     p.add_argument("--preset", default="tiny", help="tiny, base or paper")

@@ -29,7 +29,8 @@ the right colour within 400 steps and runs twice as fast. The temporal taps on t
 where the slow start comes from; we measured it, we did not explain it.
 
 Deviations: the 3D-conv VQGAN is the seed's tokenizer, kept beside the paper's C-ViViT (cvivit.py),
-which is the default and the one that ships. The paper's perceptual losses use ImageNet VGG and Kinetics I3D weights, which we cannot
+and it is the one that ships: its local codes, folded, are what the tiny generator learns best from
+(README, Results). The paper's perceptual losses use ImageNet VGG and Kinetics I3D weights, which we cannot
 download at run time: `VGGPerceptual` is a hand-written VGG16 feature net that loads such weights
 from a local safetensors file when the user provides one, and is off otherwise. No I3D loss.
 """

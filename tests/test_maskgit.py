@@ -128,7 +128,7 @@ def test_tiny_generator_overfits_captioned_clips_and_the_oracle_agrees():
     model = MaskGIT(config)
     ids, mask = text.encode(captions, 16)
     opt = torch.optim.AdamW(model.parameters(), 3e-3)
-    for _ in range(300):
+    for _ in range(500):  # measured: 72% of codes match after 300 steps, 99.9% after 500
         loss = model.loss(codes, ids, mask)
         loss.backward(), opt.step(), opt.zero_grad()
     model.eval()
