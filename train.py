@@ -108,7 +108,7 @@ def preset(name: str, tokenizer: str) -> tuple[object, TrainConfig]:
         model = (VQGANConfig(widths=(32, 64, 128), codebook_size=1024, code_dim=16) if tokenizer == "vqgan" else
                  CViViTConfig(dim=128, spatial_depth=2, temporal_depth=2, heads=4, mlp=512, codebook_size=1024, code_dim=16))
         # the VQGAN is stable at 3e-4 but not at 1e-3 (its reconstructions fall back to grey). At the
-        # end, near-copies of a code are folded into it: about 850 of the VQGAN's 1024 codes are black
+        # end, near-copies of a code are folded into it: most of the VQGAN's 1024 codes are black
         if tokenizer == "cvivit":
             return model, TrainConfig(max_steps=8000, lr=1e-3, min_lr=1e-4, save_every=250, merge_codes=0.95)
         return model, TrainConfig(max_steps=8000, lr=3e-4, min_lr=3e-5, save_every=250, merge_codes=0.95)
