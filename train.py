@@ -276,13 +276,16 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups_json: st
     opt.load_state_dict({"state": state, "param_groups": json.loads(groups_json)})
 
 
+def save_weights(out: str, meta: dict[str, str], cfg: TrainConfig, model: nn.Module) -> None:
+    save_checkpoint(os.path.join(out, "model.safetensors"), model.state_dict(),
+                    meta | {"train_config": json.dumps(dataclasses.asdict(cfg))})
+
+
 def save_run(out: str, meta: dict[str, str], cfg: TrainConfig, modules: dict[str, nn.Module],
              opts: dict[str, torch.optim.Optimizer]) -> None:
     """model.safetensors: the weights to sample with (the EMA's when there is one);
     train_state.safetensors: every module and optimizer, for --resume."""
-    weights = (modules.get("ema") or modules["model"]).state_dict()
-    save_checkpoint(os.path.join(out, "model.safetensors"), weights,
-                    meta | {"train_config": json.dumps(dataclasses.asdict(cfg))})
+    save_weights(out, meta, cfg, modules.get("ema") or modules["model"])
     tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
     groups = {}
     for name, opt in opts.items():
@@ -487,8 +490,7 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
     if master and cfg.merge_codes:  # model.safetensors only: train_state keeps the raw book for --resume
         sampled = ema if ema is not None else model
         left = merge_codes(sampled, source, cfg, device)
-        save_checkpoint(model_path, sampled.state_dict(), tokenizer_meta(args.tokenizer, model_cfg, step) | {
-            "train_config": json.dumps(dataclasses.asdict(cfg)), "codes_left": str(left)})
+        save_weights(args.out, tokenizer_meta(args.tokenizer, model_cfg, step) | {"codes_left": str(left)}, cfg, sampled)
         print(f"merged near-duplicate codes (cosine >= {cfg.merge_codes}): {left} of {model_cfg.codebook_size} left")
 
 
