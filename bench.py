@@ -5,6 +5,8 @@ How fast is this Phenaki? Every hot path timed the same way, on whatever device 
     python bench.py --only maskgit_train     # one configuration (repeat --only for more)
     python bench.py --repeats 10 --json bench.json
     python bench.py --peer                   # also time phenaki-pytorch 0.5.0 on the same work
+    python bench.py --compile                # the same under torch.compile (or --channels-last)
+    python bench.py --only cvivit_train --profile   # where its time goes, op by op
 
 Each configuration runs in a fresh subprocess (so that peak memory belongs to it alone), warms up,
 then times `repeats` runs and reports the median:
@@ -57,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cvivit import CViViT, CViViTConfig
 from maskgit import MaskGIT, MaskGITConfig
 from text_encoder import TextEncoderConfig
-from train import generator_preset, preset
+from train import compile_blocks, generator_preset, preset
 from vqgan import VQGAN
 
 # Legend: B batch, T frames, t h w latent grid, N codes, L text length.
@@ -251,15 +253,21 @@ def bench_data(repeats: int) -> dict:
     return {"ms": seconds * 1e3, "clips/s": 1 / seconds, "tokens/s": 6 * 64 / seconds}
 
 
-def run_one(name: str, device: torch.device, repeats: int, peer: bool = False) -> dict:
-    """Measure one configuration in this process (through the peer's models if `peer`)."""
+def run_one(name: str, device: torch.device, repeats: int, peer: bool = False, compile: bool = False,
+            channels_last: bool = False) -> dict:
+    """Measure one configuration in this process (through the peer's models if `peer`), optionally
+    with the model's forward under torch.compile or its conv weights in channels-last layout."""
     if name == "data":
         return bench_data(repeats)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn, clips, tokens, model = (build_peer if peer else build)(name, device)
+    if channels_last:  # the convs then run in (N, T, H, W, C) order, inputs converted on the fly
+        model.to(memory_format=torch.channels_last_3d)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    flops = count_flops(fn)
+    flops = count_flops(fn)  # counted eagerly; compilation happens in the warm-up runs below
+    if compile:
+        compile_blocks(model)  # as train.py --compile does
     seconds = timed(fn, device, repeats)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024)  # ru_maxrss is in KiB
@@ -270,10 +278,28 @@ def run_one(name: str, device: torch.device, repeats: int, peer: bool = False) -
             "matmul_tflops": peak_flops / 1e12}
 
 
+def profile(name: str, device: torch.device, peer: bool, rows: int = 20) -> None:
+    """Where one configuration's time goes: torch.profiler over 3 runs after 2 warm-ups, ops sorted
+    by their own time (children excluded), so that the rows add up to the whole."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    fn = (build_peer if peer else build)(name, device)[0]
+    for _ in range(2):
+        fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"{name}{' [peer]' if peer else ''}, 3 runs:")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
+
+
 def run_child(name: str, args, peer: bool = False) -> dict | str:
     """One configuration in a fresh process: -> its results, or the reason it failed."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--only", name, "--repeats", str(args.repeats),
-           "--device", args.device] + (["--peer-side"] if peer else [])
+           "--device", args.device] + (["--peer-side"] if peer else []) + (["--compile"] if args.compile else []) + (
+           ["--channels-last"] if args.channels_last else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
@@ -292,12 +318,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peer", action="store_true", help="also run phenaki-pytorch 0.5.0 where it has the configuration")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--compile", action="store_true", help="time the models' forward under torch.compile")
+    p.add_argument("--channels-last", action="store_true", help="time the conv weights in channels-last (3D) layout")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one configuration, JSON on stdout
     p.add_argument("--peer-side", action="store_true", help=argparse.SUPPRESS)  # the child times the peer
+    p.add_argument("--profile", action="store_true", help="print where the time of each --only configuration goes")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.profile:
+        for name in args.only or CONFIGS:
+            profile(name, device, args.peer_side)
+        return
     if args.child:
-        print(json.dumps(run_one(args.only[0], device, args.repeats, args.peer_side)))
+        print(json.dumps(run_one(args.only[0], device, args.repeats, args.peer_side, args.compile, args.channels_last)))
         return
     results = {}
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'}")

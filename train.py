@@ -22,6 +22,9 @@ Mechanics, each kept to one place:
   and an unknown key is an error.
 - DDP: one block in `main` detects RANK, picks nccl on CUDA and gloo on CPU, wraps the models, uses
   `no_sync()` on accumulation micro-steps; rank 0 alone prints and saves.
+- FSDP (`--fsdp`, stage 2): `shard` splits each transformer block's parameters across the ranks
+  instead; saving gathers them (`whole`) so that checkpoints are the same files as under DDP.
+- `--compile` compiles each transformer block (or a tokenizer's forward); bench.py measures if it pays.
 - bf16 autocast on CUDA, fp32 on the CPU (where bf16 matmuls are far slower).
 - Exact resume: the checkpoint holds the weights, the optimizer states and the step. Each step
   reseeds the RNG from (seed, rank, step) and the data stream is indexed by step, so a resumed run
@@ -49,12 +52,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cvivit import CViViT, CViViTConfig
 from data import (ClipStream, agreement, build_token_cache, caption, load_token_cache, make_source, random_spec)
 from maskgit import MaskGIT, MaskGITConfig
 from text_encoder import CaptionTokenizer, TextEncoderConfig
+from transformer import Block
 from vqgan import VQGAN, Discriminator, VGGPerceptual, VQGANConfig, adaptive_gan_weight, hinge_d_loss
 
 TOKENIZERS = {"vqgan": (VQGAN, VQGANConfig), "cvivit": (CViViT, CViViTConfig)}
@@ -260,45 +266,65 @@ def load_generator(path: str, tokenizer_path: str):
     return model.eval(), CaptionTokenizer.from_json(meta["text_tokenizer"]), tokenizer, meta
 
 
+def whole(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Under FSDP a state dict holds shards (DTensors): gather each into the full tensor, on the CPU.
+    A collective: every rank calls it, in the same order. Plain tensors pass through."""
+    return {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+
+
 def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, str]:
     """Flatten an optimizer state into safetensors-friendly tensors plus JSON for the rest."""
     state = opt.state_dict()
-    tensors = {f"{prefix}.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
+    tensors = whole({f"{prefix}.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()})
     return tensors, json.dumps(state["param_groups"])
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups_json: str, prefix: str) -> None:
+    """The inverse of optimizer_tensors. Under FSDP each rank keeps its shard of a parameter's moments."""
+    params = [p for group in opt.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith(prefix + "."):
             _, i, name = key.split(".", 2)
+            p = params[int(i)]
+            if isinstance(p, DTensor) and value.dim():  # exp_avg, exp_avg_sq: shaped like the parameter
+                value = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
             state.setdefault(int(i), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": json.loads(groups_json)})
 
 
-def save_weights(out: str, meta: dict[str, str], cfg: TrainConfig, model: nn.Module) -> None:
-    save_checkpoint(os.path.join(out, "model.safetensors"), model.state_dict(),
+def save_weights(out: str, meta: dict[str, str], cfg: TrainConfig, weights: dict[str, torch.Tensor]) -> None:
+    save_checkpoint(os.path.join(out, "model.safetensors"), weights,
                     meta | {"train_config": json.dumps(dataclasses.asdict(cfg))})
 
 
 def save_run(out: str, meta: dict[str, str], cfg: TrainConfig, modules: dict[str, nn.Module],
-             opts: dict[str, torch.optim.Optimizer]) -> None:
+             opts: dict[str, torch.optim.Optimizer], write: bool = True) -> None:
     """model.safetensors: the weights to sample with (the EMA's when there is one);
-    train_state.safetensors: every module and optimizer, for --resume."""
-    save_weights(out, meta, cfg, modules.get("ema") or modules["model"])
-    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    train_state.safetensors: every module and optimizer, for --resume. Under FSDP every rank calls
+    this (the shards are gathered first) and only the one with `write` writes."""
+    states = {name: whole(m.state_dict()) for name, m in modules.items()}
+    tensors = {f"{name}.{k}": v for name, state in states.items() for k, v in state.items()}
     groups = {}
     for name, opt in opts.items():
         opt_tensors, groups[f"{name}_groups"] = optimizer_tensors(opt, name)
         tensors |= opt_tensors
+    if not write:
+        return
+    save_weights(out, meta, cfg, states.get("ema") or states["model"])
     save_checkpoint(os.path.join(out, "train_state.safetensors"), tensors, meta | groups)
+
+
+def restore_modules(tensors: dict, modules: dict[str, nn.Module]) -> None:
+    """The weights of save_run's train state, into modules not yet sharded."""
+    for name, m in modules.items():
+        m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
 
 
 def restore_run(tensors: dict, meta: dict[str, str], modules: dict[str, nn.Module],
                 opts: dict[str, torch.optim.Optimizer]) -> int:
     """The inverse of save_run's train state -> the step to continue from."""
-    for name, m in modules.items():
-        m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+    restore_modules(tensors, modules)
     for name, opt in opts.items():
         restore_optimizer(opt, tensors, meta[f"{name}_groups"], name)
     return int(meta["step"])
@@ -375,13 +401,15 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
-def finish(model: nn.Module, world: int, master: bool, message: str) -> None:
-    """End of a run: under DDP a cheap check that every rank's weights stayed in step."""
+def finish(model: nn.Module, world: int, master: bool, message: str, compare: bool = True) -> None:
+    """End of a run: under DDP a cheap check that every rank's weights stayed in step (`compare`;
+    FSDP ranks hold different shards by design)."""
     if world > 1:
-        digests = [None] * world
-        dist.all_gather_object(digests, weights_digest(model))
-        if master:
-            print(f"weights identical across {world} ranks: {len(set(digests)) == 1}")
+        if compare:
+            digests = [None] * world
+            dist.all_gather_object(digests, weights_digest(model))
+            if master:
+                print(f"weights identical across {world} ranks: {len(set(digests)) == 1}")
         dist.barrier()  # leave together: a rank that tears down its process group early can abort the other
     if master:
         print(message)
@@ -394,6 +422,8 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
     torch.manual_seed(cfg.seed)  # the same init on every rank
     model = TOKENIZERS[args.tokenizer][0](model_cfg).to(device)
     disc = Discriminator().to(device)
+    if args.compile:
+        compile_blocks(model)
     perceptual = None
     if args.perceptual_weights:
         perceptual = VGGPerceptual()
@@ -417,8 +447,10 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
     model_d = DDP(model, broadcast_buffers=False) if ddp else model
     disc_d = DDP(disc, broadcast_buffers=False) if ddp else disc
     stream = ClipStream(source, cfg.batch_size, rank, world, start_batch=step * cfg.grad_accum)
+    # clips decode in `workers` processes, each keeping 4 batches ready, into pinned memory on CUDA
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
-                                              pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
+                                              pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+                                              prefetch_factor=4 if cfg.workers else None))
     # a fixed batch to watch reconstructions on: unseen clips of the Shapes world, else the first batch
     shown = make_source("shapes", cfg.frames, cfg.image_size, seed=cfg.seed + 1) if cfg.data == "shapes" else source
     watch = ClipStream(shown, 8).batch(0)
@@ -490,7 +522,8 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
     if master and cfg.merge_codes:  # model.safetensors only: train_state keeps the raw book for --resume
         sampled = ema if ema is not None else model
         left = merge_codes(sampled, source, cfg, device)
-        save_weights(args.out, tokenizer_meta(args.tokenizer, model_cfg, step) | {"codes_left": str(left)}, cfg, sampled)
+        save_weights(args.out, tokenizer_meta(args.tokenizer, model_cfg, step) | {"codes_left": str(left)}, cfg,
+                     sampled.state_dict())
         print(f"merged near-duplicate codes (cosine >= {cfg.merge_codes}): {left} of {model_cfg.codebook_size} left")
 
 
@@ -509,15 +542,40 @@ def merge_codes(model: nn.Module, source, cfg: TrainConfig, device: torch.device
 
 # ----------------------------------------------------------------------------- stage 2
 
-class LossOf(nn.Module):
-    """Makes `model.loss` the forward pass, so that DDP's gradient hooks see it."""
+def shard(root: nn.Module, device: torch.device) -> None:
+    """FSDP2: each transformer block of the generator and of its text encoder becomes a unit whose
+    parameters, gradients and AdamW moments are split across the ranks and all-gathered only while
+    the block runs; the rest (embeddings, head) forms the root's unit. On CUDA the all-gathers move
+    bf16 and the gradients are reduced in fp32."""
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for module in root.modules():
+        if isinstance(module, Block):
+            fully_shard(module, mp_policy=mixed)
+    fully_shard(root, mp_policy=mixed)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile where the work is: each transformer block of a generator (the unit FSDP shards
+    too), or a tokenizer's whole forward. In place: parameter names and checkpoints do not change."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks if isinstance(model, MaskGIT) else [model]:
+        block.compile()
+
+
+class Run(nn.Module):
+    """Routes a method of the generator through forward, where DDP's and FSDP's hooks see it:
+    Run(model)("loss", ...) is a training step's loss, Run(model).generate(...) samples (under FSDP
+    with each unit's parameters gathered as it runs)."""
 
     def __init__(self, model: MaskGIT):
         super().__init__()
-        self.model = model
+        self.model, self.config = model, model.config
 
-    def forward(self, codes, ids, mask, frames):
-        return self.model.loss(codes, ids, mask, frames)
+    def forward(self, method: str, *args, **kwargs):
+        return getattr(self.model, method)(*args, **kwargs)
+
+    def generate(self, *args, **kwargs) -> torch.Tensor:
+        return self("generate", *args, **kwargs)
 
 
 def watch_specs(n: int, seed: int) -> list:
@@ -576,23 +634,35 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
     text = CaptionTokenizer.from_json(text_json)
     all_ids, all_masks = text.encode(captions, model_cfg.text.max_len)  # (N, L) each, tokenized once
 
-    # 3. the generator
+    # 3. the generator: the same init on every rank, restored whole, then sharded (FSDP) or replicated (DDP)
     torch.manual_seed(cfg.seed)
     model = MaskGIT(model_cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay,
-                            fused=device.type == "cuda")
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
-    step = 0
-    modules, opts = {"model": model} | ({"ema": ema} if ema is not None else {}), {"opt": opt}
+    modules = {"model": model} | ({"ema": ema} if ema is not None else {})
     if resume:
-        step = restore_run(tensors, meta, modules, opts)
-        if master:
-            print(f"resumed from {state_path} at step {step}")
+        restore_modules(tensors, modules)
     if master:
         params = sum(p.numel() for p in model.parameters())
         print(f"generator: {params / 1e6:.2f}M parameters; cache: {len(codes)} clips of {tuple(codes.shape[1:])} codes; "
               f"captions: {text.vocab_size} BPE tokens")
-    loss_d = DDP(LossOf(model)) if ddp else LossOf(model)
+    if args.compile:
+        compile_blocks(model)
+    fsdp = args.fsdp
+    run = Run(model)
+    sampler = Run(ema) if ema is not None else run  # what samples the check grid
+    if fsdp:
+        shard(run, device)
+        if ema is not None:
+            shard(sampler, device)
+    loss_d = DDP(run) if ddp and not fsdp else run
+    # the optimizer comes after sharding: under FSDP it holds each rank's shards
+    opt = torch.optim.AdamW(model.parameters(), cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")
+    step, opts = 0, {"opt": opt}
+    if resume:
+        step = restore_run(tensors, meta, {}, opts)
+        if master:
+            print(f"resumed from {state_path} at step {step}")
     specs = watch_specs(8, cfg.seed)
     history, bad_steps, t0, start_step = [], 0, time.time(), step
     t = model_cfg.latent_frames
@@ -614,8 +684,10 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
                 image = torch.rand(cfg.batch_size, generator=pick) < cfg.image_ratio
                 frames = torch.where(image, 1, t).to(device)
             last = micro == cfg.grad_accum - 1
-            with (loss_d.no_sync() if ddp and not last else contextlib.nullcontext()), autocast:
-                loss = loss_d(codes[idx].to(device), ids, mask, frames)
+            if fsdp:
+                loss_d.set_requires_gradient_sync(last)
+            with (loss_d.no_sync() if ddp and not fsdp and not last else contextlib.nullcontext()), autocast:
+                loss = loss_d("loss", codes[idx].to(device), ids, mask, frames)
                 (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
         bad_steps = 0 if all_finite(total, device, bad_steps) else bad_steps + 1
@@ -629,19 +701,22 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
         step += 1
         if master:
             show_progress(step, cfg, world, {"loss": total}, t0, start_step)
+        judge = step % cfg.image_every == 0 or step == cfg.max_steps
+        if judge and (master or fsdp):  # under FSDP every rank joins the sampling's all-gathers
+            model.eval()
+            videos, verdicts = sample_and_judge(sampler, text, tokenizer, specs, device, steps=cfg.sample_steps,
+                                                generator=torch.Generator(device).manual_seed(cfg.seed))
+            model.train()
         if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
             record = {"step": step, "lr": lr_at(step, cfg), "time": round(time.time() - t0, 1), "loss": total}
-            if step % cfg.image_every == 0 or step == cfg.max_steps:
-                model.eval()
-                videos, verdicts = sample_and_judge(ema or model, text, tokenizer, specs, device, steps=cfg.sample_steps,
-                                                    generator=torch.Generator(device).manual_seed(cfg.seed))
-                model.train()
+            if judge:
                 record |= {f"val_{k}": v for k, v in verdicts.items()}
                 save_plots(args.out, history + [record], ("loss",), videos, "samples.png")
             write_log(args.out, history, record)
-        if master and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            save_run(args.out, generator_meta(model_cfg, step, text, digest), cfg, modules, opts)
-    finish(model, world, master, f"done: {step} steps in {time.time() - t0:.0f} s; weights in {model_path}")
+        if (master or fsdp) and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            save_run(args.out, generator_meta(model_cfg, step, text, digest), cfg, modules, opts, write=master)
+    finish(model, world, master, f"done: {step} steps in {time.time() - t0:.0f} s; weights in {model_path}",
+           compare=not fsdp)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -678,6 +753,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override a config field: model.<field>=... or train.<field>=...")
     p.add_argument("--image-ratio", type=float, help="stage 2: share of samples trained as images")
     p.add_argument("--perceptual-weights", help="VGG16 weights (.safetensors) to switch on the perceptual loss")
+    p.add_argument("--fsdp", action="store_true",
+                   help="stage 2 under torchrun: shard the generator across ranks (FSDP2) instead of replicating it (DDP)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (bench.py --compile measures whether it pays on your device)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -701,6 +780,9 @@ def main(argv: list[str] | None = None) -> None:
             cfg = dataclasses.replace(cfg, max_steps=args.max_steps)
         if cfg.frames % 2 == 0:
             raise UsageError(f"train.frames must be 1 + 2n, got {cfg.frames}")
+        if args.fsdp and (args.stage != 2 or "RANK" not in os.environ):
+            raise UsageError("--fsdp shards the stage-2 generator across the processes of torchrun; "
+                             "stage 1 and single-process runs use DDP or nothing")
         if args.stage == 2:
             model_cfg = check_generator(args, model_cfg, cfg)
         name = args.tokenizer if args.stage == 1 else "maskgit"

@@ -120,3 +120,34 @@ def test_two_process_torchrun_trains_the_generator_from_a_sharded_cache(tmp_path
     assert "weights identical across 2 ranks: True" in result.stdout
     shards = sorted(os.listdir(os.path.join(out, "token_cache")))
     assert shards == ["tokens-000-of-002.safetensors", "tokens-001-of-002.safetensors"]
+
+
+def test_fsdp_shards_train_and_resume_as_ddp_does(tmp_path):
+    """Two ranks under FSDP (stopped at step 2, resumed to 4) end where two DDP ranks do: the
+    gathered weights, the EMA and the AdamW moments of train_state all match."""
+    tok_out = str(tmp_path / "tok")
+    train.main(["--stage", "1", "--out", tok_out, "--max-steps", "1", *TINY])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(out: str, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(ROOT, "train.py"), "--stage", "2", "--out", out, *TINY_GENERATOR, "--set", "train.ema=0.9",
+               "--tokenizer-checkpoint", os.path.join(tok_out, "model.safetensors"), *extra]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
+    torchrun(ddp, "--max-steps", "4")
+    torchrun(fsdp, "--max-steps", "2", "--fsdp")
+    torchrun(fsdp, "--max-steps", "4", "--fsdp", "--resume")
+    a, b = (load_file(os.path.join(d, "train_state.safetensors")) for d in (ddp, fsdp))
+    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a) and any(".exp_avg_sq" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_fsdp_outside_torchrun_or_in_stage_1_is_refused():
+    for stage in (["--stage", "1"], ["--stage", "2", "--tokenizer-checkpoint", "none.safetensors"]):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *stage, "--fsdp"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--fsdp" in result.stderr
