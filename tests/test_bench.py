@@ -1,0 +1,33 @@
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_configuration_reports_time_throughput_memory_flops_and_mfu():
+    r = bench.run_one("stream_short", torch.device("cpu"), repeats=1)
+    assert r["ms"] > 0 and r["peak_mb"] >= 0 and r["gflop"] > 0 and r["matmul_tflops"] > 0
+    assert r["tokens/s"] == pytest.approx(6 * 64 / (r["ms"] / 1e3))  # 6 latent frames of 8 x 8 codes per run
+    assert r["mfu"] == pytest.approx(r["gflop"] * 1e9 / (r["ms"] / 1e3) / (r["matmul_tflops"] * 1e12))
+
+
+def test_flops_are_counted_not_guessed():
+    # a linear layer's forward is 2 * batch * in * out FLOPs
+    layer = torch.nn.Linear(64, 32)
+    assert bench.count_flops(lambda: layer(torch.randn(10, 64))) == 2 * 10 * 64 * 32
+
+
+@pytest.mark.skipif(importlib.util.find_spec("phenaki_pytorch") is not None, reason="the peer is installed here")
+def test_peer_missing_is_one_line_not_a_traceback():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--only", "maskgit_train", "--repeats", "1",
+                             "--peer"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr
+    assert "maskgit_train: ms" in result.stdout
+    assert "maskgit_train [peer]: failed: phenaki-pytorch is not installed" in result.stdout
