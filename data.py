@@ -26,6 +26,11 @@ Stage 2 trains from a token cache: `build_token_cache` encodes the clips once wi
 tokenizer, each rank its share, into safetensors shards of codes (N, t, h, w) int16 with the captions
 in the metadata; `load_token_cache` reads all shards back. A generator step then costs no decoding.
 
+Real files break (corrupt, truncated, empty, audio only, too short): read_video raises ValueError, and
+the stream skips the file with one stderr line, counts it in the batch's "skipped" and substitutes a
+clip. Guards bound a load: MAX_PIXELS (4096 x 4096: 4K passes, 8K is refused), MAX_LEAD, MAX_FRAMES.
+Data with nothing usable (no files, 20 failed loads in a row) raises UnusableData at once.
+
 Deviations: the paper trains on licensed web video; here the Shapes world stands in by default.
 Object edges are anti-aliased by 4x supersampling so that positions between pixels are visible.
 A video shorter than one clip counts as a bad file (skipped), rather than being padded or looped.
@@ -38,8 +43,8 @@ import json
 import math
 import os
 import re
+import sys
 import tarfile
-import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -248,10 +253,19 @@ class ShapesSource:
         return video, text
 
 
+class UnusableData(ValueError):
+    """The data set has nothing to train on: no files, or only files that fail to load. One line."""
+
+
+def say_skipped(what: str, why: object) -> None:
+    """One stderr line for one skipped file (warnings.warn prints two; FFmpeg messages may hold newlines)."""
+    print(f"skipped {what}: {' '.join(str(why).split())}", file=sys.stderr, flush=True)
+
+
 class ClipStream(IterableDataset):
     """Batches of clips from a source, sharded by rank and DataLoader worker (see the module docstring).
-    Start at `start_batch` to resume. A clip that fails to load is skipped with a warning and counted,
-    and a deterministic substitute takes its place, so the batch size and the order stay fixed."""
+    Start at `start_batch` to resume. A clip that fails to load is skipped with one stderr line and
+    counted, and a deterministic substitute takes its place, so the batch size and the order stay fixed."""
 
     def __init__(self, source, batch_size: int, rank: int = 0, world: int = 1, start_batch: int = 0,
                  max_batches: int | None = None):
@@ -267,16 +281,19 @@ class ClipStream(IterableDataset):
             try:
                 return self.source.load(k)
             except (OSError, ValueError, RuntimeError) as err:  # PyAV's errors derive from these
-                self.skipped += 1
-                warnings.warn(f"skipped clip {k} of {self.source.name}: {err}", stacklevel=2)
+                self.skipped, last = self.skipped + 1, err
+                say_skipped(f"clip {k} of {self.source.name}", err)
                 k = int(np.random.default_rng([k, attempt, 7]).integers(n))
-        raise RuntimeError(f"{self.source.name}: 20 files in a row failed to decode; is the data usable?")
+        last = " ".join(str(last).split())
+        raise UnusableData(f"{self.source.name}: 20 loads in a row failed, the last with: {last}")
 
     def batch(self, b: int) -> dict:
+        """{"video": (B, 3, T, H, W) in [-1, 1], "caption": [B str], "skipped": files skipped for it}."""
+        before = self.skipped
         clips = [self.clip(j) for j in range(b * self.batch_size, (b + 1) * self.batch_size)]
         video = torch.from_numpy(np.stack([v for v, _ in clips]))  # (B, T, H, W, 3) uint8
         video = video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B, 3, T, H, W) in [-1, 1]
-        return {"video": video, "caption": [c for _, c in clips]}
+        return {"video": video, "caption": [c for _, c in clips], "skipped": self.skipped - before}
 
     def __iter__(self):
         info = get_worker_info()
@@ -292,15 +309,31 @@ VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+MAX_PIXELS = 4096 * 4096  # a bigger frame (8K) decodes too slowly for a loader, or a strip resizes too large
+MAX_LEAD = 2000  # decoded frames before the clip's first: more means key frames too sparse to seek to
+MAX_FRAMES = 10_000  # a whole-video read: a timestamp jump would otherwise repeat one frame without end
+
+
+def _fit(width: int, height: int, size: int | None) -> tuple[int, int]:
+    """(w, h) with the short side resized to `size`; ValueError if the frame, before or after, is too big."""
+    w, h = width, height
+    if size is not None:
+        scale = size / max(min(width, height), 1)  # a header may not know the size yet: 0 x 0
+        w, h = max(size, round(width * scale)), max(size, round(height * scale))
+    if max(width * height, w * h) > MAX_PIXELS:
+        raise ValueError(f"{width} x {height} frames (resized {w} x {h}) are above MAX_PIXELS = {MAX_PIXELS}")
+    return w, h
+
+
 def _rgb(frame: av.VideoFrame, size: int | None) -> np.ndarray:
     """One decoded frame as (H, W, 3) uint8, upright, short side resized to `size` and centre-cropped."""
     # phones store "rotate this many degrees counter-clockwise" in the display matrix; read it before
     # reformat, whose new frame lacks that side data
     turns = round(frame.rotation / 90) % 4
+    w, h = _fit(frame.width, frame.height, size)  # the size can change mid-stream
     if size is not None:
-        scale = size / min(frame.width, frame.height)
-        w, h = max(size, round(frame.width * scale)), max(size, round(frame.height * scale))
-        # swscale's area filter averages the pixels it drops, so downscaling does not alias
+        # swscale's area filter averages the pixels it drops, so downscaling does not alias; it also
+        # drops alpha and converts gray, 10-bit and any other pixel format to 8-bit RGB
         frame = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA")
     img = np.rot90(frame.to_ndarray(format="rgb24"), k=turns)  # (H, W, 3) from any pixel format
     if size is not None:
@@ -318,11 +351,14 @@ def _pick(container, stream, fps: float | None, start: float):
         container.seek(int((t0 + start) / stream.time_base), stream=stream)
     rate = float(stream.average_rate or 25)
     eps = 0.1 / fps if fps else 1e-6  # GIF times are in 1/100 s: 0.125 s reads back as 0.13 s
-    prev, prev_t, gap, i = None, 0.0, 1 / (fps or rate), 0
+    prev, prev_t, gap, i = None, 0.0, 1 / (fps or rate), 0  # i: frames yielded so far
     for n, frame in enumerate(container.decode(stream)):
+        if n == MAX_LEAD and i == 0:  # bound the time a load takes, whatever the file
+            raise ValueError(f"no frame at {start:.2f} s within {MAX_LEAD} decoded frames (MAX_LEAD)")
         t = (frame.time if frame.time is not None else n / rate) - t0 - start  # seconds into the clip
         if fps is None:
             if t >= -eps:
+                i += 1
                 yield frame
             continue
         while prev is not None and t > i / fps + eps:  # prev is the last frame at or before i / fps
@@ -339,16 +375,20 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, si
                fps: float | None = None, start: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
     """Decode a video or image (a path or a binary file object) to (T, H, W, 3) uint8 RGB.
 
-    frames: exactly this many (ValueError if the video is shorter), else all.  size: short side resized
-    to `size`, centre-cropped to size x size.  fps: resample by timestamp.  start: seconds to skip; with
-    `rng`, the start is drawn uniformly over where a full clip fits.  Unreadable, empty or video-less
-    files raise ValueError: PyAV's errors are converted, since not all derive from OSError or ValueError."""
-    name = str(src) if isinstance(src, (str, os.PathLike)) else "a file object"
+    frames: exactly this many (ValueError if the video is shorter), else all, up to MAX_FRAMES.
+    size: short side resized to `size`, centre-cropped to size x size.  fps: resample by timestamp.
+    start: seconds to skip; with `rng`, the start is drawn uniformly over where a full clip fits.
+    Every failure is a ValueError naming the file (a file object by its `name`, if it has one):
+    unreadable, truncated, empty, video-less or too short files, frames above MAX_PIXELS, a first frame
+    beyond MAX_LEAD. PyAV's errors are converted, since not all derive from OSError or ValueError."""
+    name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "a file object")
+    limit = frames or MAX_FRAMES + 1
     try:
         with av.open(src) as container:
             if not container.streams.video:
-                raise ValueError(f"{name} has no video stream")
+                raise ValueError("no video stream")
             stream = container.streams.video[0]
+            _fit(stream.codec_context.width, stream.codec_context.height, size)  # before decoding a clip
             if rng is not None and frames is not None:
                 # container.duration is in microseconds; both are None when the header does not say
                 duration = (float(stream.duration * stream.time_base) if stream.duration
@@ -360,10 +400,12 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, si
                 if frame is not last:  # convert a repeated frame once
                     last, img = frame, _rgb(frame, size)
                 out.append(img)
-                if len(out) == frames:
+                if len(out) == limit:
                     break
-    except av.error.FFmpegError as err:
-        raise ValueError(f"cannot decode {name}: {err}") from err
+    except (av.error.FFmpegError, ValueError) as err:  # FFmpeg's message without the path again
+        raise ValueError(f"cannot decode {name}: {getattr(err, 'strerror', None) or err}") from err
+    if len(out) > MAX_FRAMES:
+        raise ValueError(f"{name} has more than MAX_FRAMES = {MAX_FRAMES} frames: read clips with `frames`")
     if not out or (frames is not None and len(out) < frames):
         raise ValueError(f"{name} is too short: {len(out)} frames from {start:.2f} s, {frames or 1} needed")
     return np.stack(out)  # (T, H, W, 3)
@@ -390,22 +432,31 @@ def write_video(path: str, video: np.ndarray | torch.Tensor, fps: float = 8) -> 
         container.mux(stream.encode())  # flush the frames the encoder still holds
 
 
-def _folder_items(root: Path, exts: tuple[str, ...]) -> list[tuple[Path, str]]:
-    """(file, caption) pairs of a folder: root/captions.csv (`path,caption` rows, paths relative to root)
-    if there is one, else `a video of {label}` from each file's sub-folder, else ""."""
+def _folder_items(root: Path, exts: tuple[str, ...]) -> tuple[list[tuple[Path, str]], int]:
+    """(file, caption) pairs of a folder and the number of captions.csv rows dropped: root/captions.csv
+    (`path,caption` rows, paths relative to root) if there is one, else `a video of {label}` from each
+    file's sub-folder, else "". Captions are cut to 1000 characters; bytes that are not UTF-8 become U+FFFD."""
     table = root / "captions.csv"
     if not table.is_file():
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())
+        if not files:
+            why = f"no {' '.join(exts)} files in it" if root.is_dir() else "no such folder"
+            raise UnusableData(f"no videos found in {root}: {why}")
         labels = [re.sub("[_-]", " ", p.parent.name) if p.parent != root else "" for p in files]
-        return [(p, f"a video of {label}" if label else "") for p, label in zip(files, labels)]
+        return [(p, f"a video of {label}" if label else "") for p, label in zip(files, labels)], 0
     # lift the csv module's 128 KiB field limit (process-wide), so a huge caption is cut, not fatal
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
     with open(table, newline="", encoding="utf-8-sig", errors="replace") as f:
         rows = [row for row in csv.reader(f) if row and row[:2] != ["path", "caption"]]
-    found = [row for row in rows if (root / row[0]).is_file()]
-    if len(found) < len(rows):
-        warnings.warn(f"{table}: skipped {len(rows) - len(found)} rows whose file is missing", stacklevel=3)
-    return [(root / row[0], (row[1] if len(row) > 1 else "").strip()[:1000]) for row in found]
+    found = []
+    for row in rows:
+        if os.path.isfile(root / row[0]):  # False for a name too long or with a NUL byte, too
+            found.append((root / row[0], (row[1] if len(row) > 1 else "").strip()[:1000]))
+        else:
+            say_skipped(f"row {row[0][:200]!r} of {table}", "no such file")
+    if not found:
+        raise UnusableData(f"no videos found in {root}: none of the {len(rows)} files named in {table} exists")
+    return found, len(rows) - len(found)
 
 
 class VideoFolderSource:
@@ -417,13 +468,13 @@ class VideoFolderSource:
 
     def __init__(self, root: str, frames: int = 11, size: int = 128, fps: float | None = 8.0, seed: int = 0):
         self.name, self.frames, self.size, self.fps, self.seed = str(root), frames, size, fps, seed
-        self.items = self.index_files(root)  # [(file, caption)]
-        if not self.items:
-            raise ValueError(f"no videos found in {root}")
+        # [(file, caption)], and how many entries indexing dropped (each said on one stderr line);
+        # UnusableData if nothing is left
+        self.items, self.dropped = self.index_files(root)
         self._epoch, self._order = -1, np.arange(0)
 
-    def index_files(self, root: str) -> list:
-        """[(file, caption)] of the data set; subclasses index other containers."""
+    def index_files(self, root: str) -> tuple[list, int]:
+        """[(file, caption)] of the data set and the entries dropped; subclasses index other containers."""
         return _folder_items(Path(root), self.exts)
 
     def __len__(self) -> int:
@@ -474,27 +525,34 @@ class TarShardSource(VideoFolderSource):
     once; a load then reads the video's bytes at their offset, so the tars must be uncompressed.
     Order and clip start follow the rules of VideoFolderSource."""
 
-    def index_files(self, pattern: str) -> list:
-        items = []  # [((shard, offset, length), caption)]
+    def index_files(self, pattern: str) -> tuple[list, int]:
+        items, dropped, why = [], 0, "no file matches it"  # [((shard, offset, length, member), caption)]
         for shard in sorted({path for p in expand_braces(pattern) for path in glob.glob(p)}):
-            try:
+            videos, texts = [], {}  # [(key, entry)], {key: caption}
+            try:  # a truncated shard keeps the samples before the cut
                 with tarfile.open(shard, "r:") as tar:
-                    members = {os.path.splitext(m.name): m for m in tar if m.isfile()}  # (key, ext) -> member
-                    for (key, ext), m in sorted(members.items()):
-                        if ext.lower() not in VIDEO_EXTS:
-                            continue
-                        text = members.get((key, ".txt"))
-                        text = tar.extractfile(text).read().decode("utf-8", errors="replace") if text else ""
-                        items.append(((shard, m.offset_data, m.size), text.strip()[:1000]))
-            except tarfile.TarError as err:
-                raise ValueError(f"{shard} is not an uncompressed tar: {err}") from err
-        return items
+                    for m in tar:
+                        key, ext = os.path.splitext(m.name)
+                        if m.isfile() and ext.lower() in VIDEO_EXTS:
+                            videos.append((key, (shard, m.offset_data, m.size, m.name)))
+                        elif m.isfile() and ext == ".txt":
+                            texts[key] = tar.extractfile(m).read().decode("utf-8", errors="replace")
+            except (tarfile.TarError, OSError) as err:
+                reason = f"not a readable uncompressed tar: {err}"
+                dropped, why = dropped + 1, f"{shard} is {reason}"
+                say_skipped(f"the rest of {shard} (after {len(videos)} videos)", reason)
+            items += [(entry, texts.get(key, "").strip()[:1000]) for key, entry in sorted(videos)]
+        if not items:
+            raise UnusableData(f"no videos found in {pattern}: {why}")
+        return items, dropped
 
-    def fetch(self, member: tuple[str, int, int]) -> io.BytesIO:
-        shard, offset, length = member
+    def fetch(self, entry: tuple[str, int, int, str]) -> io.BytesIO:
+        shard, offset, length, member = entry
         with open(shard, "rb") as f:
             f.seek(offset)
-            return io.BytesIO(f.read(length))
+            data = io.BytesIO(f.read(length))
+        data.name = f"{member} in {shard}"  # read_video names the file in its errors
+        return data
 
 
 def make_source(spec: str, frames: int, size: int, seed: int = 0,
@@ -507,7 +565,7 @@ def make_source(spec: str, frames: int, size: int, seed: int = 0,
         return ImageFolderSource(spec[len("images:"):], size, seed)
     if ".tar" in spec or any(c in spec for c in "{*?["):
         return TarShardSource(spec, frames, size, fps, seed)
-    if os.path.isdir(spec):  # an empty folder fails in ImageFolderSource with "no videos found in ..."
+    if os.path.isdir(spec):  # an empty folder raises UnusableData in ImageFolderSource
         if any(p.suffix.lower() in VIDEO_EXTS for p in Path(spec).rglob("*")):
             return VideoFolderSource(spec, frames, size, fps, seed)
         return ImageFolderSource(spec, size, seed)
@@ -545,9 +603,9 @@ def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, 
     os.replace(path + ".tmp", path)
 
 
-def load_token_cache(folder: str, world: int, key: str) -> tuple[torch.Tensor, list[str]]:
-    """All shards of a cache -> codes (N, t, h, w) long and N captions."""
-    codes, captions = [], []
+def load_token_cache(folder: str, world: int, key: str) -> tuple[torch.Tensor, list[str], int]:
+    """All shards of a cache -> codes (N, t, h, w) long, N captions, and the files skipped building it."""
+    codes, captions, skipped = [], [], 0
     for rank in range(world):
         with safe_open(cache_shard(folder, rank, world), framework="pt") as f:
             meta = f.metadata() or {}
@@ -555,4 +613,5 @@ def load_token_cache(folder: str, world: int, key: str) -> tuple[torch.Tensor, l
                 raise ValueError(f"token cache shard {rank} in {folder} was made by another tokenizer or data")
             codes.append(f.get_tensor("codes").long())
             captions += json.loads(meta["captions"])
-    return torch.cat(codes), captions
+            skipped += int(meta.get("skipped", 0))
+    return torch.cat(codes), captions, skipped

@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cvivit import CViViT, CViViTConfig
-from data import (ClipStream, agreement, build_token_cache, caption, load_token_cache, make_source, random_spec)
+from data import (ClipStream, UnusableData, agreement, build_token_cache, caption, load_token_cache, make_source,
+                  random_spec)
 from maskgit import MaskGIT, MaskGITConfig
 from text_encoder import CaptionTokenizer, TextEncoderConfig
 from transformer import Block
@@ -184,12 +186,25 @@ def override(config, assignments: list[str], prefix: str):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Write atomically: a crash mid-write leaves the previous file whole."""
+    """Write atomically and keep the previous file as `path.prev`: a crash or a full disk mid-write
+    leaves the last good checkpoint whole. A failed write raises OSError and leaves no temporary."""
     tmp = f"{path}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except (OSError, SafetensorError) as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"could not write {path}: {err}") from None
+    if os.path.exists(path):  # between these two renames only .prev exists: load_train_state falls back to it
+        os.replace(path, f"{path}.prev")
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # make the renames durable
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def export_half(src: str, dst: str, tokenizer: str | None = None) -> None:
@@ -214,6 +229,28 @@ def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     if meta.get("format") != "phenaki":
         raise UsageError(f"{path} is not a phenaki checkpoint")
     return tensors, meta
+
+
+def load_train_state(out: str, resume: bool) -> tuple[str, dict, dict[str, str]] | None:
+    """The train state to resume from -> (its path, tensors, metadata): <out>/train_state.safetensors,
+    or the previous one kept beside it when the newest is missing or unreadable. None: start afresh
+    (no --resume, or nothing saved yet)."""
+    path = os.path.join(out, "train_state.safetensors")
+    problems = []
+    for candidate in (path, f"{path}.prev") if resume else ():
+        if not os.path.exists(candidate):
+            continue
+        try:
+            tensors, meta = load_checkpoint(candidate)
+        except UsageError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            print(f"warning: {problems[0]}; resuming from the previous checkpoint", file=sys.stderr)
+        return candidate, tensors, meta
+    if problems:
+        raise UsageError(f"no readable train state to resume from: {problems[0]}")
+    return None
 
 
 def tokenizer_meta(kind: str, config, step: int) -> dict[str, str]:
@@ -311,8 +348,11 @@ def save_run(out: str, meta: dict[str, str], cfg: TrainConfig, modules: dict[str
         tensors |= opt_tensors
     if not write:
         return
-    save_weights(out, meta, cfg, states.get("ema") or states["model"])
-    save_checkpoint(os.path.join(out, "train_state.safetensors"), tensors, meta | groups)
+    try:
+        save_weights(out, meta, cfg, states.get("ema") or states["model"])
+        save_checkpoint(os.path.join(out, "train_state.safetensors"), tensors, meta | groups)
+    except OSError as err:  # a full disk: the previous checkpoint is intact; try again at the next save
+        print(f"warning: checkpoint at step {meta['step']} not saved ({err}); the previous one is kept", file=sys.stderr)
 
 
 def restore_modules(tensors: dict, modules: dict[str, nn.Module]) -> None:
@@ -332,8 +372,11 @@ def restore_run(tensors: dict, meta: dict[str, str], modules: dict[str, nn.Modul
 
 def write_log(out: str, history: list[dict], record: dict) -> None:
     history.append(record)
-    with open(os.path.join(out, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(os.path.join(out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:  # a full disk must not end a run: the checkpoints say whether they were saved
+        print(f"warning: log line of step {record['step']} not written ({err.strerror})", file=sys.stderr)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -364,10 +407,14 @@ def save_plots(out: str, history: list[dict], keys: tuple[str, ...], videos: tor
         if pts:
             ax.plot(*zip(*pts), label=key)
     ax.set_yscale("log"), ax.set_xlabel("step"), ax.legend()
-    fig.savefig(os.path.join(out, "loss.png"), dpi=100, bbox_inches="tight")
-    plt.close(fig)
     grid = videos.permute(0, 3, 2, 4, 1).flatten(2, 3).flatten(0, 1)  # (B*H, T*W, 3)
-    plt.imsave(os.path.join(out, name), ((grid.clamp(-1, 1) + 1) / 2).cpu().numpy())
+    try:
+        fig.savefig(os.path.join(out, "loss.png"), dpi=100, bbox_inches="tight")
+        plt.imsave(os.path.join(out, name), ((grid.clamp(-1, 1) + 1) / 2).cpu().numpy())
+    except OSError as err:  # a full disk must not end a run
+        print(f"warning: loss.png or {name} not written ({err.strerror})", file=sys.stderr)
+    finally:
+        plt.close(fig)
 
 
 def show_progress(step: int, cfg: TrainConfig, world: int, losses: dict, t0: float, start_step: int) -> None:
@@ -383,14 +430,45 @@ def show_progress(step: int, cfg: TrainConfig, world: int, losses: dict, t0: flo
     print(("\r" if tty else "") + line, end="" if tty else "\n", flush=True)
 
 
-def all_finite(loss: float, device: torch.device, bad_before: int) -> bool:
-    """Is this step's loss finite on every rank? All ranks skip a bad step together; ten in a row stop the run."""
-    finite = torch.tensor(float(math.isfinite(loss)), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if finite.item() < 1 and bad_before + 1 >= 10:
-        raise RuntimeError("the loss was not finite 10 steps in a row; lower the learning rate")
-    return finite.item() == 1
+class TrainingStopped(Exception):
+    """The run cannot go on (e.g. the loss diverged): reported as one line, exit code 1."""
+
+
+class StepGuard:
+    """What every step checks on all ranks at once, in one all-reduce: a non-finite loss (the update
+    is skipped, the step still counts; ten in a row stop the run) and SIGTERM or Ctrl-C on any rank
+    (the loop saves a checkpoint and leaves). Use as a context manager: it installs the handlers."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bad_in_a_row, self.skipped, self.stop = device, 0, 0, False
+        self.signalled, self.previous = False, {}
+
+    def __enter__(self) -> "StepGuard":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self.on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def on_signal(self, signum: int, frame) -> None:
+        if self.signalled and signum == signal.SIGINT:  # a second Ctrl-C: leave now
+            raise KeyboardInterrupt
+        self.signalled = True
+
+    def update_ok(self, loss: float) -> bool:
+        """Is this step's loss finite on every rank? Also sets self.stop if any rank was signalled."""
+        flags = torch.tensor([float(not math.isfinite(loss)), float(self.signalled)], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, self.stop = bool(flags[0]), bool(flags[1])
+        self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
+        self.skipped += bad
+        if self.bad_in_a_row >= 10:
+            raise TrainingStopped("the loss was not finite 10 steps in a row; lower the learning rate "
+                                  "and continue with --resume from the last checkpoint")
+        return not bad
 
 
 @torch.no_grad()
@@ -415,6 +493,22 @@ def finish(model: nn.Module, world: int, master: bool, message: str, compare: bo
         print(message)
 
 
+def quiet_worker(worker: int) -> None:
+    """DataLoader workers leave SIGTERM and Ctrl-C to the main process, which saves and then stops them
+    (a scheduler signals the whole process group)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def leave_on_signal(step: int, world: int, master: bool, out: str) -> None:
+    """After SIGTERM or Ctrl-C: the checkpoint of this step is saved; leave together, with 128 + SIGTERM."""
+    if world > 1:
+        dist.barrier()
+    if master:
+        print(f"\nstopped by a signal at step {step}; checkpoint saved in {out}: continue with --resume", flush=True)
+    sys.exit(128 + signal.SIGTERM)
+
+
 # ----------------------------------------------------------------------------- stage 1
 
 def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world: int, device: torch.device) -> None:
@@ -433,91 +527,95 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
     opt = torch.optim.AdamW(model.parameters(), cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay, fused=fused)
     opt_d = torch.optim.AdamW(disc.parameters(), cfg.lr, betas=(0.5, 0.9), weight_decay=cfg.weight_decay, fused=fused)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
-    os.makedirs(args.out, exist_ok=True)
-    state_path, model_path = os.path.join(args.out, "train_state.safetensors"), os.path.join(args.out, "model.safetensors")
+    model_path = os.path.join(args.out, "model.safetensors")
     step = 0
     modules = {"model": model, "disc": disc} | ({"ema": ema} if ema is not None else {})
     opts = {"opt": opt, "opt_d": opt_d}
-    if args.resume and os.path.exists(state_path):
-        step = restore_run(*load_checkpoint(state_path), modules, opts)
+    resume = load_train_state(args.out, args.resume)
+    if resume:
+        step = restore_run(*resume[1:], modules, opts)
         if master:
-            print(f"resumed from {state_path} at step {step}")
+            print(f"resumed from {resume[0]} at step {step}")
     ddp = world > 1
     # quantizer buffers hold per-rank usage counts: keep DDP from overwriting them with rank 0's
-    model_d = DDP(model, broadcast_buffers=False) if ddp else model
-    disc_d = DDP(disc, broadcast_buffers=False) if ddp else disc
+    model_d = DDP(model, forward_sync_buffers=False) if ddp else model
+    disc_d = DDP(disc, forward_sync_buffers=False) if ddp else disc
     stream = ClipStream(source, cfg.batch_size, rank, world, start_batch=step * cfg.grad_accum)
     # clips decode in `workers` processes, each keeping 4 batches ready, into pinned memory on CUDA
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                               pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-                                              prefetch_factor=4 if cfg.workers else None))
+                                              prefetch_factor=4 if cfg.workers else None, worker_init_fn=quiet_worker))
     # a fixed batch to watch reconstructions on: unseen clips of the Shapes world, else the first batch
     shown = make_source("shapes", cfg.frames, cfg.image_size, seed=cfg.seed + 1) if cfg.data == "shapes" else source
     watch = ClipStream(shown, 8).batch(0)
     watch = watch["video"].to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    history, bad_steps, t0, start_step = [], 0, time.time(), step
+    # files the data set dropped while indexing or skipped while loading, for the log
+    history, skipped_files, t0, start_step = [], getattr(source, "dropped", 0), time.time(), step
 
-    while step < cfg.max_steps:
-        torch.manual_seed(cfg.seed * 1_000_003 + rank * 10_007 + step)  # RNG state is a function of the step
-        for group in opt.param_groups + opt_d.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        use_gan = step >= cfg.gan_start
-        logs = {"rec": 0.0, "vq": 0.0, "gan": 0.0, "disc": 0.0}
-        for micro in range(cfg.grad_accum):
-            video = next(loader)["video"].to(device, non_blocking=True)  # (B, 3, T, H, W)
-            last = micro == cfg.grad_accum - 1
-            with (model_d.no_sync() if ddp and not last else contextlib.nullcontext()), autocast:
-                out = model_d(video)
-                rec = F.mse_loss(out.recon.float(), video)
-                loss = rec + out.vq_loss
-                if perceptual is not None:
-                    loss = loss + cfg.perceptual_weight * perceptual(out.recon.float(), video)
+    with StepGuard(device) as guard:
+        while step < cfg.max_steps:
+            torch.manual_seed(cfg.seed * 1_000_003 + rank * 10_007 + step)  # RNG state is a function of the step
+            for group in opt.param_groups + opt_d.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            use_gan = step >= cfg.gan_start
+            logs = {"rec": 0.0, "vq": 0.0, "gan": 0.0, "disc": 0.0}
+            for micro in range(cfg.grad_accum):
+                batch = next(loader)
+                video, skipped_files = batch["video"].to(device, non_blocking=True), skipped_files + batch["skipped"]
+                last = micro == cfg.grad_accum - 1
+                with (model_d.no_sync() if ddp and not last else contextlib.nullcontext()), autocast:
+                    out = model_d(video)
+                    rec = F.mse_loss(out.recon.float(), video)
+                    loss = rec + out.vq_loss
+                    if perceptual is not None:
+                        loss = loss + cfg.perceptual_weight * perceptual(out.recon.float(), video)
+                    if use_gan:
+                        disc.requires_grad_(False)  # the generator's GAN loss must not train the discriminator
+                        gan = -disc(out.recon).float().mean()
+                        disc.requires_grad_(True)
+                        weight = adaptive_gan_weight(rec, gan, model.last_layer)
+                        loss = loss + cfg.gan_weight * weight * gan
+                        logs["gan"] += gan.item() / cfg.grad_accum
+                    (loss / cfg.grad_accum).backward()
                 if use_gan:
-                    disc.requires_grad_(False)  # the generator's GAN loss must not train the discriminator
-                    gan = -disc(out.recon).float().mean()
-                    disc.requires_grad_(True)
-                    weight = adaptive_gan_weight(rec, gan, model.last_layer)
-                    loss = loss + cfg.gan_weight * weight * gan
-                    logs["gan"] += gan.item() / cfg.grad_accum
-                (loss / cfg.grad_accum).backward()
-            if use_gan:
-                with (disc_d.no_sync() if ddp and not last else contextlib.nullcontext()), autocast:
-                    logits = disc_d(torch.cat([video, out.recon.detach()]))  # fakes detached: no leak back
-                    d_loss = hinge_d_loss(logits[: len(video)].float(), logits[len(video):].float())
-                    (d_loss / cfg.grad_accum).backward()
-                logs["disc"] += d_loss.item() / cfg.grad_accum
-            logs["rec"] += rec.item() / cfg.grad_accum
-            logs["vq"] += out.vq_loss.item() / cfg.grad_accum
-        bad_steps = 0 if all_finite(logs["rec"] + logs["vq"] + logs["gan"] + logs["disc"], device, bad_steps) else bad_steps + 1
-        if bad_steps:
+                    with (disc_d.no_sync() if ddp and not last else contextlib.nullcontext()), autocast:
+                        logits = disc_d(torch.cat([video, out.recon.detach()]))  # fakes detached: no leak back
+                        d_loss = hinge_d_loss(logits[: len(video)].float(), logits[len(video):].float())
+                        (d_loss / cfg.grad_accum).backward()
+                    logs["disc"] += d_loss.item() / cfg.grad_accum
+                logs["rec"] += rec.item() / cfg.grad_accum
+                logs["vq"] += out.vq_loss.item() / cfg.grad_accum
+            if guard.update_ok(logs["rec"] + logs["vq"] + logs["gan"] + logs["disc"]):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                if use_gan:
+                    opt_d.step()
+                if ema is not None:
+                    update_ema(ema, model, cfg.ema)
             opt.zero_grad(set_to_none=True), opt_d.zero_grad(set_to_none=True)
-            continue
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step(), opt.zero_grad(set_to_none=True)
-        if use_gan:
-            opt_d.step(), opt_d.zero_grad(set_to_none=True)
-        if ema is not None:
-            update_ema(ema, model, cfg.ema)
-        step += 1
-        if step % cfg.restart_every == 0:
-            logs["restarted"] = model.quantizer.restart_dead_codes()
-        if master:
-            show_progress(step, cfg, world, {k: logs[k] for k in ("rec", "vq", "gan", "disc")}, t0, start_step)
-        if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            record = {"step": step, "lr": lr_at(step, cfg), "time": round(time.time() - t0, 1)} | logs
-            if step % cfg.image_every == 0 or step == cfg.max_steps:
-                was = model.training
-                model.eval()
-                with torch.no_grad(), autocast:
-                    recon = model(watch).recon.float().clamp(-1, 1)
-                model.train(was)
-                record["val_psnr"] = (-10 * torch.log10(((recon - watch) / 2).pow(2).mean())).item()
-                real_over_fake = torch.stack([watch[:4], recon[:4]], dim=1).flatten(0, 1)  # (8, 3, T, H, W)
-                save_plots(args.out, history + [record], ("rec", "vq", "val_psnr"), real_over_fake, "recon.png")
-            write_log(args.out, history, record)
-        if master and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            save_run(args.out, tokenizer_meta(args.tokenizer, model_cfg, step), cfg, modules, opts)
+            step += 1
+            if step % cfg.restart_every == 0:
+                logs["restarted"] = model.quantizer.restart_dead_codes()
+            if master:
+                show_progress(step, cfg, world, {k: logs[k] for k in ("rec", "vq", "gan", "disc")}, t0, start_step)
+            if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                record = {"step": step, "lr": lr_at(step, cfg), "time": round(time.time() - t0, 1)} | logs | {
+                    "skipped_steps": guard.skipped, "skipped_files": skipped_files}
+                if step % cfg.image_every == 0 or step == cfg.max_steps:
+                    was = model.training
+                    model.eval()
+                    with torch.no_grad(), autocast:
+                        recon = model(watch).recon.float().clamp(-1, 1)
+                    model.train(was)
+                    record["val_psnr"] = (-10 * torch.log10(((recon - watch) / 2).pow(2).mean())).item()
+                    real_over_fake = torch.stack([watch[:4], recon[:4]], dim=1).flatten(0, 1)  # (8, 3, T, H, W)
+                    save_plots(args.out, history + [record], ("rec", "vq", "val_psnr"), real_over_fake, "recon.png")
+                write_log(args.out, history, record)
+            if master and (step % cfg.save_every == 0 or step == cfg.max_steps or guard.stop):
+                save_run(args.out, tokenizer_meta(args.tokenizer, model_cfg, step), cfg, modules, opts)
+            if guard.stop:
+                leave_on_signal(step, world, master, args.out)
     finish(model, world, master, f"done: {step} steps in {time.time() - t0:.0f} s; weights in {model_path}")
     if master and cfg.merge_codes:  # model.safetensors only: train_state keeps the raw book for --resume
         sampled = ema if ema is not None else model
@@ -600,8 +698,7 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
     tokenizer = tokenizer.to(device)
     digest = file_digest(args.tokenizer_checkpoint)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    os.makedirs(args.out, exist_ok=True)
-    state_path, model_path = os.path.join(args.out, "train_state.safetensors"), os.path.join(args.out, "model.safetensors")
+    model_path = os.path.join(args.out, "model.safetensors")
 
     # 1. the token cache: every clip through the frozen encoder once, each rank its share
     key = json.dumps([digest, cfg.data, cfg.frames, cfg.image_size, cfg.fps, cfg.cache_clips, cfg.seed])
@@ -619,12 +716,13 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
     build_token_cache(encode, source, cfg.cache_clips, folder, 32, rank, world, key, on_batch=shown)
     if ddp:
         dist.barrier()
-    codes, captions = load_token_cache(folder, world, key)  # (N, t, h, w), N captions
+    codes, captions, skipped_files = load_token_cache(folder, world, key)  # (N, t, h, w), N captions
+    skipped_files += getattr(source, "dropped", 0)
 
     # 2. the caption tokenizer: trained on the cached captions by rank 0, or restored on resume
-    resume = args.resume and os.path.exists(state_path)
+    resume = load_train_state(args.out, args.resume)
     if resume:
-        tensors, meta = load_checkpoint(state_path)
+        _, tensors, meta = resume
         text_json = meta["text_tokenizer"]
     else:
         text_json = [CaptionTokenizer.train(captions, model_cfg.text.vocab_size).to_json() if master else None]
@@ -662,59 +760,61 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
     if resume:
         step = restore_run(tensors, meta, {}, opts)
         if master:
-            print(f"resumed from {state_path} at step {step}")
+            print(f"resumed from {resume[0]} at step {step}")
     specs = watch_specs(8, cfg.seed)
-    history, bad_steps, t0, start_step = [], 0, time.time(), step
+    history, t0, start_step = [], time.time(), step
     t = model_cfg.latent_frames
 
-    while step < cfg.max_steps:
-        seed = cfg.seed * 1_000_003 + rank * 10_007 + step  # RNG state and batch are functions of the step
-        torch.manual_seed(seed)
-        pick = torch.Generator().manual_seed(seed)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            idx = torch.randint(len(codes), (cfg.batch_size,), generator=pick)  # with replacement
-            mask = all_masks[idx]
-            width = int(mask.sum(1).max())  # trim the padding this batch does not need
-            ids, mask = all_ids[idx, :width].to(device), mask[:, :width].to(device)
-            frames = None
-            if cfg.image_ratio > 0:  # by causality an image's codes are its clip's first latent frame
-                image = torch.rand(cfg.batch_size, generator=pick) < cfg.image_ratio
-                frames = torch.where(image, 1, t).to(device)
-            last = micro == cfg.grad_accum - 1
-            if fsdp:
-                loss_d.set_requires_gradient_sync(last)
-            with (loss_d.no_sync() if ddp and not fsdp and not last else contextlib.nullcontext()), autocast:
-                loss = loss_d("loss", codes[idx].to(device), ids, mask, frames)
-                (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
-        bad_steps = 0 if all_finite(total, device, bad_steps) else bad_steps + 1
-        if bad_steps:
+    with StepGuard(device) as guard:
+        while step < cfg.max_steps:
+            seed = cfg.seed * 1_000_003 + rank * 10_007 + step  # RNG state and batch are functions of the step
+            torch.manual_seed(seed)
+            pick = torch.Generator().manual_seed(seed)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                idx = torch.randint(len(codes), (cfg.batch_size,), generator=pick)  # with replacement
+                mask = all_masks[idx]
+                width = int(mask.sum(1).max())  # trim the padding this batch does not need
+                ids, mask = all_ids[idx, :width].to(device), mask[:, :width].to(device)
+                frames = None
+                if cfg.image_ratio > 0:  # by causality an image's codes are its clip's first latent frame
+                    image = torch.rand(cfg.batch_size, generator=pick) < cfg.image_ratio
+                    frames = torch.where(image, 1, t).to(device)
+                last = micro == cfg.grad_accum - 1
+                if fsdp:
+                    loss_d.set_requires_gradient_sync(last)
+                with (loss_d.no_sync() if ddp and not fsdp and not last else contextlib.nullcontext()), autocast:
+                    loss = loss_d("loss", codes[idx].to(device), ids, mask, frames)
+                    (loss / cfg.grad_accum).backward()
+                total += loss.item() / cfg.grad_accum
+            if guard.update_ok(total):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                if ema is not None:
+                    update_ema(ema, model, cfg.ema)
             opt.zero_grad(set_to_none=True)
-            continue
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step(), opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            update_ema(ema, model, cfg.ema)
-        step += 1
-        if master:
-            show_progress(step, cfg, world, {"loss": total}, t0, start_step)
-        judge = step % cfg.image_every == 0 or step == cfg.max_steps
-        if judge and (master or fsdp):  # under FSDP every rank joins the sampling's all-gathers
-            model.eval()
-            videos, verdicts = sample_and_judge(sampler, text, tokenizer, specs, device, steps=cfg.sample_steps,
-                                                generator=torch.Generator(device).manual_seed(cfg.seed))
-            model.train()
-        if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            record = {"step": step, "lr": lr_at(step, cfg), "time": round(time.time() - t0, 1), "loss": total}
-            if judge:
-                record |= {f"val_{k}": v for k, v in verdicts.items()}
-                save_plots(args.out, history + [record], ("loss",), videos, "samples.png")
-            write_log(args.out, history, record)
-        if (master or fsdp) and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            save_run(args.out, generator_meta(model_cfg, step, text, digest), cfg, modules, opts, write=master)
+            step += 1
+            if master:
+                show_progress(step, cfg, world, {"loss": total}, t0, start_step)
+            judge = step % cfg.image_every == 0 or step == cfg.max_steps
+            if judge and (master or fsdp):  # under FSDP every rank joins the sampling's all-gathers
+                model.eval()
+                videos, verdicts = sample_and_judge(sampler, text, tokenizer, specs, device, steps=cfg.sample_steps,
+                                                    generator=torch.Generator(device).manual_seed(cfg.seed))
+                model.train()
+            if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                record = {"step": step, "lr": lr_at(step, cfg), "time": round(time.time() - t0, 1), "loss": total,
+                          "skipped_steps": guard.skipped, "skipped_files": skipped_files}
+                if judge:
+                    record |= {f"val_{k}": v for k, v in verdicts.items()}
+                    save_plots(args.out, history + [record], ("loss",), videos, "samples.png")
+                write_log(args.out, history, record)
+            if (master or fsdp) and (step % cfg.save_every == 0 or step == cfg.max_steps or guard.stop):
+                save_run(args.out, generator_meta(model_cfg, step, text, digest), cfg, modules, opts, write=master)
+            if guard.stop:
+                leave_on_signal(step, world, master, args.out)
     finish(model, world, master, f"done: {step} steps in {time.time() - t0:.0f} s; weights in {model_path}",
            compare=not fsdp)
 
@@ -787,6 +887,15 @@ def main(argv: list[str] | None = None) -> None:
             model_cfg = check_generator(args, model_cfg, cfg)
         name = args.tokenizer if args.stage == 1 else "maskgit"
         args.out = args.out or f"runs/stage{args.stage}-{name}-{args.preset}"
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot write to --out {args.out}: {err.strerror}") from None
+        if not os.access(args.out, os.W_OK):
+            raise UsageError(f"cannot write to --out {args.out}: not a writable folder")
+        # torchrun --max-restarts re-runs this command after a worker dies: go on from the last checkpoint
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        args.resume = args.resume or restarts > 0
         source = make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed, fps=cfg.fps)  # fails early on bad data
     except (UsageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -799,11 +908,27 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # a restarted worker group meets in the store of the failed one: under a fresh key prefix,
+            # so that it cannot read the dead workers' addresses
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"restart-{restarts}", store), rank=rank,
+                                    world_size=world)
+        else:
+            dist.init_process_group(backend)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         (train_tokenizer if args.stage == 1 else train_generator)(args, model_cfg, cfg, source, rank, world, device)
+    except UsageError as err:  # e.g. a --resume with no readable train state
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (TrainingStopped, UnusableData) as err:
+        # raised in a DataLoader worker, the message carries the worker's traceback: its last line is the error
+        print(f"error: {str(err).strip().splitlines()[-1].removeprefix('data.UnusableData: ')}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if ddp:
             dist.destroy_process_group()

@@ -92,23 +92,24 @@ def test_read_video_rejects_bad_files(tmp_path):
         read_video(tmp_path / "short.mp4", frames=11, fps=8)  # 0.5 s holds 4 frames at 8 fps
 
 
-def test_stream_skips_corrupt_file_and_keeps_batches_full(tmp_path):
+def test_stream_skips_corrupt_file_and_keeps_batches_full(tmp_path, capsys):
     small_clips(tmp_path, ["good.mp4"])
     (tmp_path / "bad.mp4").write_bytes(np.random.default_rng(1).bytes(3000))
     stream = ClipStream(VideoFolderSource(str(tmp_path), frames=3, size=16), batch_size=2, max_batches=2)
-    with pytest.warns(UserWarning, match="skipped clip"):
-        batches = list(stream)
-    assert stream.skipped > 0
+    batches = list(stream)
+    lines = capsys.readouterr().err.splitlines()  # one line per skipped file
+    assert stream.skipped == sum(b["skipped"] for b in batches) == len(lines) > 0
+    assert all(line.startswith("skipped clip") and "bad.mp4" in line for line in lines)
     assert [b["video"].shape for b in batches] == [(2, 3, 3, 16, 16)] * 2
 
 
-def test_captions_from_csv_and_from_label_folders(tmp_path):
+def test_captions_from_csv_and_from_label_folders(tmp_path, capsys):
     csv_root, labelled = tmp_path / "csv", tmp_path / "labelled"
     small_clips(csv_root, ["a.mp4", "sub/b.mp4", "c.mp4"], frames=4)
     (csv_root / "captions.csv").write_bytes(
         b'path,caption\na.mp4,"a dog, running"\nsub/b.mp4,caf\xe9 \xff\nc.mp4,\ngone.mp4,lost\n')
-    with pytest.warns(UserWarning, match="skipped 1 rows"):
-        source = VideoFolderSource(str(csv_root), frames=1, size=8)
+    source = VideoFolderSource(str(csv_root), frames=1, size=8)
+    assert "gone.mp4" in capsys.readouterr().err and source.dropped == 1
     assert sorted(text for _, text in source.items) == ["", "a dog, running", "caf\ufffd \ufffd"]
     big = "x" * 200_000  # beyond the csv module's default field limit
     (csv_root / "captions.csv").write_text(f"a.mp4,{big}\n")

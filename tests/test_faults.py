@@ -1,0 +1,232 @@
+"""What real machines do to a training run, and what users type: each fault is made to happen."""
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from test_train import ROOT, TINY
+
+TRAIN = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", "1"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the same thread count in every run: the same floating-point sums
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300, **kwargs)
+
+
+def assert_same_state(a_dir: str, b_dir: str) -> None:
+    a, b = (load_file(os.path.join(d, "train_state.safetensors")) for d in (a_dir, b_dir))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def wait_for(path: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def logged_steps(out: str) -> list[int]:
+    return [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
+
+
+# ----------------------------------------------------------------------------- killed, stopped, diverged, disk full
+
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    args = ["--max-steps", "30", *TINY]
+    assert run(TRAIN + ["--out", whole, *args]).returncode == 0
+    rng = np.random.default_rng(0)
+    state = os.path.join(killed, "train_state.safetensors")
+    kills = 0
+    for _ in range(3):  # three kills at random moments after the first checkpoint, each resumed
+        proc = subprocess.Popen(TRAIN + ["--out", killed, "--resume", *args], cwd=ROOT, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_for(state, proc)
+        time.sleep(rng.uniform(0, 0.6))
+        proc.kill()
+        kills += proc.wait() == -signal.SIGKILL
+        train.load_checkpoint(state)  # whole after every kill: never a torn file
+    assert kills >= 1  # at least one kill landed mid-run
+    result = run(TRAIN + ["--out", killed, "--resume", *args])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_state(whole, killed)
+
+
+def test_sigterm_saves_a_checkpoint_before_it_exits(tmp_path):
+    out = str(tmp_path / "term")
+    # as a scheduler does, the signal goes to the whole process group: the run and its DataLoader worker
+    proc = subprocess.Popen(TRAIN + ["--out", out, "--max-steps", "100000", *TINY, "--set", "train.save_every=100000",
+                                     "--set", "train.workers=1"],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    log = os.path.join(out, "log.jsonl")
+    wait_for(log, proc)
+    while len(logged_steps(out)) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "stopped by a signal" in stdout
+    _, meta = train.load_checkpoint(os.path.join(out, "train_state.safetensors"))
+    assert int(meta["step"]) == logged_steps(out)[-1] >= 3  # the step it stopped at, not an earlier one
+
+
+def nan_on_calls(monkeypatch, calls: set[int] | None) -> None:
+    """Make stage 1's reconstruction loss NaN on these calls (None: on every call)."""
+    mse, count = train.F.mse_loss, [0]
+
+    def patched(*args, **kwargs):
+        count[0] += 1
+        loss = mse(*args, **kwargs)
+        return loss * float("nan") if calls is None or count[0] in calls else loss
+    monkeypatch.setattr(train.F, "mse_loss", patched)
+
+
+def test_a_non_finite_loss_skips_that_update_and_the_run_goes_on(tmp_path, monkeypatch):
+    clean, spiked = str(tmp_path / "clean"), str(tmp_path / "spiked")
+    train.main(["--stage", "1", "--out", clean, "--max-steps", "3", *TINY, "--set", "train.restart_every=100"])
+    nan_on_calls(monkeypatch, {3})  # step 3's loss
+    train.main(["--stage", "1", "--out", spiked, "--max-steps", "3", *TINY, "--set", "train.restart_every=100"])
+    record = [json.loads(line) for line in open(os.path.join(spiked, "log.jsonl"))][-1]
+    assert record["step"] == 3 and record["skipped_steps"] == 1
+    a, b = (load_file(os.path.join(d, "train_state.safetensors")) for d in (clean, spiked))
+    weights = [k for k in a if k.startswith("model.") and k.endswith("weight")]
+    assert all(torch.isfinite(b[k]).all() for k in b)
+    assert any(not torch.equal(a[k], b[k]) for k in weights)  # step 3's update was left out
+
+
+def test_repeated_non_finite_losses_stop_the_run_with_one_line(tmp_path, monkeypatch, capsys):
+    nan_on_calls(monkeypatch, None)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--stage", "1", "--out", str(tmp_path / "nan"), "--max-steps", "50", *TINY])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "not finite 10 steps in a row" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    out = str(tmp_path / "full")
+    assert run(TRAIN + ["--out", out, "--max-steps", "2", *TINY]).returncode == 0
+    state = os.path.join(out, "train_state.safetensors")
+    before = open(state, "rb").read()
+    limit = os.path.getsize(os.path.join(out, "model.safetensors")) // 2
+
+    def small_disk() -> None:  # every file this process writes stops growing at `limit` bytes, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = run(TRAIN + ["--out", out, "--max-steps", "4", "--resume", *TINY], preexec_fn=small_disk)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "checkpoint at step 4 not saved" in result.stderr and "Traceback" not in result.stderr
+    assert open(state, "rb").read() == before  # the step-2 state, byte for byte
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_a_missing_train_state_falls_back_to_the_previous_one(tmp_path, capsys):
+    out = str(tmp_path / "prev")
+    train.main(["--stage", "1", "--out", out, "--max-steps", "4", *TINY])  # saves at 2 and 4; 2 is kept as .prev
+    state = os.path.join(out, "train_state.safetensors")
+    open(state, "wb").write(b"torn")  # as if the newest were lost
+    train.main(["--stage", "1", "--out", out, "--max-steps", "6", "--resume", *TINY])
+    assert f"resumed from {state}.prev at step 2" in capsys.readouterr().out
+
+
+def torchrun_workers(parent: int) -> list[int]:
+    """The train.py processes torchrun has started (Linux /proc)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+            cmdline = open(f"/proc/{pid}/cmdline").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and "train.py" in cmdline:
+            pids.append(int(pid))
+    return pids
+
+
+def test_a_killed_torchrun_worker_is_restarted_from_the_last_checkpoint(tmp_path):
+    out, whole = str(tmp_path / "elastic"), str(tmp_path / "whole")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = [os.path.join(ROOT, "train.py"), "--stage", "1", "--max-steps", "30", *TINY]
+    assert run(torchrun + args + ["--out", whole]).returncode == 0
+    proc = subprocess.Popen(torchrun + ["--max-restarts=1"] + args + ["--out", out], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(os.path.join(out, "train_state.safetensors"), proc)
+    workers = torchrun_workers(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stdout and "weights identical across 2 ranks: True" in stdout
+    assert_same_state(whole, out)
+
+
+# ----------------------------------------------------------------------------- bad commands
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Paths to good and bad checkpoints: the shipped pair, a tokenizer it was not trained on, junk."""
+    d = tmp_path_factory.mktemp("files")
+    other = str(d / "other")
+    train.main(["--stage", "1", "--out", other, "--max-steps", "1", *TINY])
+    junk = d / "junk.safetensors"
+    junk.write_bytes(np.random.default_rng(0).bytes(300))
+    torn = d / "torn"
+    torn.mkdir()
+    (torn / "train_state.safetensors").write_bytes(b"torn")
+    return {"gen": train.DEFAULT_GENERATOR, "tok": train.DEFAULT_TOKENIZER, "junk": str(junk), "torn": str(torn),
+            "other": os.path.join(other, "model.safetensors"), "missing": str(d / "missing.safetensors")}
+
+
+SAMPLE, EVALUATE = [sys.executable, os.path.join(ROOT, "sample.py")], [sys.executable, os.path.join(ROOT, "evaluate.py")]
+BAD_COMMANDS = {
+    "sample: missing checkpoint": (SAMPLE + ["a dog", "--checkpoint", "{missing}"], "no checkpoint at"),
+    "sample: not a checkpoint": (SAMPLE + ["a dog", "--checkpoint", "{junk}"], "is not a safetensors checkpoint"),
+    "sample: a tokenizer given as the generator": (SAMPLE + ["a dog", "--checkpoint", "{tok}"], "not a stage-2 generator"),
+    "sample: a generator given as the tokenizer": (SAMPLE + ["a dog", "--tokenizer-checkpoint", "{gen}"],
+                                                   "not a stage-1 tokenizer"),
+    "sample: another tokenizer": (SAMPLE + ["a dog", "--tokenizer-checkpoint", "{other}"], "sha256 differs"),
+    "sample: empty prompt": (SAMPLE + ["  "], "prompt is empty"),
+    "sample: unwritable --out": (SAMPLE + ["a dog", "--out", "/proc/nope/x.mp4"], "cannot write"),
+    "sample: --frames zero": (SAMPLE + ["a dog", "--frames", "0"], "--frames must be positive"),
+    "evaluate: missing checkpoint": (EVALUATE + ["{missing}"], "no checkpoint at"),
+    "evaluate: not a checkpoint": (EVALUATE + ["{junk}"], "is not a safetensors checkpoint"),
+    "evaluate: another tokenizer": (EVALUATE + ["{gen}", "--tokenizer-checkpoint", "{other}"], "sha256 differs"),
+    "train: missing tokenizer": (TRAIN[:2] + ["--stage", "2", "--tokenizer-checkpoint", "{missing}"], "no checkpoint at"),
+    "train: a generator given as the tokenizer": (TRAIN[:2] + ["--stage", "2", "--tokenizer-checkpoint", "{gen}"],
+                                                  "not a stage-1 tokenizer"),
+    "train: unknown preset": (TRAIN + ["--preset", "huge"], "unknown preset"),
+    "train: unknown config key": (TRAIN + ["--set", "train.speed=11"], "unknown config key"),
+    "train: frames not 1 + 2n": (TRAIN + ["--set", "train.frames=10"], "must be 1 + 2n"),
+    "train: unwritable --out": (TRAIN + ["--out", "/proc/nope"], "cannot write to --out"),
+    "train: nothing readable to resume": (TRAIN + ["--out", "{torn}", "--resume"], "no readable train state to resume from"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_COMMANDS)
+def test_a_bad_command_is_one_line_and_exit_code_2(files, name):
+    cmd, message = BAD_COMMANDS[name]
+    result = run([part.format(**files) for part in cmd])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and result.stderr.startswith("error: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_frames_not_1_plus_2n_are_rounded_up_and_said(tmp_path):
+    out = str(tmp_path / "v.mp4")
+    result = run(SAMPLE + ["a red circle moving right", "--frames", "10", "--steps", "2", "--out", out])
+    assert result.returncode == 0 and "--frames 10 is not 1 + 2n; making 11" in result.stdout
+    assert "frames: 11" in result.stdout
