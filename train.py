@@ -494,10 +494,10 @@ def finish(model: nn.Module, world: int, master: bool, message: str, compare: bo
 
 
 def quiet_worker(worker: int) -> None:
-    """DataLoader workers leave SIGTERM and Ctrl-C to the main process, which saves and then stops them
-    (a scheduler signals the whole process group)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """DataLoader workers leave the process group, so that Ctrl-C or a SIGTERM sent to the group (as
+    schedulers do) reaches only the main process, which saves and then stops them itself."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
 
 
 def leave_on_signal(step: int, world: int, master: bool, out: str) -> None:
@@ -541,14 +541,15 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
     model_d = DDP(model, forward_sync_buffers=False) if ddp else model
     disc_d = DDP(disc, forward_sync_buffers=False) if ddp else disc
     stream = ClipStream(source, cfg.batch_size, rank, world, start_batch=step * cfg.grad_accum)
+    # a fixed batch to watch reconstructions on: unseen clips of the Shapes world, else the first batch (data with
+    # nothing usable fails here, in this process, before any worker starts)
+    shown = make_source("shapes", cfg.frames, cfg.image_size, seed=cfg.seed + 1) if cfg.data == "shapes" else source
+    watch = ClipStream(shown, 8).batch(0)
+    watch = watch["video"].to(device)
     # clips decode in `workers` processes, each keeping 4 batches ready, into pinned memory on CUDA
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                               pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
                                               prefetch_factor=4 if cfg.workers else None, worker_init_fn=quiet_worker))
-    # a fixed batch to watch reconstructions on: unseen clips of the Shapes world, else the first batch
-    shown = make_source("shapes", cfg.frames, cfg.image_size, seed=cfg.seed + 1) if cfg.data == "shapes" else source
-    watch = ClipStream(shown, 8).batch(0)
-    watch = watch["video"].to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     # files the data set dropped while indexing or skipped while loading, for the log
     history, skipped_files, t0, start_step = [], getattr(source, "dropped", 0), time.time(), step
@@ -922,12 +923,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         (train_tokenizer if args.stage == 1 else train_generator)(args, model_cfg, cfg, source, rank, world, device)
-    except UsageError as err:  # e.g. a --resume with no readable train state
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (TrainingStopped, UnusableData) as err:
+    except (UsageError, UnusableData) as err:  # a --resume with nothing readable; data with nothing usable
         # raised in a DataLoader worker, the message carries the worker's traceback: its last line is the error
         print(f"error: {str(err).strip().splitlines()[-1].removeprefix('data.UnusableData: ')}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingStopped as err:
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     finally:
         if ddp:

@@ -1,4 +1,5 @@
 """What real machines do to a training run, and what users type: each fault is made to happen."""
+import contextlib
 import json
 import os
 import resource
@@ -30,6 +31,19 @@ def assert_same_state(a_dir: str, b_dir: str) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+@contextlib.contextmanager
+def launched(cmd: list[str]):
+    """A run in its own process group, killed whole (workers included) however the test ends."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
 def wait_for(path: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.time() + seconds
     while not os.path.exists(path):
@@ -52,12 +66,11 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     state = os.path.join(killed, "train_state.safetensors")
     kills = 0
     for _ in range(3):  # three kills at random moments after the first checkpoint, each resumed
-        proc = subprocess.Popen(TRAIN + ["--out", killed, "--resume", *args], cwd=ROOT, env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wait_for(state, proc)
-        time.sleep(rng.uniform(0, 0.6))
-        proc.kill()
-        kills += proc.wait() == -signal.SIGKILL
+        with launched(TRAIN + ["--out", killed, "--resume", *args]) as proc:
+            wait_for(state, proc)
+            time.sleep(rng.uniform(0, 0.6))
+            proc.kill()
+            kills += proc.wait() == -signal.SIGKILL
         train.load_checkpoint(state)  # whole after every kill: never a torn file
     assert kills >= 1  # at least one kill landed mid-run
     result = run(TRAIN + ["--out", killed, "--resume", *args])
@@ -68,16 +81,13 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
 def test_sigterm_saves_a_checkpoint_before_it_exits(tmp_path):
     out = str(tmp_path / "term")
     # as a scheduler does, the signal goes to the whole process group: the run and its DataLoader worker
-    proc = subprocess.Popen(TRAIN + ["--out", out, "--max-steps", "100000", *TINY, "--set", "train.save_every=100000",
-                                     "--set", "train.workers=1"],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    log = os.path.join(out, "log.jsonl")
-    wait_for(log, proc)
-    while len(logged_steps(out)) < 3:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)
-    stdout, _ = proc.communicate(timeout=120)
+    with launched(TRAIN + ["--out", out, "--max-steps", "100000", *TINY, "--set", "train.save_every=100000",
+                           "--set", "train.workers=1"]) as proc:
+        wait_for(os.path.join(out, "log.jsonl"), proc)
+        while len(logged_steps(out)) < 3:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "stopped by a signal" in stdout
     _, meta = train.load_checkpoint(os.path.join(out, "train_state.safetensors"))
@@ -162,13 +172,12 @@ def test_a_killed_torchrun_worker_is_restarted_from_the_last_checkpoint(tmp_path
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     args = [os.path.join(ROOT, "train.py"), "--stage", "1", "--max-steps", "30", *TINY]
     assert run(torchrun + args + ["--out", whole]).returncode == 0
-    proc = subprocess.Popen(torchrun + ["--max-restarts=1"] + args + ["--out", out], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(os.path.join(out, "train_state.safetensors"), proc)
-    workers = torchrun_workers(proc.pid)
-    assert len(workers) == 2
-    os.kill(workers[1], signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=300)
+    with launched(torchrun + ["--max-restarts=1"] + args + ["--out", out]) as proc:
+        wait_for(os.path.join(out, "train_state.safetensors"), proc)
+        workers = torchrun_workers(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "resumed from" in stdout and "weights identical across 2 ranks: True" in stdout
     assert_same_state(whole, out)
@@ -187,7 +196,8 @@ def files(tmp_path_factory):
     torn = d / "torn"
     torn.mkdir()
     (torn / "train_state.safetensors").write_bytes(b"torn")
-    return {"gen": train.DEFAULT_GENERATOR, "tok": train.DEFAULT_TOKENIZER, "junk": str(junk), "torn": str(torn),
+    (d / "empty").mkdir()
+    return {"empty": str(d / "empty"), "gen": train.DEFAULT_GENERATOR, "tok": train.DEFAULT_TOKENIZER, "junk": str(junk), "torn": str(torn),
             "other": os.path.join(other, "model.safetensors"), "missing": str(d / "missing.safetensors")}
 
 
@@ -212,6 +222,7 @@ BAD_COMMANDS = {
     "train: unknown config key": (TRAIN + ["--set", "train.speed=11"], "unknown config key"),
     "train: frames not 1 + 2n": (TRAIN + ["--set", "train.frames=10"], "must be 1 + 2n"),
     "train: unwritable --out": (TRAIN + ["--out", "/proc/nope"], "cannot write to --out"),
+    "train: an empty data folder": (TRAIN + ["--data", "{empty}"], "no videos found in"),
     "train: nothing readable to resume": (TRAIN + ["--out", "{torn}", "--resume"], "no readable train state to resume from"),
 }
 
@@ -223,6 +234,40 @@ def test_a_bad_command_is_one_line_and_exit_code_2(files, name):
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and result.stderr.startswith("error: ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_data_with_nothing_usable_stops_the_run_naming_the_folder(tmp_path, workers):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"{k}.mp4").write_bytes(np.random.default_rng(k).bytes(2000))
+    result = run(TRAIN + ["--out", str(tmp_path / "out"), "--data", str(folder), "--max-steps", "2", *TINY,
+                          "--set", f"train.workers={workers}"])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(lines) == 21 and all(line.startswith("skipped clip") for line in lines[:20])  # one line a file
+    assert lines[-1].startswith(f"error: {folder}: 20 loads in a row failed")
+
+
+def test_data_that_goes_bad_mid_run_stops_it_in_one_line(tmp_path):
+    """A mount that fails under a DataLoader worker: the worker's error reaches the user as one line."""
+    from data import ShapesSource, write_video
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    shapes = ShapesSource(frames=5, size=32)
+    for k in range(4):
+        write_video(str(folder / f"{k}.mp4"), shapes.load(k)[0])
+    out = str(tmp_path / "out")
+    with launched(TRAIN + ["--out", out, "--data", str(folder), "--max-steps", "100000", *TINY,
+                           "--set", "train.workers=1"]) as proc:
+        wait_for(os.path.join(out, "train_state.safetensors"), proc)
+        for k in range(4):
+            (folder / f"{k}.mp4").write_bytes(b"gone")
+        _, stderr = proc.communicate(timeout=120)
+    lines = stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in stderr
+    assert lines[-1].startswith(f"error: {folder}: 20 loads in a row failed")
 
 
 def test_frames_not_1_plus_2n_are_rounded_up_and_said(tmp_path):
