@@ -31,6 +31,17 @@ Mechanics, each kept to one place:
   sees the same numbers and the same clips as one that never stopped.
 - Checkpoints are safetensors, written to a temporary file, fsynced and renamed: `model.safetensors`
   (the weights, config in the metadata: all sample.py needs) and `train_state.safetensors` (for --resume).
+  The file each replaces is kept as `.prev`, and --resume falls back to it if the newest is unreadable.
+Faults, each tested in tests/test_faults.py:
+- SIGKILL at any moment loses only the steps since the last checkpoint; --resume then gives the
+  weights of a run that never stopped.
+- SIGTERM or Ctrl-C: the step in flight finishes, a checkpoint is saved, the run exits with 143.
+- A non-finite loss on any rank skips that step's update (the step still counts, so the next batch
+  differs); ten in a row stop the run with one line (`StepGuard`).
+- A failed save (a full disk) keeps the previous checkpoint and the run goes on, saying so.
+- Under `torchrun --max-restarts=N` a restarted worker group resumes from the last checkpoint by itself.
+- Bad files are skipped with one line each and counted (`skipped_files` in log.jsonl); data with
+  nothing usable stops at once (data.UnusableData). A mistake on the command line is one line, exit 2.
 """
 
 import argparse

@@ -270,6 +270,25 @@ def test_data_that_goes_bad_mid_run_stops_it_in_one_line(tmp_path):
     assert lines[-1].startswith(f"error: {folder}: 20 loads in a row failed")
 
 
+def test_skipped_and_dropped_files_are_counted_in_the_log(tmp_path):
+    from data import ClipStream, ShapesSource, make_source, write_video
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    shapes = ShapesSource(frames=5, size=32)
+    for k in range(3):
+        write_video(str(folder / f"{k}.mp4"), shapes.load(k)[0])
+    (folder / "bad.mp4").write_bytes(b"not a video")
+    (folder / "captions.csv").write_text("0.mp4,a\n1.mp4,b\n2.mp4,c\nbad.mp4,d\nmissing.mp4,e\n")
+    out = str(tmp_path / "out")
+    result = run(TRAIN + ["--out", out, "--data", str(folder), "--max-steps", "6", *TINY])
+    assert result.returncode == 0, result.stderr[-2000:]
+    source = make_source(str(folder), 3, 32)
+    stream = ClipStream(source, 2)
+    expected = source.dropped + sum(stream.batch(b)["skipped"] for b in range(6))
+    assert source.dropped == 1 and expected >= 2
+    assert json.loads(open(os.path.join(out, "log.jsonl")).readlines()[-1])["skipped_files"] == expected
+
+
 def test_frames_not_1_plus_2n_are_rounded_up_and_said(tmp_path):
     out = str(tmp_path / "v.mp4")
     result = run(SAMPLE + ["a red circle moving right", "--frames", "10", "--steps", "2", "--out", out])
