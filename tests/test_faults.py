@@ -250,14 +250,20 @@ def test_data_with_nothing_usable_stops_the_run_naming_the_folder(tmp_path, work
     assert lines[-1].startswith(f"error: {folder}: 20 loads in a row failed")
 
 
-def test_data_that_goes_bad_mid_run_stops_it_in_one_line(tmp_path):
-    """A mount that fails under a DataLoader worker: the worker's error reaches the user as one line."""
+def video_folder(tmp_path, n: int):
+    """A folder of n good 5-frame 32 x 32 Shapes videos, 0.mp4 ... """
     from data import ShapesSource, write_video
     folder = tmp_path / "videos"
     folder.mkdir()
     shapes = ShapesSource(frames=5, size=32)
-    for k in range(4):
+    for k in range(n):
         write_video(str(folder / f"{k}.mp4"), shapes.load(k)[0])
+    return folder
+
+
+def test_data_that_goes_bad_mid_run_stops_it_in_one_line(tmp_path):
+    """A mount that fails under a DataLoader worker: the worker's error reaches the user as one line."""
+    folder = video_folder(tmp_path, 4)
     out = str(tmp_path / "out")
     with launched(TRAIN + ["--out", out, "--data", str(folder), "--max-steps", "100000", *TINY,
                            "--set", "train.workers=1"]) as proc:
@@ -271,12 +277,8 @@ def test_data_that_goes_bad_mid_run_stops_it_in_one_line(tmp_path):
 
 
 def test_skipped_and_dropped_files_are_counted_in_the_log(tmp_path):
-    from data import ClipStream, ShapesSource, make_source, write_video
-    folder = tmp_path / "videos"
-    folder.mkdir()
-    shapes = ShapesSource(frames=5, size=32)
-    for k in range(3):
-        write_video(str(folder / f"{k}.mp4"), shapes.load(k)[0])
+    from data import ClipStream, make_source
+    folder = video_folder(tmp_path, 3)
     (folder / "bad.mp4").write_bytes(b"not a video")
     (folder / "captions.csv").write_text("0.mp4,a\n1.mp4,b\n2.mp4,c\nbad.mp4,d\nmissing.mp4,e\n")
     out = str(tmp_path / "out")
