@@ -211,11 +211,12 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], meta: dict[str,
     if os.path.exists(path):  # between these two renames only .prev exists: load_train_state falls back to it
         os.replace(path, f"{path}.prev")
     os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # make the renames durable
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    if os.name == "posix":  # make the renames durable (Windows cannot open a folder to fsync it)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def export_half(src: str, dst: str, tokenizer: str | None = None) -> None:
