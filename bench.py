@@ -5,7 +5,7 @@ How fast is this Phenaki? Every hot path timed the same way, on whatever device 
     python bench.py --only maskgit_train     # one configuration (repeat --only for more)
     python bench.py --repeats 10 --json bench.json
     python bench.py --peer                   # also time phenaki-pytorch 0.5.0 on the same work
-    python bench.py --compile                # the same under torch.compile (or --channels-last)
+    python bench.py --compile                # training steps under torch.compile (or --channels-last)
     python bench.py --only cvivit_train --profile   # where its time goes, op by op
 
 Each configuration runs in a fresh subprocess (so that peak memory belongs to it alone), warms up,
@@ -67,6 +67,7 @@ from vqgan import VQGAN
 CONFIGS = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", "encode", "decode", "stream_short",
            "stream_long", "sample", "data")
 PEER_CONFIGS = ("cvivit_train", "maskgit_train")
+TRAINING = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny")  # what --compile applies to
 
 
 def matmul_peak(device: torch.device) -> float:
@@ -266,8 +267,8 @@ def run_one(name: str, device: torch.device, repeats: int, peer: bool = False, c
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     flops = count_flops(fn)  # counted eagerly; compilation happens in the warm-up runs below
-    if compile:
-        compile_blocks(model)  # as train.py --compile does
+    if compile and name in TRAINING and not peer:  # as train.py --compile does; other paths call methods, not forward
+        compile_blocks(model)
     seconds = timed(fn, device, repeats)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024)  # ru_maxrss is in KiB
@@ -280,7 +281,7 @@ def run_one(name: str, device: torch.device, repeats: int, peer: bool = False, c
 
 def profile(name: str, device: torch.device, peer: bool, rows: int = 20) -> None:
     """Where one configuration's time goes: torch.profiler over 3 runs after 2 warm-ups, ops sorted
-    by their own time (children excluded), so that the rows add up to the whole."""
+    by their own time (children excluded), the top `rows` of them."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     fn = (build_peer if peer else build)(name, device)[0]
     for _ in range(2):
@@ -318,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peer", action="store_true", help="also run phenaki-pytorch 0.5.0 where it has the configuration")
     p.add_argument("--json", help="also write the results to this file")
-    p.add_argument("--compile", action="store_true", help="time the models' forward under torch.compile")
+    p.add_argument("--compile", action="store_true",
+                   help="time our training steps with each transformer block (or the tokenizer) under torch.compile")
     p.add_argument("--channels-last", action="store_true", help="time the conv weights in channels-last (3D) layout")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one configuration, JSON on stdout
     p.add_argument("--peer-side", action="store_true", help=argparse.SUPPRESS)  # the child times the peer
@@ -327,7 +329,10 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if args.profile:
         for name in args.only or CONFIGS:
-            profile(name, device, args.peer_side)
+            if name != "data":  # decoding files: nothing of ours to profile op by op
+                profile(name, device, peer=False)
+            if args.peer and name in PEER_CONFIGS:
+                profile(name, device, peer=True)
         return
     if args.child:
         print(json.dumps(run_one(args.only[0], device, args.repeats, args.peer_side, args.compile, args.channels_last)))

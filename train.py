@@ -35,7 +35,7 @@ Mechanics, each kept to one place:
 Faults, each tested in tests/test_faults.py:
 - SIGKILL at any moment loses only the steps since the last checkpoint; --resume then gives the
   weights of a run that never stopped.
-- SIGTERM or Ctrl-C: the step in flight finishes, a checkpoint is saved, the run exits with 143.
+- SIGTERM or Ctrl-C: the step in flight finishes, a checkpoint is saved, the run exits with 128 + the signal.
 - A non-finite loss on any rank skips that step's update (the step still counts, so the next batch
   differs); ten in a row stop the run with one line (`StepGuard`).
 - A failed save (a full disk) keeps the previous checkpoint and the run goes on, saying so.
@@ -208,8 +208,14 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], meta: dict[str,
         if os.path.exists(tmp):
             os.remove(tmp)
         raise OSError(f"could not write {path}: {err}") from None
-    if os.path.exists(path):  # between these two renames only .prev exists: load_train_state falls back to it
-        os.replace(path, f"{path}.prev")
+    if os.path.exists(path):  # keep it as .prev, through a hard link, so that `path` never goes missing
+        try:
+            if os.path.exists(f"{path}.prev.tmp"):
+                os.remove(f"{path}.prev.tmp")
+            os.link(path, f"{path}.prev.tmp")
+            os.replace(f"{path}.prev.tmp", f"{path}.prev")
+        except OSError:  # a filesystem without hard links: for a moment only .prev exists
+            os.replace(path, f"{path}.prev")
     os.replace(tmp, path)
     if os.name == "posix":  # make the renames durable (Windows cannot open a folder to fsync it)
         folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
@@ -315,16 +321,22 @@ def load_generator(path: str, tokenizer_path: str):
     return model.eval(), CaptionTokenizer.from_json(meta["text_tokenizer"]), tokenizer, meta
 
 
-def whole(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
     """Under FSDP a state dict holds shards (DTensors): gather each into the full tensor, on the CPU.
-    A collective: every rank calls it, in the same order. Plain tensors pass through."""
-    return {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+    A collective: every rank calls it, in the same order, but only a rank that will write (`keep`)
+    holds on to the result, one tensor at a time being gathered. Plain tensors pass through."""
+    out = {}
+    for k, v in tensors.items():
+        full = v.full_tensor() if isinstance(v, DTensor) else v
+        if keep:
+            out[k] = full.cpu()
+    return out
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, str]:
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str, keep: bool = True) -> tuple[dict, str]:
     """Flatten an optimizer state into safetensors-friendly tensors plus JSON for the rest."""
     state = opt.state_dict()
-    tensors = whole({f"{prefix}.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()})
+    tensors = whole({f"{prefix}.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}, keep)
     return tensors, json.dumps(state["param_groups"])
 
 
@@ -336,7 +348,7 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups_json: st
         if key.startswith(prefix + "."):
             _, i, name = key.split(".", 2)
             p = params[int(i)]
-            if isinstance(p, DTensor) and value.dim():  # exp_avg, exp_avg_sq: shaped like the parameter
+            if isinstance(p, DTensor) and name != "step":  # exp_avg, exp_avg_sq: shaped like the parameter
                 value = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
             state.setdefault(int(i), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": json.loads(groups_json)})
@@ -352,11 +364,11 @@ def save_run(out: str, meta: dict[str, str], cfg: TrainConfig, modules: dict[str
     """model.safetensors: the weights to sample with (the EMA's when there is one);
     train_state.safetensors: every module and optimizer, for --resume. Under FSDP every rank calls
     this (the shards are gathered first) and only the one with `write` writes."""
-    states = {name: whole(m.state_dict()) for name, m in modules.items()}
+    states = {name: whole(m.state_dict(), write) for name, m in modules.items()}
     tensors = {f"{name}.{k}": v for name, state in states.items() for k, v in state.items()}
     groups = {}
     for name, opt in opts.items():
-        opt_tensors, groups[f"{name}_groups"] = optimizer_tensors(opt, name)
+        opt_tensors, groups[f"{name}_groups"] = optimizer_tensors(opt, name, write)
         tensors |= opt_tensors
     if not write:
         return
@@ -442,6 +454,13 @@ def show_progress(step: int, cfg: TrainConfig, world: int, losses: dict, t0: flo
     print(("\r" if tty else "") + line, end="" if tty else "\n", flush=True)
 
 
+def grad_norm(model: nn.Module, clip: float) -> float:
+    """Clip the gradients to a global norm of `clip` -> the norm before clipping (inf or NaN if any
+    gradient is; the step is then skipped). Under FSDP the norm is a replicated DTensor."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
 class TrainingStopped(Exception):
     """The run cannot go on (e.g. the loss diverged): reported as one line, exit code 1."""
 
@@ -453,7 +472,7 @@ class StepGuard:
 
     def __init__(self, device: torch.device):
         self.device, self.bad_in_a_row, self.skipped, self.stop = device, 0, 0, False
-        self.signalled, self.previous = False, {}
+        self.signalled, self.previous = 0, {}  # signalled: the first signal's number
 
     def __enter__(self) -> "StepGuard":
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -467,11 +486,12 @@ class StepGuard:
     def on_signal(self, signum: int, frame) -> None:
         if self.signalled and signum == signal.SIGINT:  # a second Ctrl-C: leave now
             raise KeyboardInterrupt
-        self.signalled = True
+        self.signalled = self.signalled or signum
 
     def update_ok(self, loss: float) -> bool:
-        """Is this step's loss finite on every rank? Also sets self.stop if any rank was signalled."""
-        flags = torch.tensor([float(not math.isfinite(loss)), float(self.signalled)], device=self.device)
+        """Is this step's loss (plus its gradient norm) finite on every rank? Also sets self.stop if
+        any rank was signalled."""
+        flags = torch.tensor([float(not math.isfinite(loss)), float(self.signalled > 0)], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad, self.stop = bool(flags[0]), bool(flags[1])
@@ -512,13 +532,14 @@ def quiet_worker(worker: int) -> None:
         os.setpgrp()
 
 
-def leave_on_signal(step: int, world: int, master: bool, out: str) -> None:
-    """After SIGTERM or Ctrl-C: the checkpoint of this step is saved; leave together, with 128 + SIGTERM."""
+def leave_on_signal(step: int, world: int, master: bool, out: str, signum: int) -> None:
+    """After SIGTERM or Ctrl-C: the checkpoint of this step is saved; leave together, with 128 + the
+    signal (a rank that was not signalled itself says SIGTERM)."""
     if world > 1:
         dist.barrier()
     if master:
         print(f"\nstopped by a signal at step {step}; checkpoint saved in {out}: continue with --resume", flush=True)
-    sys.exit(128 + signal.SIGTERM)
+    sys.exit(128 + (signum or signal.SIGTERM))
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -546,6 +567,8 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
     resume = load_train_state(args.out, args.resume)
     if resume:
         step = restore_run(*resume[1:], modules, opts)
+        if rank > 0:  # the saved counts are all ranks' sum (summed_counts): rank 0 carries it on
+            model.quantizer.counts.zero_()
         if master:
             print(f"resumed from {resume[0]} at step {step}")
     ddp = world > 1
@@ -599,8 +622,8 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
                     logs["disc"] += d_loss.item() / cfg.grad_accum
                 logs["rec"] += rec.item() / cfg.grad_accum
                 logs["vq"] += out.vq_loss.item() / cfg.grad_accum
-            if guard.update_ok(logs["rec"] + logs["vq"] + logs["gan"] + logs["disc"]):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            norm = grad_norm(model, cfg.grad_clip)  # an inf gradient under a finite loss is caught too
+            if guard.update_ok(logs["rec"] + logs["vq"] + logs["gan"] + logs["disc"] + norm):
                 opt.step()
                 if use_gan:
                     opt_d.step()
@@ -625,10 +648,12 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
                     real_over_fake = torch.stack([watch[:4], recon[:4]], dim=1).flatten(0, 1)  # (8, 3, T, H, W)
                     save_plots(args.out, history + [record], ("rec", "vq", "val_psnr"), real_over_fake, "recon.png")
                 write_log(args.out, history, record)
-            if master and (step % cfg.save_every == 0 or step == cfg.max_steps or guard.stop):
-                save_run(args.out, tokenizer_meta(args.tokenizer, model_cfg, step), cfg, modules, opts)
+            if step % cfg.save_every == 0 or step == cfg.max_steps or guard.stop:
+                with summed_counts(model.quantizer, ddp):  # every rank joins the sum
+                    if master:
+                        save_run(args.out, tokenizer_meta(args.tokenizer, model_cfg, step), cfg, modules, opts)
             if guard.stop:
-                leave_on_signal(step, world, master, args.out)
+                leave_on_signal(step, world, master, args.out, guard.signalled)
     finish(model, world, master, f"done: {step} steps in {time.time() - t0:.0f} s; weights in {model_path}")
     if master and cfg.merge_codes:  # model.safetensors only: train_state keeps the raw book for --resume
         sampled = ema if ema is not None else model
@@ -636,6 +661,22 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
         save_weights(args.out, tokenizer_meta(args.tokenizer, model_cfg, step) | {"codes_left": str(left)}, cfg,
                      sampled.state_dict())
         print(f"merged near-duplicate codes (cosine >= {cfg.merge_codes}): {left} of {model_cfg.codebook_size} left")
+
+
+@contextlib.contextmanager
+def summed_counts(quantizer: nn.Module, ddp: bool):
+    """Code-use counts are kept per rank and summed only at each dead-code restart, so a checkpoint
+    taken between restarts holds all ranks' sum for the duration of the save; on resume rank 0
+    restores it and the others start from zero, and the next restart sees the same total."""
+    if not ddp:
+        yield
+        return
+    local = quantizer.counts.clone()
+    dist.all_reduce(quantizer.counts)
+    try:
+        yield
+    finally:
+        quantizer.counts.copy_(local)
 
 
 def merge_codes(model: nn.Module, source, cfg: TrainConfig, device: torch.device, clips: int = 512) -> int:
@@ -802,8 +843,7 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
                     loss = loss_d("loss", codes[idx].to(device), ids, mask, frames)
                     (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
-            if guard.update_ok(total):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if guard.update_ok(total + grad_norm(model, cfg.grad_clip)):
                 opt.step()
                 if ema is not None:
                     update_ema(ema, model, cfg.ema)
@@ -817,6 +857,8 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
                 videos, verdicts = sample_and_judge(sampler, text, tokenizer, specs, device, steps=cfg.sample_steps,
                                                     generator=torch.Generator(device).manual_seed(cfg.seed))
                 model.train()
+                if fsdp:  # FSDP keeps a root unit gathered after its forward: shard it again before updates
+                    sampler.reshard()
             if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 record = {"step": step, "lr": lr_at(step, cfg), "time": round(time.time() - t0, 1), "loss": total,
                           "skipped_steps": guard.skipped, "skipped_files": skipped_files}
@@ -827,7 +869,7 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
             if (master or fsdp) and (step % cfg.save_every == 0 or step == cfg.max_steps or guard.stop):
                 save_run(args.out, generator_meta(model_cfg, step, text, digest), cfg, modules, opts, write=master)
             if guard.stop:
-                leave_on_signal(step, world, master, args.out)
+                leave_on_signal(step, world, master, args.out, guard.signalled)
     finish(model, world, master, f"done: {step} steps in {time.time() - t0:.0f} s; weights in {model_path}",
            compare=not fsdp)
 

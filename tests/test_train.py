@@ -123,7 +123,7 @@ def test_two_process_torchrun_trains_the_generator_from_a_sharded_cache(tmp_path
 
 
 def test_fsdp_shards_train_and_resume_as_ddp_does(tmp_path):
-    """Two ranks under FSDP (stopped at step 2, resumed to 4) end where two DDP ranks do: the
+    """Two ranks under FSDP (stopped at step 3, resumed to 4) end where two DDP ranks do: the
     gathered weights, the EMA and the AdamW moments of train_state all match."""
     tok_out = str(tmp_path / "tok")
     train.main(["--stage", "1", "--out", tok_out, "--max-steps", "1", *TINY])
@@ -137,9 +137,10 @@ def test_fsdp_shards_train_and_resume_as_ddp_does(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
 
     ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
-    torchrun(ddp, "--max-steps", "4")
-    torchrun(fsdp, "--max-steps", "2", "--fsdp")
-    torchrun(fsdp, "--max-steps", "4", "--fsdp", "--resume")
+    # samples at step 2 (image_every) in the middle of a process: the EMA is updated after sampling
+    torchrun(ddp, "--max-steps", "4", "--set", "train.save_every=4")
+    torchrun(fsdp, "--max-steps", "3", "--fsdp", "--set", "train.save_every=4")
+    torchrun(fsdp, "--max-steps", "4", "--fsdp", "--resume", "--set", "train.save_every=4")
     a, b = (load_file(os.path.join(d, "train_state.safetensors")) for d in (ddp, fsdp))
     assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a) and any(".exp_avg_sq" in k for k in a)
     for k in a:
@@ -151,3 +152,26 @@ def test_fsdp_outside_torchrun_or_in_stage_1_is_refused():
         result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *stage, "--fsdp"],
                                 capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--fsdp" in result.stderr
+
+
+def test_ddp_resume_between_code_restarts_equals_an_uninterrupted_run(tmp_path):
+    """Code-use counts are per rank between restarts (every 4 steps here); a checkpoint at step 6
+    must carry all ranks' counts, or the resumed run restarts other codes. Constant lr after warm-up,
+    so that stopping by --max-steps does not change the schedule."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(out: str, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(ROOT, "train.py"), "--stage", "1", "--out", out, *TINY, "--set", "train.restart_every=4",
+               "--set", "train.save_every=100", "--set", "train.min_lr=3e-4", *extra]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    torchrun(whole, "--max-steps", "16")
+    torchrun(parts, "--max-steps", "6")
+    torchrun(parts, "--max-steps", "16", "--resume")
+    a, b = (load_file(os.path.join(d, "train_state.safetensors")) for d in (whole, parts))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
