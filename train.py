@@ -385,10 +385,8 @@ def restore_modules(tensors: dict, modules: dict[str, nn.Module]) -> None:
         m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
 
 
-def restore_run(tensors: dict, meta: dict[str, str], modules: dict[str, nn.Module],
-                opts: dict[str, torch.optim.Optimizer]) -> int:
-    """The inverse of save_run's train state -> the step to continue from."""
-    restore_modules(tensors, modules)
+def restore_optimizers(tensors: dict, meta: dict[str, str], opts: dict[str, torch.optim.Optimizer]) -> int:
+    """The optimizer states of save_run's train state (after sharding, if any) -> the step to continue from."""
     for name, opt in opts.items():
         restore_optimizer(opt, tensors, meta[f"{name}_groups"], name)
     return int(meta["step"])
@@ -566,7 +564,9 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
     opts = {"opt": opt, "opt_d": opt_d}
     resume = load_train_state(args.out, args.resume)
     if resume:
-        step = restore_run(*resume[1:], modules, opts)
+        _, tensors, meta = resume
+        restore_modules(tensors, modules)
+        step = restore_optimizers(tensors, meta, opts)
         if rank > 0:  # the saved counts are all ranks' sum (summed_counts): rank 0 carries it on
             model.quantizer.counts.zero_()
         if master:
@@ -812,7 +812,7 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
                             fused=device.type == "cuda")
     step, opts = 0, {"opt": opt}
     if resume:
-        step = restore_run(tensors, meta, {}, opts)
+        step = restore_optimizers(tensors, meta, opts)
         if master:
             print(f"resumed from {resume[0]} at step {step}")
     specs = watch_specs(8, cfg.seed)
@@ -964,7 +964,6 @@ def main(argv: list[str] | None = None) -> None:
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # a restarted worker group meets in the store of the failed one: under a fresh key prefix,
             # so that it cannot read the dead workers' addresses

@@ -139,9 +139,9 @@ class VectorQuantizer(nn.Module):
         background: on the Shapes world 878 of the tiny VQGAN's 1024 codes turned up at black
         positions (the 50 commonest at mean cosine 0.995 to each other). They decode alike, but to the
         generator they are different words for one thing, and it would spend its capacity guessing
-        between them. After
-        the merge a folded code keeps its index, takes its owner's vector (so it still decodes the
-        same) and `lookup` returns the owner in its place. usage (K,) decides who owns a group."""
+        between them. After the merge a folded code keeps its index, takes its owner's vector (so it
+        still decodes the same) and `lookup` returns the owner in its place. usage (K,) decides who
+        owns a group."""
         unit = F.normalize(self.codebook.float(), dim=-1)  # (K, c)
         owner = torch.full_like(self.alias, -1)
         for k in usage.argsort(descending=True).tolist():  # the most used code of a group owns it
