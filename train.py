@@ -974,18 +974,27 @@ def main(argv: list[str] | None = None) -> None:
             dist.init_process_group(backend)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    code = 0
     try:
         (train_tokenizer if args.stage == 1 else train_generator)(args, model_cfg, cfg, source, rank, world, device)
     except (UsageError, UnusableData) as err:  # a --resume with nothing readable; data with nothing usable
         # raised in a DataLoader worker, the message carries the worker's traceback: its last line is the error
         print(f"error: {str(err).strip().splitlines()[-1].removeprefix('data.UnusableData: ')}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except TrainingStopped as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        code = 1
+    except SystemExit as stop:  # leave_on_signal
+        code = stop.code
     finally:
         if ddp:
             dist.destroy_process_group()
+    if ddp:  # leave before C++ teardown, where torch 2.13's distributed threads at times abort the exit
+        # (SIGABRT after a finished run, seen under torchrun on 2 busy CPU cores)
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
