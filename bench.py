@@ -56,10 +56,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from config import generator_preset, tokenizer_preset
 from cvivit import CViViT, CViViTConfig
+from distributed import compile_blocks
 from maskgit import MaskGIT, MaskGITConfig
 from text_encoder import TextEncoderConfig
-from train import compile_blocks, generator_preset, preset
 from vqgan import VQGAN
 
 # Legend: B batch, T frames, t h w latent grid, N codes, L text length.
@@ -134,7 +135,7 @@ def build(name: str, device: torch.device) -> tuple:
         video = torch.rand(2, 3, 9, 64, 64, device=device) * 2 - 1
         return tokenizer_step(model, video, device), 2, 2 * 5 * 64, model
     if name == "vqgan_train":
-        model = VQGAN(preset("tiny", "vqgan")[0]).to(device)
+        model = VQGAN(tokenizer_preset("tiny", "vqgan")[0]).to(device)
         video = torch.rand(8, 3, 11, 64, 64, device=device) * 2 - 1
         return tokenizer_step(model, video, device), 8, 8 * 6 * 64, model
     if name in ("maskgit_train", "maskgit_tiny"):
@@ -159,10 +160,10 @@ def build(name: str, device: torch.device) -> tuple:
 
         return train_step(model, loss, device), B, codes.numel(), model
     if name in ("stream_short", "stream_long"):
-        model = VQGAN(preset("tiny", "vqgan")[0]).to(device).eval()
+        model = VQGAN(tokenizer_preset("tiny", "vqgan")[0]).to(device).eval()
         codes = torch.randint(1024, (1, 6 if name == "stream_short" else 60, 8, 8), device=device)
         return lambda: list(model.decode_stream(codes)), 1, codes.numel(), model
-    model = CViViT(preset("tiny", "cvivit")[0]).to(device).eval()
+    model = CViViT(tokenizer_preset("tiny", "cvivit")[0]).to(device).eval()
     video = torch.rand(8, 3, 11, 64, 64, device=device) * 2 - 1
     if name == "encode":
         return lambda: model.encode(video), 8, 8 * 6 * 64, model
@@ -239,7 +240,9 @@ def build_peer(name: str, device: torch.device) -> tuple:
 
 def bench_data(repeats: int) -> dict:
     """Decoded clips per second on one core, from .mp4 files written here first."""
-    from data import ShapesSource, VideoFolderSource, write_video
+    from data import VideoFolderSource
+    from shapes import ShapesSource
+    from video import write_video
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         shapes = ShapesSource(frames=48, size=128)

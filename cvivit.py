@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from transformer import Transformer
-from vqgan import TokenizerOutput, VectorQuantizer
+from vqgan import VQGAN, VectorQuantizer
 
 # Legend: B batch, T frames, H W pixels, t h w latent grid, p patch size, D width, K codebook size.
 
@@ -123,16 +123,6 @@ class CViViT(nn.Module):
         rest = unpatchify(self.to_rest(x[:, 1:]), 2, p)  # (B, 3, 2(t-1), H, W)
         return torch.cat([first, rest], dim=2)
 
-    def forward(self, video: torch.Tensor) -> TokenizerOutput:
-        q = self.quantizer(self.encode_latent(video))  # codes (B, t, h, w)
-        return TokenizerOutput(self.decode_latent(q.z), q.codes, q.loss)
-
-    @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """video (B, 3, T, H, W) -> codes (B, t, h, w)."""
-        return self.quantizer(self.encode_latent(video)).codes
-
-    @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, t, h, w) -> video (B, 3, 2t - 1, H, W), clamped to [-1, 1]."""
-        return self.decode_latent(self.quantizer.code_vectors(codes)).clamp(-1, 1)
+    # around its own encode_latent and decode_latent, C-ViViT tokenizes exactly as the VQGAN does:
+    # forward (training: reconstruction, codes, VQ loss), encode (video -> codes), decode (codes -> video)
+    forward, encode, decode = VQGAN.forward, VQGAN.encode, VQGAN.decode

@@ -25,19 +25,23 @@ and makes two-prompt stories (one object, a new direction after the cut):
   story_direction    the share of segments whose direction is right
   story_continuity   the share of cuts where colour and shape stay and the object moves at most 6 pixels
 Figures are printed as `name: value` lines and, with --json, written to a file.
+
+All judging in the repo lives here: train.py logs `psnr` of a fixed batch as val_psnr in stage 1, and
+`sample_and_judge` (the oracle's verdicts on clips made from canonical prompts) as val_color ... in stage 2.
 """
 
 import argparse
 import json
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import DIRECTIONS, ClipStream, ShapeSpec, caption, make_source, oracle, random_spec
+from checkpoint import DEFAULT_GENERATOR, DEFAULT_TOKENIZER, load_checkpoint, load_generator, load_tokenizer
+from config import UsageError, exit_usage
+from data import ClipStream, make_source
 from maskgit import CFG, STEPS, TEMPERATURE, make_video
-from train import DEFAULT_GENERATOR, DEFAULT_TOKENIZER, UsageError, load_checkpoint, load_generator, load_tokenizer, sample_and_judge
+from shapes import DIRECTIONS, ShapeSpec, agreement, caption, oracle, random_spec
 
 # Legend: B batch, C channels, T frames, H W pixels, K codebook size.
 
@@ -90,6 +94,17 @@ def evaluate_tokenizer(model, data: str, clips: int, frames: int, size: int, bat
     return {"psnr": torch.cat(psnrs)[:clips].mean().item(), "ssim": torch.cat(ssims)[:clips].mean().item(),
             "codebook_use": (counts > 0).float().mean().item(), "perplexity": entropy.exp().item(),
             "distinct_codes": len(owners), "distinct_use": (counts[owners] > 0).float().mean().item(), "clips": clips}
+
+
+@torch.no_grad()
+def sample_and_judge(model, text, tokenizer, specs: list[ShapeSpec], device: torch.device, **sampling):
+    """One clip per spec from its canonical caption -> (videos (B, 3, T, H, W), the share of clips where
+    the oracle agrees, per attribute). `model` is a MaskGIT, or distributed.Run around one."""
+    ids, mask = text.encode([caption(s) for s in specs], model.config.text.max_len)  # (B, L) each
+    codes = model.generate(ids.to(device), mask.to(device), **sampling)  # (B, t, h, w)
+    videos = tokenizer.decode(codes).float().cpu()
+    verdicts = [agreement(v, s) for v, s in zip(videos, specs)]
+    return videos, {k: float(np.mean([v[k] for v in verdicts])) for k in verdicts[0]}
 
 
 @torch.no_grad()
@@ -150,8 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             results = {"tokenizer": meta["kind"], "step": int(meta["step"])} | evaluate_tokenizer(
                 model, data, args.clips, train_cfg.get("frames", 11), train_cfg.get("image_size", 64))
     except (UsageError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_usage(err)
     for k, v in results.items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     if args.json:

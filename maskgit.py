@@ -198,6 +198,22 @@ class MaskGIT(nn.Module):
         return tokens.view(shape)
 
 
+def plan_windows(t: int, keep: int | None, frames: list[int], have: int = 0) -> list[tuple[int, int, int]]:
+    """The windows make_video decodes -> [(segment, context frames, new frames)], in order: segment i
+    adds frames[i] new frames after the `have` frames before it. Context 0 starts a fresh window;
+    otherwise the last `context` frames (1 + 2(k - 1), k = `keep` latent frames) are re-encoded and given."""
+    keep = max(1, min(keep or t // 2, t - 1))  # default half the window; at least one new latent frame
+    window, plan = 1 + 2 * (t - 1), []
+    for segment, wanted in enumerate(frames):
+        made = 0
+        while made < wanted:
+            context = 0 if have == 0 else min(1 + 2 * (keep - 1), have - (1 - have % 2))  # odd: 1 + 2(k - 1)
+            new = min(window - context, wanted - made)
+            plan.append((segment, context, new))
+            made, have = made + new, have + new
+    return plan
+
+
 @torch.no_grad()
 def make_video(model: MaskGIT, tokenizer: nn.Module, prompts: list[tuple[torch.Tensor, torch.Tensor]],
                frames: list[int], init: torch.Tensor | None = None, keep: int | None = None,
@@ -206,25 +222,14 @@ def make_video(model: MaskGIT, tokenizer: nn.Module, prompts: list[tuple[torch.T
     `init` (1, 3, T0, H, W) is an image or video to continue; it starts the output. `keep` latent frames
     (default half the window) are re-encoded and given at each shift. -> video (1, 3, T0 + sum(frames), H, W)."""
     t = model.config.latent_frames
-    keep = max(1, min(keep or t // 2, t - 1))
     out = [] if init is None else [init]
-    have = 0 if init is None else init.shape[2]  # frames made so far
-    for (ids, mask), wanted in zip(prompts, frames):
-        made = 0
-        while made < wanted:
-            if have == 0:  # nothing to continue: a fresh window
-                codes = model.generate(ids, mask, **sampling)  # (1, t, h, w)
-                new = tokenizer.decode(codes)  # (1, 3, 1 + 2(t-1), H, W)
-            else:
-                video = torch.cat(out, dim=2)
-                context = min(1 + 2 * (keep - 1), have - (1 - have % 2))  # an odd number of frames, 1 + 2(k-1)
-                known = tokenizer.encode(video[:, :, have - context:])  # (1, k, h, w), causal: no future needed
-                k = known.shape[1]
-                given = F.pad(known, (0, 0, 0, 0, 0, t - k), value=-1)  # (1, t, h, w), -1 = generate
-                codes = model.generate(ids, mask, given=given, **sampling)
-                new = tokenizer.decode(codes)[:, :, context:]  # the frames after the context
-            new = new[:, :, : wanted - made]
-            out.append(new)
-            made += new.shape[2]
-            have += new.shape[2]
+    for segment, context, new in plan_windows(t, keep, frames, 0 if init is None else init.shape[2]):
+        ids, mask = prompts[segment]
+        if context == 0:  # nothing to continue: a fresh window
+            codes = model.generate(ids, mask, **sampling)  # (1, t, h, w)
+        else:
+            known = tokenizer.encode(torch.cat(out, dim=2)[:, :, -context:])  # (1, k, h, w), causal: no future needed
+            given = F.pad(known, (0, 0, 0, 0, 0, t - known.shape[1]), value=-1)  # (1, t, h, w), -1 = generate
+            codes = model.generate(ids, mask, given=given, **sampling)
+        out.append(tokenizer.decode(codes)[:, :, context:context + new])  # (1, 3, new, H, W) after the context
     return torch.cat(out, dim=2)

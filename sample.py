@@ -28,10 +28,12 @@ import time
 import numpy as np
 import torch
 
-from data import read_video, to_uint8_frames, write_video
+from checkpoint import DEFAULT_GENERATOR, DEFAULT_TOKENIZER, load_generator, load_tokenizer
+from config import UsageError, exit_usage
 from evaluate import psnr, ssim
-from maskgit import CFG, STEPS, TEMPERATURE, make_video
-from train import DEFAULT_GENERATOR, DEFAULT_TOKENIZER, UsageError, load_generator, load_tokenizer
+from maskgit import CFG, STEPS, TEMPERATURE, make_video, plan_windows
+from progress import Progress
+from video import read_video, to_uint8_frames, write_video
 
 # Legend: T frames, H W pixels, t latent frames, L text length.
 
@@ -124,14 +126,17 @@ def run_generate(args) -> None:
     model, tokenizer = model.to(device), tokenizer.to(device)
     prompts = [tuple(x.to(device) for x in text.encode([p], model.config.text.max_len)) for p in args.prompts]
     t0 = time.time()
+    windows = len(plan_windows(model.config.latent_frames, args.keep, shares, 0 if init is None else init.shape[2]))
+    progress, done = Progress(windows * args.steps, "decoding step"), [0]
 
-    def shown(step: int, steps: int) -> None:
-        print(f"\rdecoding step {step}/{steps}, {time.time() - t0:.1f} s", end="", flush=True)
+    def on_step(step: int, steps: int) -> None:
+        done[0] += 1  # decoding steps of all windows so far
+        progress.update(done[0], f"window {(done[0] - 1) // steps + 1}/{windows}")
 
     video = make_video(model, tokenizer, prompts, shares, None if init is None else init.to(device), args.keep,
                        steps=args.steps, cfg=args.cfg, temperature=args.temperature,
-                       generator=torch.Generator(device).manual_seed(args.seed), on_step=shown)
-    print()
+                       generator=torch.Generator(device).manual_seed(args.seed), on_step=on_step)
+    progress.close()
     save_output(args.out, video[0].float().cpu(), cfg.get("fps", 8.0))
     print(f"frames: {video.shape[2]}")
     print(f"seconds: {time.time() - t0:.1f}")
@@ -163,8 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         check_out(args.out)
         run_reconstruct(args) if args.reconstruct else run_generate(args)
     except (UsageError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_usage(err)
     print(f"wrote: {args.out}")
 
 

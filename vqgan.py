@@ -74,7 +74,8 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("alias", torch.arange(codebook_size))  # the code each index stands for (see merge)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.setdefault(prefix + "alias", torch.arange(self.codebook.shape[0]))  # files from before merging
+        # a checkpoint without the alias buffer (an unfolded book from an older phenaki): each code stands for itself
+        state_dict.setdefault(prefix + "alias", torch.arange(self.codebook.shape[0]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:

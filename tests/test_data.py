@@ -1,5 +1,5 @@
-"""Tests for the real-data half of data.py: PyAV decoding and writing, the folder, tar and image
-sources, and the sharded, resumable ClipStream. Every file is made here with PyAV; CPU only."""
+"""Tests for data.py: the folder, tar and image sources, make_source, and the sharded, resumable
+ClipStream. Every file is made here with PyAV; CPU only."""
 
 import io
 import re
@@ -10,28 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import (ClipStream, ImageFolderSource, ShapesSource, TarShardSource, VideoFolderSource,
-                  expand_braces, make_source, read_video, write_video)
-
-
-def moving_square(frames: int = 24, height: int = 48, width: int = 80) -> np.ndarray:
-    """(T, H, W, 3) uint8: a white 8 x 8 square whose left edge is at x = 3 t in frame t."""
-    video = np.zeros((frames, height, width, 3), dtype=np.uint8)
-    for t in range(frames):
-        video[t, 16:24, 3 * t:3 * t + 8] = 255
-    return video
-
-
-def encode(path, video: np.ndarray, fps: int = 16, rotation: int = 0) -> None:
-    """Write an H.264 .mp4 with PyAV directly, so that reading is not tested against our own writer."""
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width, stream.pix_fmt = video.shape[1], video.shape[2], "yuv420p"
-        if rotation:
-            stream.set_display_rotation(rotation)
-        for img in video:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        container.mux(stream.encode())
+from data import ClipStream, ImageFolderSource, TarShardSource, VideoFolderSource, expand_braces, make_source
+from shapes import ShapesSource
+from test_video import encode_mp4
 
 
 def encode_png(path, img: np.ndarray) -> None:
@@ -42,54 +23,13 @@ def encode_png(path, img: np.ndarray) -> None:
         container.mux(stream.encode())
 
 
-def square_x(img: np.ndarray) -> float:
-    """Left edge of the bright square, in pixels."""
-    return float(np.flatnonzero(img.max(axis=(0, 2)) > 128).min())
-
-
 def small_clips(folder, names, frames: int = 24) -> None:
     """Tiny 16 fps grey clips (32 x 32) at folder/name whose frame t has brightness 8 t, so a clip's
     first frame tells where in the video it starts."""
     video = np.repeat(8 * np.arange(frames, dtype=np.uint8), 32 * 32 * 3).reshape(frames, 32, 32, 3)
     for name in names:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        encode(folder / name, video)
-
-
-def test_read_video_resizes_crops_and_resamples_by_timestamp(tmp_path):
-    encode(tmp_path / "a.mp4", moving_square())  # 24 frames at 16 fps: 1.5 s
-    full = read_video(str(tmp_path / "a.mp4"))
-    assert full.shape == (24, 48, 80, 3) and full.dtype == np.uint8
-    half = read_video(tmp_path / "a.mp4", fps=8)
-    assert half.shape[0] == 12  # 1.5 s at 8 fps
-    # every second frame: the square's edge moves 6 pixels per output frame, starting at 0
-    assert [square_x(f) for f in half] == pytest.approx([6 * j for j in range(12)], abs=1)
-    clip = read_video(tmp_path / "a.mp4", frames=5, size=32, fps=8, start=0.5)
-    assert clip.shape == (5, 32, 32, 3)
-    # 48 x 80 -> 32 x 53, cropped to columns 10..42; at 0.5 s (frame 8) the edge is at 24 * 32 / 48 - 10
-    assert square_x(clip[0]) == pytest.approx(24 * 32 / 48 - 10, abs=1)
-
-
-def test_read_video_undoes_display_rotation(tmp_path):
-    video = np.zeros((2, 16, 32, 3), dtype=np.uint8)
-    video[:, :8, :8] = 255  # a bright top-left corner
-    encode(tmp_path / "r.mp4", video, rotation=90)
-    upright = read_video(tmp_path / "r.mp4")
-    assert upright.shape == (2, 32, 16, 3)  # a quarter turn swaps height and width
-    assert upright[0, -4:, :4].min() > 200  # 90 degrees counter-clockwise: top-left goes bottom-left
-
-
-def test_read_video_rejects_bad_files(tmp_path):
-    (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
-    (tmp_path / "empty.mp4").write_bytes(b"")
-    encode(tmp_path / "short.mp4", moving_square(8))
-    for bad in ("corrupt.mp4", "empty.mp4", "missing.mp4"):
-        with pytest.raises((ValueError, OSError)):
-            read_video(str(tmp_path / bad))
-    with pytest.raises((ValueError, OSError)):
-        read_video(io.BytesIO(b"not a video at all"))
-    with pytest.raises(ValueError, match="too short"):
-        read_video(tmp_path / "short.mp4", frames=11, fps=8)  # 0.5 s holds 4 frames at 8 fps
+        encode_mp4(folder / name, video)
 
 
 def test_stream_skips_corrupt_file_and_keeps_batches_full(tmp_path, capsys):
@@ -184,24 +124,6 @@ def test_batches_do_not_depend_on_the_worker_count():
     assert len(runs[0]) == len(runs[1]) == 4
     for a, b in zip(*runs):
         assert torch.equal(a["video"], b["video"]) and a["caption"] == b["caption"]
-
-
-def test_write_video_mp4_and_gif_round_trip(tmp_path):
-    video = moving_square(6, 25, 33)  # odd sides: H.264 4:2:0 needs them padded
-    write_video(str(tmp_path / "v.mp4"), video, fps=8)
-    with av.open(str(tmp_path / "v.mp4")) as container:
-        stream = container.streams.video[0]
-        assert stream.codec_context.name == "h264" and (stream.height, stream.width) == (26, 34)
-        assert len(list(container.decode(stream))) == 6
-    write_video(str(tmp_path / "v.gif"), video, fps=8)
-    gif = read_video(str(tmp_path / "v.gif"))
-    assert gif.shape == (6, 25, 33, 3)
-    assert square_x(gif[5]) == 15  # the white square survives the 8-bit palette where it was
-    # GIF stores times in 1/100 s (0.125 s becomes 0.13 s), yet resampling still picks each frame once
-    assert [square_x(f) for f in read_video(str(tmp_path / "v.gif"), fps=8)] == [3 * t for t in range(6)]
-    for bad in ("v.png", "v.avi2", "v"):
-        with pytest.raises(ValueError):
-            write_video(str(tmp_path / bad), video)
 
 
 def test_empty_folder_or_pattern_names_itself(tmp_path):

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from checkpoint import DEFAULT_GENERATOR, DEFAULT_TOKENIZER, load_checkpoint
 from test_train import ROOT, TINY
 
 TRAIN = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", "1"]
@@ -73,7 +74,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
             time.sleep(rng.uniform(0, 0.3))
             proc.kill()
             assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
-        train.load_checkpoint(state)  # whole after every kill: never a torn file
+        load_checkpoint(state)  # whole after every kill: never a torn file
     result = run(TRAIN + ["--out", killed, "--resume", *args])
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_state(whole, killed)
@@ -89,7 +90,7 @@ def test_sigterm_saves_a_checkpoint_before_it_exits(tmp_path):
         stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "stopped by a signal" in stdout
-    _, meta = train.load_checkpoint(os.path.join(out, "train_state.safetensors"))
+    _, meta = load_checkpoint(os.path.join(out, "train_state.safetensors"))
     assert int(meta["step"]) == logged_steps(out)[-1] >= 3  # the step it stopped at, not an earlier one
 
 
@@ -212,7 +213,7 @@ def files(tmp_path_factory):
     torn.mkdir()
     (torn / "train_state.safetensors").write_bytes(b"torn")
     (d / "empty").mkdir()
-    return {"empty": str(d / "empty"), "gen": train.DEFAULT_GENERATOR, "tok": train.DEFAULT_TOKENIZER, "junk": str(junk), "torn": str(torn),
+    return {"empty": str(d / "empty"), "gen": DEFAULT_GENERATOR, "tok": DEFAULT_TOKENIZER, "junk": str(junk), "torn": str(torn),
             "other": os.path.join(other, "model.safetensors"), "missing": str(d / "missing.safetensors")}
 
 
@@ -267,7 +268,8 @@ def test_data_with_nothing_usable_stops_the_run_naming_the_folder(tmp_path, work
 
 def video_folder(tmp_path, n: int):
     """A folder of n good 5-frame 32 x 32 Shapes videos, 0.mp4 ... """
-    from data import ShapesSource, write_video
+    from shapes import ShapesSource
+    from video import write_video
     folder = tmp_path / "videos"
     folder.mkdir()
     shapes = ShapesSource(frames=5, size=32)

@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data import ShapeSpec, agreement, caption, render_shapes
+from checkpoint import DEFAULT_TOKENIZER, load_tokenizer
 from maskgit import MaskGIT, MaskGITConfig, make_video, mask_ratio
+from shapes import ShapeSpec, agreement, caption, render_shapes
 from text_encoder import CaptionTokenizer, TextEncoderConfig
-from train import DEFAULT_TOKENIZER, load_tokenizer
 from vqgan import VQGAN, VQGANConfig
 
 CAPTIONS = ["a red circle moving right", "a blue square moving up", "a large green triangle standing still"]

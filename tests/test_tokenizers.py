@@ -3,8 +3,9 @@ import torch
 import torch.nn.functional as F
 
 from cvivit import CViViT, CViViTConfig
-from data import ClipStream, ShapesSource
+from data import ClipStream
 from evaluate import psnr
+from shapes import ShapesSource
 from vqgan import VQGAN, VectorQuantizer, VQGANConfig
 
 

@@ -8,15 +8,14 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from train import UsageError, build_tokenizer, load_tokenizer, override, save_checkpoint, tokenizer_meta
-from vqgan import VQGANConfig
+from checkpoint import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a model and a run small enough for a test: 3-frame 32 x 32 clips, batches of 2
 TINY = ["--tokenizer", "vqgan", "--set", "model.widths=8,16,16", "--set", "model.codebook_size=32", "--set", "model.code_dim=4",
         "--set", "train.frames=3", "--set", "train.image_size=32", "--set", "train.batch_size=2",
         "--set", "train.warmup=2", "--set", "train.restart_every=2", "--set", "train.log_every=1",
-        "--set", "train.image_every=100", "--set", "train.save_every=2", "--set", "train.merge_codes=0"]
+        "--set", "train.image_every=100", "--set", "train.save_every=2", "--set", "train.fold_cosine=0"]
 # a generator to match: 2 latent frames of 4 x 4 codes, width 32
 TINY_GENERATOR = ["--set", "model.dim=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.mlp=64",
                   "--set", "model.text.dim=32", "--set", "model.text.depth=1", "--set", "model.text.heads=2",
@@ -24,28 +23,6 @@ TINY_GENERATOR = ["--set", "model.dim=32", "--set", "model.depth=1", "--set", "m
                   "--set", "train.frames=3", "--set", "train.image_size=32", "--set", "train.batch_size=4",
                   "--set", "train.cache_clips=8", "--set", "train.warmup=2", "--set", "train.log_every=1",
                   "--set", "train.image_every=2", "--set", "train.save_every=2", "--set", "train.sample_steps=2"]
-
-
-def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
-    torch.manual_seed(0)
-    config = VQGANConfig(widths=(8, 16, 16), codebook_size=32, code_dim=4)
-    model = build_tokenizer("vqgan", json.dumps(config.__dict__)).eval()
-    path = str(tmp_path / "model.safetensors")
-    save_checkpoint(path, model.state_dict(), tokenizer_meta("vqgan", config, step=7))
-    loaded, meta = load_tokenizer(path)
-    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
-    assert torch.equal(model.encode(video), loaded.encode(video))
-    assert torch.equal(model.decode(model.encode(video)), loaded.decode(loaded.encode(video)))
-    assert meta["step"] == "7" and meta["kind"] == "vqgan"
-    assert not any(k.startswith(("module.", "_orig_mod.")) for k in load_file(path))
-
-
-def test_unknown_config_key_is_an_error():
-    model_cfg, cfg = train.preset("tiny", "vqgan")
-    with pytest.raises(UsageError, match="unknown config key"):
-        override(cfg, ["train.learning_rate=1"], "train")
-    assert override(cfg, ["train.lr=0.5"], "train").lr == 0.5
-    assert override(model_cfg, ["model.widths=4,8,8"], "model").widths == (4, 8, 8)
 
 
 def run_cli(*args, env=None):
@@ -77,8 +54,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 def test_finished_run_folds_near_duplicate_codes_in_the_sampling_weights_only(tmp_path):
     out = str(tmp_path / "merge")
-    train.main(["--stage", "1", "--out", out, "--max-steps", "2", *TINY, "--set", "train.merge_codes=0.5"])
-    model, meta = train.load_tokenizer(os.path.join(out, "model.safetensors"))
+    train.main(["--stage", "1", "--out", out, "--max-steps", "2", *TINY, "--set", "train.fold_cosine=0.5"])
+    model, meta = load_tokenizer(os.path.join(out, "model.safetensors"))
     owners = model.quantizer.alias.unique()
     assert int(meta["codes_left"]) == len(owners) < 32  # 32 codes in 4 dimensions: many lie within 60 degrees
     assert (model.quantizer.alias[owners] == owners).all()  # an owner stands for itself
@@ -175,3 +152,47 @@ def test_ddp_resume_between_code_restarts_equals_an_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    train.main(["--stage", "1", "--out", out, "--max-steps", "2", *TINY])
+    return os.path.join(out, "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def generator(tokenizer, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("gen"))
+    train.main(["--stage", "2", "--tokenizer-checkpoint", tokenizer, "--out", out, "--max-steps", "2",
+                "--image-ratio", "0.5", *TINY_GENERATOR])
+    return os.path.join(out, "model.safetensors")
+
+
+def test_stage2_training_logs_samples_and_oracle_checks(generator):
+    folder = os.path.dirname(generator)
+    records = [json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
+    assert [r["step"] for r in records] == [1, 2] and "val_color" in records[-1]
+    assert os.path.exists(os.path.join(folder, "samples.png"))
+    assert len(os.listdir(os.path.join(folder, "token_cache"))) == 1  # one shard for one rank
+
+
+def test_generator_vocabulary_must_match_the_tokenizer(tokenizer, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--stage", "2", "--tokenizer-checkpoint", tokenizer, "--out", str(tmp_path), *TINY_GENERATOR,
+                    "--set", "model.codebook_size=64"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "must equal the tokenizer's codebook size (32)" in err
+
+
+def test_stage2_resume_matches_an_uninterrupted_run(tokenizer, tmp_path):
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    common = ["--stage", "2", "--tokenizer-checkpoint", tokenizer, *TINY_GENERATOR, "--set", "train.image_every=100"]
+    train.main(common + ["--out", whole, "--max-steps", "4"])
+    train.main(common + ["--out", split, "--max-steps", "2"])
+    train.main(common + ["--out", split, "--max-steps", "4", "--resume"])
+    a = load_file(os.path.join(whole, "model.safetensors"))
+    b = load_file(os.path.join(split, "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

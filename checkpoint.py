@@ -1,0 +1,296 @@
+"""
+Checkpoints: safetensors files that carry everything needed to use or continue a model, and nothing
+that runs code when loaded (no pickles).
+
+A run writes two files into its folder:
+  model.safetensors        the weights to sample with (the EMA's when there is one); the metadata holds
+                           format "phenaki", the stage, the kind (vqgan, cvivit, maskgit), the model
+                           config as JSON, the step and the train config, so that sample.py and
+                           evaluate.py need nothing but the file. A generator also carries its caption
+                           tokenizer (BPE as JSON) and the sha256 of the stage-1 file it was trained on.
+  train_state.safetensors  every module (model, discriminator, EMA) as `<name>.<key>` and every
+                           optimizer's moments as `<name>.<param index>.<key>`, the param groups as JSON
+                           in the metadata: what --resume restores.
+Keys are the raw module's (no `module.` or `_orig_mod.` prefixes), and loading is strict.
+
+Writes are atomic: a temporary file, fsynced, renamed over the old one, whose previous version is kept
+as `<file>.prev` (by hard link, so the checkpoint is never missing). A crash or a full disk mid-write
+leaves the last good file whole, and a resume falls back to `.prev` if the newest is unreadable.
+
+Under FSDP2 a state dict holds shards (DTensors): `whole` gathers them, so that the files are the same
+as under DDP or in one process, and `restore_optimizer` shards the moments again on load.
+
+As a command, it makes the fp16 copies that ship in checkpoints/:
+
+    python checkpoint.py export runs/stage1-vqgan-tiny/model.safetensors checkpoints/tokenizer.safetensors
+    python checkpoint.py export runs/stage2-maskgit-tiny/model.safetensors checkpoints/generator.safetensors \\
+        --tokenizer checkpoints/tokenizer.safetensors
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from config import TOKENIZER_CONFIGS, TrainConfig, UsageError, exit_usage
+from cvivit import CViViT
+from maskgit import MaskGIT, MaskGITConfig
+from text_encoder import CaptionTokenizer
+from vqgan import VQGAN
+
+TOKENIZERS = {"vqgan": VQGAN, "cvivit": CViViT}
+
+# the models that ship with the repo, used by sample.py and evaluate.py when no checkpoint is given
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
+DEFAULT_TOKENIZER = os.path.join(SHIPPED, "tokenizer.safetensors")
+DEFAULT_GENERATOR = os.path.join(SHIPPED, "generator.safetensors")
+
+
+def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Write atomically and keep the previous file as `path.prev`: a crash or a full disk mid-write
+    leaves the last good checkpoint whole. A failed write raises OSError and leaves no temporary."""
+    tmp = f"{path}.tmp"
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except (OSError, SafetensorError) as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"could not write {path}: {err}") from None
+    if os.path.exists(path):  # keep it as .prev, through a hard link, so that `path` never goes missing
+        try:
+            if os.path.exists(f"{path}.prev.tmp"):
+                os.remove(f"{path}.prev.tmp")
+            os.link(path, f"{path}.prev.tmp")
+            os.replace(f"{path}.prev.tmp", f"{path}.prev")
+        except OSError:  # a filesystem without hard links: for a moment only .prev exists
+            os.replace(path, f"{path}.prev")
+    os.replace(tmp, path)
+    if os.name == "posix":  # make the renames durable (Windows cannot open a folder to fsync it)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A phenaki safetensors file -> (tensors, metadata); a UsageError naming the file otherwise."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise UsageError(f"{path} is not a safetensors checkpoint ({err})") from None
+    if meta.get("format") != "phenaki":
+        raise UsageError(f"{path} is not a phenaki checkpoint")
+    return tensors, meta
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file: ties a generator to the exact tokenizer it was trained on."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_half(src: str, dst: str, tokenizer: str | None = None) -> None:
+    """Copy a model.safetensors with its floating-point tensors in fp16: how checkpoints/ is made.
+    For a generator, `tokenizer` names the exported tokenizer it will be paired with: its sha256
+    replaces the one the generator was trained on, which is kept as `trained_on_sha256`."""
+    tensors, meta = load_checkpoint(src)
+    if tokenizer is not None:
+        if meta.get("stage") != "2":
+            raise UsageError(f"--tokenizer pairs a generator with a tokenizer; {src} is not a stage-2 generator")
+        load_tokenizer(tokenizer)  # a readable stage-1 file, or a one-line error
+        meta |= {"trained_on_sha256": meta["tokenizer_sha256"], "tokenizer_sha256": file_digest(tokenizer)}
+    save_checkpoint(dst, {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, meta)
+
+
+# ----------------------------------------------------------------------------- the two kinds of model
+
+def tokenizer_meta(kind: str, config, step: int) -> dict[str, str]:
+    return {"format": "phenaki", "stage": "1", "kind": kind, "config": json.dumps(dataclasses.asdict(config)),
+            "step": str(step)}
+
+
+def generator_meta(config: MaskGITConfig, step: int, text: CaptionTokenizer, tokenizer_sha256: str) -> dict[str, str]:
+    return {"format": "phenaki", "stage": "2", "kind": "maskgit", "config": json.dumps(dataclasses.asdict(config)),
+            "step": str(step), "text_tokenizer": text.to_json(), "tokenizer_sha256": tokenizer_sha256}
+
+
+def build_tokenizer(kind: str, config_json: str) -> VQGAN | CViViT:
+    """A fresh tokenizer of `kind` from its config as JSON (JSON lists become the config's tuples)."""
+    fields = json.loads(config_json)
+    config = TOKENIZER_CONFIGS[kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return TOKENIZERS[kind](config)
+
+
+def load_tokenizer(path: str) -> tuple[VQGAN | CViViT, dict[str, str]]:
+    """A stage-1 checkpoint -> (model in eval mode on the CPU, metadata)."""
+    tensors, meta = load_checkpoint(path)
+    if meta.get("stage") != "1":
+        raise UsageError(f"{path} holds a stage-{meta.get('stage')} model, not a stage-1 tokenizer")
+    model = build_tokenizer(meta["kind"], meta["config"])
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return model.eval(), meta
+
+
+def load_generator(path: str, tokenizer_path: str):
+    """A stage-2 checkpoint and the tokenizer it was trained on -> (generator, caption tokenizer,
+    stage-1 tokenizer, metadata), models in eval mode on the CPU."""
+    tensors, meta = load_checkpoint(path)
+    if meta.get("stage") != "2":
+        raise UsageError(f"{path} holds a stage-{meta.get('stage')} model, not a stage-2 generator")
+    tokenizer, _ = load_tokenizer(tokenizer_path)
+    if file_digest(tokenizer_path) != meta["tokenizer_sha256"]:
+        raise UsageError(f"{path} was trained on another tokenizer than {tokenizer_path} (sha256 differs)")
+    model = MaskGIT(MaskGITConfig.from_dict(json.loads(meta["config"])))
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return model.eval(), CaptionTokenizer.from_json(meta["text_tokenizer"]), tokenizer, meta
+
+
+def generator_config_for(tokenizer_path: str, model_cfg: MaskGITConfig, cfg: TrainConfig) -> MaskGITConfig:
+    """The generator's config fitted to the stage-1 checkpoint it will train behind: its vocabulary
+    must equal the codebook, and its window is the clip length and image size of stage 2."""
+    tokenizer, meta = load_tokenizer(tokenizer_path)
+    K = tokenizer.quantizer.codebook.shape[0]
+    if model_cfg.codebook_size != K:
+        raise UsageError(f"the generator's vocabulary ({model_cfg.codebook_size}) must equal the tokenizer's "
+                         f"codebook size ({K}); pass --set model.codebook_size={K}")
+    trained = json.loads(meta.get("train_config", "{}"))
+    if trained.get("image_size", cfg.image_size) != cfg.image_size:
+        raise UsageError(f"the tokenizer was trained at {trained['image_size']} pixels, stage 2 asks for {cfg.image_size}")
+    if not 0 <= cfg.image_ratio <= 1:
+        raise UsageError(f"--image-ratio must lie in [0, 1], got {cfg.image_ratio}")
+    # the window: 1 + 2n frames are 1 + n latent frames of (size / 8)^2 codes
+    return dataclasses.replace(model_cfg, latent_frames=1 + (cfg.frames - 1) // 2, grid=cfg.image_size // 8)
+
+
+# ----------------------------------------------------------------------------- a run's state
+
+def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Under FSDP a state dict holds shards (DTensors): gather each into the full tensor, on the CPU.
+    A collective: every rank calls it, in the same order, but only a rank that will write (`keep`)
+    holds on to the result, one tensor at a time being gathered. Plain tensors pass through."""
+    out = {}
+    for k, v in tensors.items():
+        full = v.full_tensor() if isinstance(v, DTensor) else v
+        if keep:
+            out[k] = full.cpu()
+    return out
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str, keep: bool = True) -> tuple[dict, str]:
+    """Flatten an optimizer state into safetensors-friendly tensors plus JSON for the rest."""
+    state = opt.state_dict()
+    tensors = whole({f"{prefix}.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}, keep)
+    return tensors, json.dumps(state["param_groups"])
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups_json: str, prefix: str) -> None:
+    """The inverse of optimizer_tensors. Under FSDP each rank keeps its shard of a parameter's moments."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            _, i, name = key.split(".", 2)
+            p = params[int(i)]
+            if isinstance(p, DTensor) and name != "step":  # exp_avg, exp_avg_sq: shaped like the parameter
+                value = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+            state.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": json.loads(groups_json)})
+
+
+def save_weights(out: str, meta: dict[str, str], cfg: TrainConfig, weights: dict[str, torch.Tensor]) -> None:
+    """<out>/model.safetensors: the weights with the model and train configs in the metadata."""
+    save_checkpoint(os.path.join(out, "model.safetensors"), weights,
+                    meta | {"train_config": json.dumps(dataclasses.asdict(cfg))})
+
+
+def save_run(out: str, meta: dict[str, str], cfg: TrainConfig, modules: dict[str, nn.Module],
+             opts: dict[str, torch.optim.Optimizer], write: bool = True) -> None:
+    """model.safetensors: the weights to sample with (the EMA's when there is one);
+    train_state.safetensors: every module and optimizer, for --resume. Under FSDP every rank calls
+    this (the shards are gathered first) and only the one with `write` writes. A failed write (a full
+    disk) keeps the previous checkpoint and says so: the next save tries again."""
+    states = {name: whole(m.state_dict(), write) for name, m in modules.items()}
+    tensors = {f"{name}.{k}": v for name, state in states.items() for k, v in state.items()}
+    groups = {}
+    for name, opt in opts.items():
+        opt_tensors, groups[f"{name}_groups"] = optimizer_tensors(opt, name, write)
+        tensors |= opt_tensors
+    if not write:
+        return
+    try:
+        save_weights(out, meta, cfg, states.get("ema") or states["model"])
+        save_checkpoint(os.path.join(out, "train_state.safetensors"), tensors, meta | groups)
+    except OSError as err:
+        print(f"warning: checkpoint at step {meta['step']} not saved ({err}); the previous one is kept", file=sys.stderr)
+
+
+def load_train_state(out: str, resume: bool) -> tuple[str, dict, dict[str, str]] | None:
+    """The train state to resume from -> (its path, tensors, metadata): <out>/train_state.safetensors,
+    or the previous one kept beside it when the newest is missing or unreadable. None: start afresh
+    (no --resume, or nothing saved yet)."""
+    path = os.path.join(out, "train_state.safetensors")
+    problems = []
+    for candidate in (path, f"{path}.prev") if resume else ():
+        if not os.path.exists(candidate):
+            continue
+        try:
+            tensors, meta = load_checkpoint(candidate)
+        except UsageError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            print(f"warning: {problems[0]}; resuming from the previous checkpoint", file=sys.stderr)
+        return candidate, tensors, meta
+    if problems:
+        raise UsageError(f"no readable train state to resume from: {problems[0]}")
+    return None
+
+
+def restore_modules(tensors: dict, modules: dict[str, nn.Module]) -> None:
+    """The weights of save_run's train state, into modules not yet sharded."""
+    for name, m in modules.items():
+        m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+
+
+def restore_optimizers(tensors: dict, meta: dict[str, str], opts: dict[str, torch.optim.Optimizer]) -> int:
+    """The optimizer states of save_run's train state (after sharding, if any) -> the step to continue from."""
+    for name, opt in opts.items():
+        restore_optimizer(opt, tensors, meta[f"{name}_groups"], name)
+    return int(meta["step"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Checkpoint tools. export: an fp16 copy of a model.safetensors.")
+    commands = p.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="copy a model.safetensors with its float tensors in fp16")
+    export.add_argument("src", help="a model.safetensors written by train.py")
+    export.add_argument("dst", help="where the fp16 copy goes")
+    export.add_argument("--tokenizer", help="for a generator: the exported tokenizer it will be paired with")
+    args = p.parse_args(argv)
+    try:
+        export_half(args.src, args.dst, args.tokenizer)
+    except (UsageError, OSError) as err:
+        exit_usage(err)
+    print(f"wrote: {args.dst}")
+
+
+if __name__ == "__main__":
+    main()

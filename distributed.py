@@ -1,0 +1,127 @@
+"""
+The distributed run: how the processes of `torchrun` meet, how a model is spread over them, and how
+they leave together. train.py joins the process group in one block (nccl on CUDA, gloo on the CPU);
+what that block and the loops need beyond plain DDP lives here.
+
+Meeting again after a restart. `torchrun --max-restarts=N` starts a new group of workers when one
+dies; they meet in the agent's store, where the dead workers' addresses are still written. A restarted
+group therefore meets under a key prefix of its own (`process_group_store`).
+
+Replicated or sharded. Under DDP every rank holds the whole model and gradients are averaged. Under
+FSDP2 (`shard`, stage 2 with --fsdp) each transformer block of the generator and of its caption
+encoder is a unit whose parameters, gradients and AdamW moments are split across the ranks and
+gathered only while the block runs; embeddings and head form the root unit. DDP and FSDP see only a
+module's `forward`, so the generator's methods are routed through one (`Run`): Run(model)("loss", ...)
+is a training loss, Run(model).generate(...) samples with each unit gathered as it runs.
+
+Counting codes. The quantizer's code-use counts are per rank and summed only at a dead-code restart;
+`summed_counts` sums them for the length of a save, so that a checkpoint holds all ranks' counts.
+
+Leaving. `finish` checks that DDP ranks still hold identical weights (a cheap digest) and makes every
+rank leave together: a rank that tears down its process group early can abort the others.
+
+Legend: none of the tensors here have shapes worth naming; everything is a module or a state dict.
+"""
+
+import contextlib
+import hashlib
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from maskgit import MaskGIT
+from transformer import Block
+
+
+def process_group_store(restarts: int) -> dict:
+    """Keyword arguments for init_process_group: a fresh store prefix for a group that torchrun
+    restarted (so that it cannot read the dead workers' addresses), nothing special otherwise."""
+    if not restarts or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    return {"store": dist.PrefixStore(f"restart-{restarts}", store), "rank": int(os.environ["RANK"]),
+            "world_size": int(os.environ["WORLD_SIZE"])}
+
+
+def shard(root: nn.Module, device: torch.device) -> None:
+    """FSDP2: every transformer block becomes a unit of its own, the rest the root's unit. On CUDA the
+    all-gathers move bf16 and the gradients are reduced in fp32."""
+    mixed = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+             else MixedPrecisionPolicy())
+    for module in root.modules():
+        if isinstance(module, Block):
+            fully_shard(module, mp_policy=mixed)
+    fully_shard(root, mp_policy=mixed)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile where the work is: each transformer block of a generator (the unit FSDP shards
+    too), or a tokenizer's whole forward. In place: parameter names and checkpoints do not change."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks if isinstance(model, MaskGIT) else [model]:
+        block.compile()
+
+
+def grad_sync(module: nn.Module, last: bool):
+    """Gradient accumulation: DDP and FSDP average gradients across ranks on the `last` micro-step of
+    an optimizer step only; the earlier ones accumulate locally. -> a context for the backward."""
+    if isinstance(module, DDP):
+        return contextlib.nullcontext() if last else module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # an FSDP2 unit
+        module.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+class Run(nn.Module):
+    """Routes a method of the generator through forward, where DDP's and FSDP's hooks see it."""
+
+    def __init__(self, model: MaskGIT):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, method: str, *args, **kwargs):
+        return getattr(self.model, method)(*args, **kwargs)
+
+    def generate(self, *args, **kwargs) -> torch.Tensor:
+        return self("generate", *args, **kwargs)
+
+
+@contextlib.contextmanager
+def summed_counts(quantizer: nn.Module, ddp: bool):
+    """All ranks' code-use counts in `quantizer.counts` while the block runs (every rank must enter),
+    this rank's own again afterwards. On resume rank 0 restores the sum and the others start from
+    zero, so the next restart sees the same total as a run that never stopped."""
+    if not ddp:
+        yield
+        return
+    local = quantizer.counts.clone()
+    dist.all_reduce(quantizer.counts)
+    try:
+        yield
+    finally:
+        quantizer.counts.copy_(local)
+
+
+def weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def finish(model: nn.Module, world: int, master: bool, message: str, compare: bool = True) -> None:
+    """End of a run: under DDP a check that every rank's weights stayed in step (`compare`; FSDP ranks
+    hold different shards by design), then leave together and say `message` once."""
+    if world > 1:
+        if compare:
+            digests = [None] * world
+            dist.all_gather_object(digests, weights_digest(model))
+            if master:
+                print(f"weights identical across {world} ranks: {len(set(digests)) == 1}")
+        dist.barrier()
+    if master:
+        print(message)

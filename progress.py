@@ -1,0 +1,98 @@
+"""
+What a long job shows while it runs, and what a training run leaves behind to be read afterwards.
+
+`Progress` is the one progress line of every long job: training steps, the token cache, the decoding
+steps of sample.py. On a terminal it redraws itself in place (a carriage return, no newline) after
+every unit of work; written to a log file or a pipe, where a carriage return would glue hundreds of
+updates into one line, it prints a plain line each time another ~10% of the work is done, and at the
+end. Each line says how far the job is, its own figures (losses, clips/s), and the time left, which
+is extrapolated from the rate since the job (or its resume) started.
+
+`RunLog` is a run's record in its --out folder:
+  log.jsonl   one JSON object per logged step: step, lr, time, the losses, the skipped steps and files,
+              and the validation figures when they were measured
+  loss.png    the curves of chosen keys over all logged steps so far (log scale)
+  <grid>.png  a grid of videos (B, 3, T, H, W), one clip a row, its frames left to right
+A full disk must not end a training run: a line or a picture that cannot be written is reported on
+stderr and the run goes on (the checkpoints say for themselves whether they were saved).
+
+Legend: B batch, T frames, H W pixels.
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+class Progress:
+    """One line for `total` units of work named `label` (step, batch): `update(done, text)` after each
+    unit; `start` is where a resumed job begins."""
+
+    def __init__(self, total: int, label: str, start: int = 0, stream=None):
+        self.total, self.label, self.start, self.t0 = total, label, start, time.time()
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.decile = (10 * start) // max(total, 1)  # the last tenth reported in a pipe
+        self.drawn = False  # a terminal line is open and needs a newline before other output
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def update(self, done: int, text: str = "") -> None:
+        decile = (10 * done) // max(self.total, 1)
+        if not self.tty and decile == self.decile and done < self.total:
+            return
+        self.decile = decile
+        left = (self.total - done) * self.elapsed() / max(done - self.start, 1)
+        line = f"{self.label} {done}/{self.total}{' | ' + text if text else ''} | {int(left) // 60}m{int(left) % 60:02d}s left"
+        if self.tty:
+            self.stream.write("\r" + line + "\033[K")  # clear what a longer previous line left behind
+            self.drawn = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the redrawn line, so that what is printed next starts on a line of its own."""
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
+class RunLog:
+    """log.jsonl, loss.png and sample grids in a run's folder; `history` holds the records so far."""
+
+    def __init__(self, out: str):
+        self.out, self.history = out, []
+
+    def write(self, record: dict) -> None:
+        self.history.append(record)
+        try:
+            with open(os.path.join(self.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            print(f"warning: log line of step {record['step']} not written ({err.strerror})", file=sys.stderr)
+
+    def plot(self, keys: tuple[str, ...], videos: torch.Tensor, name: str) -> None:
+        """loss.png: the curves of `keys` so far; `name`: videos (B, 3, T, H, W) as a grid, one clip a row."""
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key in keys:
+            points = [(h["step"], h[key]) for h in self.history if key in h]
+            if points:
+                ax.plot(*zip(*points), label=key)
+        ax.set_yscale("log"), ax.set_xlabel("step"), ax.legend()
+        grid = videos.permute(0, 3, 2, 4, 1).flatten(2, 3).flatten(0, 1)  # (B*H, T*W, 3)
+        try:
+            fig.savefig(os.path.join(self.out, "loss.png"), dpi=100, bbox_inches="tight")
+            plt.imsave(os.path.join(self.out, name), ((grid.clamp(-1, 1) + 1) / 2).cpu().numpy())
+        except OSError as err:
+            print(f"warning: loss.png or {name} not written ({err.strerror})", file=sys.stderr)
+        finally:
+            plt.close(fig)

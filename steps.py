@@ -1,0 +1,106 @@
+"""
+What every training step does around its loss, written once for both stages of train.py.
+
+A step of either stage is: seed, compute the loss and its gradients (the stage's own code), then the
+same update. `Steps` holds the step counter and does the shared parts:
+  begin     seed torch's RNG from (seed, rank, step), so that a resumed run draws the same masks,
+            picks and noise as one that never stopped, and set the learning rate of the schedule
+  update    clip the gradients to a global norm; unless the loss or the norm is non-finite on some
+            rank (faults.StepGuard), step the optimizers and the EMA; clear the gradients; count the
+            step; redraw the progress line (step, losses, clips/s, time left)
+  due       whether this step is a multiple of an interval, or the last one (log, save, validate)
+  write_log one line of log.jsonl (progress.RunLog): step, lr, time, losses, figures, skipped steps/files
+
+The schedule (`lr_at`) is a linear warm-up over `warmup` steps, then a cosine from lr down to min_lr at
+max_steps, as in the paper's tokenizer training. The optimizer (`adamw`) is AdamW with decoupled
+weight decay, β2 from the config (0.99 in the paper), fused on CUDA. The EMA keeps
+e = decay·e + (1 - decay)·p after every update; when it is on, it is what model.safetensors holds.
+
+bf16 autocast on CUDA, fp32 on the CPU, where bf16 matmuls run hundreds of times slower.
+"""
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from config import TrainConfig
+from faults import StepGuard
+from progress import Progress, RunLog
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay from lr to min_lr at max_steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def adamw(model: nn.Module, cfg: TrainConfig, beta1: float = 0.9) -> torch.optim.AdamW:
+    # the fused kernel exists on CUDA only
+    return torch.optim.AdamW(model.parameters(), cfg.lr, betas=(beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                             fused=next(model.parameters()).is_cuda)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)  # e = decay·e + (1 - decay)·p
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """Scale the gradients to a global norm of at most `max_norm` -> the norm before clipping (inf or
+    NaN if any gradient is). Under FSDP the norm is a replicated DTensor."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+class Steps:
+    """What both loops do around their loss, written once: the step counter, its seed and learning
+    rate, the guarded update, the progress line and the log. `guard` is entered by the loop."""
+
+    def __init__(self, cfg: TrainConfig, out: str, rank: int, world: int, device: torch.device, step: int,
+                 skipped_files: int):
+        self.cfg, self.rank, self.world, self.master = cfg, rank, world, rank == 0
+        self.step, self.skipped_files = step, skipped_files  # files the data set dropped or skipped so far
+        # bf16 autocast on CUDA; fp32 on the CPU, where bf16 matmuls are far slower
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        self.guard = StepGuard(device)
+        self.progress, self.log = Progress(cfg.max_steps, "step", start=step), RunLog(out)
+
+    def begin(self, opts: list[torch.optim.Optimizer]) -> torch.Generator:
+        """Seed this step's draws from (seed, rank, step) and set the lr -> a generator for batch picks."""
+        seed = self.cfg.seed * 1_000_003 + self.rank * 10_007 + self.step
+        torch.manual_seed(seed)
+        for group in (g for opt in opts for g in opt.param_groups):
+            group["lr"] = lr_at(self.step, self.cfg)
+        return torch.Generator().manual_seed(seed)
+
+    def update(self, losses: dict[str, float], model: nn.Module, opts: list, stepped: list, ema: nn.Module | None) -> None:
+        """Clip; unless the loss or the gradient norm is non-finite on a rank, step the optimizers in
+        `stepped` and the EMA; clear every gradient; count the step and show it."""
+        norm = clip_gradients(model, self.cfg.grad_clip)  # an inf gradient under a finite loss is caught too
+        if self.guard.step_is_finite(sum(losses.values()), norm):
+            for opt in stepped:
+                opt.step()
+            if ema is not None:
+                update_ema(ema, model, self.cfg.ema)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.master:
+            clips = (self.step - self.progress.start) * self.cfg.batch_size * self.cfg.grad_accum * self.world
+            text = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+            self.progress.update(self.step, f"{text} | {clips / self.progress.elapsed():.1f} clips/s")
+
+    def due(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.cfg.max_steps
+
+    def write_log(self, losses: dict, figures: dict) -> None:
+        self.log.write({"step": self.step, "lr": lr_at(self.step, self.cfg), "time": round(self.progress.elapsed(), 1)}
+                       | losses | figures | {"skipped_steps": self.guard.skipped, "skipped_files": self.skipped_files})

@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from config import UsageError, configure, generator_preset, override, tokenizer_preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_unknown_config_key_is_an_error():
+    model_cfg, cfg = tokenizer_preset("tiny", "vqgan")
+    with pytest.raises(UsageError, match="unknown config key"):
+        override(cfg, ["train.learning_rate=1"], "train")
+    assert override(cfg, ["train.lr=0.5"], "train").lr == 0.5
+    assert override(model_cfg, ["model.widths=4,8,8"], "model").widths == (4, 8, 8)
+
+
+def test_overrides_reach_the_nested_text_config_and_parse_by_type():
+    model_cfg, cfg = configure(2, "tiny", "vqgan", ["model.text.depth=3", "train.max_steps=1e3", "model.dim=64"])
+    assert model_cfg.text.depth == 3 and model_cfg.dim == 64 and model_cfg.text.dim == generator_preset("tiny")[0].text.dim
+    assert cfg.max_steps == 1000 and isinstance(cfg.max_steps, int)
+    with pytest.raises(UsageError, match="bad value 'fast' for train.lr"):
+        configure(1, "tiny", "vqgan", ["train.lr=fast"])
+
+
+@pytest.mark.parametrize("stage, key", [(2, "train.gan_start=0"), (2, "train.fold_cosine=0.9"),
+                                        (1, "train.cache_clips=8"), (1, "train.image_ratio=0.2")])
+def test_a_key_that_only_the_other_stage_reads_is_an_error(stage, key):
+    with pytest.raises(UsageError, match=f"read by stage {3 - stage} only"):
+        configure(stage, "tiny", "vqgan", [key])
+    configure(3 - stage, "tiny", "vqgan", [key])  # the stage that reads it takes it
+
+
+def test_the_cli_refuses_a_key_of_the_other_stage_in_one_line():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "1", "--set", "train.sample_steps=4"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "train.sample_steps is read by stage 2 only" in result.stderr

@@ -1,0 +1,169 @@
+"""
+Real video in and out through PyAV (FFmpeg): decoding files to clips, encoding .mp4 and .gif, and the
+limits on what one file may ask of a loader.
+
+`read_video` decodes a video or an image (a path or a binary file object) to RGB frames. It resamples
+by timestamp to a fixed fps, so variable frame rates work and a frame repeats when fps is above the
+video's rate; resizes the short side with swscale's area filter (no aliasing) and centre-crops; undoes
+phone rotation (the display matrix); and turns any pixel format (gray, 10-bit, alpha) into 8-bit RGB.
+With `rng`, a clip's start is drawn uniformly over where a full clip fits. `write_video` writes .mp4
+(H.264) and .gif; `to_uint8_frames` takes the layouts that models and scripts hand it.
+
+read_video:       a file FFmpeg decodes (VIDEO_EXTS, IMAGE_EXTS)  ->  (T, H, W, 3) uint8 RGB
+write_video:      (T, H, W, 3) uint8, or what to_uint8_frames takes  ->  .mp4 or .gif
+to_uint8_frames:  (3, T, H, W) tensor in [-1, 1], or (T, H, W, 3) float in [0, 1]  ->  (T, H, W, 3) uint8
+
+Real files break (corrupt, truncated, empty, audio only, too short): every failure of read_video is a
+ValueError naming the file, so that a loader can skip it (data.py). Guards bound the time and memory
+of one load: MAX_PIXELS (4096 x 4096: 4K passes, 8K is refused, from the header, before decoding),
+MAX_LEAD (decoded frames before the clip's first) and MAX_FRAMES (a whole-video read).
+
+Deviations: a video shorter than the clip asked for is refused (ValueError), rather than padded or
+looped. For .mp4, odd sides are padded by repeating the last row or column (H.264's 4:2:0 chroma).
+"""
+
+import io
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+import torch
+
+# Legend: T frames, H W pixels.
+
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+MAX_PIXELS = 4096 * 4096  # a bigger frame (8K) decodes too slowly for a loader, or a strip resizes too large
+MAX_LEAD = 2000  # decoded frames before the clip's first: more means key frames too sparse to seek to
+MAX_FRAMES = 10_000  # a whole-video read: a timestamp jump would otherwise repeat one frame without end
+
+
+def to_uint8_frames(video) -> np.ndarray:
+    """Accept (T, H, W, 3) uint8 or float in [0, 1], or a (3, T, H, W) tensor in [-1, 1]."""
+    if isinstance(video, torch.Tensor):
+        video = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+    video = np.asarray(video)
+    if video.dtype != np.uint8:
+        video = np.clip(np.round(video * 255), 0, 255).astype(np.uint8)
+    return video  # (T, H, W, 3)
+
+
+def _fit(width: int, height: int, size: int | None) -> tuple[int, int]:
+    """(w, h) with the short side resized to `size`; ValueError if the frame, before or after, is too big."""
+    w, h = width, height
+    if size is not None:
+        scale = size / max(min(width, height), 1)  # a header may not know the size yet: 0 x 0
+        w, h = max(size, round(width * scale)), max(size, round(height * scale))
+    if max(width * height, w * h) > MAX_PIXELS:
+        raise ValueError(f"{width} x {height} frames (resized {w} x {h}) are above MAX_PIXELS = {MAX_PIXELS}")
+    return w, h
+
+
+def _rgb(frame: av.VideoFrame, size: int | None) -> np.ndarray:
+    """One decoded frame as (H, W, 3) uint8, upright, short side resized to `size` and centre-cropped."""
+    # phones store "rotate this many degrees counter-clockwise" in the display matrix; read it before
+    # reformat, whose new frame lacks that side data
+    turns = round(frame.rotation / 90) % 4
+    w, h = _fit(frame.width, frame.height, size)  # the size can change mid-stream
+    if size is not None:
+        # swscale's area filter averages the pixels it drops, so downscaling does not alias; it also
+        # drops alpha and converts gray, 10-bit and any other pixel format to 8-bit RGB
+        frame = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA")
+    img = np.rot90(frame.to_ndarray(format="rgb24"), k=turns)  # (H, W, 3) from any pixel format
+    if size is not None:
+        top, left = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+        img = img[top:top + size, left:left + size]  # (size, size, 3)
+    return np.ascontiguousarray(img)
+
+
+def _pick(container, stream, fps: float | None, start: float):
+    """Yield the frames on screen at start + i / fps, i = 0, 1, ... (every frame from `start` if fps is
+    None). Picking by timestamp rather than index is what makes variable frame rates work; a frame
+    comes twice when fps is above the video's rate."""
+    t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    if start > 0:  # jump to the key frame before `start` instead of decoding everything up to it
+        container.seek(int((t0 + start) / stream.time_base), stream=stream)
+    rate = float(stream.average_rate or 25)
+    eps = 0.1 / fps if fps else 1e-6  # GIF times are in 1/100 s: 0.125 s reads back as 0.13 s
+    prev, prev_t, gap, i = None, 0.0, 1 / (fps or rate), 0  # i: frames yielded so far
+    for n, frame in enumerate(container.decode(stream)):
+        if n == MAX_LEAD and i == 0:  # bound the time a load takes, whatever the file
+            raise ValueError(f"no frame at {start:.2f} s within {MAX_LEAD} decoded frames (MAX_LEAD)")
+        t = (frame.time if frame.time is not None else n / rate) - t0 - start  # seconds into the clip
+        if fps is None:
+            if t >= -eps:
+                i += 1
+                yield frame
+            continue
+        while prev is not None and t > i / fps + eps:  # prev is the last frame at or before i / fps
+            yield prev
+            i += 1
+        gap = t - prev_t if prev is not None and t > prev_t else gap
+        prev, prev_t = frame, t
+    while prev is not None and fps and i / fps < prev_t + gap - eps:  # the last frame lasts one gap
+        yield prev
+        i += 1
+
+
+def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, size: int | None = None,
+               fps: float | None = None, start: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Decode a video or image (a path or a binary file object) to (T, H, W, 3) uint8 RGB.
+
+    frames: exactly this many (ValueError if the video is shorter), else all, up to MAX_FRAMES.
+    size: short side resized to `size`, centre-cropped to size x size.  fps: resample by timestamp.
+    start: seconds to skip; with `rng`, the start is drawn uniformly over where a full clip fits.
+    Every failure is a ValueError naming the file (a file object by its `name`, if it has one):
+    unreadable, truncated, empty, video-less or too short files, frames above MAX_PIXELS, a first frame
+    beyond MAX_LEAD. PyAV's errors are converted, since not all derive from OSError or ValueError."""
+    name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "a file object")
+    limit = frames or MAX_FRAMES + 1
+    try:
+        with av.open(src) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            _fit(stream.codec_context.width, stream.codec_context.height, size)  # before decoding a clip
+            if rng is not None and frames is not None:
+                # container.duration is in microseconds; both are None when the header does not say
+                duration = (float(stream.duration * stream.time_base) if stream.duration
+                            else (container.duration or 0) / 1e6)
+                clip = frames / (fps or float(stream.average_rate or 25))
+                start = float(rng.uniform(0, duration - clip)) if duration > clip else 0.0
+            out, last, img = [], None, None
+            for frame in _pick(container, stream, fps, start):
+                if frame is not last:  # convert a repeated frame once
+                    last, img = frame, _rgb(frame, size)
+                out.append(img)
+                if len(out) == limit:
+                    break
+    except (av.error.FFmpegError, ValueError) as err:  # FFmpeg's message without the path again
+        raise ValueError(f"cannot decode {name}: {getattr(err, 'strerror', None) or err}") from err
+    if len(out) > MAX_FRAMES:
+        raise ValueError(f"{name} has more than MAX_FRAMES = {MAX_FRAMES} frames: read clips with `frames`")
+    if not out or (frames is not None and len(out) < frames):
+        raise ValueError(f"{name} is too short: {len(out)} frames from {start:.2f} s, {frames or 1} needed")
+    return np.stack(out)  # (T, H, W, 3)
+
+
+def write_video(path: str, video: np.ndarray | torch.Tensor, fps: float = 8) -> None:
+    """Write (T, H, W, 3) uint8 frames (or what to_uint8_frames takes) to .mp4 (H.264) or .gif."""
+    video, ext = to_uint8_frames(video), os.path.splitext(path)[1].lower()
+    if ext not in (".mp4", ".gif"):  # .png frame grids are drawn elsewhere, with matplotlib
+        raise ValueError(f"write_video writes .mp4 or .gif, not {ext or 'no extension'!r} ({path})")
+    mp4 = ext == ".mp4"
+    if mp4:  # 4:2:0 halves the chroma grid, so H.264 needs even sides: repeat the last row / column
+        video = np.pad(video, ((0, 0), (0, video.shape[1] % 2), (0, video.shape[2] % 2), (0, 0)), mode="edge")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264" if mp4 else "gif", rate=Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = video.shape[1:3]
+        # the GIF encoder wants 8-bit colour: rgb8 is a fixed 3-3-2 palette that keeps the Shapes
+        # colours exact, where pal8 would need a palette computed first
+        stream.pix_fmt = "yuv420p" if mp4 else "rgb8"
+        stream.options = {"crf": "18"} if mp4 else {}  # near lossless; the default 23 smears small clips
+        for img in video:
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=stream.pix_fmt)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())  # flush the frames the encoder still holds
