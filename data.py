@@ -8,10 +8,10 @@ whatever the worker count. A video folder maps k to (epoch, position) through a 
 by (seed, epoch): every epoch is shuffled differently, and a resumed run that starts at clip j
 continues exactly where it stopped instead of repeating the data order.
 
-`make_source` reads a --data spec: the Shapes world (shapes.py, the default), a folder of videos
-captioned by a captions.csv of `path,caption` rows or by label sub-folders (`a video of {label}`, as
-for Moments in Time), webdataset tar shards (key.mp4 + key.txt), or folders of images as one-frame
-videos. Files decode through `read_video` (video.py).
+`make_source` reads a --data spec: a procedural world (the Shapes world of shapes.py, the default, or
+the Animals world of animals.py), a folder of videos captioned by a captions.csv of `path,caption` rows
+or by label sub-folders (`a video of {label}`, as for Moments in Time), webdataset tar shards (key.mp4 +
+key.txt), or folders of images as one-frame videos. Files decode through `read_video` (video.py).
 
 Source:  video (T, H, W, 3) uint8  ->  batch {"video": (B, 3, T, H, W) float in [-1, 1], "caption": [B str]}
 
@@ -43,6 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import IterableDataset, get_worker_info
 
+from animals import AnimalsSource
 from shapes import ShapesSource
 from video import IMAGE_EXTS, VIDEO_EXTS, read_video
 
@@ -224,11 +225,13 @@ class TarShardSource(VideoFolderSource):
 
 
 def make_source(spec: str, frames: int, size: int, seed: int = 0,
-                fps: float = 8.0) -> ShapesSource | VideoFolderSource:
-    """The source for a --data spec: 'shapes', tar shards (a '.tar' path, braces or a glob), a folder
-    of videos, or a folder of images (one with no videos, or any folder as 'images:FOLDER')."""
+                fps: float = 8.0) -> ShapesSource | AnimalsSource | VideoFolderSource:
+    """The source for a --data spec: a world ('shapes' or 'animals'), tar shards (a '.tar' path, braces or a
+    glob), a folder of videos, or a folder of images (one with no videos, or any folder as 'images:FOLDER')."""
     if spec == "shapes":
         return ShapesSource(frames, size, seed)
+    if spec == "animals":
+        return AnimalsSource(frames, size, seed)
     if spec.startswith("images:"):
         return ImageFolderSource(spec[len("images:"):], size, seed)
     if ".tar" in spec or any(c in spec for c in "{*?["):
@@ -237,7 +240,7 @@ def make_source(spec: str, frames: int, size: int, seed: int = 0,
         if any(p.suffix.lower() in VIDEO_EXTS for p in Path(spec).rglob("*")):
             return VideoFolderSource(spec, frames, size, fps, seed)
         return ImageFolderSource(spec, size, seed)
-    raise ValueError(f"unknown data {spec!r}: expected 'shapes', a folder, 'images:FOLDER' or tar shards")
+    raise ValueError(f"unknown data {spec!r}: expected 'shapes', 'animals', a folder, 'images:FOLDER' or tar shards")
 
 
 # ----------------------------------------------------------------------------- the token cache

@@ -31,21 +31,31 @@ All judging in the repo lives here: train.py logs `psnr` of a fixed batch as val
 """
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import animals
+import shapes
 from checkpoint import DEFAULT_GENERATOR, DEFAULT_TOKENIZER, load_checkpoint, load_generator, load_tokenizer
 from config import UsageError, exit_usage
 from data import ClipStream, make_source
 from maskgit import CFG, STEPS, TEMPERATURE, make_video
-from shapes import DIRECTIONS, ShapeSpec, agreement, caption, oracle, random_spec
+from shapes import DIRECTIONS, ShapeSpec, oracle
 
 # Legend: B batch, C channels, T frames, H W pixels, K codebook size.
 
-EVAL_SEED = 1_000_003  # Shapes clips from this seed are never trained on
+EVAL_SEED = 1_000_003  # world clips from this seed are never trained on
+# the procedural worlds: each draws specs, captions them, renders them, and judges videos against them
+WORLDS = {"shapes": shapes, "animals": animals}
+
+
+def world_of(data: str):
+    """The world a --data spec names. Real data has no judge: the Shapes prompts stand in for it."""
+    return WORLDS.get(data, shapes)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -97,44 +107,106 @@ def evaluate_tokenizer(model, data: str, clips: int, frames: int, size: int, bat
 
 
 @torch.no_grad()
-def sample_and_judge(model, text, tokenizer, specs: list[ShapeSpec], device: torch.device, **sampling):
-    """One clip per spec from its canonical caption -> (videos (B, 3, T, H, W), the share of clips where
-    the oracle agrees, per attribute). `model` is a MaskGIT, or distributed.Run around one."""
-    ids, mask = text.encode([caption(s) for s in specs], model.config.text.max_len)  # (B, L) each
+def sample_and_judge(model, text, tokenizer, world, specs: list, device: torch.device, prompts: list[str] | None = None,
+                     **sampling) -> tuple[torch.Tensor, dict[str, float]]:
+    """One clip per spec of `world` (shapes or animals), from `prompts` or else the specs' canonical
+    captions -> (videos (B, 3, T, H, W), the share of clips where the judge agrees, per attribute).
+    `model` is a MaskGIT, or distributed.Run around one."""
+    prompts = prompts or [world.caption(s) for s in specs]
+    ids, mask = text.encode(prompts, model.config.text.max_len)  # (B, L) each
     codes = model.generate(ids.to(device), mask.to(device), **sampling)  # (B, t, h, w)
     videos = tokenizer.decode(codes).float().cpu()
-    verdicts = [agreement(v, s) for v, s in zip(videos, specs)]
+    verdicts = [world.agreement(v, s) for v, s in zip(videos, specs)]
     return videos, {k: float(np.mean([v[k] for v in verdicts])) for k in verdicts[0]}
 
 
-@torch.no_grad()
-def evaluate_generator(model, text, tokenizer, prompts: int, stories: int, batch_size: int = 20, **sampling) -> dict:
-    """Oracle agreement of clips made from `prompts` random canonical prompts, and of `stories` two-prompt stories."""
-    rng = np.random.default_rng(EVAL_SEED)
-    specs = [random_spec(rng) for _ in range(prompts)]
-    totals: dict[str, list[float]] = {}
-    for i in range(0, prompts, batch_size):
-        chunk = specs[i:i + batch_size]
-        _, verdicts = sample_and_judge(model, text, tokenizer, chunk, torch.device("cpu"), **sampling)
+def judged_in_batches(model, text, tokenizer, world, specs: list, prompts: list[str] | None, batch_size: int,
+                      **sampling) -> dict[str, float]:
+    """sample_and_judge over many specs, `batch_size` clips at a time -> the mean verdicts."""
+    totals: dict[str, float] = {}
+    for i in range(0, len(specs), batch_size):
+        chunk = slice(i, i + batch_size)
+        _, verdicts = sample_and_judge(model, text, tokenizer, world, specs[chunk], torch.device("cpu"),
+                                       prompts[chunk] if prompts else None, **sampling)
         for k, v in verdicts.items():
-            totals.setdefault(k, []).append(v * len(chunk))
-    results = {k: sum(v) / prompts for k, v in totals.items()}
+            totals[k] = totals.get(k, 0.0) + v * len(specs[chunk])
+    return {k: v / len(specs) for k, v in totals.items()}
+
+
+def shapes_stories(model, text, tokenizer, rng, stories: int, batch_size: int, **sampling) -> dict[str, float]:
+    """Two-prompt Shapes stories: the same object, a new direction after the cut."""
     window = 1 + 2 * (model.config.latent_frames - 1)
     right, continuous = [], []
     for i in range(0, stories, batch_size):
-        first = [random_spec(rng) for _ in range(min(batch_size, stories - i))]
+        first = [shapes.random_spec(rng) for _ in range(min(batch_size, stories - i))]
         second = [ShapeSpec(s.color, s.shape, s.size, str(rng.choice([d for d in DIRECTIONS if d != s.direction])))
                   for s in first]
-        prompts_ = [text.encode([caption(s) for s in seg], model.config.text.max_len) for seg in (first, second)]
-        videos = make_video(model, tokenizer, prompts_, [window, window], **sampling).float()  # (B, 3, 2 window, H, W)
+        prompts = [text.encode([shapes.caption(s) for s in seg], model.config.text.max_len) for seg in (first, second)]
+        videos = make_video(model, tokenizer, prompts, [window, window], **sampling).float()  # (B, 3, 2 window, H, W)
         for video, a, b in zip(videos, first, second):
             one, two = oracle(video[:, :window]), oracle(video[:, window:])
             right += [one["direction"] == a.direction, two["direction"] == b.direction]
             jump = np.inf if one["end"] is None or two["start"] is None else np.hypot(*np.subtract(one["end"], two["start"]))
             continuous.append(jump <= 6 and two["color"] == a.color and two["shape"] == a.shape)
+    return {"story_direction": float(np.mean(right)), "story_continuity": float(np.mean(continuous))}
+
+
+def animals_stories(model, text, tokenizer, rng, stories: int, batch_size: int, **sampling) -> dict[str, float]:
+    """Three-prompt Animals stories: a canonical first prompt, then two story prompts ("the dog jumps",
+    "the dog sits down") that change the action and keep the subject and the scene."""
+    window = 1 + 2 * (model.config.latent_frames - 1)
+    acted, kept = [], []
+    for i in range(0, stories, batch_size):
+        first = [animals.random_spec(rng) for _ in range(min(batch_size, stories - i))]
+        segments = [first]
+        for _ in range(2):  # each cut changes the action to another one the species has
+            segments.append([dataclasses.replace(s, action=str(rng.choice(
+                [a for a in animals.ACTIONS[s.species] if a != s.action]))) for s in segments[-1]])
+        prompts = [text.encode([animals.caption(s) for s in segments[0]], model.config.text.max_len)] + [
+            text.encode([animals.story_caption(s) for s in seg], model.config.text.max_len) for seg in segments[1:]]
+        videos = make_video(model, tokenizer, prompts, [window, window - 1, window - 1], **sampling).float()
+        for b, video in enumerate(videos):  # segments of 11, 10 and 10 frames
+            seen = [animals.judge(video[:, start:start + length]) for start, length in ((0, window), (window, window - 1),
+                                                                                       (2 * window - 1, window - 1))]
+            acted += [s["action"] == seg[b].action for s, seg in zip(seen, segments)]
+            kept += [all(s[k] == getattr(first[b], k) for k in ("species", "color", "scene")) for s in seen[1:]]
+    return {"story_action": float(np.mean(acted)), "story_kept": float(np.mean(kept))}
+
+
+@torch.no_grad()
+def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int, batch_size: int = 20,
+                       **sampling) -> dict:
+    """The judge's agreement on clips made from `prompts` random canonical prompts, and on `stories`
+    stories; in the Animals world also on short prompts (species and action only), "a dog running"
+    over 20 seeds, and a 241-frame video from one prompt."""
+    rng = np.random.default_rng(EVAL_SEED)
+    specs = [world.random_spec(rng) for _ in range(prompts)]
+    results = judged_in_batches(model, text, tokenizer, world, specs, None, batch_size, **sampling)
     if stories:
-        results |= {"story_direction": float(np.mean(right)), "story_continuity": float(np.mean(continuous))}
+        results |= (animals_stories if world is animals else shapes_stories)(
+            model, text, tokenizer, rng, stories, batch_size, **sampling)
+    if world is animals:
+        results |= animals_extras(model, text, tokenizer, rng, prompts // 2, batch_size, **sampling)
     return results | {"prompts": prompts, "stories": stories}
+
+
+def animals_extras(model, text, tokenizer, rng, short: int, batch_size: int, **sampling) -> dict[str, float]:
+    """What people type and what long videos must hold (the Animals world only)."""
+    specs = [animals.random_spec(rng) for _ in range(short)]
+    prompts = [f"a {s.species} {s.action}" for s in specs]  # "a dog running": the rest drawn by the model
+    seen = judged_in_batches(model, text, tokenizer, animals, specs, prompts, batch_size, **sampling)
+    results = {"short_species": seen["species"], "short_action": seen["action"]}
+    ids, mask = text.encode(["a dog running"] * 20, model.config.text.max_len)  # 20 samples of one prompt
+    seen = [animals.judge(v) for v in tokenizer.decode(model.generate(ids, mask, **sampling)).float()]
+    results["dog_running"] = float(np.mean([j["species"] == "dog" and j["action"] == "running" for j in seen]))
+    spec = animals.random_spec(rng)  # 30 s at 8 fps from one canonical prompt
+    long = make_video(model, tokenizer, [text.encode([animals.caption(spec)], model.config.text.max_len)], [241],
+                      **sampling)[0].float()  # (3, 241, H, W)
+    windows = [animals.judge(long[:, i:i + 11]) for i in range(0, 231, 10)]  # 23 windows of 11 frames
+    results |= {"long_one_subject": float(np.mean([animals.judge(long[:, i:i + 1])["one_subject"] for i in range(241)])),
+                "long_action": float(np.mean([w["action"] == spec.action for w in windows])),
+                "long_direction": float(np.mean([w["direction"] == spec.direction for w in windows]))}
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clips", type=int, default=256, help="stage 1: how many held-out clips")
     p.add_argument("--tokenizer-checkpoint", default=DEFAULT_TOKENIZER, help="stage 2: the generator's tokenizer")
     p.add_argument("--prompts", type=int, default=200, help="stage 2: random canonical prompts")
-    p.add_argument("--stories", type=int, default=100, help="stage 2: two-prompt stories")
+    p.add_argument("--stories", type=int, default=100, help="stage 2: stories (two prompts in Shapes, three in Animals)")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--cfg", type=float, default=CFG)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
@@ -155,8 +227,9 @@ def main(argv: list[str] | None = None) -> None:
         _, meta = load_checkpoint(args.checkpoint)
         if meta.get("stage") == "2":
             model, text, tokenizer, meta = load_generator(args.checkpoint, args.tokenizer_checkpoint)
+            world = world_of(json.loads(meta.get("train_config", "{}")).get("data", "shapes"))
             results = {"generator": args.checkpoint, "step": int(meta["step"])} | evaluate_generator(
-                model, text, tokenizer, args.prompts, args.stories, steps=args.steps, cfg=args.cfg,
+                model, text, tokenizer, world, args.prompts, args.stories, steps=args.steps, cfg=args.cfg,
                 temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
         else:
             model, meta = load_tokenizer(args.checkpoint)

@@ -57,11 +57,10 @@ from checkpoint import (TOKENIZERS, file_digest, generator_config_for, generator
 from config import TrainConfig, UsageError, configure, exit_usage
 from data import ClipStream, UnusableData, build_token_cache, load_token_cache, make_source
 from distributed import Run, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
-from evaluate import psnr, sample_and_judge
+from evaluate import WORLDS, psnr, sample_and_judge, world_of
 from faults import TrainingStopped, exit_code, quiet_worker
 from maskgit import MaskGIT, MaskGITConfig
 from progress import Progress
-from shapes import random_spec
 from steps import Steps, adamw
 from text_encoder import CaptionTokenizer
 from vqgan import Discriminator, VGGPerceptual, adaptive_gan_weight, hinge_d_loss
@@ -96,9 +95,9 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
     # the quantizer's buffers hold per-rank usage counts: keep DDP from overwriting them with rank 0's
     model_d = DDP(model, forward_sync_buffers=False) if ddp else model
     disc_d = DDP(disc, forward_sync_buffers=False) if ddp else disc
-    # a fixed batch for val_psnr and recon.png: unseen Shapes clips, or else the first batch of the data
+    # a fixed batch for val_psnr and recon.png: unseen clips of a world, or else the first batch of the data
     # (data with nothing usable fails here, in this process, before any worker starts)
-    val_source = make_source("shapes", cfg.frames, cfg.image_size, seed=cfg.seed + 1) if cfg.data == "shapes" else source
+    val_source = make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed + 1) if cfg.data in WORLDS else source
     val_video = ClipStream(val_source, 8).batch(0)["video"].to(device)  # (8, 3, T, H, W)
     # batch b of this rank is a function of b alone: a resumed run starts at the batch it stopped at.
     # Clips decode in `workers` processes, each keeping 4 batches ready, into pinned memory on CUDA
@@ -261,8 +260,8 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
         step = restore_optimizers(resume[1], resume[2], opts)
         if master:
             print(f"resumed from {resume[0]} at step {step}")
-    rng = np.random.default_rng([cfg.seed, 424242])  # the prompts of the validation grid: fixed for the run
-    val_specs = [random_spec(rng) for _ in range(8)]
+    val_world, rng = world_of(cfg.data), np.random.default_rng([cfg.seed, 424242])  # it judges the samples
+    val_specs = [val_world.random_spec(rng) for _ in range(8)]  # the prompts of the validation grid: fixed for the run
     steps = Steps(cfg, args.out, rank, world, device, step, skipped_files)
 
     with steps.guard as guard:  # SIGTERM / Ctrl-C: finish the step, save, leave
@@ -286,8 +285,9 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
             figures = {}  # what this step measured beside the loss
             if steps.due(cfg.image_every) and (master or fsdp):  # under FSDP every rank joins the all-gathers
                 model.eval()
-                # one clip for each validation prompt; the Shapes oracle reads colour, shape, size, direction
-                videos, verdicts = sample_and_judge(sampler, text, tokenizer, val_specs, device, steps=cfg.sample_steps,
+                # one clip for each validation prompt, its attributes read back by the world's judge
+                videos, verdicts = sample_and_judge(sampler, text, tokenizer, val_world, val_specs, device,
+                                                    steps=cfg.sample_steps,
                                                     generator=torch.Generator(device).manual_seed(cfg.seed))
                 model.train()
                 figures = {f"val_{k}": v for k, v in verdicts.items()}  # the share of clips that agree
