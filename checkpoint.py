@@ -20,11 +20,11 @@ leaves the last good file whole, and a resume falls back to `.prev` if the newes
 Under FSDP2 a state dict holds shards (DTensors): `whole` gathers them, so that the files are the same
 as under DDP or in one process, and `restore_optimizer` shards the moments again on load.
 
-As a command, it makes the fp16 copies that ship in checkpoints/:
+As a command, it makes the fp16 copies that ship in checkpoints/<world>/:
 
-    python checkpoint.py export runs/stage1-vqgan-tiny/model.safetensors checkpoints/tokenizer.safetensors
-    python checkpoint.py export runs/stage2-maskgit-tiny/model.safetensors checkpoints/generator.safetensors \\
-        --tokenizer checkpoints/tokenizer.safetensors
+    python checkpoint.py export runs/stage1-vqgan-tiny/model.safetensors checkpoints/shapes/tokenizer.safetensors
+    python checkpoint.py export runs/stage2-maskgit-tiny/model.safetensors checkpoints/shapes/generator.safetensors \\
+        --tokenizer checkpoints/shapes/tokenizer.safetensors
 """
 
 import argparse
@@ -48,10 +48,15 @@ from vqgan import VQGAN
 
 TOKENIZERS = {"vqgan": VQGAN, "cvivit": CViViT}
 
-# the models that ship with the repo, used by sample.py and evaluate.py when no checkpoint is given
+# the pairs that ship with the repo, a folder per world: sample.py and evaluate.py use them when no
+# checkpoint is given, the default world's unless --world names another
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
-DEFAULT_TOKENIZER = os.path.join(SHIPPED, "tokenizer.safetensors")
-DEFAULT_GENERATOR = os.path.join(SHIPPED, "generator.safetensors")
+DEFAULT_WORLD = "shapes"
+
+
+def shipped(world: str, kind: str) -> str:
+    """The shipped model of a world: checkpoints/<world>/<kind>.safetensors, kind tokenizer or generator."""
+    return os.path.join(SHIPPED, world, f"{kind}.safetensors")
 
 
 def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -108,7 +113,7 @@ def file_digest(path: str) -> str:
 
 
 def export_half(src: str, dst: str, tokenizer: str | None = None) -> None:
-    """Copy a model.safetensors with its floating-point tensors in fp16: how checkpoints/ is made.
+    """Copy a model.safetensors with its floating-point tensors in fp16: how checkpoints/<world>/ is made.
     For a generator, `tokenizer` names the exported tokenizer it will be paired with: its sha256
     replaces the one the generator was trained on, which is kept as `trained_on_sha256`."""
     tensors, meta = load_checkpoint(src)

@@ -3,7 +3,7 @@ Measure a trained stage: how well a tokenizer reconstructs held-out clips, and h
 follows its captions.
 
     python evaluate.py runs/stage1-vqgan-tiny/model.safetensors [--data SPEC] [--clips 256] [--json out.json]
-    python evaluate.py [checkpoints/generator.safetensors] [--prompts 200] [--stories 100] [--json out.json]
+    python evaluate.py [checkpoints/shapes/generator.safetensors] [--prompts 200] [--stories 100] [--json out.json]
 
 Stage 1 (a tokenizer checkpoint) reports, on clips it never trained on:
   psnr        peak signal-to-noise ratio in dB, 10 log10(1 / MSE) with pixels in [0, 1], averaged over clips
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import animals
 import shapes
-from checkpoint import DEFAULT_GENERATOR, DEFAULT_TOKENIZER, load_checkpoint, load_generator, load_tokenizer
+from checkpoint import DEFAULT_WORLD, load_checkpoint, load_generator, load_tokenizer, shipped
 from config import UsageError, exit_usage
 from data import ClipStream, make_source
 from maskgit import CFG, STEPS, TEMPERATURE, make_video
@@ -211,10 +211,12 @@ def animals_extras(model, text, tokenizer, rng, short: int, batch_size: int, **s
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Evaluate a phenaki checkpoint: a tokenizer or a generator.")
-    p.add_argument("checkpoint", nargs="?", default=DEFAULT_GENERATOR, help="a stage-1 or stage-2 model.safetensors")
+    p.add_argument("checkpoint", nargs="?", help="a stage-1 or stage-2 model.safetensors (default: the world's generator)")
+    p.add_argument("--world", default=DEFAULT_WORLD, choices=sorted(WORLDS),
+                   help=f"whose shipped pair to use when no checkpoint is given (default {DEFAULT_WORLD})")
     p.add_argument("--data", help="stage 1: held-out data (default: the Shapes world at an unseen seed)")
     p.add_argument("--clips", type=int, default=256, help="stage 1: how many held-out clips")
-    p.add_argument("--tokenizer-checkpoint", default=DEFAULT_TOKENIZER, help="stage 2: the generator's tokenizer")
+    p.add_argument("--tokenizer-checkpoint", help="stage 2: the generator's tokenizer (default: the world's)")
     p.add_argument("--prompts", type=int, default=200, help="stage 2: random canonical prompts")
     p.add_argument("--stories", type=int, default=100, help="stage 2: stories (two prompts in Shapes, three in Animals)")
     p.add_argument("--steps", type=int, default=STEPS)
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
+    args.checkpoint = args.checkpoint or shipped(args.world, "generator")
+    args.tokenizer_checkpoint = args.tokenizer_checkpoint or shipped(args.world, "tokenizer")
     try:
         _, meta = load_checkpoint(args.checkpoint)
         if meta.get("stage") == "2":

@@ -28,9 +28,9 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import DEFAULT_GENERATOR, DEFAULT_TOKENIZER, load_generator, load_tokenizer
+from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, shipped
 from config import UsageError, exit_usage
-from evaluate import psnr, ssim
+from evaluate import WORLDS, psnr, ssim
 from maskgit import CFG, STEPS, TEMPERATURE, make_video, plan_windows
 from progress import Progress
 from video import read_video, to_uint8_frames, write_video
@@ -153,11 +153,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cfg", type=float, default=CFG, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help="Gumbel noise on the confidence, annealed to 0")
     p.add_argument("--keep", type=int, help="latent frames kept as context at each shift (default half the window)")
-    p.add_argument("--checkpoint", default=DEFAULT_GENERATOR, help="a stage-2 generator")
-    p.add_argument("--tokenizer-checkpoint", default=DEFAULT_TOKENIZER, help="the stage-1 tokenizer it was trained on")
+    p.add_argument("--world", default=DEFAULT_WORLD, choices=sorted(WORLDS),
+                   help=f"whose shipped pair to use when no checkpoint is given (default {DEFAULT_WORLD})")
+    p.add_argument("--checkpoint", help="a stage-2 generator (default: the world's shipped one)")
+    p.add_argument("--tokenizer-checkpoint", help="the stage-1 tokenizer it was trained on (default: the world's)")
     p.add_argument("--reconstruct", metavar="VIDEO", help="send this video through stage 1 only")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
+    args.checkpoint = args.checkpoint or shipped(args.world, "generator")
+    args.tokenizer_checkpoint = args.tokenizer_checkpoint or shipped(args.world, "tokenizer")
     try:
         if not args.prompts and not args.reconstruct:
             raise UsageError("give a prompt, or --reconstruct VIDEO")

@@ -6,7 +6,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from checkpoint import build_tokenizer, file_digest, load_checkpoint, load_tokenizer, save_checkpoint, tokenizer_meta
+from checkpoint import build_tokenizer, file_digest, load_checkpoint, load_tokenizer, save_checkpoint, shipped, tokenizer_meta
 from vqgan import VQGANConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,19 +32,18 @@ def export(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_export_writes_an_fp16_copy_and_repins_a_generator_to_its_tokenizer(tmp_path):
-    shipped = os.path.join(ROOT, "checkpoints")
     tok, gen = str(tmp_path / "tok.safetensors"), str(tmp_path / "gen.safetensors")
-    assert export(os.path.join(shipped, "tokenizer.safetensors"), tok).returncode == 0
-    result = export(os.path.join(shipped, "generator.safetensors"), gen, "--tokenizer", tok)
+    assert export(shipped("shapes", "tokenizer"), tok).returncode == 0
+    result = export(shipped("shapes", "generator"), gen, "--tokenizer", tok)
     assert result.returncode == 0 and f"wrote: {gen}" in result.stdout
     tensors, meta = load_checkpoint(gen)
     assert all(v.dtype == torch.float16 for v in tensors.values() if v.is_floating_point())
-    _, shipped_meta = load_checkpoint(os.path.join(shipped, "generator.safetensors"))
+    _, shipped_meta = load_checkpoint(shipped("shapes", "generator"))
     assert meta["tokenizer_sha256"] == file_digest(tok) and meta["trained_on_sha256"] == shipped_meta["tokenizer_sha256"]
 
 
 def test_export_refuses_a_tokenizer_for_a_stage_1_file_in_one_line(tmp_path):
-    tok = os.path.join(ROOT, "checkpoints", "tokenizer.safetensors")
+    tok = shipped("shapes", "tokenizer")
     result = export(tok, str(tmp_path / "x.safetensors"), "--tokenizer", tok)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not a stage-2 generator" in result.stderr
     assert not os.path.exists(tmp_path / "x.safetensors")

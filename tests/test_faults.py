@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from checkpoint import DEFAULT_GENERATOR, DEFAULT_TOKENIZER, load_checkpoint
+from checkpoint import DEFAULT_WORLD, load_checkpoint, shipped
 from test_train import ROOT, TINY
 
 TRAIN = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", "1"]
@@ -213,7 +213,7 @@ def files(tmp_path_factory):
     torn.mkdir()
     (torn / "train_state.safetensors").write_bytes(b"torn")
     (d / "empty").mkdir()
-    return {"empty": str(d / "empty"), "gen": DEFAULT_GENERATOR, "tok": DEFAULT_TOKENIZER, "junk": str(junk), "torn": str(torn),
+    return {"empty": str(d / "empty"), "gen": shipped(DEFAULT_WORLD, "generator"), "tok": shipped(DEFAULT_WORLD, "tokenizer"), "junk": str(junk), "torn": str(torn),
             "other": os.path.join(other, "model.safetensors"), "missing": str(d / "missing.safetensors")}
 
 

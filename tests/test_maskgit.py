@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import DEFAULT_TOKENIZER, load_tokenizer
+from checkpoint import load_tokenizer, shipped
 from maskgit import MaskGIT, MaskGITConfig, make_video, mask_ratio
 from shapes import ShapeSpec, agreement, caption, render_shapes
 from text_encoder import CaptionTokenizer, TextEncoderConfig
@@ -113,7 +113,7 @@ def test_story_of_two_prompts_has_the_expected_length(text):
 
 def test_tiny_generator_overfits_captioned_clips_and_the_oracle_agrees():
     """Memorise four captioned Shapes clips; sampling from each caption must give its clip back."""
-    tokenizer, _ = load_tokenizer(DEFAULT_TOKENIZER)  # the shipped stage-1 model
+    tokenizer, _ = load_tokenizer(shipped("shapes", "tokenizer"))  # the shipped Shapes stage-1 model
     specs = [ShapeSpec("red", "circle", "large", "right"), ShapeSpec("blue", "square", "large", "up"),
              ShapeSpec("green", "triangle", "large", "down"), ShapeSpec("yellow", "square", "small", "left")]
     clips = np.stack([render_shapes(s, 11, 64, np.random.default_rng(i)) for i, s in enumerate(specs)])
