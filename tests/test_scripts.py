@@ -134,3 +134,13 @@ def test_sample_refuses_bad_input_in_one_line(generator, tokenizer, argv, messag
         sample.main(argv + ["--checkpoint", generator, "--tokenizer-checkpoint", tokenizer])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_world_flag_picks_that_worlds_shipped_pair(tmp_path, capsys):
+    out = str(tmp_path / "red.png")
+    sample.main(["a red circle moving right", "--world", "shapes", "--steps", "2", "--out", out])
+    printed = capsys.readouterr()
+    assert "frames: 11" in printed.out and "never saw" not in printed.err  # the Shapes pair knows these words
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["a red circle", "--world", "mars"])
+    assert exit_info.value.code == 2  # argparse's own refusal of an unknown choice
