@@ -14,20 +14,22 @@ Stage 1 (a tokenizer checkpoint) reports, on clips it never trained on:
                 folded together at the end of training (VectorQuantizer.merge_near_duplicates)
   distinct_use  the share of those distinct codes that occur
   perplexity    exp of the entropy of the code histogram: the number of codes in effective use
-On the Shapes world the held-out clips come from a seed no training run uses (EVAL_SEED). For real
-data pass a held-out folder with --data.
+In a world (shapes, animals) the held-out clips come from a seed no training run uses (EVAL_SEED); for
+real data pass a held-out folder with --data. An Animals tokenizer also reports judge_* and
+round_trip_*: the judge's agreement on fresh renders, and on the same clips after encode and decode.
 
-Stage 2 (a generator checkpoint, default the shipped one) makes one clip for each of N random canonical
-prompts ("a large red circle moving right") and reads it back with the Shapes oracle:
-  color, shape, size, direction   the share of clips where the oracle reads what the prompt says
-  one_object                      the share with exactly one object in every frame
-and makes two-prompt stories (one object, a new direction after the cut):
-  story_direction    the share of segments whose direction is right
-  story_continuity   the share of cuts where colour and shape stay and the object moves at most 6 pixels
-Figures are printed as `name: value` lines and, with --json, written to a file.
-
-All judging in the repo lives here: train.py logs `psnr` of a fixed batch as val_psnr in stage 1, and
-`sample_and_judge` (the oracle's verdicts on clips made from canonical prompts) as val_color ... in stage 2.
+Stage 2 (a generator, default the shipped one of --world) makes a clip for each of N random canonical
+prompts ("a large red circle moving right", "a brown dog running to the right on the grass") and reads
+it back with the world's judge: per attribute (color, shape, size, direction; or species, color, action,
+direction, scene) the share of clips that show what the prompt says, and one_object / one_subject, the
+share with exactly one in every frame. Stories: in Shapes two prompts, a new direction after the cut
+(story_direction; story_continuity: colour and shape stay, the object moves at most 6 pixels); in
+Animals three prompts, a new action at each cut (story_action; story_kept: species, colour and scene
+stay). Animals also reports short prompts ("a dog running": short_species, short_action), the share
+of 20 samples of "a dog running" judged a running dog, and a 241-frame video from one prompt
+(long_one_subject per frame, long_action and long_direction per 11-frame window).
+Figures are printed as `name: value` lines and, with --json, written to a file. All judging in the repo
+lives here: train.py logs `psnr` as val_psnr in stage 1 and `sample_and_judge` as val_* in stage 2.
 """
 
 import argparse
@@ -104,6 +106,24 @@ def evaluate_tokenizer(model, data: str, clips: int, frames: int, size: int, bat
     return {"psnr": torch.cat(psnrs)[:clips].mean().item(), "ssim": torch.cat(ssims)[:clips].mean().item(),
             "codebook_use": (counts > 0).float().mean().item(), "perplexity": entropy.exp().item(),
             "distinct_codes": len(owners), "distinct_use": (counts[owners] > 0).float().mean().item(), "clips": clips}
+
+
+@torch.no_grad()
+def judge_round_trip(model, clips: int, frames: int, size: int, batch_size: int = 16) -> dict[str, float]:
+    """How much of the Animals world's meaning survives the tokenizer: the judge's agreement on fresh
+    renders (judge_*) and on the same clips after encode and decode (round_trip_*)."""
+    rng = np.random.default_rng(EVAL_SEED)
+    clean, trip = {}, {}
+    for i in range(0, clips, batch_size):
+        specs = [animals.random_spec(rng) for _ in range(min(batch_size, clips - i))]
+        video = np.stack([animals.render(s, frames, size, rng) for s in specs])  # (B, T, H, W, 3) uint8
+        video = torch.from_numpy(video).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B, 3, T, H, W)
+        recon = model.decode(model.encode(video))
+        for totals, videos in ((clean, video), (trip, recon)):
+            for v, s in zip(videos, specs):
+                for k, ok in animals.agreement(v, s).items():
+                    totals[k] = totals.get(k, 0) + ok / clips
+    return {f"judge_{k}": v for k, v in clean.items()} | {f"round_trip_{k}": v for k, v in trip.items()}
 
 
 @torch.no_grad()
@@ -241,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
             data = args.data or train_cfg.get("data", "shapes")
             results = {"tokenizer": meta["kind"], "step": int(meta["step"])} | evaluate_tokenizer(
                 model, data, args.clips, train_cfg.get("frames", 11), train_cfg.get("image_size", 64))
+            if data == "animals":  # what the judge still reads after a round trip
+                results |= judge_round_trip(model, args.clips, train_cfg.get("frames", 11), train_cfg.get("image_size", 64))
     except (UsageError, ValueError) as err:
         exit_usage(err)
     for k, v in results.items():
