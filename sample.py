@@ -38,9 +38,10 @@ from video import read_video, to_uint8_frames, write_video
 # Legend: T frames, H W pixels, t latent frames, L text length.
 
 
-def save_output(path: str, video: torch.Tensor, fps: float = 8, columns: int = 11) -> None:
-    """Write a video (3, T, H, W) in [-1, 1] as .mp4 / .gif, or as a .png grid of its frames."""
-    frames = to_uint8_frames(video)  # (T, H, W, 3)
+def save_output(path: str, video: torch.Tensor, fps: float = 8, columns: int = 11, scale: int = 1) -> None:
+    """Write a video (3, T, H, W) in [-1, 1] as .mp4 / .gif, or as a .png grid of its frames, each
+    pixel drawn as a `scale` x `scale` block (nearest neighbour: 64 x 64 is small on a screen)."""
+    frames = to_uint8_frames(video).repeat(scale, axis=1).repeat(scale, axis=2)  # (T, scale H, scale W, 3)
     if not path.lower().endswith(".png"):
         write_video(path, frames, fps)
         return
@@ -93,7 +94,7 @@ def run_reconstruct(args) -> None:
     cfg = json.loads(meta.get("train_config", "{}"))
     video = load_video(args.reconstruct, cfg.get("image_size", 64), cfg.get("fps", 8.0), args.frames)
     recon = reconstruct(model, video, cfg.get("frames", 11))
-    save_output(args.out, recon, cfg.get("fps", 8.0))
+    save_output(args.out, recon, cfg.get("fps", 8.0), scale=args.scale)
     print(f"frames: {video.shape[1]}")
     print(f"psnr: {psnr(recon[None], video[None]).item():.2f}")
     print(f"ssim: {ssim(recon[None], video[None]).item():.4f}")
@@ -137,7 +138,7 @@ def run_generate(args) -> None:
                        steps=args.steps, cfg=args.cfg, temperature=args.temperature,
                        generator=torch.Generator(device).manual_seed(args.seed), on_step=on_step)
     progress.close()
-    save_output(args.out, video[0].float().cpu(), cfg.get("fps", 8.0))
+    save_output(args.out, video[0].float().cpu(), cfg.get("fps", 8.0), scale=args.scale)
     print(f"frames: {video.shape[2]}")
     print(f"seconds: {time.time() - t0:.1f}")
 
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", help="a stage-2 generator (default: the world's shipped one)")
     p.add_argument("--tokenizer-checkpoint", help="the stage-1 tokenizer it was trained on (default: the world's)")
     p.add_argument("--reconstruct", metavar="VIDEO", help="send this video through stage 1 only")
+    p.add_argument("--scale", type=int, default=1, help="draw each pixel as a scale x scale block in the output")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     args.checkpoint = args.checkpoint or shipped(args.world, "generator")
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
             raise UsageError("give a prompt, or --reconstruct VIDEO")
         if args.frames is not None and args.frames < 1:
             raise UsageError(f"--frames must be positive, got {args.frames}")
+        if not 1 <= args.scale <= 16:
+            raise UsageError(f"--scale must lie in 1 to 16, got {args.scale}")
         slug = re.sub(r"[^a-z0-9]+", "-", (args.prompts[0] if args.prompts else "reconstruction").lower()).strip("-")
         args.out = args.out or os.path.join("samples", f"{slug[:60] or 'video'}.mp4")
         check_out(args.out)

@@ -144,3 +144,13 @@ def test_world_flag_picks_that_worlds_shipped_pair(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sample.main(["a red circle", "--world", "mars"])
     assert exit_info.value.code == 2  # argparse's own refusal of an unknown choice
+
+
+def test_scale_draws_each_pixel_as_a_block(generator, tokenizer, tmp_path):
+    out = str(tmp_path / "big.png")
+    sample.main(["a red circle moving right", "--out", out, "--steps", "2", "--scale", "3",
+                 "--checkpoint", generator, "--tokenizer-checkpoint", tokenizer])
+    import matplotlib.pyplot as plt
+    grid = plt.imread(out)
+    assert grid.shape[:2] == (3 * 32, 3 * 3 * 32)  # one row of 3 frames of 32 x 32, each pixel 3 x 3
+    assert (grid[0::3] == grid[1::3]).all() and (grid[:, 0::3] == grid[:, 2::3]).all()
