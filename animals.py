@@ -271,10 +271,13 @@ def _ground(scene: str, seed: int, cam: np.ndarray, size: int, sway: float) -> n
     tuft = scene in ("on the grass", "at night")  # two blades leaning apart; elsewhere a pebble
     shape = [(-1 - 2.5j, 0.5, 0.2), (1 - 2.5j, 0.5, 0.2)] if tuft else [(-0.9, 0.8, 0.6), (0.9, 0.8, 0.6)]
     strip = np.zeros(p.shape, np.float32)
-    for m, (y_lo, y_hi, weight, lean) in enumerate(((BAND + 3, 63, 1.0, 0.0), (HORIZON + 3, BAND - 1, 0.5, sway))):
+    # the band's marks: 2.2 times as thick and 2.5 times the contrast of the faint ones above, so that a tokenizer
+    # keeps them (at the faint ones' size and contrast a 64 x 64 VQGAN reconstructs a flat ground)
+    for m, (y_lo, y_hi, weight, lean) in enumerate(((BAND + 4, 62, 2.5, 0.0), (HORIZON + 3, BAND - 1, 0.5, sway))):
         x, y = (cell * 8 + 2 + 4 * _hash(seed, cell, 3 * m + 1)), y_lo + (y_hi - y_lo) * _hash(seed, cell, 3 * m + 2)
         base = x + 1j * np.where(_hash(seed, cell, 3 * m) < 0.8, y, -99)  # (Ws,); absent marks lie far away
-        caps = [(base, base + dx + lean * tuft, r0, r1) for dx, r0, r1 in shape]
+        k = 2.2 if m == 0 else 1.0
+        caps = [(base, base + dx + lean * tuft, k * r0, k * r1) for dx, r0, r1 in shape]
         strip = np.maximum(strip, weight * np.clip(0.5 - _sdf(p, caps) * q, 0, 1))
     c = (cam - lo) * q - size / 2 - 0.5  # strip column under screen column 0, per frame
     cols = c[:, None] + np.arange(size)[None, :]  # (T, W)
