@@ -340,16 +340,19 @@ def _solid(blob: np.ndarray) -> np.ndarray:
 
 
 def _scroll(frames: np.ndarray) -> np.ndarray:
-    """The shift (T - 1,) of the ground from each frame to the next, pixels at 64 x 64: the one that best aligns
-    the band below the feet, refined to a fraction of a pixel; NaN where the band has no marks to align."""
+    """The shift (T - s,) of the ground per frame, pixels at 64 x 64, from frame t to frame t + s (s = 2 when the
+    clip has 3 frames or more): the one that best aligns the band below the feet, refined to a fraction of a
+    pixel; NaN where the band has no marks to align. Two frames, because a tokenizer that codes frames in pairs
+    may move the ground once per pair (0, then 7 pixels, for a run of 3.5 a frame), which the pairs average out."""
     T, W, q = len(frames), frames.shape[2], frames.shape[2] / 64
-    band, m = frames[:, int(np.ceil((BAND + 1) * q)):].mean(axis=-1), int(np.ceil(5 * q))  # (T, hb, W); m > travel
-    err = np.stack([np.abs(band[1:, :, max(d, 0):W + min(d, 0)] - band[:-1, :, max(-d, 0):W - max(d, 0)]).mean(
-        axis=(1, 2)) for d in range(-m, m + 1)], axis=1)  # (T - 1, 2m + 1): frame t + 1 is frame t moved by d
+    s = 2 if T >= 3 else 1
+    band, m = frames[:, int(np.ceil((BAND + 1) * q)):].mean(axis=-1), int(np.ceil(5 * s * q))  # (T, hb, W); m > travel
+    err = np.stack([np.abs(band[s:, :, max(d, 0):W + min(d, 0)] - band[:-s, :, max(-d, 0):W - max(d, 0)]).mean(
+        axis=(1, 2)) for d in range(-m, m + 1)], axis=1)  # (T - s, 2m + 1): frame t + s is frame t moved by d
     i = np.clip(err.argmin(axis=1), 1, 2 * m - 1)
-    lo, mid, hi = (err[np.arange(T - 1), i + j] for j in (-1, 0, 1))
+    lo, mid, hi = (err[np.arange(T - s), i + j] for j in (-1, 0, 1))
     shift = i - m + np.clip(0.5 * (lo - hi) / np.maximum(lo - 2 * mid + hi, 1e-6), -0.5, 0.5)  # parabola's vertex
-    return np.where(err.max(axis=1) - err.min(axis=1) > 0.5, shift / q, np.nan)
+    return np.where(err.max(axis=1) - err.min(axis=1) > 0.5, shift / q / s, np.nan)
 
 
 def judge(video) -> dict:
