@@ -171,6 +171,11 @@ def main(argv: list[str] | None = None) -> None:
             raise UsageError(f"--frames must be positive, got {args.frames}")
         if not 1 <= args.scale <= 16:
             raise UsageError(f"--scale must lie in 1 to 16, got {args.scale}")
+        if args.steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {args.steps}")
+        for flag, value in (("--cfg", args.cfg), ("--temperature", args.temperature)):
+            if not 0 <= value < float("inf"):  # NaN fails both comparisons
+                raise UsageError(f"{flag} must be finite and at least 0, got {value}")
         slug = re.sub(r"[^a-z0-9]+", "-", (args.prompts[0] if args.prompts else "reconstruction").lower()).strip("-")
         args.out = args.out or os.path.join("samples", f"{slug[:60] or 'video'}.mp4")
         check_out(args.out)
