@@ -23,7 +23,7 @@ Decoding (`generate`), MaskGIT §3.2: start with every unknown position masked. 
 After S steps nothing is masked. Codes given by the caller (the first frames in a continuation) are
 never masked, so they never change.
 
-Any length and stories (`make_video`, Phenaki §2.3): generate one window of t latent frames, decode it,
+Any length and stories (`stream_video`, `make_video`, Phenaki §2.3): generate one window of t latent frames, decode it,
 then again and again re-encode the last 1 + 2(k − 1) frames with the causal tokenizer, give their k
 latent frames as known codes, and generate the remaining t − k under the current prompt. Each shift adds
 2(t − k) frames, so the length has no bound, and a new prompt per segment tells a story.
@@ -33,7 +33,7 @@ Deviations: none in the method. Sizes are far below the paper's 1.8B, and the te
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -215,21 +215,31 @@ def plan_windows(t: int, keep: int | None, frames: list[int], have: int = 0) -> 
 
 
 @torch.no_grad()
+def stream_video(model: MaskGIT, tokenizer: nn.Module, prompts: list[tuple[torch.Tensor, torch.Tensor]],
+                 frames: list[int], init: torch.Tensor | None = None, keep: int | None = None,
+                 **sampling) -> Iterator[torch.Tensor]:
+    """A video of any length, a window at a time: segment i has `frames[i]` new frames under prompt i
+    (ids, mask each (B, L)). `init` (B, 3, T0, H, W) is an image or video to continue (not yielded again).
+    `keep` latent frames (default half the window) are re-encoded and given at each shift. Yields the new
+    frames of each window (B, 3, new, H, W) in order. Only the last window of frames is held: the
+    memory of a video does not grow with its length, and nothing is copied more than once."""
+    t = model.config.latent_frames
+    window = 1 + 2 * (t - 1)
+    tail = init  # the latest frames, at most one window: where the next context comes from
+    for segment, context, new in plan_windows(t, keep, frames, 0 if init is None else init.shape[2]):
+        ids, mask = prompts[segment]
+        given = None  # nothing to continue: a fresh window
+        if context:
+            known = tokenizer.encode(tail[:, :, -context:])  # (B, k, h, w), causal: no future needed
+            given = F.pad(known, (0, 0, 0, 0, 0, t - known.shape[1]), value=-1)  # (B, t, h, w), -1 = generate
+        piece = tokenizer.decode(model.generate(ids, mask, given=given, **sampling))[:, :, context:context + new]
+        tail = piece if tail is None else torch.cat([tail, piece], dim=2)[:, :, -window:]  # bounded: one window
+        yield piece  # (B, 3, new, H, W) after the context
+
+
 def make_video(model: MaskGIT, tokenizer: nn.Module, prompts: list[tuple[torch.Tensor, torch.Tensor]],
                frames: list[int], init: torch.Tensor | None = None, keep: int | None = None,
                **sampling) -> torch.Tensor:
-    """A video of any length: segment i has `frames[i]` new frames under prompt i (ids, mask each (1, L)).
-    `init` (1, 3, T0, H, W) is an image or video to continue; it starts the output. `keep` latent frames
-    (default half the window) are re-encoded and given at each shift. -> video (1, 3, T0 + sum(frames), H, W)."""
-    t = model.config.latent_frames
-    out = [] if init is None else [init]
-    for segment, context, new in plan_windows(t, keep, frames, 0 if init is None else init.shape[2]):
-        ids, mask = prompts[segment]
-        if context == 0:  # nothing to continue: a fresh window
-            codes = model.generate(ids, mask, **sampling)  # (1, t, h, w)
-        else:
-            known = tokenizer.encode(torch.cat(out, dim=2)[:, :, -context:])  # (1, k, h, w), causal: no future needed
-            given = F.pad(known, (0, 0, 0, 0, 0, t - known.shape[1]), value=-1)  # (1, t, h, w), -1 = generate
-            codes = model.generate(ids, mask, given=given, **sampling)
-        out.append(tokenizer.decode(codes)[:, :, context:context + new])  # (1, 3, new, H, W) after the context
-    return torch.cat(out, dim=2)
+    """stream_video, gathered: -> video (B, 3, T0 + sum(frames), H, W), `init` first."""
+    pieces = list(stream_video(model, tokenizer, prompts, frames, init, keep, **sampling))
+    return torch.cat(([] if init is None else [init]) + pieces, dim=2)

@@ -5,12 +5,18 @@ or push a real video through the stage-1 tokenizer alone.
     python sample.py "a red circle moving right"                            # samples/a-red-circle-moving-right.mp4
     python sample.py "a red circle moving right" "a red circle moving down" --out story.mp4
     python sample.py "a blue square moving up" --init frame.png --out anim.gif
+    python sample.py "a red circle moving right" --samples 4                # samples/a-red-circle-moving-right-0.mp4 ...
     python sample.py --reconstruct clip.mp4 --out recon.mp4                 # prints psnr and ssim
 
 One prompt makes one clip of --frames frames (default: the trained window, 11). Several prompts make a
 story: each gets an equal share of --frames (default 11 + 10 per further prompt), each segment continuing the last
 frames of the one before (maskgit.make_video). --init continues an image or a video instead of starting
-from nothing. --frames must be 1 + 2n; another number is rounded up, with a note.
+from nothing. --frames must be 1 + 2n; another number is rounded up, with a note. --samples N makes N
+videos of the same prompts in one batch (each its own draw), written as <out>-0.mp4 ... <out>-(N-1).mp4.
+
+A video of any length is made a window at a time (maskgit.stream_video), and each window's frames are
+written to the .mp4 or .gif as soon as they exist: memory stays that of one window however long the
+video, and Ctrl-C leaves no half-written file behind.
 
 Reconstruction cuts a video into windows of the trained clip length and sends each through encode and
 decode. Output goes where --out says: .mp4 (H.264), .gif, or .png (a grid of frames, 11 a row).
@@ -19,6 +25,7 @@ Exit codes: 0 on success, 2 on a usage or input error (one line on stderr, no tr
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -31,20 +38,21 @@ import torch
 from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, shipped
 from config import UsageError, exit_usage
 from evaluate import WORLDS, psnr, ssim
-from maskgit import CFG, STEPS, TEMPERATURE, make_video, plan_windows
+from maskgit import CFG, STEPS, TEMPERATURE, plan_windows, stream_video
 from progress import Progress
-from video import read_video, to_uint8_frames, write_video
+from video import VideoWriter, read_video, to_uint8_frames, write_video
 
 # Legend: T frames, H W pixels, t latent frames, L text length.
 
 
-def save_output(path: str, video: torch.Tensor, fps: float = 8, columns: int = 11, scale: int = 1) -> None:
-    """Write a video (3, T, H, W) in [-1, 1] as .mp4 / .gif, or as a .png grid of its frames, each
-    pixel drawn as a `scale` x `scale` block (nearest neighbour: 64 x 64 is small on a screen)."""
-    frames = to_uint8_frames(video).repeat(scale, axis=1).repeat(scale, axis=2)  # (T, scale H, scale W, 3)
-    if not path.lower().endswith(".png"):
-        write_video(path, frames, fps)
-        return
+def scaled_frames(video: torch.Tensor, scale: int = 1) -> np.ndarray:
+    """(3, T, H, W) in [-1, 1] -> (T, scale H, scale W, 3) uint8: each pixel a `scale` x `scale` block
+    (nearest neighbour: 64 x 64 is small on a screen)."""
+    return to_uint8_frames(video).repeat(scale, axis=1).repeat(scale, axis=2)
+
+
+def save_grid(path: str, frames: np.ndarray, columns: int = 11) -> None:
+    """(T, H, W, 3) uint8 -> a .png grid of the frames, `columns` a row."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -55,6 +63,32 @@ def save_output(path: str, video: torch.Tensor, fps: float = 8, columns: int = 1
         r, c = divmod(i, columns)
         grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = f
     plt.imsave(path, grid)
+
+
+def save_output(path: str, video: torch.Tensor, fps: float = 8, scale: int = 1) -> None:
+    """Write a whole video (3, T, H, W) in [-1, 1] as .mp4 / .gif, or as a .png grid of its frames."""
+    frames = scaled_frames(video, scale)
+    save_grid(path, frames) if path.lower().endswith(".png") else write_video(path, frames, fps)
+
+
+class Outputs:
+    """Where the frames of N videos go as they are made: each .mp4 / .gif grows on disk (VideoWriter),
+    so only the frames of the current window are in memory; a .png grid needs them all, as uint8."""
+
+    def __init__(self, paths: list[str], fps: float, scale: int, stack: contextlib.ExitStack):
+        self.paths, self.scale, self.grid = paths, scale, paths[0].lower().endswith(".png")
+        self.frames = [[] for _ in paths]  # .png only
+        self.writers = [] if self.grid else [stack.enter_context(VideoWriter(p, fps)) for p in paths]
+
+    def write(self, video: torch.Tensor) -> None:
+        """video (N, 3, T, H, W): the next T frames of each of the N videos."""
+        for i, v in enumerate(video.float().cpu()):
+            frames = scaled_frames(v, self.scale)
+            self.frames[i].append(frames) if self.grid else self.writers[i].write(frames)
+
+    def close(self) -> None:
+        for path, frames in zip(self.paths, self.frames if self.grid else []):
+            save_grid(path, np.concatenate(frames))
 
 
 @torch.no_grad()
@@ -98,6 +132,7 @@ def run_reconstruct(args) -> None:
     print(f"frames: {video.shape[1]}")
     print(f"psnr: {psnr(recon[None], video[None]).item():.2f}")
     print(f"ssim: {ssim(recon[None], video[None]).item():.4f}")
+    print(f"wrote: {args.out}")
 
 
 def run_generate(args) -> None:
@@ -123,24 +158,38 @@ def run_generate(args) -> None:
     if new < 1:
         raise UsageError(f"--init already has {init.shape[2]} frames; ask for more with --frames")
     shares = [new // len(args.prompts) + (i < new % len(args.prompts)) for i in range(len(args.prompts))]
-    device = torch.device(args.device)
+    t = model.config.latent_frames
+    if args.keep is not None and args.keep > t - 1:
+        print(f"note: --keep {args.keep} leaves no room for new frames in a window of {t} latent frames; keeping {t - 1}")
+        args.keep = t - 1
+    device, n = torch.device(args.device), args.samples
     model, tokenizer = model.to(device), tokenizer.to(device)
-    prompts = [tuple(x.to(device) for x in text.encode([p], model.config.text.max_len)) for p in args.prompts]
+    prompts = [tuple(x.to(device) for x in text.encode([p] * n, model.config.text.max_len)) for p in args.prompts]
     t0 = time.time()
-    windows = len(plan_windows(model.config.latent_frames, args.keep, shares, 0 if init is None else init.shape[2]))
-    progress, done = Progress(windows * args.steps, "decoding step"), [0]
+    windows = len(plan_windows(t, args.keep, shares, 0 if init is None else init.shape[2]))
+    progress, done, made = Progress(windows * args.steps, "decoding step"), [0], [0]
 
     def on_step(step: int, steps: int) -> None:
         done[0] += 1  # decoding steps of all windows so far
-        progress.update(done[0], f"window {(done[0] - 1) // steps + 1}/{windows}")
+        rate = made[0] * n / max(progress.elapsed(), 1e-9)
+        progress.update(done[0], f"window {(done[0] - 1) // steps + 1}/{windows} | {rate:.1f} frames/s")
 
-    video = make_video(model, tokenizer, prompts, shares, None if init is None else init.to(device), args.keep,
-                       steps=args.steps, cfg=args.cfg, temperature=args.temperature,
-                       generator=torch.Generator(device).manual_seed(args.seed), on_step=on_step)
+    paths = [args.out] if n == 1 else [f"{os.path.splitext(args.out)[0]}-{i}{os.path.splitext(args.out)[1]}" for i in range(n)]
+    with contextlib.ExitStack() as stack:  # an error or Ctrl-C removes the unfinished files
+        outputs = Outputs(paths, cfg.get("fps", 8.0), args.scale, stack)
+        if init is not None:
+            init = init.to(device).expand(n, -1, -1, -1, -1)
+            outputs.write(init)
+        for piece in stream_video(model, tokenizer, prompts, shares, init, args.keep, steps=args.steps, cfg=args.cfg,
+                                  temperature=args.temperature, on_step=on_step,
+                                  generator=torch.Generator(device).manual_seed(args.seed)):
+            outputs.write(piece)  # (n, 3, new, H, W)
+            made[0] += piece.shape[2]
+        outputs.close()
     progress.close()
-    save_output(args.out, video[0].float().cpu(), cfg.get("fps", 8.0), scale=args.scale)
-    print(f"frames: {video.shape[2]}")
+    print(f"frames: {frames}" + (f" in each of {n} videos" if n > 1 else ""))
     print(f"seconds: {time.time() - t0:.1f}")
+    print("wrote: " + ", ".join(paths))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cfg", type=float, default=CFG, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help="Gumbel noise on the confidence, annealed to 0")
     p.add_argument("--keep", type=int, help="latent frames kept as context at each shift (default half the window)")
+    p.add_argument("--samples", type=int, default=1, help="videos of the prompts, made as one batch: <out>-<i>.mp4")
     p.add_argument("--world", default=DEFAULT_WORLD, choices=sorted(WORLDS),
                    help=f"whose shipped pair to use when no checkpoint is given (default {DEFAULT_WORLD})")
     p.add_argument("--checkpoint", help="a stage-2 generator (default: the world's shipped one)")
@@ -171,6 +221,10 @@ def main(argv: list[str] | None = None) -> None:
             raise UsageError(f"--frames must be positive, got {args.frames}")
         if not 1 <= args.scale <= 16:
             raise UsageError(f"--scale must lie in 1 to 16, got {args.scale}")
+        if args.keep is not None and args.keep < 1:
+            raise UsageError(f"--keep must be at least 1 latent frame, got {args.keep}")
+        if not 1 <= args.samples <= 64:
+            raise UsageError(f"--samples must lie in 1 to 64, got {args.samples}")
         if args.steps < 1:
             raise UsageError(f"--steps must be at least 1, got {args.steps}")
         for flag, value in (("--cfg", args.cfg), ("--temperature", args.temperature)):
@@ -182,7 +236,6 @@ def main(argv: list[str] | None = None) -> None:
         run_reconstruct(args) if args.reconstruct else run_generate(args)
     except (UsageError, ValueError) as err:
         exit_usage(err)
-    print(f"wrote: {args.out}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ by timestamp to a fixed fps, so variable frame rates work and a frame repeats wh
 video's rate; resizes the short side with swscale's area filter (no aliasing) and centre-crops; undoes
 phone rotation (the display matrix); and turns any pixel format (gray, 10-bit, alpha) into 8-bit RGB.
 With `rng`, a clip's start is drawn uniformly over where a full clip fits. `write_video` writes .mp4
-(H.264) and .gif; `to_uint8_frames` takes the layouts that models and scripts hand it.
+(H.264) and .gif, and `VideoWriter` does so a few frames at a time; `to_uint8_frames` takes the layouts that models and scripts hand it.
 
 read_video:       a file FFmpeg decodes (VIDEO_EXTS, IMAGE_EXTS)  ->  (T, H, W, 3) uint8 RGB
 write_video:      (T, H, W, 3) uint8, or what to_uint8_frames takes  ->  .mp4 or .gif
@@ -148,22 +148,68 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, si
     return np.stack(out)  # (T, H, W, 3)
 
 
+class VideoWriter:
+    """.mp4 (H.264) or .gif written a few frames at a time, so a long video never has to be held whole:
+    `write` takes (T, H, W, 3) uint8 frames, or what to_uint8_frames takes. The file grows beside its
+    target (`<path>.part`) and replaces it on `close`; an error or Ctrl-C on the way removes the part
+    and leaves an earlier file at `path` untouched. Use it as a context manager."""
+
+    def __init__(self, path: str, fps: float = 8):
+        self.ext = os.path.splitext(path)[1].lower()
+        if self.ext not in (".mp4", ".gif"):  # .png frame grids are drawn elsewhere, with matplotlib
+            raise ValueError(f"write_video writes .mp4 or .gif, not {self.ext or 'no extension'!r} ({path})")
+        self.path, self.part, self.fps = path, path + ".part", fps
+        self.container, self.stream, self.frames = None, None, 0
+
+    def write(self, video) -> None:
+        video = to_uint8_frames(video)
+        mp4 = self.ext == ".mp4"
+        if mp4:  # 4:2:0 halves the chroma grid, so H.264 needs even sides: repeat the last row / column
+            video = np.pad(video, ((0, 0), (0, video.shape[1] % 2), (0, video.shape[2] % 2), (0, 0)), mode="edge")
+        if self.container is None:
+            self.container = av.open(self.part, "w", format="mp4" if mp4 else "gif")
+            self.stream = self.container.add_stream("libx264" if mp4 else "gif",
+                                                    rate=Fraction(self.fps).limit_denominator(1001))
+            self.stream.height, self.stream.width = video.shape[1:3]
+            # the GIF encoder wants 8-bit colour: rgb8 is a fixed 3-3-2 palette that keeps the Shapes
+            # colours exact, where pal8 would need a palette computed first
+            self.stream.pix_fmt = "yuv420p" if mp4 else "rgb8"
+            self.stream.options = {"crf": "18"} if mp4 else {}  # near lossless; the default 23 smears small clips
+        for img in video:
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=self.stream.pix_fmt)
+            self.container.mux(self.stream.encode(frame))
+        self.frames += len(video)
+
+    def close(self) -> None:
+        if self.container is None:
+            raise ValueError(f"no frames were written to {self.path}")
+        try:
+            self.container.mux(self.stream.encode())  # flush the frames the encoder still holds
+            self.container.close()
+        except BaseException:  # a full disk: keep what was at `path`
+            self.abort()
+            raise
+        self.container = None
+        os.replace(self.part, self.path)
+
+    def abort(self) -> None:
+        container, self.container = self.container, None
+        if container is not None:
+            try:
+                container.close()
+            except av.FFmpegError:
+                pass  # the part is removed either way
+        if os.path.exists(self.part):
+            os.remove(self.part)
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self.close() if kind is None else self.abort()
+
+
 def write_video(path: str, video: np.ndarray | torch.Tensor, fps: float = 8) -> None:
     """Write (T, H, W, 3) uint8 frames (or what to_uint8_frames takes) to .mp4 (H.264) or .gif."""
-    video, ext = to_uint8_frames(video), os.path.splitext(path)[1].lower()
-    if ext not in (".mp4", ".gif"):  # .png frame grids are drawn elsewhere, with matplotlib
-        raise ValueError(f"write_video writes .mp4 or .gif, not {ext or 'no extension'!r} ({path})")
-    mp4 = ext == ".mp4"
-    if mp4:  # 4:2:0 halves the chroma grid, so H.264 needs even sides: repeat the last row / column
-        video = np.pad(video, ((0, 0), (0, video.shape[1] % 2), (0, video.shape[2] % 2), (0, 0)), mode="edge")
-    with av.open(path, "w") as container:
-        stream = container.add_stream("libx264" if mp4 else "gif", rate=Fraction(fps).limit_denominator(1001))
-        stream.height, stream.width = video.shape[1:3]
-        # the GIF encoder wants 8-bit colour: rgb8 is a fixed 3-3-2 palette that keeps the Shapes
-        # colours exact, where pal8 would need a palette computed first
-        stream.pix_fmt = "yuv420p" if mp4 else "rgb8"
-        stream.options = {"crf": "18"} if mp4 else {}  # near lossless; the default 23 smears small clips
-        for img in video:
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=stream.pix_fmt)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())  # flush the frames the encoder still holds
+    with VideoWriter(path, fps) as writer:
+        writer.write(video)

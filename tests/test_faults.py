@@ -231,6 +231,8 @@ BAD_COMMANDS = {
     "sample: --steps zero": (SAMPLE + ["a dog", "--steps", "0"], "--steps must be at least 1"),
     "sample: --cfg nan": (SAMPLE + ["a dog", "--cfg", "nan"], "--cfg must be finite"),
     "sample: --temperature negative": (SAMPLE + ["a dog", "--temperature", "-1"], "--temperature must be finite"),
+    "sample: --keep zero": (SAMPLE + ["a dog", "--keep", "0"], "--keep must be at least 1"),
+    "sample: --samples zero": (SAMPLE + ["a dog", "--samples", "0"], "--samples must lie in 1 to 64"),
     "evaluate: missing checkpoint": (EVALUATE + ["{missing}"], "no checkpoint at"),
     "evaluate: not a checkpoint": (EVALUATE + ["{junk}"], "is not a safetensors checkpoint"),
     "evaluate: another tokenizer": (EVALUATE + ["{gen}", "--tokenizer-checkpoint", "{other}"], "sha256 differs"),

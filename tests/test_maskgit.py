@@ -1,10 +1,13 @@
+import gc
+
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import load_tokenizer, shipped
-from maskgit import MaskGIT, MaskGITConfig, make_video, mask_ratio
+from maskgit import MaskGIT, MaskGITConfig, make_video, mask_ratio, plan_windows, stream_video
 import animals
 import shapes
 from animals import AnimalSpec
@@ -112,6 +115,56 @@ def test_story_of_two_prompts_has_the_expected_length(text):
     init = torch.rand(1, 3, 1, 16, 16) * 2 - 1  # continue an image
     video = make_video(model, tokenizer, prompts[:1], [8], init=init, steps=2, generator=torch.Generator().manual_seed(0))
     assert video.shape[2] == 9 and video[:, :, :1].equal(init)
+
+
+def whole_video_reference(model, tokenizer, prompts, frames, init=None, keep=None, **sampling) -> torch.Tensor:
+    """The straightforward way, for comparison: keep the whole video and cut each context from it."""
+    t = model.config.latent_frames
+    out = [] if init is None else [init]
+    for segment, context, new in plan_windows(t, keep, frames, 0 if init is None else init.shape[2]):
+        ids, mask = prompts[segment]
+        given = None
+        if context:
+            known = tokenizer.encode(torch.cat(out, dim=2)[:, :, -context:])
+            given = F.pad(known, (0, 0, 0, 0, 0, t - known.shape[1]), value=-1)
+        out.append(tokenizer.decode(model.generate(ids, mask, given=given, **sampling))[:, :, context:context + new])
+    return torch.cat(out, dim=2)
+
+
+@pytest.mark.parametrize("keep, frames, init_frames", [(None, [9], 0), (1, [4, 6], 0), (2, [7], 3), (None, [3, 3, 3], 1)])
+def test_streamed_video_equals_the_whole_video_way(text, keep, frames, init_frames):
+    model, tokenizer = tiny_generator(), tiny_tokenizer()
+    prompts = [text.encode([c, c], 16) for c in CAPTIONS[:len(frames)]]  # a batch of two
+    init = torch.rand(2, 3, init_frames, 16, 16) * 2 - 1 if init_frames else None
+    sampling = dict(keep=keep, steps=2, cfg=1.5)
+    want = whole_video_reference(model, tokenizer, prompts, frames, init, generator=torch.Generator().manual_seed(0),
+                                 **sampling)
+    pieces = list(stream_video(model, tokenizer, prompts, frames, init, generator=torch.Generator().manual_seed(0),
+                               **sampling))
+    got = torch.cat(([] if init is None else [init]) + pieces, dim=2)
+    assert got.shape == (2, 3, init_frames + sum(frames), 16, 16)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(make_video(model, tokenizer, prompts, frames, init, generator=torch.Generator().manual_seed(0),
+                                          **sampling), want, rtol=0, atol=0)
+
+
+def live_tensor_bytes() -> int:
+    return sum(o.untyped_storage().nbytes() for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter))
+
+
+def test_streaming_memory_does_not_grow_with_the_length(text):
+    """What stream_video holds between windows is the same for 4 windows and for 20: one window of
+    context, never the video so far."""
+    model, tokenizer = tiny_generator(), tiny_tokenizer()
+    prompts = [text.encode(CAPTIONS[:1], 16)]
+    held = {}
+    for windows in (4, 20):
+        peak = 0
+        for piece in stream_video(model, tokenizer, prompts, [1 + 2 * windows], keep=1, steps=1):
+            del piece  # the caller writes it out and lets it go
+            peak = max(peak, live_tensor_bytes())
+        held[windows] = peak
+    assert held[20] == held[4]
 
 
 def overfit(world, specs: list, steps: int) -> float:

@@ -154,3 +154,25 @@ def test_scale_draws_each_pixel_as_a_block(generator, tokenizer, tmp_path):
     grid = plt.imread(out)
     assert grid.shape[:2] == (3 * 32, 3 * 3 * 32)  # one row of 3 frames of 32 x 32, each pixel 3 x 3
     assert (grid[0::3] == grid[1::3]).all() and (grid[:, 0::3] == grid[:, 2::3]).all()
+
+
+def test_samples_makes_that_many_different_videos_in_one_run(generator, tokenizer, tmp_path, capsys):
+    out = str(tmp_path / "dog.mp4")
+    sample.main(["a red circle moving right", "--samples", "3", "--out", out, "--steps", "2", "--frames", "5",
+                 "--checkpoint", generator, "--tokenizer-checkpoint", tokenizer])
+    printed = capsys.readouterr().out
+    paths = [str(tmp_path / f"dog-{i}.mp4") for i in range(3)]
+    assert "frames: 5 in each of 3 videos" in printed and not os.path.exists(out)
+    videos = []
+    for path in paths:
+        with av.open(path) as container:
+            videos.append(np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]))
+    assert all(len(v) == 5 for v in videos)
+    assert not np.array_equal(videos[0], videos[1]) and not np.array_equal(videos[1], videos[2])  # each its own draw
+
+
+def test_a_keep_beyond_the_window_is_clamped_with_a_note(generator, tokenizer, tmp_path, capsys):
+    sample.main(["a red circle moving right", "--keep", "7", "--frames", "7", "--out", str(tmp_path / "k.mp4"),
+                 "--steps", "2", "--checkpoint", generator, "--tokenizer-checkpoint", tokenizer])
+    printed = capsys.readouterr().out
+    assert "note: --keep 7 leaves no room" in printed and "keeping 1" in printed and "frames: 7" in printed

@@ -5,6 +5,7 @@ libx264 (yuv420p, yuv444p for odd sides, gray, gray10le, yuv420p10le), ffv1, qtr
 (yuva420p). CPU only."""
 
 import io
+import os
 import time
 from fractions import Fraction
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from data import VideoFolderSource
-from video import read_video, write_video
+from video import VideoWriter, read_video, write_video
 
 RED = (200, 50, 100)  # a colour that survives 4:2:0 chroma and 10 bits within a few levels
 
@@ -186,3 +187,24 @@ def test_timestamp_jump_and_sparse_key_frames_are_bounded(tmp_path, monkeypatch)
     assert read_video(tmp_path / "gop.mp4", frames=3, fps=8, start=0.5).shape == (3, 16, 16, 3)
     with pytest.raises(ValueError, match="no frame at 3.00 s within 20 decoded frames"):
         read_video(tmp_path / "gop.mp4", frames=3, fps=8, start=3.0)
+
+
+def test_an_interrupted_writer_leaves_the_earlier_file_and_no_part(tmp_path):
+    path = str(tmp_path / "v.mp4")
+    video = np.full((3, 16, 16, 3), 200, np.uint8)
+    write_video(path, video)
+    before = open(path, "rb").read()
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(path) as writer:
+            writer.write(np.zeros((5, 16, 16, 3), np.uint8))
+            raise KeyboardInterrupt
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["v.mp4"]
+
+
+def test_a_video_written_in_pieces_equals_one_written_whole(tmp_path):
+    video = np.random.default_rng(0).integers(0, 255, (9, 16, 16, 3), dtype=np.uint8)
+    write_video(str(tmp_path / "whole.mp4"), video)
+    with VideoWriter(str(tmp_path / "pieces.mp4")) as writer:
+        for start in range(0, 9, 4):
+            writer.write(video[start:start + 4])
+    assert np.array_equal(read_video(str(tmp_path / "whole.mp4")), read_video(str(tmp_path / "pieces.mp4")))
