@@ -38,6 +38,10 @@ The configurations:
   stream_short    the tiny VQGAN streams one clip of 6 latent frames (11 frames) out of its decoder
   stream_long     the same for 60 latent frames (119 frames): 10x the length, cost linear in it
   sample          one 11-frame clip from text with the default sampling settings (maskgit.py), then decode
+  sample_batch8   the same for 8 clips of one prompt in one batch (sample.py --samples 8)
+  long_video_N    the shipped Shapes pair makes one N-frame video (N = 11, 101, 1025) from one prompt, as
+                  sample.py does, frames thrown away as they come: frames/s of video and the process's
+                  whole peak memory (peak_mb here is ru_maxrss, not its growth). One timed run, no warm-up.
   data            decoding real .mp4 files the bench writes itself into 11-frame 64 x 64 clips, on one core
 """
 
@@ -65,8 +69,9 @@ from vqgan import VQGAN
 
 # Legend: B batch, T frames, t h w latent grid, N codes, L text length.
 
+LONG_VIDEOS = {"long_video_11": 11, "long_video_101": 101, "long_video_1025": 1025}
 CONFIGS = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", "encode", "decode", "stream_short",
-           "stream_long", "sample", "data")
+           "stream_long", "sample", "sample_batch8", "data", *LONG_VIDEOS)
 PEER_CONFIGS = ("cvivit_train", "maskgit_train")
 TRAINING = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny")  # what --compile applies to
 
@@ -170,12 +175,13 @@ def build(name: str, device: torch.device) -> tuple:
     if name == "decode":
         codes = model.encode(video)
         return lambda: model.decode(codes), 8, codes.numel(), model
-    if name == "sample":
+    if name in ("sample", "sample_batch8"):
         config, _ = generator_preset("tiny")
         generator = MaskGIT(config).to(device).eval()
-        ids = torch.randint(2, 300, (1, 8), device=device)
-        mask = torch.ones(1, 8, dtype=torch.bool, device=device)
-        return lambda: model.decode(generator.generate(ids, mask)), 1, 6 * 64, generator
+        B = 1 if name == "sample" else 8
+        ids = torch.randint(2, 300, (1, 8), device=device).expand(B, -1)
+        mask = torch.ones(B, 8, dtype=torch.bool, device=device)
+        return lambda: model.decode(generator.generate(ids, mask)), B, B * 6 * 64, generator
     raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
 
 
@@ -257,12 +263,31 @@ def bench_data(repeats: int) -> dict:
     return {"ms": seconds * 1e3, "clips/s": 1 / seconds, "tokens/s": 6 * 64 / seconds}
 
 
+def bench_long_video(frames: int, device: torch.device) -> dict:
+    """Frames per second of one streamed video from the shipped Shapes pair, and the process's peak memory."""
+    from checkpoint import load_generator, shipped
+    from maskgit import stream_video
+    model, text, tokenizer, _ = load_generator(shipped("shapes", "generator"), shipped("shapes", "tokenizer"))
+    model, tokenizer = model.to(device), tokenizer.to(device)
+    prompt = tuple(x.to(device) for x in text.encode(["a large red circle moving right"], model.config.text.max_len))
+    start = time.perf_counter()
+    for _ in stream_video(model, tokenizer, [prompt], [frames], generator=torch.Generator(device).manual_seed(0)):
+        pass  # sample.py writes each piece out here
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    return {"seconds": seconds, "frames/s": frames / seconds, "peak_mb": peak}
+
+
 def run_one(name: str, device: torch.device, repeats: int, peer: bool = False, compile: bool = False,
             channels_last: bool = False) -> dict:
     """Measure one configuration in this process (through the peer's models if `peer`), optionally
     with the model's forward under torch.compile or its conv weights in channels-last layout."""
     if name == "data":
         return bench_data(repeats)
+    if name in LONG_VIDEOS:
+        return bench_long_video(LONG_VIDEOS[name], device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn, clips, tokens, model = (build_peer if peer else build)(name, device)
     if channels_last:  # the convs then run in (N, T, H, W, C) order, inputs converted on the fly
@@ -365,6 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     if "stream_short" in results and "stream_long" in results:
         ratio = results["stream_long"]["ms"] / results["stream_short"]["ms"]
         print(f"streamed decoding: 10x the length costs {ratio:.1f}x the time")
+    if "sample" in results and "sample_batch8" in results:
+        ratio = results["sample_batch8"]["clips/s"] / results["sample"]["clips/s"]
+        print(f"--samples 8: each video {ratio:.1f}x faster than in a run of its own")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "results": results}, f, indent=2)

@@ -38,7 +38,7 @@ import torch
 from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, shipped
 from config import UsageError, exit_usage
 from evaluate import WORLDS, psnr, ssim
-from maskgit import CFG, STEPS, TEMPERATURE, plan_windows, stream_video
+from maskgit import CFG, STEPS, TEMPERATURE, plan_windows, stream_video, window_steps
 from progress import Progress
 from video import VideoWriter, read_video, to_uint8_frames, write_video
 
@@ -166,13 +166,14 @@ def run_generate(args) -> None:
     model, tokenizer = model.to(device), tokenizer.to(device)
     prompts = [tuple(x.to(device) for x in text.encode([p] * n, model.config.text.max_len)) for p in args.prompts]
     t0 = time.time()
-    windows = len(plan_windows(t, args.keep, shares, 0 if init is None else init.shape[2]))
-    progress, done, made = Progress(windows * args.steps, "decoding step"), [0], [0]
+    plan = plan_windows(t, args.keep, shares, 0 if init is None else init.shape[2])
+    total = sum(window_steps(args.steps, t - (context + 1) // 2, t) for _, context, _ in plan)  # k = (context + 1) / 2
+    progress, done, made, windows = Progress(total, "decoding step"), [0], [0], [0]
 
     def on_step(step: int, steps: int) -> None:
         done[0] += 1  # decoding steps of all windows so far
         rate = made[0] * n / max(progress.elapsed(), 1e-9)
-        progress.update(done[0], f"window {(done[0] - 1) // steps + 1}/{windows} | {rate:.1f} frames/s")
+        progress.update(done[0], f"window {windows[0] + 1}/{len(plan)} | {rate:.1f} frames/s")
 
     paths = [args.out] if n == 1 else [f"{os.path.splitext(args.out)[0]}-{i}{os.path.splitext(args.out)[1]}" for i in range(n)]
     with contextlib.ExitStack() as stack:  # an error or Ctrl-C removes the unfinished files
@@ -184,7 +185,7 @@ def run_generate(args) -> None:
                                   temperature=args.temperature, on_step=on_step,
                                   generator=torch.Generator(device).manual_seed(args.seed)):
             outputs.write(piece)  # (n, 3, new, H, W)
-            made[0] += piece.shape[2]
+            made[0], windows[0] = made[0] + piece.shape[2], windows[0] + 1
         outputs.close()
     progress.close()
     print(f"frames: {frames}" + (f" in each of {n} videos" if n > 1 else ""))

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import load_tokenizer, shipped
-from maskgit import MaskGIT, MaskGITConfig, make_video, mask_ratio, plan_windows, stream_video
+from maskgit import MaskGIT, MaskGITConfig, draw, make_video, mask_ratio, plan_windows, stream_video
 import animals
 import shapes
 from animals import AnimalSpec
@@ -115,6 +115,25 @@ def test_story_of_two_prompts_has_the_expected_length(text):
     init = torch.rand(1, 3, 1, 16, 16) * 2 - 1  # continue an image
     video = make_video(model, tokenizer, prompts[:1], [8], init=init, steps=2, generator=torch.Generator().manual_seed(0))
     assert video.shape[2] == 9 and video[:, :, :1].equal(init)
+
+
+def test_draw_follows_the_probabilities_and_never_picks_an_impossible_code():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]]).repeat(20_000, 1)  # (40000, 4)
+    picks = draw(probs, torch.Generator().manual_seed(0)).squeeze(1)
+    shares = torch.bincount(picks[0::2], minlength=4).float() / 20_000
+    torch.testing.assert_close(shares, probs[0], atol=0.01, rtol=0)
+    assert (picks[1::2] == 3).all()
+
+
+def test_a_continuation_window_takes_steps_in_proportion_to_its_unknown_codes(text):
+    model = tiny_generator()
+    ids, mask = text.encode(CAPTIONS[:1], 16)
+    calls = []
+    given = torch.full((1, 3, 2, 2), -1)
+    model.generate(ids, mask, steps=12, on_step=lambda s, n: calls.append(n))
+    given[:, :2] = 0  # two of three latent frames known: a third of the codes to generate
+    model.generate(ids, mask, given=given, steps=12, on_step=lambda s, n: calls.append(n))
+    assert calls == [12] * 12 + [4] * 4
 
 
 def whole_video_reference(model, tokenizer, prompts, frames, init=None, keep=None, **sampling) -> torch.Tensor:
