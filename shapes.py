@@ -37,6 +37,7 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 10, "large": 18}  # pixels across on the 64 x 64 canvas
 DIRECTIONS = ("left", "right", "up", "down", "still")
+EDGES = 0.1  # share of moving objects that enter or leave the canvas in a training clip
 _STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
 
 
@@ -76,24 +77,31 @@ def paraphrase(spec: ShapeSpec, rng: np.random.Generator) -> str:
     return forms[int(rng.integers(len(forms)))]
 
 
-def render_shapes(spec: ShapeSpec, frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Render one clip (T, H, W, 3) uint8. The object stays on the canvas for the whole clip: the
-    speed is 2 to 3 pixels a frame (at 64 x 64), reduced where a long clip would run out of room."""
+def render_shapes(spec: ShapeSpec, frames: int, size: int, rng: np.random.Generator,
+                  edge: str | None = None) -> np.ndarray:
+    """Render one clip (T, H, W, 3) uint8. The speed is 2 to 3 pixels a frame (at 64 x 64). By default the
+    object stays on the canvas for the whole clip (slower where a long clip would run out of room). A
+    moving object may instead `edge="enter"`: come in across the edge behind it, already partly in at the
+    first frame (so an empty canvas is never followed by an entry), or `edge="leave"`: go out across the
+    edge ahead of it, partly or wholly gone by the last frame, the canvas black after it."""
     scale = size / 64
     extent = SIZES[spec.size] * scale
     r = extent / 2
     dx, dy = _STEP[spec.direction]
     room = size - extent - 2 * scale  # free travel along the axis of motion, with a 1-pixel margin
     speed = rng.uniform(2, 3) * scale if spec.direction != "still" else 0.0
-    if frames > 1:
+    if frames > 1 and edge is None:
         speed = min(speed, room / (frames - 1))
     travel = speed * (frames - 1)
     # pick the start so that the whole path fits: along the motion axis only `room - travel` is free
     lo, hi = r + scale, size - r - scale
     cx0, cy0 = rng.uniform(lo, hi), rng.uniform(lo, hi)
-    if dx:
+    if edge is not None:  # the start along the motion, counted from the edge the object comes from
+        ahead = rng.uniform(-r + scale, r + scale) if edge == "enter" else rng.uniform(size - r, size + r + travel / 2) - travel
+        cx0, cy0 = (ahead if dx > 0 else size - ahead) if dx else cx0, (ahead if dy > 0 else size - ahead) if dy else cy0
+    elif dx:
         cx0 = rng.uniform(lo, hi - travel) if dx > 0 else rng.uniform(lo + travel, hi)
-    if dy:
+    elif dy:
         cy0 = rng.uniform(lo, hi - travel) if dy > 0 else rng.uniform(lo + travel, hi)
     t = np.arange(frames, dtype=np.float32)
     cx = (cx0 + dx * speed * t)[:, None, None]  # (T, 1, 1)
@@ -137,7 +145,9 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 
 def oracle(video) -> dict:
     """Read colour, shape, size and direction back from a Shapes clip, and whether exactly one object
-    is visible in every frame. `video` is an array, a tensor (see to_uint8_frames) or a file path."""
+    is visible in every frame; per frame, how many objects show ("objects") and whether the object is
+    cut by the edge ("partial"). Shape and size are read from whole objects only. `video` is an array,
+    a tensor (see to_uint8_frames) or a file path."""
     if isinstance(video, str):
         video = read_video(video)
     frames = to_uint8_frames(video)
@@ -146,35 +156,39 @@ def oracle(video) -> dict:
     min_area = 8 * scale * scale  # smaller blobs are noise, not objects
     names = list(COLORS)
     palette = np.array([COLORS[n] for n in names], dtype=np.float32)
-    one_object, centres, colours, extents, fills, tops = True, [], [], [], [], []
+    one_object, centres, colours, extents, fills, tops, objects, partial = True, [], [], [], [], [], [], []
     for f in frames:
         lit = f.max(axis=-1) >= 96  # anything clearly brighter than the black background
         blobs = [c for c in _components(lit) if len(c) >= min_area]
         one_object &= len(blobs) == 1
+        objects.append(len(blobs))
         if not blobs:
+            partial.append(False)
             continue
         blob = max(blobs, key=len)
         ys, xs = np.divmod(blob, W)
+        partial.append(bool(xs.min() == 0 or ys.min() == 0 or xs.max() == W - 1 or ys.max() == H - 1))
         centres.append((xs.mean(), ys.mean()))
         rgb = f.reshape(-1, 3)[blob].astype(np.float32).mean(axis=0)
         # compare hues, not brightness: scale the mean colour so its largest channel is 255
         rgb = rgb * (255 / max(rgb.max(), 1))
         colours.append(names[int(np.argmin(((palette - rgb) ** 2).sum(axis=1)))])
+        if partial[-1]:
+            continue  # cut by the edge: its outline says nothing of shape or size
         bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
         extents.append(max(bw, bh) / scale)
         fills.append(len(blob) / (bw * bh))
         upper = (ys < (ys.min() + ys.max()) / 2).sum()  # a triangle has most of its pixels low down
         tops.append(upper / max(len(blob) - upper, 1))
+    census = {"objects": objects, "partial": partial}  # per frame: blobs seen, and whether one touches the edge
     if not centres:
         return {"color": None, "shape": None, "size": None, "direction": None, "one_object": False,
-                "start": None, "end": None}
+                "start": None, "end": None} | census
     color = max(set(colours), key=colours.count)
-    # an upright triangle fills half its box and is top-light; a square fills it; a circle fills pi/4
-    if np.median(tops) < 0.6:
-        shape = "triangle"
-    else:
-        shape = "square" if np.median(fills) > 0.9 else "circle"
-    size = "small" if np.median(extents) < 14 else "large"
+    shape = size = None  # unknown when the object is cut by the edge in every frame
+    if extents:  # an upright triangle fills half its box and is top-light; a square fills it; a circle pi/4
+        shape = "triangle" if np.median(tops) < 0.6 else "square" if np.median(fills) > 0.9 else "circle"
+        size = "small" if np.median(extents) < 14 else "large"
     (x0, y0), (x1, y1) = centres[0], centres[-1]
     dx, dy = (x1 - x0) / scale, (y1 - y0) / scale
     moved = max(abs(dx), abs(dy)) / max(len(centres) - 1, 1)  # pixels a frame at 64 x 64
@@ -185,7 +199,7 @@ def oracle(video) -> dict:
     else:
         direction = "down" if dy > 0 else "up"
     return {"color": color, "shape": shape, "size": size, "direction": direction, "one_object": one_object,
-            "start": (x0 / scale, y0 / scale), "end": (x1 / scale, y1 / scale)}  # centres, 64 x 64 pixels
+            "start": (x0 / scale, y0 / scale), "end": (x1 / scale, y1 / scale)} | census  # centres at 64 x 64
 
 
 def agreement(video, spec: ShapeSpec) -> dict[str, bool]:
@@ -197,10 +211,12 @@ def agreement(video, spec: ShapeSpec) -> dict[str, bool]:
 
 class ShapesSource:
     """Clip k of the Shapes world, rendered from a generator seeded by (seed, k): the same k always
-    gives the same clip, so a resumed run can start anywhere. The world has no end."""
+    gives the same clip, so a resumed run can start anywhere. The world has no end. An `edges` share
+    of the moving objects enter or leave the canvas (half each), under the same captions: real videos
+    have things come and go, and it teaches a long video what happens at the edge (README, any length)."""
 
-    def __init__(self, frames: int = 11, size: int = 64, seed: int = 0, paraphrases: bool = True):
-        self.frames, self.size, self.seed, self.paraphrases = frames, size, seed, paraphrases
+    def __init__(self, frames: int = 11, size: int = 64, seed: int = 0, paraphrases: bool = True, edges: float = EDGES):
+        self.frames, self.size, self.seed, self.paraphrases, self.edges = frames, size, seed, paraphrases, edges
         self.name = "shapes"
 
     def __len__(self) -> int:
@@ -209,6 +225,9 @@ class ShapesSource:
     def load(self, k: int) -> tuple[np.ndarray, str]:
         rng = np.random.default_rng([self.seed, k])
         spec = random_spec(rng)
-        video = render_shapes(spec, self.frames, self.size, rng)
+        edge = None
+        if spec.direction != "still" and rng.random() < self.edges:
+            edge = "enter" if rng.random() < 0.5 else "leave"
+        video = render_shapes(spec, self.frames, self.size, rng, edge)
         text = paraphrase(spec, rng) if self.paraphrases else caption(spec)
         return video, text
