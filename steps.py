@@ -22,6 +22,7 @@ bf16 autocast on CUDA, fp32 on the CPU, where bf16 matmuls run hundreds of times
 import contextlib
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
@@ -60,6 +61,13 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one rank's step: a hash of the whole tuple (seed, rank, step) by numpy's SeedSequence,
+    63 bits. A sum such as seed·a + rank·b + step would repeat itself: rank r at step s would draw
+    what rank 0 draws at step s + b·r, the same batch and the same masks."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 class Steps:
     """What both loops do around their loss, written once: the step counter, its seed and learning
     rate, the guarded update, the progress line and the log. `guard` is entered by the loop."""
@@ -75,7 +83,7 @@ class Steps:
 
     def begin(self, opts: list[torch.optim.Optimizer]) -> torch.Generator:
         """Seed this step's draws from (seed, rank, step) and set the lr -> a generator for batch picks."""
-        seed = self.cfg.seed * 1_000_003 + self.rank * 10_007 + self.step
+        seed = step_seed(self.cfg.seed, self.rank, self.step)
         torch.manual_seed(seed)
         for group in (g for opt in opts for g in opt.param_groups):
             group["lr"] = lr_at(self.step, self.cfg)
