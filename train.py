@@ -106,6 +106,7 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
                                               pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
                                               prefetch_factor=4 if cfg.workers else None, worker_init_fn=quiet_worker))
     steps = Steps(cfg, args.out, rank, world, device, step, skipped_files=getattr(source, "dropped", 0))
+    kmeans = not bool(model.quantizer.initialised)  # a fresh book: k-means runs in the first forward
 
     with steps.guard as guard:  # SIGTERM / Ctrl-C: finish the step, save, leave
         while steps.step < cfg.max_steps:
@@ -140,9 +141,13 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
                 logs["vq"] += out.vq_loss.item() / n
             # clip, skip a non-finite step, AdamW (the discriminator's only once it trains), EMA
             steps.update(logs, model, [opt, opt_d], [opt, opt_d] if use_gan else [opt], ema)
-            figures = {}  # what this step measured beside the losses
+            figures, moved = {}, torch.arange(model_cfg.codebook_size) if kmeans else None  # what this step measured
             if steps.step % cfg.restart_every == 0:  # dead codes take recent encoder outputs (all ranks' counts)
-                figures["restarted"] = model.quantizer.restart_dead_codes()
+                moved = model.quantizer.restart_dead_codes()
+                figures["restarted"] = len(moved)
+            if ema is not None and moved is not None:  # codes placed anew enter the EMA as they are, not averaged
+                ema.quantizer.codebook.data[moved] = model.quantizer.codebook.data[moved]  # with the init they replace
+            kmeans = False
             if master and steps.due(cfg.log_every):
                 if steps.due(cfg.image_every):  # reconstruct the fixed batch
                     recon = reconstruction(model, val_video, steps.autocast)  # (8, 3, T, H, W)

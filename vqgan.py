@@ -153,10 +153,10 @@ class VectorQuantizer(nn.Module):
         return int(owner.unique().numel())
 
     @torch.no_grad()
-    def restart_dead_codes(self, min_uses: float = 1.0) -> int:
+    def restart_dead_codes(self, min_uses: float = 1.0) -> torch.Tensor:
         """Move codes used fewer than `min_uses` times since the last call onto recent encoder
         outputs. All ranks agree: counts are summed, rank 0 draws, the codebook is broadcast.
-        Returns how many codes were restarted."""
+        Returns the indices of the restarted codes."""
         if distributed():
             dist.all_reduce(self.counts)
         dead = torch.nonzero(self.counts < min_uses).squeeze(1)
@@ -168,7 +168,7 @@ class VectorQuantizer(nn.Module):
             if distributed():
                 dist.broadcast(self.codebook.data, src=0)
         self.counts.zero_()
-        return len(dead)
+        return dead if filled else dead[:0]
 
 
 class TokenizerOutput(NamedTuple):

@@ -112,7 +112,7 @@ def test_dead_codes_restart_from_recent_encoder_outputs():
     assert vq.counts[0] == 64 and vq.counts[1:].sum() == 0
     before = vq.codebook.detach().clone()
     restarted = vq.restart_dead_codes()
-    assert restarted == 15
+    assert restarted.tolist() == list(range(1, 16))
     torch.testing.assert_close(vq.codebook[0], before[0])  # a used code stays
     assert not torch.allclose(vq.codebook[1:], before[1:])
     pool = vq.pool[: int(vq.pool_filled)]

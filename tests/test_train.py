@@ -63,6 +63,17 @@ def test_finished_run_folds_near_duplicate_codes_in_the_sampling_weights_only(tm
     assert torch.equal(state["model.quantizer.alias"], torch.arange(32))  # --resume continues from the raw book
 
 
+def test_the_ema_tokenizer_takes_the_codebook_after_kmeans_and_restarts(tmp_path):
+    """k-means (first forward) and dead-code restarts move codes at once; the EMA copy must take them as
+    they are, or its codebook stays the random init for thousands of steps and picks other codes."""
+    out = str(tmp_path / "ema")
+    train.main(["--stage", "1", "--out", out, "--max-steps", "4", *TINY, "--set", "train.ema=0.999"])
+    state = load_file(os.path.join(out, "train_state.safetensors"))
+    live, ema = state["model.quantizer.codebook"], state["ema.quantizer.codebook"]
+    cosine = torch.nn.functional.cosine_similarity(live, ema, dim=1)  # each code against its EMA twin
+    assert cosine.min() > 0.99, cosine.min()
+
+
 def test_gan_phase_trains_both_networks(tmp_path):
     out = str(tmp_path / "gan")
     train.main(["--stage", "1", "--out", out, "--max-steps", "2", *TINY, "--set", "train.gan_start=0"])
