@@ -18,8 +18,9 @@ A video of any length is made a window at a time (maskgit.stream_video), and eac
 written to the .mp4 or .gif as soon as they exist: memory stays that of one window however long the
 video, and Ctrl-C leaves no half-written file behind.
 
-Reconstruction cuts a video into windows of the trained clip length and sends each through encode and
-decode. Output goes where --out says: .mp4 (H.264), .gif, or .png (a grid of frames, 11 a row).
+Reconstruction cuts a video of any length into windows of the trained clip length and sends each
+through encode and decode (a last window of even length is padded by repeating its last frame, and
+the copy dropped again). Output goes where --out says: .mp4 (H.264), .gif, or .png (a grid of frames, 11 a row).
 
 Exit codes: 0 on success, 2 on a usage or input error (one line on stderr, no traceback), 1 otherwise.
 """
@@ -93,11 +94,16 @@ class Outputs:
 
 @torch.no_grad()
 def reconstruct(model, video: torch.Tensor, window: int) -> torch.Tensor:
-    """video (3, T, H, W) -> its reconstruction, window by window through encode and decode."""
+    """video (3, T, H, W), any T -> its reconstruction, window by window through encode and decode. A
+    tokenizer takes 1 + 2n frames: a last window of even length is padded with a copy of its last frame,
+    whose reconstruction is dropped, so every frame comes back and no other is added."""
     pieces = []
     for start in range(0, video.shape[1], window):
         clip = video[None, :, start:start + window]  # (1, 3, <=window, H, W)
-        pieces.append(model.decode(model.encode(clip))[0])
+        n = clip.shape[2]
+        if n % 2 == 0:
+            clip = torch.cat([clip, clip[:, :, -1:]], dim=2)
+        pieces.append(model.decode(model.encode(clip))[0, :, :n])
     return torch.cat(pieces, dim=1)
 
 
@@ -115,11 +121,10 @@ def check_out(path: str) -> None:
 
 
 def load_video(path: str, size: int, fps: float, frames: int | None = None) -> torch.Tensor:
-    """An image or a video file -> (3, T, H, W) in [-1, 1] at the model's size and frame rate, T odd."""
+    """An image or a video file -> (3, T, H, W) in [-1, 1] at the model's size and frame rate."""
     clip = read_video(path, size=size, fps=fps)  # (T, H, W, 3) uint8
     if frames:
         clip = clip[:frames]
-    clip = clip[: len(clip) - (len(clip) + 1) % 2]  # a tokenizer takes 1 + 2n frames
     return torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1
 
 

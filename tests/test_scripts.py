@@ -56,16 +56,17 @@ def test_evaluate_reports_stage1_figures(tokenizer, tmp_path, capsys):
     assert 0 < figures["codebook_use"] <= 1 and figures["clips"] == 4
 
 
-def test_reconstruct_writes_a_video_and_prints_quality(tokenizer, tmp_path, capsys):
+@pytest.mark.parametrize("length", [9, 5, 8, 10, 1])  # windows of 3: 3+3+3, 3+2, 3+3+2, 3+3+3+1, 1
+def test_reconstruct_gives_back_every_frame_and_prints_quality(tokenizer, tmp_path, capsys, length):
     clip = str(tmp_path / "clip.mp4")
-    write_video(clip, ShapesSource(frames=9, size=48).load(0)[0], fps=8)
+    write_video(clip, ShapesSource(frames=length, size=48).load(0)[0], fps=8)
     out = str(tmp_path / "recon.mp4")
     sample.main(["--reconstruct", clip, "--out", out, "--tokenizer-checkpoint", tokenizer])
     printed = capsys.readouterr().out
-    assert "psnr: " in printed and "ssim: " in printed
+    assert "psnr: " in printed and "ssim: " in printed and f"frames: {length}" in printed
     with av.open(out) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    assert len(frames) == 9 and frames[0].shape == (32, 32, 3)  # resized to the tokenizer's 32 x 32
+    assert len(frames) == length and frames[0].shape == (32, 32, 3)  # resized to the tokenizer's 32 x 32
 
 
 @pytest.mark.parametrize("make_bad", ["missing", "not_safetensors"])
