@@ -33,6 +33,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from config import UsageError
 from maskgit import MaskGIT
 from transformer import Block
 
@@ -45,6 +46,16 @@ def process_group_store(restarts: int) -> dict:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     return {"store": dist.PrefixStore(f"restart-{restarts}", store), "rank": int(os.environ["RANK"]),
             "world_size": int(os.environ["WORLD_SIZE"])}
+
+
+def check_gpus(device: torch.device, local_world: int) -> None:
+    """One GPU per process: refuse, in one line, more processes on a node than it has GPUs (nccl would
+    fail later, in many lines, or two ranks would share a GPU)."""
+    gpus = torch.cuda.device_count()
+    if device.type == "cuda" and local_world > gpus:
+        fix = f"use --nproc_per_node={gpus}, or --device cpu" if gpus else "use --device cpu"
+        raise UsageError(f"torchrun started {local_world} processes on this node, which has {gpus or 'no'} "
+                         f"GPU{'' if gpus == 1 else 's'}: {fix} (gloo on the CPU)")
 
 
 def shard(root: nn.Module, device: torch.device) -> None:

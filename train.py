@@ -56,7 +56,7 @@ from checkpoint import (TOKENIZERS, file_digest, generator_config_for, generator
                         restore_modules, restore_optimizers, save_run, save_weights, tokenizer_meta)
 from config import TrainConfig, UsageError, configure, exit_usage
 from data import ClipStream, UnusableData, build_token_cache, load_token_cache, make_source
-from distributed import Run, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
+from distributed import Run, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
 from evaluate import WORLDS, psnr, sample_and_judge, world_of
 from faults import TrainingStopped, exit_code, quiet_worker
 from maskgit import MaskGIT, MaskGITConfig
@@ -374,6 +374,10 @@ def main(argv: list[str] | None = None) -> None:
     rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])) if ddp else (0, 1, 0)
     device = torch.device(args.device)
     if ddp:
+        try:
+            check_gpus(device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        except UsageError as err:  # every rank leaves; one of each node says why
+            exit_usage(err) if local == 0 else sys.exit(2)
         if device.type == "cuda":  # one GPU per process
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)

@@ -9,15 +9,18 @@ from safetensors.torch import load_file
 
 import train
 from checkpoint import load_tokenizer
+from config import UsageError
+from distributed import check_gpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# a model and a run small enough for a test: 3-frame 32 x 32 clips, batches of 2
-TINY = ["--tokenizer", "vqgan", "--set", "model.widths=8,16,16", "--set", "model.codebook_size=32", "--set", "model.code_dim=4",
+# a model and a run small enough for a test: 3-frame 32 x 32 clips, batches of 2. The training tests mean
+# the CPU (gloo, exact fp32 sums), on a GPU workstation too
+TINY = ["--device", "cpu", "--tokenizer", "vqgan", "--set", "model.widths=8,16,16", "--set", "model.codebook_size=32", "--set", "model.code_dim=4",
         "--set", "train.frames=3", "--set", "train.image_size=32", "--set", "train.batch_size=2",
         "--set", "train.warmup=2", "--set", "train.restart_every=2", "--set", "train.log_every=1",
         "--set", "train.image_every=100", "--set", "train.save_every=2", "--set", "train.fold_cosine=0"]
 # a generator to match: 2 latent frames of 4 x 4 codes, width 32
-TINY_GENERATOR = ["--set", "model.dim=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.mlp=64",
+TINY_GENERATOR = ["--device", "cpu", "--set", "model.dim=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.mlp=64",
                   "--set", "model.text.dim=32", "--set", "model.text.depth=1", "--set", "model.text.heads=2",
                   "--set", "model.text.mlp=64", "--set", "model.text.vocab_size=300", "--set", "model.codebook_size=32",
                   "--set", "train.frames=3", "--set", "train.image_size=32", "--set", "train.batch_size=4",
@@ -133,6 +136,22 @@ def test_fsdp_shards_train_and_resume_as_ddp_does(tmp_path):
     assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a) and any(".exp_avg_sq" in k for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_more_ranks_than_gpus_is_one_line_not_an_nccl_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a workstation with one GPU
+    with pytest.raises(UsageError, match="started 2 processes on this node, which has 1 GPU: use --nproc_per_node=1"):
+        check_gpus(torch.device("cuda"), 2)
+    check_gpus(torch.device("cuda"), 1)  # one rank per GPU is fine
+    check_gpus(torch.device("cpu"), 8)  # gloo ranks need no GPU
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train.py"), "--stage", "1", "--device", "cuda", "--max-steps", "1"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))  # no GPU at all
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and ours == ["error: torchrun started 2 processes on this node, which has no GPUs: "
+                                               "use --device cpu (gloo on the CPU)"]
+    assert "nccl" not in result.stderr.lower()
 
 
 def test_fsdp_outside_torchrun_or_in_stage_1_is_refused():
