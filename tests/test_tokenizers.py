@@ -183,3 +183,25 @@ def test_perceptual_loss_loads_vgg16_weights_from_a_file(tmp_path):
     a = torch.rand(1, 3, 1, 32, 32) * 2 - 1
     assert net(a, a).item() == 0
     assert net(a, a.flip(-1)).item() > 0
+
+
+class MatmulSpy(torch.Tensor):
+    """A tensor that notes, at each matmul it takes part in, whether TF32 was allowed."""
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm"):
+            cls.seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_code_lookup_and_kmeans_run_in_true_fp32_where_tf32_is_on(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # as train.py sets it on CUDA
+    vq = VectorQuantizer(dim=8, codebook_size=16, code_dim=4, beta=0.25)
+    z = F.normalize(torch.randn(64, 4), dim=-1).as_subclass(MatmulSpy)
+    MatmulSpy.seen.clear()
+    vq.kmeans_init(z)
+    vq.lookup(z)
+    assert MatmulSpy.seen and not any(MatmulSpy.seen)  # every distance matmul ran without TF32
+    assert torch.backends.cuda.matmul.allow_tf32  # and the setting is back afterwards
