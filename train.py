@@ -88,13 +88,13 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
         _, tensors, meta = resume
         restore_modules(tensors, modules)
         step = restore_optimizers(tensors, meta, opts)
-        if rank > 0:  # the saved counts are all ranks' sum (summed_counts): rank 0 carries it on
-            model.quantizer.counts.zero_()
         if master:
             print(f"resumed from {resume[0]} at step {step}")
     # the quantizer's buffers hold per-rank usage counts: keep DDP from overwriting them with rank 0's
     model_d = DDP(model, forward_sync_buffers=False) if ddp else model
     disc_d = DDP(disc, forward_sync_buffers=False) if ddp else disc
+    if resume and rank > 0:  # the saved counts are all ranks' sum (summed_counts): rank 0 carries it on.
+        model.quantizer.counts.zero_()  # After the wrap: DDP's first broadcast copies rank 0's buffers to all
     # a fixed batch for val_psnr and recon.png: unseen clips of a world, or else the first batch of the data
     # (data with nothing usable fails here, in this process, before any worker starts)
     val_source = make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed + 1) if cfg.data in WORLDS else source
