@@ -46,6 +46,7 @@ class CaptionTokenizer:
 
     def __init__(self, bpe: Tokenizer, words: list[str]):
         self.bpe, self.words = bpe, set(words)
+        self.bpe.encode_special_tokens = True  # "[PAD]" typed in a caption is text, never the special token
 
     @classmethod
     def train(cls, captions: list[str], vocab_size: int) -> "CaptionTokenizer":
@@ -78,7 +79,8 @@ class CaptionTokenizer:
         ids = torch.full((len(rows), L), PAD, dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row)
-        return ids, ids != PAD
+        lengths = torch.tensor([len(r) for r in rows])
+        return ids, torch.arange(L)[None] < lengths[:, None]
 
     def decode(self, ids: torch.Tensor) -> str:
         """One row of ids back to text (special tokens dropped)."""

@@ -12,7 +12,7 @@ import animals
 import shapes
 from animals import AnimalSpec
 from shapes import ShapeSpec
-from text_encoder import CaptionTokenizer, TextEncoderConfig
+from text_encoder import BOS, PAD, CaptionTokenizer, TextEncoderConfig
 from vqgan import VQGAN, VQGANConfig
 
 CAPTIONS = ["a red circle moving right", "a blue square moving up", "a large green triangle standing still"]
@@ -105,6 +105,14 @@ def test_text_tokenizer_round_trips_and_knows_what_it_saw(text):
     assert text.unseen("a red dog running") == ["dog", "running"]
     restored = CaptionTokenizer.from_json(text.to_json())
     torch.testing.assert_close(restored.encode(CAPTIONS, 16), text.encode(CAPTIONS, 16))
+
+
+def test_special_tokens_typed_in_a_caption_are_plain_text(text):
+    ids, mask = text.encode(["a red [PAD] circle [BOS]", "a red circle"], 16)
+    assert ids[0, 0] == BOS and not ((ids[0, 1:] == PAD) | (ids[0, 1:] == BOS)).any()  # the typed ones are bytes
+    assert mask[0].all() and mask[1].sum() == (ids[1] != PAD).sum()  # no hole; padding only at the end
+    restored = CaptionTokenizer.from_json(text.to_json())
+    assert restored.encode(["[PAD]"], 16)[0].equal(text.encode(["[PAD]"], 16)[0])
 
 
 def test_story_of_two_prompts_has_the_expected_length(text):
