@@ -217,7 +217,12 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups_json: st
             if isinstance(p, DTensor) and name != "step":  # exp_avg, exp_avg_sq: shaped like the parameter
                 value = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
             state.setdefault(int(i), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": json.loads(groups_json)})
+    groups = json.loads(groups_json)
+    if len(groups) != len(opt.param_groups):
+        raise UsageError(f"the {prefix} state was saved with {len(groups)} parameter group(s), this phenaki makes "
+                         f"{len(opt.param_groups)} (weight decay on matrices only): resume it with the phenaki "
+                         "version that saved it")
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_weights(out: str, meta: dict[str, str], cfg: TrainConfig, weights: dict[str, torch.Tensor]) -> None:

@@ -40,10 +40,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+DECAYED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # layers whose weight matrices take weight decay
+
+
 def adamw(model: nn.Module, cfg: TrainConfig, beta1: float = 0.9) -> torch.optim.AdamW:
-    # the fused kernel exists on CUDA only
-    return torch.optim.AdamW(model.parameters(), cfg.lr, betas=(beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                             fused=next(model.parameters()).is_cuda)
+    """AdamW with weight decay on the weight matrices of linear and conv layers only (group 0), as the
+    references do: not on biases, norms, embeddings, position tables, [MASK], the learned first frame or
+    the codebook (group 1), which decay would pull toward zero for no gain in generalisation."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, DECAYED)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, cfg.lr, betas=(beta1, cfg.beta2),
+                             fused=params[0].is_cuda)  # the fused kernel exists on CUDA only
 
 
 @torch.no_grad()

@@ -1,4 +1,10 @@
-from steps import step_seed
+import torch
+
+from config import TrainConfig
+from maskgit import MaskGIT, MaskGITConfig
+from steps import DECAYED, adamw, step_seed
+from text_encoder import TextEncoderConfig
+from vqgan import VQGAN, VQGANConfig
 
 
 def test_no_two_ranks_or_steps_share_a_seed():
@@ -7,3 +13,22 @@ def test_no_two_ranks_or_steps_share_a_seed():
     seeds = {step_seed(0, rank, step) for rank in range(8) for step in range(25_000)}
     assert len(seeds) == 8 * 25_000
     assert step_seed(1, 0, 0) not in seeds and all(0 <= s < 2 ** 63 for s in list(seeds)[:1000])
+
+
+def test_weight_decay_shrinks_layer_weights_only():
+    """A step with zero gradients leaves only AdamW's decay: linear and conv weights shrink by lr·wd;
+    biases, norms, embeddings, positions, the first frame and the codebook stay as they are."""
+    cfg = TrainConfig(lr=0.1, weight_decay=0.5)
+    for model in (MaskGIT(MaskGITConfig(codebook_size=16, latent_frames=2, grid=2, dim=16, depth=1, heads=2, mlp=32,
+                                        text=TextEncoderConfig(vocab_size=50, dim=16, depth=1, heads=2, mlp=32))),
+                  VQGAN(VQGANConfig(widths=(8, 8, 8), codebook_size=16, code_dim=4))):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = adamw(model, cfg)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        layers = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, DECAYED)}
+        assert len(layers) > 3
+        for name, p in model.named_parameters():
+            factor = 1 - 0.1 * 0.5 if name in layers else 1.0
+            torch.testing.assert_close(p.detach(), before[name] * factor, msg=name)
