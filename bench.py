@@ -34,6 +34,9 @@ The configurations:
   maskgit_train   MaskGIT dim 256, depth 4, 8 heads of 64, K 1024, 320 positions (5 x 8 x 8), 16 text
                   states of width 768, batch 2
   maskgit_tiny    the tiny generator preset as train.py runs it: batch 32 over 6 x 8 x 8 codes
+  maskgit_base    the base generator preset (138M with its text encoder), batch 32 over 6 x 16 x 16 codes;
+  maskgit_paper   the paper preset (1.73B with it), batch 16 over 6 x 16 x 16 codes. These two run on CUDA, or on
+                  any device when named with --only (the paper one needs ~30 GB in fp32 with AdamW)
   encode, decode  the tiny C-ViViT preset, a batch of 8 clips of 11 frames
   stream_short    the tiny VQGAN streams one clip of 6 latent frames (11 frames) out of its decoder
   stream_long     the same for 60 latent frames (119 frames): 10x the length, cost linear in it
@@ -70,10 +73,11 @@ from vqgan import VQGAN
 # Legend: B batch, T frames, t h w latent grid, N codes, L text length.
 
 LONG_VIDEOS = {"long_video_11": 11, "long_video_101": 101, "long_video_1025": 1025}
+GPU_ONLY = ("maskgit_base", "maskgit_paper")  # too large for a CPU's memory or patience: run when named with --only
 CONFIGS = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", "encode", "decode", "stream_short",
-           "stream_long", "sample", "sample_batch8", "data", *LONG_VIDEOS)
+           "stream_long", "sample", "sample_batch8", "data", *LONG_VIDEOS, *GPU_ONLY)
 PEER_CONFIGS = ("cvivit_train", "maskgit_train")
-TRAINING = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny")  # what --compile applies to
+TRAINING = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", *GPU_ONLY)  # what --compile applies to
 
 
 def matmul_peak(device: torch.device) -> float:
@@ -143,13 +147,13 @@ def build(name: str, device: torch.device) -> tuple:
         model = VQGAN(tokenizer_preset("tiny", "vqgan")[0]).to(device)
         video = torch.rand(8, 3, 11, 64, 64, device=device) * 2 - 1
         return tokenizer_step(model, video, device), 8, 8 * 6 * 64, model
-    if name in ("maskgit_train", "maskgit_tiny"):
+    if name.startswith("maskgit_"):
         if name == "maskgit_train":  # text states come ready-made, as from a frozen text encoder
             config = MaskGITConfig(codebook_size=1024, latent_frames=5, grid=8, dim=256, depth=4, heads=8, head_dim=64,
                                    mlp=1024, text=TextEncoderConfig(dim=768))
             B, L = 2, 16
-        else:
-            config, train_cfg = generator_preset("tiny")
+        else:  # a preset's generator as train.py runs it, its own text encoder included
+            config, train_cfg = generator_preset(name.split("_")[1])
             B, L = train_cfg.batch_size, 12
         model = MaskGIT(config).to(device)
         codes = torch.randint(config.codebook_size, (B, config.latent_frames, config.grid, config.grid), device=device)
@@ -367,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = {}
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'}")
-    for name in args.only or CONFIGS:
+    chosen = args.only or [c for c in CONFIGS if c not in GPU_ONLY or device.type == "cuda"]
+    for name in chosen:
         ours = run_child(name, args)
         if isinstance(ours, str):
             print(f"{name}: failed: {ours}")

@@ -31,3 +31,17 @@ def test_peer_missing_is_one_line_not_a_traceback():
     assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr
     assert "maskgit_train: ms" in result.stdout
     assert "maskgit_train [peer]: failed: phenaki-pytorch is not installed" in result.stdout
+
+
+def test_a_long_video_reports_frames_per_second_and_whole_peak_memory():
+    r = bench.run_one("long_video_11", torch.device("cpu"), repeats=1)
+    assert r["frames/s"] == pytest.approx(11 / r["seconds"]) and r["peak_mb"] > 50  # the process, models loaded
+
+
+def test_the_preset_generators_build_at_their_sizes():
+    """maskgit_base / maskgit_paper time the presets' generators (on a GPU): built on the meta device
+    here, their parameter counts are those of the README (138M and 1.73B with the text encoder)."""
+    with torch.device("meta"):
+        sizes = {name: sum(p.numel() for p in bench.build(name, torch.device("meta"))[3].parameters())
+                 for name in bench.GPU_ONLY}
+    assert round(sizes["maskgit_base"] / 1e6) == 138 and round(sizes["maskgit_paper"] / 1e8) == 17
