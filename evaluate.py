@@ -27,7 +27,8 @@ share with exactly one in every frame. Stories: in Shapes two prompts, a new dir
 Animals three prompts, a new action at each cut (story_action; story_kept: species, colour and scene
 stay). Animals also reports short prompts ("a dog running": short_species, short_action), the share
 of 20 samples of "a dog running" judged a running dog, and a 241-frame video from one prompt
-(long_one_subject per frame, long_action and long_direction per 11-frame window).
+(long_one_subject per frame, long_action and long_direction per 11-frame window). Shapes reports ten
+101-frame videos moving right, past the edge (long_*), and ten ten-segment stories (long_story_*).
 Figures are printed as `name: value` lines and, with --json, written to a file. All judging in the repo
 lives here: train.py logs `psnr` as val_psnr in stage 1 and `sample_and_judge` as val_* in stage 2.
 """
@@ -207,7 +208,43 @@ def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int
             model, text, tokenizer, rng, stories, batch_size, **sampling)
     if world is animals:
         results |= animals_extras(model, text, tokenizer, rng, prompts // 2, batch_size, **sampling)
+    else:
+        results |= shapes_long(model, text, tokenizer, rng, 10, **sampling)
     return results | {"prompts": prompts, "stories": stories}
+
+
+def shapes_long(model, text, tokenizer, rng, videos: int, frames: int = 101, **sampling) -> dict[str, float]:
+    """101-frame Shapes videos, `videos` of each kind (one batch): one prompt moving right, which has to
+    meet the edge (long_two_objects and long_partial: the share of frames with two or more objects, and
+    with an object cut by the edge; long_direction: of the 11-frame windows that show a whole object, the
+    share whose path reads right), and a ten-segment story alternating left and right (long_story_direction
+    per segment, long_story_one_object per frame, long_story_kept: the last segment's colour and shape
+    are the first's)."""
+    window = 1 + 2 * (model.config.latent_frames - 1)
+    specs = [dataclasses.replace(shapes.random_spec(rng), direction="right") for _ in range(videos)]
+    prompt = text.encode([shapes.caption(s) for s in specs], model.config.text.max_len)
+    videos_ = make_video(model, tokenizer, [prompt], [frames], **sampling).float()  # (B, 3, 101, H, W)
+    seen = [oracle(v) for v in videos_]
+    cuts = [oracle(v[:, i:i + window]) for v in videos_ for i in range(0, frames - window + 1, window - 1)]
+    results = {"long_two_objects": float(np.mean([n >= 2 for j in seen for n in j["objects"]])),
+               "long_partial": float(np.mean([p for j in seen for p in j["partial"]])),
+               "long_direction": float(np.mean([c["direction"] == "right" for c in cuts if c["shape"]] or [0.0]))}
+    segments = [window] + [window - 1] * 9  # 11 + 9 x 10 = 101 frames
+    first = [dataclasses.replace(shapes.random_spec(rng), direction=str(rng.choice(["left", "right"])))
+             for _ in range(videos)]
+    turns = [[dataclasses.replace(s, direction=s.direction if i % 2 == 0 else {"left": "right", "right": "left"}[s.direction])
+              for s in first] for i in range(10)]
+    prompts = [text.encode([shapes.caption(s) for s in seg], model.config.text.max_len) for seg in turns]
+    story = make_video(model, tokenizer, prompts, segments, **sampling).float()  # (B, 3, 101, H, W)
+    starts = np.cumsum([0] + segments[:-1])
+    right, one, kept = [], [], []
+    for b, video in enumerate(story):
+        parts = [oracle(video[:, a:a + n]) for a, n in zip(starts, segments)]
+        right += [p["direction"] == seg[b].direction for p, seg in zip(parts, turns)]
+        one += [n == 1 for p in parts for n in p["objects"]]
+        kept.append(parts[-1]["color"] == first[b].color and parts[-1]["shape"] == first[b].shape)
+    return results | {"long_story_direction": float(np.mean(right)), "long_story_one_object": float(np.mean(one)),
+                      "long_story_kept": float(np.mean(kept))}
 
 
 def animals_extras(model, text, tokenizer, rng, short: int, batch_size: int, **sampling) -> dict[str, float]:

@@ -177,3 +177,15 @@ def test_a_keep_beyond_the_window_is_clamped_with_a_note(generator, tokenizer, t
                  "--steps", "2", "--checkpoint", generator, "--tokenizer-checkpoint", tokenizer])
     printed = capsys.readouterr().out
     assert "note: --keep 7 leaves no room" in printed and "keeping 1" in printed and "frames: 7" in printed
+
+
+def test_evaluate_reports_stage2_figures_with_long_videos(generator, tokenizer, tmp_path, capsys):
+    path = str(tmp_path / "gen.json")
+    evaluate.main([generator, "--tokenizer-checkpoint", tokenizer, "--prompts", "4", "--stories", "2", "--steps", "2",
+                   "--json", path])
+    figures = json.load(open(path))
+    for key in ("color", "shape", "direction", "one_object", "story_direction", "long_two_objects", "long_partial",
+                "long_direction", "long_story_direction", "long_story_one_object", "long_story_kept"):
+        assert 0 <= figures[key] <= 1, key
+    printed = capsys.readouterr().out
+    assert "long_story_kept: " in printed and figures["prompts"] == 4 and figures["stories"] == 2
