@@ -144,9 +144,18 @@ def build_tokenizer(kind: str, config_json: str) -> VQGAN | CViViT:
     return TOKENIZERS[kind](config)
 
 
+def load_model_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """load_checkpoint for a model.safetensors: a train state given in its place is one line, not a
+    load_state_dict error listing hundreds of keys."""
+    tensors, meta = load_checkpoint(path)
+    if any(k.startswith("opt.") for k in tensors):
+        raise UsageError(f"{path} is a train state (for --resume); give the model.safetensors beside it")
+    return tensors, meta
+
+
 def load_tokenizer(path: str) -> tuple[VQGAN | CViViT, dict[str, str]]:
     """A stage-1 checkpoint -> (model in eval mode on the CPU, metadata)."""
-    tensors, meta = load_checkpoint(path)
+    tensors, meta = load_model_file(path)
     if meta.get("stage") != "1":
         raise UsageError(f"{path} holds a stage-{meta.get('stage')} model, not a stage-1 tokenizer")
     model = build_tokenizer(meta["kind"], meta["config"])
@@ -157,7 +166,7 @@ def load_tokenizer(path: str) -> tuple[VQGAN | CViViT, dict[str, str]]:
 def load_generator(path: str, tokenizer_path: str):
     """A stage-2 checkpoint and the tokenizer it was trained on -> (generator, caption tokenizer,
     stage-1 tokenizer, metadata), models in eval mode on the CPU."""
-    tensors, meta = load_checkpoint(path)
+    tensors, meta = load_model_file(path)
     if meta.get("stage") != "2":
         raise UsageError(f"{path} holds a stage-{meta.get('stage')} model, not a stage-2 generator")
     tokenizer, _ = load_tokenizer(tokenizer_path)
@@ -247,9 +256,34 @@ def save_run(out: str, meta: dict[str, str], cfg: TrainConfig, modules: dict[str
         return
     try:
         save_weights(out, meta, cfg, states.get("ema") or states["model"])
-        save_checkpoint(os.path.join(out, "train_state.safetensors"), tensors, meta | groups)
+        save_checkpoint(os.path.join(out, "train_state.safetensors"), tensors,
+                        meta | groups | {"train_config": json.dumps(dataclasses.asdict(cfg))})
     except OSError as err:
         print(f"warning: checkpoint at step {meta['step']} not saved ({err}); the previous one is kept", file=sys.stderr)
+
+
+def saved_run(out: str) -> dict[str, str] | None:
+    """The metadata of the run saved in `out` (its train state, else its model), read from the file
+    header alone; {} for a file that cannot be read; None when `out` holds no run."""
+    for name in ("train_state.safetensors", "train_state.safetensors.prev", "model.safetensors"):
+        path = os.path.join(out, name)
+        if os.path.isfile(path):
+            try:
+                with safe_open(path, framework="pt") as f:
+                    return f.metadata() or {}
+            except (SafetensorError, OSError):
+                return {}  # a torn file still means that a run is there
+    return None
+
+
+def saved_configs(meta: dict[str, str]) -> tuple[object, TrainConfig]:
+    """The model and train configs a run saved with its checkpoint -> (model config, TrainConfig)."""
+    fields = json.loads(meta["config"])
+    if meta["stage"] == "2":
+        model_cfg = MaskGITConfig.from_dict(fields)
+    else:
+        model_cfg = TOKENIZER_CONFIGS[meta["kind"]](**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return model_cfg, TrainConfig(**json.loads(meta["train_config"]))
 
 
 def load_train_state(out: str, resume: bool) -> tuple[str, dict, dict[str, str]] | None:

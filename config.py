@@ -164,6 +164,26 @@ def override(config, assignments: list[str], prefix: str):
     return dataclasses.replace(config, **changes)
 
 
+# what --set may change when a run resumes: the schedule's length and peak, and how often it reports
+RESUMABLE = {"max_steps", "lr", "min_lr", "log_every", "image_every", "save_every", "sample_steps", "grad_clip"}
+
+
+def resume_changes(saved: tuple, asked: tuple) -> list[str]:
+    """(model config, TrainConfig) as saved and as the resuming command asks -> a note for each resumable
+    train key that changes; any other change is a UsageError (the weights or the data would not fit)."""
+    notes = []
+    for prefix, old, new in (("model", saved[0], asked[0]), ("train", saved[1], asked[1])):
+        for f in dataclasses.fields(old):
+            a, b = getattr(old, f.name), getattr(new, f.name)
+            if a == b:
+                continue
+            if prefix == "model" or f.name not in RESUMABLE:
+                raise UsageError(f"{prefix}.{f.name} cannot change on resume (the run has {a}, this command {b}); "
+                                 "resume without it, or start a new --out")
+            notes.append(f"note: {prefix}.{f.name} changes from {a} to {b} on resume")
+    return notes
+
+
 def configure(stage: int, preset: str, tokenizer: str, assignments: list[str]) -> tuple[object, TrainConfig]:
     """The preset of a stage with the `--set` assignments applied -> (model config, train config)."""
     for item in assignments:

@@ -53,8 +53,9 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (TOKENIZERS, file_digest, generator_config_for, generator_meta, load_tokenizer, load_train_state,
-                        restore_modules, restore_optimizers, save_run, save_weights, tokenizer_meta)
-from config import TrainConfig, UsageError, configure, exit_usage
+                        restore_modules, restore_optimizers, save_run, save_weights, saved_configs, saved_run,
+                        tokenizer_meta)
+from config import TrainConfig, UsageError, configure, exit_usage, override, resume_changes
 from data import ClipStream, UnusableData, build_token_cache, load_token_cache, make_source
 from distributed import Run, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
 from evaluate import WORLDS, psnr, sample_and_judge, world_of
@@ -303,7 +304,8 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
                 if figures:
                     steps.log.plot(("loss",), videos, "samples.png")  # (8, 3, T, H, W): one clip a row
             if (master or fsdp) and (steps.due(cfg.save_every) or guard.stop):  # FSDP: all ranks gather, one writes
-                save_run(args.out, generator_meta(model_cfg, steps.step, text, digest), cfg, modules, opts, write=master)
+                meta = generator_meta(model_cfg, steps.step, text, digest) | {"tokenizer_checkpoint": args.tokenizer_checkpoint}
+                save_run(args.out, meta, cfg, modules, opts, write=master)
             guard.leave_if_signalled(steps.step, world, master, args.out)  # exit 128 + the signal
     steps.progress.close()
     finish(model, world, master, f"done: {steps.step} steps in {steps.progress.elapsed():.0f} s; "
@@ -321,7 +323,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", help="tiny, base or paper (config.py)")
     p.add_argument("--out", help="output folder (default runs/stage<N>-<tokenizer>-<preset>)")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all (default: the preset's)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.safetensors")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its saved config (--set may change lr, steps and logging)")
+    p.add_argument("--force", action="store_true", help="start a new run in an --out that holds one (its files go)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field: model.<field>=... or train.<field>=... (config.py)")
     p.add_argument("--image-ratio", type=float, help="stage 2: share of samples trained as images")
@@ -338,8 +342,16 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     """Everything that can be refused before a process group exists -> (model config, train config,
     data source). A mistake raises UsageError or ValueError."""
     image_ratio = [f"train.image_ratio={args.image_ratio}"] if args.image_ratio is not None else []
+    args.out = args.out or f"runs/stage{args.stage}-{args.tokenizer if args.stage == 1 else 'maskgit'}-{args.preset}"
+    saved = resumed_run(args)  # the saved configs when this command continues a run
     model_cfg, cfg = configure(args.stage, args.preset, args.tokenizer, args.set + image_ratio)
+    if saved:
+        (model_cfg, cfg), asked = saved, args.set + image_ratio
+        model_cfg, cfg = override(model_cfg, asked, "model"), override(cfg, asked, "train")
     cfg = dataclasses.replace(cfg, data=args.data or cfg.data, max_steps=args.max_steps or cfg.max_steps)
+    if saved:
+        for note in resume_changes(saved, (model_cfg, cfg)):
+            print(note)
     if cfg.frames % 2 == 0:  # a causal tokenizer encodes the first frame alone, then pairs
         raise UsageError(f"train.frames must be 1 + 2n, got {cfg.frames}")
     if args.fsdp and (args.stage != 2 or "RANK" not in os.environ):
@@ -349,7 +361,6 @@ def setup(args) -> tuple[object, TrainConfig, object]:
         if not args.tokenizer_checkpoint:
             raise UsageError("stage 2 needs --tokenizer-checkpoint PATH (a stage-1 model.safetensors)")
         model_cfg = generator_config_for(args.tokenizer_checkpoint, model_cfg, cfg)  # vocabulary and window
-    args.out = args.out or f"runs/stage{args.stage}-{args.tokenizer if args.stage == 1 else 'maskgit'}-{args.preset}"
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as err:
@@ -357,6 +368,35 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     if not os.access(args.out, os.W_OK):
         raise UsageError(f"cannot write to --out {args.out}: not a writable folder")
     return model_cfg, cfg, make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed, fps=cfg.fps)
+
+
+def resumed_run(args) -> tuple | None:
+    """Whether this command may use --out, and what it continues there: -> the saved (model config,
+    TrainConfig) when it resumes a run that saved them, None for a fresh start (or an older run, whose
+    configs come from the flags as before). A fresh start in a folder that holds a run needs --force."""
+    meta = saved_run(args.out)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun resumes by itself
+    if meta is not None and not (args.resume or restarted):
+        if not args.force:
+            raise UsageError(f"{args.out} already holds a run (step {meta.get('step', '?')}): add --resume to "
+                             "continue it, or --force to start a new one there")
+        if int(os.environ.get("RANK", "0")) == 0:  # the new run replaces the old one's checkpoints and log
+            for name in ("model.safetensors", "train_state.safetensors", "log.jsonl"):
+                for path in (os.path.join(args.out, name), os.path.join(args.out, name) + ".prev"):
+                    if os.path.exists(path):
+                        os.remove(path)
+        return None
+    if meta is None and args.resume and not restarted:
+        raise UsageError(f"nothing to resume in {args.out}: it holds no checkpoint; leave out --resume to start a run")
+    if not meta or "train_config" not in meta:
+        return None
+    if meta.get("stage") != str(args.stage):
+        raise UsageError(f"{args.out} holds a stage-{meta.get('stage')} run; this command is --stage {args.stage}")
+    if args.stage == 1:
+        args.tokenizer = meta["kind"]
+    else:
+        args.tokenizer_checkpoint = args.tokenizer_checkpoint or meta.get("tokenizer_checkpoint")
+    return saved_configs(meta)
 
 
 def main(argv: list[str] | None = None) -> None:

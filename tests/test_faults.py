@@ -69,7 +69,8 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     state = os.path.join(killed, "train_state.safetensors")
     for _ in range(3):  # three kills at random moments while training, each resumed
         logged = len(logged_steps(killed)) if os.path.exists(state) else 0
-        with launched(TRAIN + ["--out", killed, "--resume", *args]) as proc:
+        resume = ["--resume"] if os.path.exists(state) else []  # nothing to resume before the first checkpoint
+        with launched(TRAIN + ["--out", killed, *resume, *args]) as proc:
             wait_for(lambda: os.path.exists(state) and len(logged_steps(killed)) > logged, proc)  # stepping
             time.sleep(rng.uniform(0, 0.3))
             proc.kill()
@@ -214,7 +215,8 @@ def files(tmp_path_factory):
     (torn / "train_state.safetensors").write_bytes(b"torn")
     (d / "empty").mkdir()
     return {"empty": str(d / "empty"), "gen": shipped(DEFAULT_WORLD, "generator"), "tok": shipped(DEFAULT_WORLD, "tokenizer"), "junk": str(junk), "torn": str(torn),
-            "other": os.path.join(other, "model.safetensors"), "missing": str(d / "missing.safetensors")}
+            "other": os.path.join(other, "model.safetensors"), "state": os.path.join(other, "train_state.safetensors"),
+            "missing": str(d / "missing.safetensors")}
 
 
 SAMPLE, EVALUATE = [sys.executable, os.path.join(ROOT, "sample.py")], [sys.executable, os.path.join(ROOT, "evaluate.py")]
@@ -225,6 +227,8 @@ BAD_COMMANDS = {
     "sample: a generator given as the tokenizer": (SAMPLE + ["a dog", "--tokenizer-checkpoint", "{gen}"],
                                                    "not a stage-1 tokenizer"),
     "sample: another tokenizer": (SAMPLE + ["a dog", "--tokenizer-checkpoint", "{other}"], "sha256 differs"),
+    "sample: a train state given as the generator": (SAMPLE + ["a dog", "--checkpoint", "{state}"],
+                                                     "is a train state (for --resume)"),
     "sample: empty prompt": (SAMPLE + ["  "], "prompt is empty"),
     "sample: unwritable --out": (SAMPLE + ["a dog", "--out", "/proc/nope/x.mp4"], "cannot write"),
     "sample: --frames zero": (SAMPLE + ["a dog", "--frames", "0"], "--frames must be positive"),

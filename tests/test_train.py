@@ -55,6 +55,35 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_resume_reuses_the_saved_config_and_changes_only_what_may_change(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(["--stage", "1", "--out", out, "--max-steps", "2", *TINY])
+    # no --set repeated: the run's own config comes back; a longer schedule is a resumable change
+    result = run_cli("--stage", "1", "--out", out, "--resume", "--max-steps", "3", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "note: train.max_steps changes from 2 to 3 on resume" in result.stdout
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))] == [1, 2, 3]
+    for change, key in ((["--set", "model.codebook_size=64"], "model.codebook_size"),
+                        (["--set", "train.batch_size=4"], "train.batch_size"), (["--data", "/nowhere"], "train.data")):
+        result = run_cli("--stage", "1", "--out", out, "--resume", "--device", "cpu", *change)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: {key} cannot change on resume")
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_out_that_holds_a_run_needs_resume_or_force(tmp_path):
+    out = str(tmp_path / "run")
+    result = run_cli("--stage", "1", "--out", out, "--resume", *TINY)
+    assert result.returncode == 2 and "nothing to resume in" in result.stderr  # not a silent fresh start
+    train.main(["--stage", "1", "--out", out, "--max-steps", "2", *TINY])
+    result = run_cli("--stage", "1", "--out", out, "--max-steps", "1", *TINY)
+    assert result.returncode == 2 and "already holds a run (step 2): add --resume" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert load_file(os.path.join(out, "train_state.safetensors"))  # untouched
+    result = run_cli("--stage", "1", "--out", out, "--max-steps", "1", "--force", *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))] == [1]  # a new log
+
+
 def test_finished_run_folds_near_duplicate_codes_in_the_sampling_weights_only(tmp_path):
     out = str(tmp_path / "merge")
     train.main(["--stage", "1", "--out", out, "--max-steps", "2", *TINY, "--set", "train.fold_cosine=0.5"])
