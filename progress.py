@@ -4,14 +4,15 @@ What a long job shows while it runs, and what a training run leaves behind to be
 `Progress` is the one progress line of every long job: training steps, the token cache, the decoding
 steps of sample.py. On a terminal it redraws itself in place (a carriage return, no newline) after
 every unit of work; written to a log file or a pipe, where a carriage return would glue hundreds of
-updates into one line, it prints a plain line each time another ~10% of the work is done, and at the
-end. Each line says how far the job is, its own figures (losses, clips/s), and the time left, which
+updates into one line, it prints a plain line each time another ~10% of the work is done or 30 s have
+passed, and at the end. Each line says how far the job is, its own figures (losses, clips/s), and the time left, which
 is extrapolated from the rate since the job (or its resume) started.
 
 `RunLog` is a run's record in its --out folder:
   log.jsonl   one JSON object per logged step: step, lr, time, the losses, the skipped steps and files,
               and the validation figures when they were measured
-  loss.png    the curves of chosen keys over all logged steps so far (log scale)
+  loss.png    the curves of chosen keys over all logged steps of the run, its earlier sessions included
+              (losses on a log scale, PSNR on an axis of its own), drawn at every save and at the end
   <grid>.png  a grid of videos (B, 3, T, H, W), one clip a row, its frames left to right
 A full disk must not end a training run: a line or a picture that cannot be written is reported on
 stderr and the run goes on (the checkpoints say for themselves whether they were saved).
@@ -31,21 +32,22 @@ class Progress:
     """One line for `total` units of work named `label` (step, batch): `update(done, text)` after each
     unit; `start` is where a resumed job begins."""
 
-    def __init__(self, total: int, label: str, start: int = 0, stream=None):
+    def __init__(self, total: int, label: str, start: int = 0, stream=None, every: float = 30.0):
         self.total, self.label, self.start, self.t0 = total, label, start, time.time()
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.decile = (10 * start) // max(total, 1)  # the last tenth reported in a pipe
+        self.every, self.last = every, self.t0  # in a pipe, a line at least every `every` seconds too
         self.drawn = False  # a terminal line is open and needs a newline before other output
 
     def elapsed(self) -> float:
         return time.time() - self.t0
 
     def update(self, done: int, text: str = "") -> None:
-        decile = (10 * done) // max(self.total, 1)
-        if not self.tty and decile == self.decile and done < self.total:
+        decile, now = (10 * done) // max(self.total, 1), time.time()
+        if not self.tty and decile == self.decile and done < self.total and now - self.last < self.every:
             return
-        self.decile = decile
+        self.decile, self.last = decile, now
         left = (self.total - done) * self.elapsed() / max(done - self.start, 1)
         line = f"{self.label} {done}/{self.total}{' | ' + text if text else ''} | {int(left) // 60}m{int(left) % 60:02d}s left"
         if self.tty:
@@ -64,10 +66,17 @@ class Progress:
 
 
 class RunLog:
-    """log.jsonl, loss.png and sample grids in a run's folder; `history` holds the records so far."""
+    """log.jsonl, loss.png and sample grids in a run's folder; `history` holds the records so far, those
+    of the run's earlier sessions too (up to `start`, the step a resumed run continues from)."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, start: int = 0):
         self.out, self.history = out, []
+        path = os.path.join(out, "log.jsonl")
+        if start and os.path.exists(path):
+            with open(path) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+            latest = {r["step"]: r for r in records if r["step"] <= start}  # a killed session may have logged past
+            self.history = [latest[k] for k in sorted(latest)]  # its checkpoint: those steps run again
 
     def write(self, record: dict) -> None:
         self.history.append(record)
@@ -77,22 +86,40 @@ class RunLog:
         except OSError as err:
             print(f"warning: log line of step {record['step']} not written ({err.strerror})", file=sys.stderr)
 
-    def plot(self, keys: tuple[str, ...], videos: torch.Tensor, name: str) -> None:
-        """loss.png: the curves of `keys` so far; `name`: videos (B, 3, T, H, W) as a grid, one clip a row."""
+    def plot(self, keys: tuple[str, ...]) -> None:
+        """loss.png: the curves of `keys` over the whole run, losses on a log scale, PSNR on an axis of its own."""
         import matplotlib
         matplotlib.use("Agg")  # files only, no window
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 3.5))
+        right = None
         for key in keys:
             points = [(h["step"], h[key]) for h in self.history if key in h]
-            if points:
+            if not points:
+                continue
+            if "psnr" in key:
+                right = right or ax.twinx()
+                right.plot(*zip(*points), "k.-", label=key)
+                right.set_ylabel("dB")
+            else:
                 ax.plot(*zip(*points), label=key)
-        ax.set_yscale("log"), ax.set_xlabel("step"), ax.legend()
-        grid = videos.permute(0, 3, 2, 4, 1).flatten(2, 3).flatten(0, 1)  # (B*H, T*W, 3)
+        ax.set_yscale("log"), ax.set_xlabel("step"), ax.legend(loc="upper center")
+        if right is not None:
+            right.legend(loc="upper right")
         try:
             fig.savefig(os.path.join(self.out, "loss.png"), dpi=100, bbox_inches="tight")
-            plt.imsave(os.path.join(self.out, name), ((grid.clamp(-1, 1) + 1) / 2).cpu().numpy())
         except OSError as err:
-            print(f"warning: loss.png or {name} not written ({err.strerror})", file=sys.stderr)
+            print(f"warning: loss.png not written ({err.strerror})", file=sys.stderr)
         finally:
             plt.close(fig)
+
+    def grid(self, videos: torch.Tensor, name: str) -> None:
+        """`name`: videos (B, 3, T, H, W) as a grid of frames, one clip a row."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        grid = videos.permute(0, 3, 2, 4, 1).flatten(2, 3).flatten(0, 1)  # (B*H, T*W, 3)
+        try:
+            plt.imsave(os.path.join(self.out, name), ((grid.clamp(-1, 1) + 1) / 2).cpu().numpy())
+        except OSError as err:
+            print(f"warning: {name} not written ({err.strerror})", file=sys.stderr)

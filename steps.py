@@ -88,7 +88,7 @@ class Steps:
         # bf16 autocast on CUDA; fp32 on the CPU, where bf16 matmuls are far slower
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
         self.guard = StepGuard(device)
-        self.progress, self.log = Progress(cfg.max_steps, "step", start=step), RunLog(out)
+        self.progress, self.log = Progress(cfg.max_steps, "step", start=step), RunLog(out, start=step)
 
     def begin(self, opts: list[torch.optim.Optimizer]) -> torch.Generator:
         """Seed this step's draws from (seed, rank, step) and set the lr -> a generator for batch picks."""

@@ -156,11 +156,12 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
                 steps.write_log(logs, figures)
                 if "val_psnr" in figures:  # real clips above their reconstructions, 4 pairs
                     pairs = torch.stack([val_video[:4], recon[:4]], dim=1).flatten(0, 1)  # (8, 3, T, H, W)
-                    steps.log.plot(("rec", "vq", "val_psnr"), pairs, "recon.png")
+                    steps.log.grid(pairs, "recon.png")
             if steps.due(cfg.save_every) or guard.stop:  # a signal saves before the run leaves
                 with summed_counts(model.quantizer, ddp):  # every rank joins the sum, rank 0 writes
                     if master:
                         save_run(args.out, tokenizer_meta(args.tokenizer, model_cfg, steps.step), cfg, modules, opts)
+                        steps.log.plot(("rec", "vq", "val_psnr"))  # the curves so far, beside each checkpoint
             guard.leave_if_signalled(steps.step, world, master, args.out)  # exit 128 + the signal
     steps.progress.close()
     finish(model, world, master, f"done: {steps.step} steps in {steps.progress.elapsed():.0f} s; "
@@ -302,10 +303,12 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
             if master and steps.due(cfg.log_every):
                 steps.write_log({"loss": total}, figures)
                 if figures:
-                    steps.log.plot(("loss",), videos, "samples.png")  # (8, 3, T, H, W): one clip a row
+                    steps.log.grid(videos, "samples.png")  # (8, 3, T, H, W): one clip a row
             if (master or fsdp) and (steps.due(cfg.save_every) or guard.stop):  # FSDP: all ranks gather, one writes
                 meta = generator_meta(model_cfg, steps.step, text, digest) | {"tokenizer_checkpoint": args.tokenizer_checkpoint}
                 save_run(args.out, meta, cfg, modules, opts, write=master)
+                if master:
+                    steps.log.plot(("loss",))  # the curves so far, beside each checkpoint
             guard.leave_if_signalled(steps.step, world, master, args.out)  # exit 128 + the signal
     steps.progress.close()
     finish(model, world, master, f"done: {steps.step} steps in {steps.progress.elapsed():.0f} s; "

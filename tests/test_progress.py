@@ -1,6 +1,7 @@
 import io
+import time
 
-from progress import Progress
+from progress import Progress, RunLog
 
 
 class Terminal(io.StringIO):
@@ -35,3 +36,27 @@ def test_a_terminal_redraws_one_line_and_ends_it_on_close():
     progress.close()
     text = term.getvalue()
     assert text.count("\r") == 5 and text.count("\n") == 1 and text.endswith("\n")
+
+
+def test_a_resumed_log_plots_the_whole_run_up_to_its_checkpoint(tmp_path):
+    first = RunLog(str(tmp_path))
+    for step in range(1, 6):  # steps 4 and 5 were logged after the checkpoint at 3, then the run was killed
+        first.write({"step": step, "rec": 1.0 / step, "val_psnr": 20.0 + step})
+    resumed = RunLog(str(tmp_path), start=3)
+    assert [r["step"] for r in resumed.history] == [1, 2, 3]  # 4 and 5 run again, not twice
+    resumed.write({"step": 4, "rec": 0.2})
+    resumed.plot(("rec", "val_psnr"))
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert [r["step"] for r in RunLog(str(tmp_path)).history] == []  # a fresh run reads nothing back
+
+
+def test_a_slow_job_in_a_pipe_also_gets_a_line_every_half_minute(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    pipe = io.StringIO()
+    progress = Progress(1000, "step", stream=pipe)
+    for done in range(1, 61):  # 6% of the work, 10 s a step: 600 s
+        clock[0] += 10
+        progress.update(done)
+    lines = pipe.getvalue().splitlines()
+    assert len(lines) == 20 and lines[0].startswith("step 3/1000")  # one line per 30 s, before any tenth

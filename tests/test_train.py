@@ -63,6 +63,7 @@ def test_resume_reuses_the_saved_config_and_changes_only_what_may_change(tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     assert "note: train.max_steps changes from 2 to 3 on resume" in result.stdout
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))] == [1, 2, 3]
+    assert os.path.getsize(os.path.join(out, "loss.png")) > 0  # drawn at the saves, though image_every is 100
     for change, key in ((["--set", "model.codebook_size=64"], "model.codebook_size"),
                         (["--set", "train.batch_size=4"], "train.batch_size"), (["--data", "/nowhere"], "train.data")):
         result = run_cli("--stage", "1", "--out", out, "--resume", "--device", "cpu", *change)
