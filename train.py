@@ -351,6 +351,9 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     if saved:
         (model_cfg, cfg), asked = saved, args.set + image_ratio
         model_cfg, cfg = override(model_cfg, asked, "model"), override(cfg, asked, "train")
+    if not saved and args.max_steps and args.max_steps < cfg.max_steps and not any(
+            a.startswith("train.warmup=") for a in args.set):  # a short run warms up in proportion, not for 200 steps
+        cfg = dataclasses.replace(cfg, warmup=max(1, round(cfg.warmup * args.max_steps / cfg.max_steps)))
     cfg = dataclasses.replace(cfg, data=args.data or cfg.data, max_steps=args.max_steps or cfg.max_steps)
     if saved:
         for note in resume_changes(saved, (model_cfg, cfg)):
