@@ -171,7 +171,8 @@ def load_generator(path: str, tokenizer_path: str):
         raise UsageError(f"{path} holds a stage-{meta.get('stage')} model, not a stage-2 generator")
     tokenizer, _ = load_tokenizer(tokenizer_path)
     if file_digest(tokenizer_path) != meta["tokenizer_sha256"]:
-        raise UsageError(f"{path} was trained on another tokenizer than {tokenizer_path} (sha256 differs)")
+        raise UsageError(f"{path} was trained on another tokenizer than {tokenizer_path} (sha256 differs): pass "
+                         "--tokenizer-checkpoint with the stage-1 model.safetensors it was trained on")
     model = MaskGIT(MaskGITConfig.from_dict(json.loads(meta["config"])))
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
     return model.eval(), CaptionTokenizer.from_json(meta["text_tokenizer"]), tokenizer, meta

@@ -21,7 +21,9 @@ reads (`train.gan_start` in stage 2): both are a `UsageError`, one line and exit
 silently ignored.
 """
 
+import argparse
 import dataclasses
+import difflib
 import sys
 from dataclasses import dataclass
 
@@ -36,6 +38,16 @@ class UsageError(Exception):
 
 
 EXIT_USAGE = 2  # the exit code of a mistake in the command line or the input
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """--help that shows each flag's default, where it has one and its help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def exit_usage(err: Exception) -> None:
@@ -159,7 +171,9 @@ def override(config, assignments: list[str], prefix: str):
             changes[head] = override(changes.get(head, getattr(config, head)), [item], f"{prefix}.{head}")
             continue
         if not sep or name not in fields:
-            raise UsageError(f"unknown config key {key!r}; known: {', '.join(prefix + '.' + f for f in fields)}")
+            near = difflib.get_close_matches(name, list(fields), n=1)
+            raise UsageError(f"unknown config key {key!r}; " + (f"did you mean {prefix}.{near[0]}? " if near else "")
+                             + f"known: {', '.join(prefix + '.' + f for f in fields)}")
         changes[name] = parse_value(key, value, getattr(config, name))
     return dataclasses.replace(config, **changes)
 
@@ -189,7 +203,10 @@ def configure(stage: int, preset: str, tokenizer: str, assignments: list[str]) -
     for item in assignments:
         key = item.partition("=")[0]
         if not key.startswith(("model.", "train.")):
-            raise UsageError(f"unknown config key {key!r}: keys start with model. or train.")
+            near = difflib.get_close_matches(key, [f"{p}.{f.name}" for p, c in (("train", TrainConfig),)
+                                                   for f in dataclasses.fields(c)], n=1)
+            raise UsageError(f"unknown config key {key!r}: keys start with model. or train."
+                             + (f" Did you mean {near[0]}?" if near else ""))
         field = key.removeprefix("train.")
         if key.startswith("train.") and STAGE_OF_FIELD.get(field, stage) != stage:
             raise UsageError(f"{key} is read by stage {STAGE_OF_FIELD[field]} only, and this is stage {stage}")

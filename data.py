@@ -68,6 +68,7 @@ class ClipStream(IterableDataset):
         self.source, self.batch_size, self.rank, self.world = source, batch_size, rank, world
         self.start_batch, self.max_batches = start_batch, max_batches
         self.skipped = 0  # per process; each DataLoader worker counts its own
+        self.said: set[str] = set()  # the failures already reported: a bad file is named once, not every epoch
 
     def clip(self, j: int) -> tuple[np.ndarray, str]:
         """Clip number j of this rank, with substitutes for files that fail to decode."""
@@ -78,7 +79,9 @@ class ClipStream(IterableDataset):
                 return self.source.load(k)
             except (OSError, ValueError, RuntimeError) as err:  # PyAV's errors derive from these
                 self.skipped, last = self.skipped + 1, err
-                say_skipped(f"clip {k} of {self.source.name}", err)
+                if str(err) not in self.said:
+                    self.said.add(str(err))
+                    say_skipped(f"clip {k} of {self.source.name}", err)
                 k = int(np.random.default_rng([k, attempt, 7]).integers(n))
         last = " ".join(str(last).split())
         raise UnusableData(f"{self.source.name}: 20 loads in a row failed, the last with: {last}")
@@ -236,6 +239,12 @@ def make_source(spec: str, frames: int, size: int, seed: int = 0,
         return ImageFolderSource(spec[len("images:"):], size, seed)
     if ".tar" in spec or any(c in spec for c in "{*?["):
         return TarShardSource(spec, frames, size, fps, seed)
+    if not os.path.exists(spec):
+        raise ValueError(f"--data {spec}: no such folder or file; expected 'shapes', 'animals', a folder of videos "
+                         "or images, 'images:FOLDER', or tar shards")
+    if os.path.isdir(spec) and not any(p.suffix.lower() in VIDEO_EXTS + IMAGE_EXTS for p in Path(spec).rglob("*")) \
+            and any(Path(spec).glob("*.tar")):
+        raise ValueError(f"--data {spec} is a folder of tar shards: pass them as '{os.path.join(spec, '*.tar')}'")
     if os.path.isdir(spec):  # an empty folder raises UnusableData in ImageFolderSource
         if any(p.suffix.lower() in VIDEO_EXTS for p in Path(spec).rglob("*")):
             return VideoFolderSource(spec, frames, size, fps, seed)

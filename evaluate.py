@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import animals
 import shapes
 from checkpoint import DEFAULT_WORLD, load_checkpoint, load_generator, load_tokenizer, shipped
-from config import UsageError, exit_usage
+from config import HelpWithDefaults, UsageError, exit_usage
 from data import ClipStream, make_source
 from maskgit import CFG, STEPS, TEMPERATURE, make_video
 from shapes import DIRECTIONS, ShapeSpec, oracle
@@ -267,7 +267,7 @@ def animals_extras(model, text, tokenizer, rng, short: int, batch_size: int, **s
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Evaluate a phenaki checkpoint: a tokenizer or a generator.")
+    p = argparse.ArgumentParser(description="Evaluate a phenaki checkpoint: a tokenizer or a generator.", formatter_class=HelpWithDefaults)
     p.add_argument("checkpoint", nargs="?", help="a stage-1 or stage-2 model.safetensors (default: the world's generator)")
     p.add_argument("--world", default=DEFAULT_WORLD, choices=sorted(WORLDS),
                    help=f"whose shipped pair to use when no checkpoint is given (default {DEFAULT_WORLD})")

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, shipped
-from config import UsageError, exit_usage
+from config import HelpWithDefaults, UsageError, exit_usage
 from evaluate import WORLDS, psnr, ssim
 from maskgit import CFG, STEPS, TEMPERATURE, plan_windows, stream_video, window_steps
 from progress import Progress
@@ -199,7 +199,7 @@ def run_generate(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Generate a video from text with Phenaki, or reconstruct one.")
+    p = argparse.ArgumentParser(description="Generate a video from text with Phenaki, or reconstruct one.", formatter_class=HelpWithDefaults)
     p.add_argument("prompts", nargs="*", help="one prompt for a clip, several for a story")
     p.add_argument("--out", help=".mp4, .gif or .png (default samples/<prompt>.mp4)")
     p.add_argument("--frames", type=int, help="length of the video, 1 + 2n (default 11, plus 10 per further prompt)")

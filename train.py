@@ -55,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (TOKENIZERS, file_digest, generator_config_for, generator_meta, load_tokenizer, load_train_state,
                         restore_modules, restore_optimizers, save_run, save_weights, saved_configs, saved_run,
                         tokenizer_meta)
-from config import TrainConfig, UsageError, configure, exit_usage, override, resume_changes
+from config import HelpWithDefaults, TrainConfig, UsageError, configure, exit_usage, override, resume_changes
 from data import ClipStream, UnusableData, build_token_cache, load_token_cache, make_source
 from distributed import Run, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
 from evaluate import WORLDS, psnr, sample_and_judge, world_of
@@ -318,7 +318,7 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
 # ----------------------------------------------------------------------------- entry point
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train a Phenaki stage: 1 = video tokenizer, 2 = MaskGIT generator.")
+    p = argparse.ArgumentParser(description="Train a Phenaki stage: 1 = video tokenizer, 2 = MaskGIT generator.", formatter_class=HelpWithDefaults)
     p.add_argument("--stage", type=int, choices=(1, 2), required=True)
     p.add_argument("--tokenizer", default="vqgan", help="stage 1: vqgan (the shipped one) or cvivit (the paper's)")
     p.add_argument("--tokenizer-checkpoint", help="stage 2: the frozen stage-1 model.safetensors")
