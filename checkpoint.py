@@ -51,7 +51,7 @@ TOKENIZERS = {"vqgan": VQGAN, "cvivit": CViViT}
 # the pairs that ship with the repo, a folder per world: sample.py and evaluate.py use them when no
 # checkpoint is given, the default world's unless --world names another
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
-DEFAULT_WORLD = "shapes"
+DEFAULT_WORLD = "animals"  # what `python sample.py "a dog running"` draws
 
 
 def shipped(world: str, kind: str) -> str:

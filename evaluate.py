@@ -232,8 +232,9 @@ def shapes_long(model, text, tokenizer, rng, videos: int, frames: int = 101, **s
     segments = [window] + [window - 1] * 9  # 11 + 9 x 10 = 101 frames
     first = [dataclasses.replace(shapes.random_spec(rng), direction=str(rng.choice(["left", "right"])))
              for _ in range(videos)]
-    turns = [[dataclasses.replace(s, direction=s.direction if i % 2 == 0 else {"left": "right", "right": "left"}[s.direction])
-              for s in first] for i in range(10)]
+    back = {"left": "right", "right": "left"}
+    turns = [[dataclasses.replace(s, direction=s.direction if i % 2 == 0 else back[s.direction]) for s in first]
+             for i in range(10)]  # ten segments, the direction turning at each cut
     prompts = [text.encode([shapes.caption(s) for s in seg], model.config.text.max_len) for seg in turns]
     story = make_video(model, tokenizer, prompts, segments, **sampling).float()  # (B, 3, 101, H, W)
     starts = np.cumsum([0] + segments[:-1])
@@ -267,7 +268,8 @@ def animals_extras(model, text, tokenizer, rng, short: int, batch_size: int, **s
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Evaluate a phenaki checkpoint: a tokenizer or a generator.", formatter_class=HelpWithDefaults)
+    p = argparse.ArgumentParser(description="Evaluate a phenaki checkpoint: a tokenizer or a generator.",
+                                formatter_class=HelpWithDefaults)
     p.add_argument("checkpoint", nargs="?", help="a stage-1 or stage-2 model.safetensors (default: the world's generator)")
     p.add_argument("--world", default=DEFAULT_WORLD, choices=sorted(WORLDS),
                    help=f"whose shipped pair to use when no checkpoint is given (default {DEFAULT_WORLD})")

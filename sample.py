@@ -2,10 +2,11 @@
 Make videos with a trained Phenaki: from text, as a story, as the continuation of an image or a video,
 or push a real video through the stage-1 tokenizer alone.
 
-    python sample.py "a red circle moving right"                            # samples/a-red-circle-moving-right.mp4
-    python sample.py "a red circle moving right" "a red circle moving down" --out story.mp4
-    python sample.py "a blue square moving up" --init frame.png --out anim.gif
-    python sample.py "a red circle moving right" --samples 4                # samples/a-red-circle-moving-right-0.mp4 ...
+    python sample.py "a dog running"                                        # samples/a-dog-running.mp4
+    python sample.py "a dog running on the grass" "the dog jumps" "the dog sits down" --out story.mp4
+    python sample.py "a cat walking in the snow" --init frame.png --out anim.gif
+    python sample.py "a dog running" --samples 4                            # samples/a-dog-running-0.mp4 ...
+    python sample.py "a red circle moving right" --world shapes             # the Shapes world's pair
     python sample.py --reconstruct clip.mp4 --out recon.mp4                 # prints psnr and ssim
 
 One prompt makes one clip of --frames frames (default: the trained window, 11). Several prompts make a
@@ -180,7 +181,8 @@ def run_generate(args) -> None:
         rate = made[0] * n / max(progress.elapsed(), 1e-9)
         progress.update(done[0], f"window {windows[0] + 1}/{len(plan)} | {rate:.1f} frames/s")
 
-    paths = [args.out] if n == 1 else [f"{os.path.splitext(args.out)[0]}-{i}{os.path.splitext(args.out)[1]}" for i in range(n)]
+    stem, ext = os.path.splitext(args.out)
+    paths = [args.out] if n == 1 else [f"{stem}-{i}{ext}" for i in range(n)]  # <out>-0.mp4 ...
     with contextlib.ExitStack() as stack:  # an error or Ctrl-C removes the unfinished files
         outputs = Outputs(paths, cfg.get("fps", 8.0), args.scale, stack)
         if init is not None:
@@ -199,7 +201,8 @@ def run_generate(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Generate a video from text with Phenaki, or reconstruct one.", formatter_class=HelpWithDefaults)
+    p = argparse.ArgumentParser(description="Generate a video from text with Phenaki, or reconstruct one.",
+                                formatter_class=HelpWithDefaults)
     p.add_argument("prompts", nargs="*", help="one prompt for a clip, several for a story")
     p.add_argument("--out", help=".mp4, .gif or .png (default samples/<prompt>.mp4)")
     p.add_argument("--frames", type=int, help="length of the video, 1 + 2n (default 11, plus 10 per further prompt)")

@@ -97,8 +97,14 @@ def render_shapes(spec: ShapeSpec, frames: int, size: int, rng: np.random.Genera
     lo, hi = r + scale, size - r - scale
     cx0, cy0 = rng.uniform(lo, hi), rng.uniform(lo, hi)
     if edge is not None:  # the start along the motion, counted from the edge the object comes from
-        ahead = rng.uniform(-r + scale, r + scale) if edge == "enter" else rng.uniform(size - r, size + r + travel / 2) - travel
-        cx0, cy0 = (ahead if dx > 0 else size - ahead) if dx else cx0, (ahead if dy > 0 else size - ahead) if dy else cy0
+        if edge == "enter":  # partly in: the centre within one radius of the edge
+            ahead = rng.uniform(-r + scale, r + scale)
+        else:  # by the last frame the centre is past the far edge's inner radius, maybe gone
+            ahead = rng.uniform(size - r, size + r + travel / 2) - travel
+        if dx:
+            cx0 = ahead if dx > 0 else size - ahead
+        if dy:
+            cy0 = ahead if dy > 0 else size - ahead
     elif dx:
         cx0 = rng.uniform(lo, hi - travel) if dx > 0 else rng.uniform(lo + travel, hi)
     elif dy:

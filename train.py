@@ -318,7 +318,8 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
 # ----------------------------------------------------------------------------- entry point
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train a Phenaki stage: 1 = video tokenizer, 2 = MaskGIT generator.", formatter_class=HelpWithDefaults)
+    p = argparse.ArgumentParser(description="Train a Phenaki stage: 1 = video tokenizer, 2 = MaskGIT generator.",
+                                formatter_class=HelpWithDefaults)
     p.add_argument("--stage", type=int, choices=(1, 2), required=True)
     p.add_argument("--tokenizer", default="vqgan", help="stage 1: vqgan (the shipped one) or cvivit (the paper's)")
     p.add_argument("--tokenizer-checkpoint", help="stage 2: the frozen stage-1 model.safetensors")
@@ -373,7 +374,13 @@ def setup(args) -> tuple[object, TrainConfig, object]:
         raise UsageError(f"cannot write to --out {args.out}: {err.strerror}") from None
     if not os.access(args.out, os.W_OK):
         raise UsageError(f"cannot write to --out {args.out}: not a writable folder")
-    return model_cfg, cfg, make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed, fps=cfg.fps)
+    source = make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed, fps=cfg.fps)
+    if getattr(args, "replace", False) and int(os.environ.get("RANK", "0")) == 0:  # --force: the old checkpoints
+        for name in ("model.safetensors", "train_state.safetensors", "log.jsonl"):  # and log go, the new run's come
+            for path in (os.path.join(args.out, name), os.path.join(args.out, name) + ".prev"):
+                if os.path.exists(path):
+                    os.remove(path)
+    return model_cfg, cfg, source
 
 
 def resumed_run(args) -> tuple | None:
@@ -386,11 +393,7 @@ def resumed_run(args) -> tuple | None:
         if not args.force:
             raise UsageError(f"{args.out} already holds a run (step {meta.get('step', '?')}): add --resume to "
                              "continue it, or --force to start a new one there")
-        if int(os.environ.get("RANK", "0")) == 0:  # the new run replaces the old one's checkpoints and log
-            for name in ("model.safetensors", "train_state.safetensors", "log.jsonl"):
-                for path in (os.path.join(args.out, name), os.path.join(args.out, name) + ".prev"):
-                    if os.path.exists(path):
-                        os.remove(path)
+        args.replace = True  # setup removes the old run's files once everything else is accepted
         return None
     if meta is None and args.resume and not restarted:
         raise UsageError(f"nothing to resume in {args.out}: it holds no checkpoint; leave out --resume to start a run")
