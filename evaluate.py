@@ -216,7 +216,7 @@ def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int
 def shapes_long(model, text, tokenizer, rng, videos: int, frames: int = 101, **sampling) -> dict[str, float]:
     """101-frame Shapes videos, `videos` of each kind (one batch): one prompt moving right, which has to
     meet the edge (long_two_objects and long_partial: the share of frames with two or more objects, and
-    with an object cut by the edge; long_direction: of the 11-frame windows that show a whole object, the
+    with less than the whole object lit: cut by the edge, or fragments; long_direction: of the 11-frame windows that show a whole object, the
     share whose path reads right), and a ten-segment story alternating left and right (long_story_direction
     per segment, long_story_one_object per frame, long_story_kept: the last segment's colour and shape
     are the first's)."""
@@ -226,8 +226,12 @@ def shapes_long(model, text, tokenizer, rng, videos: int, frames: int = 101, **s
     videos_ = make_video(model, tokenizer, [prompt], [frames], **sampling).float()  # (B, 3, 101, H, W)
     seen = [oracle(v) for v in videos_]
     cuts = [oracle(v[:, i:i + window]) for v in videos_ for i in range(0, frames - window + 1, window - 1)]
+    whole = [np.median(oracle(shapes.render_shapes(dataclasses.replace(s, direction="still"), 1, 64, rng))["areas"])
+             for s in specs]  # each object's area when whole
+    # partial: something lit that is not the whole object (cut by the edge, or fragments left of it)
+    cut = [(0 < a < 0.7 * w or p) for j, w in zip(seen, whole) for a, p in zip(j["areas"], j["partial"])]
     results = {"long_two_objects": float(np.mean([n >= 2 for j in seen for n in j["objects"]])),
-               "long_partial": float(np.mean([p for j in seen for p in j["partial"]])),
+               "long_partial": float(np.mean(cut)),
                "long_direction": float(np.mean([c["direction"] == "right" for c in cuts if c["shape"]] or [0.0]))}
     segments = [window] + [window - 1] * 9  # 11 + 9 x 10 = 101 frames
     first = [dataclasses.replace(shapes.random_spec(rng), direction=str(rng.choice(["left", "right"])))

@@ -162,12 +162,13 @@ def oracle(video) -> dict:
     min_area = 8 * scale * scale  # smaller blobs are noise, not objects
     names = list(COLORS)
     palette = np.array([COLORS[n] for n in names], dtype=np.float32)
-    one_object, centres, colours, extents, fills, tops, objects, partial = True, [], [], [], [], [], [], []
+    one_object, centres, colours, extents, fills, tops, objects, partial, areas = True, [], [], [], [], [], [], [], []
     for f in frames:
         lit = f.max(axis=-1) >= 96  # anything clearly brighter than the black background
         blobs = [c for c in _components(lit) if len(c) >= min_area]
         one_object &= len(blobs) == 1
         objects.append(len(blobs))
+        areas.append(int(lit.sum()) if len(blobs) != 1 else len(blobs[0]))  # the object's pixels, or all lit ones
         if not blobs:
             partial.append(False)
             continue
@@ -186,7 +187,8 @@ def oracle(video) -> dict:
         fills.append(len(blob) / (bw * bh))
         upper = (ys < (ys.min() + ys.max()) / 2).sum()  # a triangle has most of its pixels low down
         tops.append(upper / max(len(blob) - upper, 1))
-    census = {"objects": objects, "partial": partial}  # per frame: blobs seen, and whether one touches the edge
+    # per frame: blobs seen, whether one touches the edge, and the lit area (fragments below min_area count here)
+    census = {"objects": objects, "partial": partial, "areas": areas}
     if not centres:
         return {"color": None, "shape": None, "size": None, "direction": None, "one_object": False,
                 "start": None, "end": None} | census

@@ -37,8 +37,8 @@ def test_stream_skips_corrupt_file_and_keeps_batches_full(tmp_path, capsys):
     (tmp_path / "bad.mp4").write_bytes(np.random.default_rng(1).bytes(3000))
     stream = ClipStream(VideoFolderSource(str(tmp_path), frames=3, size=16), batch_size=2, max_batches=2)
     batches = list(stream)
-    lines = capsys.readouterr().err.splitlines()  # one line per skipped file
-    assert stream.skipped == sum(b["skipped"] for b in batches) == len(lines) > 0
+    lines = capsys.readouterr().err.splitlines()  # one line per skipped file, however often it comes up
+    assert stream.skipped == sum(b["skipped"] for b in batches) > len(lines) == 1
     assert all(line.startswith("skipped clip") and "bad.mp4" in line for line in lines)
     assert [b["video"].shape for b in batches] == [(2, 3, 3, 16, 16)] * 2
 

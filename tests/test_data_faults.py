@@ -77,7 +77,7 @@ def test_bad_file_is_one_stderr_line_and_a_counted_skip(tmp_path, capsys, kind):
     batch = stream.batch(0)  # clips 0..3 visit both files, in a shuffled order
     lines = capsys.readouterr().err.splitlines()
     assert batch["video"].shape == (4, 3, 3, 16, 16) and len(batch["caption"]) == 4
-    assert batch["skipped"] == len(lines) == stream.skipped >= 1
+    assert batch["skipped"] == stream.skipped >= len(lines) == 1  # named once, however often it comes up
     assert all(line.startswith("skipped clip") and name in line and why in line for line in lines)
     again = ClipStream(VideoFolderSource(str(tmp_path), frames=3, size=16), batch_size=4).batch(0)
     assert np.array_equal(again["video"], batch["video"])  # the substitutes are deterministic
@@ -119,7 +119,7 @@ def test_tar_shards_skip_bad_members_and_keep_a_truncated_shards_head(tmp_path, 
     assert len(index_lines) == 2 and "s-1.tar (after 2 videos)" in index_lines[0] and "s-2.tar" in index_lines[1]
     batch = ClipStream(source, batch_size=5).batch(0)
     lines = capsys.readouterr().err.splitlines()
-    assert batch["skipped"] == len(lines) >= 3 and batch["video"].shape == (5, 3, 3, 16, 16)
+    assert batch["skipped"] >= len(lines) == 3 and batch["video"].shape == (5, 3, 3, 16, 16)  # each once
     named = {re.search(r"(k\d)\.mp4 in ", line).group(1) for line in lines}
     assert named == {"k1", "k2", "k4"}  # every bad member, named by member and shard
     assert "caf\ufffd" in batch["caption"]
@@ -172,7 +172,7 @@ def test_unusable_data_stops_at_once_with_one_line_naming_the_folder(tmp_path, c
         with pytest.raises(UnusableData, match=message) as err:
             make()
         assert "\n" not in str(err.value)
-    assert len(capsys.readouterr().err.splitlines()) == 20  # one line for each of the 20 failed loads
+    assert 1 <= len(capsys.readouterr().err.splitlines()) <= 3  # one line for each broken file, not each of the 20 loads
 
 
 def fuzz(folder: str, cases: int) -> None:

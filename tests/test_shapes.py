@@ -43,3 +43,10 @@ def test_the_source_makes_a_share_of_moving_objects_cross_the_edge():
         crossed += any(oracle(video)["partial"])
     assert abs(crossed / moving - EDGES) < 0.05
     assert not any(any(oracle(ShapesSource(edges=0.0).load(k)[0])["partial"]) for k in range(100))
+
+
+def test_fragments_too_small_to_be_an_object_still_show_in_the_lit_area():
+    frames = np.zeros((2, 64, 64, 3), np.uint8)
+    frames[0, 30:32, 58:61] = (255, 0, 0)  # 6 red pixels left at the edge: no object, but not empty either
+    seen = oracle(frames)
+    assert seen["objects"] == [0, 0] and seen["areas"] == [6, 0]
