@@ -287,6 +287,39 @@ def saved_configs(meta: dict[str, str]) -> tuple[object, TrainConfig]:
     return model_cfg, TrainConfig(**json.loads(meta["train_config"]))
 
 
+def resumed_run(args) -> tuple | None:
+    """Whether this command may use --out, and what it continues there: -> the saved (model config,
+    TrainConfig) when it resumes a run that saved them, None for a fresh start (or an older run, whose
+    configs come from the flags as before). A fresh start in a folder that holds a run needs --force."""
+    meta = saved_run(args.out)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun resumes by itself
+    if meta is not None and not (args.resume or restarted):
+        if not args.force:
+            raise UsageError(f"{args.out} already holds a run (step {meta.get('step', '?')}): add --resume to "
+                             "continue it, or --force to start a new one there")
+        args.replace = True  # setup removes the old run's files once everything else is accepted
+        return None
+    if meta is None and args.resume and not restarted:
+        raise UsageError(f"nothing to resume in {args.out}: it holds no checkpoint; leave out --resume to start a run")
+    if not meta or "train_config" not in meta:
+        return None
+    if meta.get("stage") != str(args.stage):
+        raise UsageError(f"{args.out} holds a stage-{meta.get('stage')} run; this command is --stage {args.stage}")
+    if args.stage == 1:
+        args.tokenizer = meta["kind"]
+    else:
+        args.tokenizer_checkpoint = args.tokenizer_checkpoint or meta.get("tokenizer_checkpoint")
+    return saved_configs(meta)
+
+
+def clear_run(out: str) -> None:
+    """Remove a run's checkpoints (and the copies kept beside them) and its log: what --force replaces."""
+    for name in ("model.safetensors", "train_state.safetensors", "log.jsonl"):
+        for path in (os.path.join(out, name), os.path.join(out, name) + ".prev"):
+            if os.path.exists(path):
+                os.remove(path)
+
+
 def load_train_state(out: str, resume: bool) -> tuple[str, dict, dict[str, str]] | None:
     """The train state to resume from -> (its path, tensors, metadata): <out>/train_state.safetensors,
     or the previous one kept beside it when the newest is missing or unreadable. None: start afresh

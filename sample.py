@@ -27,14 +27,12 @@ Exit codes: 0 on success, 2 on a usage or input error (one line on stderr, no tr
 """
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import sys
 import time
 
-import numpy as np
 import torch
 
 from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, shipped
@@ -42,55 +40,9 @@ from config import HelpWithDefaults, UsageError, exit_usage
 from evaluate import WORLDS, psnr, ssim
 from maskgit import CFG, STEPS, TEMPERATURE, plan_windows, stream_video, window_steps
 from progress import Progress
-from video import VideoWriter, read_video, to_uint8_frames, write_video
+from video import Outputs, read_video, save_output
 
 # Legend: T frames, H W pixels, t latent frames, L text length.
-
-
-def scaled_frames(video: torch.Tensor, scale: int = 1) -> np.ndarray:
-    """(3, T, H, W) in [-1, 1] -> (T, scale H, scale W, 3) uint8: each pixel a `scale` x `scale` block
-    (nearest neighbour: 64 x 64 is small on a screen)."""
-    return to_uint8_frames(video).repeat(scale, axis=1).repeat(scale, axis=2)
-
-
-def save_grid(path: str, frames: np.ndarray, columns: int = 11) -> None:
-    """(T, H, W, 3) uint8 -> a .png grid of the frames, `columns` a row."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    T, H, W, _ = frames.shape
-    rows = -(-T // columns)
-    grid = np.zeros((rows * H, min(T, columns) * W, 3), dtype=np.uint8)
-    for i, f in enumerate(frames):
-        r, c = divmod(i, columns)
-        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = f
-    plt.imsave(path, grid)
-
-
-def save_output(path: str, video: torch.Tensor, fps: float = 8, scale: int = 1) -> None:
-    """Write a whole video (3, T, H, W) in [-1, 1] as .mp4 / .gif, or as a .png grid of its frames."""
-    frames = scaled_frames(video, scale)
-    save_grid(path, frames) if path.lower().endswith(".png") else write_video(path, frames, fps)
-
-
-class Outputs:
-    """Where the frames of N videos go as they are made: each .mp4 / .gif grows on disk (VideoWriter),
-    so only the frames of the current window are in memory; a .png grid needs them all, as uint8."""
-
-    def __init__(self, paths: list[str], fps: float, scale: int, stack: contextlib.ExitStack):
-        self.paths, self.scale, self.grid = paths, scale, paths[0].lower().endswith(".png")
-        self.frames = [[] for _ in paths]  # .png only
-        self.writers = [] if self.grid else [stack.enter_context(VideoWriter(p, fps)) for p in paths]
-
-    def write(self, video: torch.Tensor) -> None:
-        """video (N, 3, T, H, W): the next T frames of each of the N videos."""
-        for i, v in enumerate(video.float().cpu()):
-            frames = scaled_frames(v, self.scale)
-            self.frames[i].append(frames) if self.grid else self.writers[i].write(frames)
-
-    def close(self) -> None:
-        for path, frames in zip(self.paths, self.frames if self.grid else []):
-            save_grid(path, np.concatenate(frames))
 
 
 @torch.no_grad()
@@ -181,10 +133,7 @@ def run_generate(args) -> None:
         rate = made[0] * n / max(progress.elapsed(), 1e-9)
         progress.update(done[0], f"window {windows[0] + 1}/{len(plan)} | {rate:.1f} frames/s")
 
-    stem, ext = os.path.splitext(args.out)
-    paths = [args.out] if n == 1 else [f"{stem}-{i}{ext}" for i in range(n)]  # <out>-0.mp4 ...
-    with contextlib.ExitStack() as stack:  # an error or Ctrl-C removes the unfinished files
-        outputs = Outputs(paths, cfg.get("fps", 8.0), args.scale, stack)
+    with Outputs(args.out, n, cfg.get("fps", 8.0), args.scale) as outputs:  # <out>-0.mp4 ... for several
         if init is not None:
             init = init.to(device).expand(n, -1, -1, -1, -1)
             outputs.write(init)
@@ -193,11 +142,10 @@ def run_generate(args) -> None:
                                   generator=torch.Generator(device).manual_seed(args.seed)):
             outputs.write(piece)  # (n, 3, new, H, W)
             made[0], windows[0] = made[0] + piece.shape[2], windows[0] + 1
-        outputs.close()
     progress.close()
     print(f"frames: {frames}" + (f" in each of {n} videos" if n > 1 else ""))
     print(f"seconds: {time.time() - t0:.1f}")
-    print("wrote: " + ", ".join(paths))
+    print("wrote: " + ", ".join(outputs.paths))
 
 
 def main(argv: list[str] | None = None) -> None:

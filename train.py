@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (TOKENIZERS, file_digest, generator_config_for, generator_meta, load_tokenizer, load_train_state,
-                        restore_modules, restore_optimizers, save_run, save_weights, saved_configs, saved_run,
+from checkpoint import (TOKENIZERS, clear_run, file_digest, generator_config_for, generator_meta, load_tokenizer,
+                        load_train_state, restore_modules, restore_optimizers, resumed_run, save_run, save_weights,
                         tokenizer_meta)
 from config import HelpWithDefaults, TrainConfig, UsageError, configure, exit_usage, override, resume_changes
 from data import ClipStream, UnusableData, build_token_cache, load_token_cache, make_source
@@ -375,37 +375,9 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     if not os.access(args.out, os.W_OK):
         raise UsageError(f"cannot write to --out {args.out}: not a writable folder")
     source = make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed, fps=cfg.fps)
-    if getattr(args, "replace", False) and int(os.environ.get("RANK", "0")) == 0:  # --force: the old checkpoints
-        for name in ("model.safetensors", "train_state.safetensors", "log.jsonl"):  # and log go, the new run's come
-            for path in (os.path.join(args.out, name), os.path.join(args.out, name) + ".prev"):
-                if os.path.exists(path):
-                    os.remove(path)
+    if getattr(args, "replace", False) and int(os.environ.get("RANK", "0")) == 0:
+        clear_run(args.out)  # --force: the old checkpoints and log go, now that the new run is accepted
     return model_cfg, cfg, source
-
-
-def resumed_run(args) -> tuple | None:
-    """Whether this command may use --out, and what it continues there: -> the saved (model config,
-    TrainConfig) when it resumes a run that saved them, None for a fresh start (or an older run, whose
-    configs come from the flags as before). A fresh start in a folder that holds a run needs --force."""
-    meta = saved_run(args.out)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun resumes by itself
-    if meta is not None and not (args.resume or restarted):
-        if not args.force:
-            raise UsageError(f"{args.out} already holds a run (step {meta.get('step', '?')}): add --resume to "
-                             "continue it, or --force to start a new one there")
-        args.replace = True  # setup removes the old run's files once everything else is accepted
-        return None
-    if meta is None and args.resume and not restarted:
-        raise UsageError(f"nothing to resume in {args.out}: it holds no checkpoint; leave out --resume to start a run")
-    if not meta or "train_config" not in meta:
-        return None
-    if meta.get("stage") != str(args.stage):
-        raise UsageError(f"{args.out} holds a stage-{meta.get('stage')} run; this command is --stage {args.stage}")
-    if args.stage == 1:
-        args.tokenizer = meta["kind"]
-    else:
-        args.tokenizer_checkpoint = args.tokenizer_checkpoint or meta.get("tokenizer_checkpoint")
-    return saved_configs(meta)
 
 
 def main(argv: list[str] | None = None) -> None:
