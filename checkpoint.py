@@ -137,11 +137,15 @@ def generator_meta(config: MaskGITConfig, step: int, text: CaptionTokenizer, tok
             "step": str(step), "text_tokenizer": text.to_json(), "tokenizer_sha256": tokenizer_sha256}
 
 
-def build_tokenizer(kind: str, config_json: str) -> VQGAN | CViViT:
-    """A fresh tokenizer of `kind` from its config as JSON (JSON lists become the config's tuples)."""
+def tokenizer_config(kind: str, config_json: str):
+    """A tokenizer's config of `kind` from its JSON (JSON lists become the config's tuples)."""
     fields = json.loads(config_json)
-    config = TOKENIZER_CONFIGS[kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    return TOKENIZERS[kind](config)
+    return TOKENIZER_CONFIGS[kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def build_tokenizer(kind: str, config_json: str) -> VQGAN | CViViT:
+    """A fresh tokenizer of `kind` from its config as JSON."""
+    return TOKENIZERS[kind](tokenizer_config(kind, config_json))
 
 
 def load_model_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -279,11 +283,8 @@ def saved_run(out: str) -> dict[str, str] | None:
 
 def saved_configs(meta: dict[str, str]) -> tuple[object, TrainConfig]:
     """The model and train configs a run saved with its checkpoint -> (model config, TrainConfig)."""
-    fields = json.loads(meta["config"])
-    if meta["stage"] == "2":
-        model_cfg = MaskGITConfig.from_dict(fields)
-    else:
-        model_cfg = TOKENIZER_CONFIGS[meta["kind"]](**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    model_cfg = (MaskGITConfig.from_dict(json.loads(meta["config"])) if meta["stage"] == "2"
+                 else tokenizer_config(meta["kind"], meta["config"]))
     return model_cfg, TrainConfig(**json.loads(meta["train_config"]))
 
 

@@ -203,8 +203,7 @@ def configure(stage: int, preset: str, tokenizer: str, assignments: list[str]) -
     for item in assignments:
         key = item.partition("=")[0]
         if not key.startswith(("model.", "train.")):
-            near = difflib.get_close_matches(key, [f"{p}.{f.name}" for p, c in (("train", TrainConfig),)
-                                                   for f in dataclasses.fields(c)], n=1)
+            near = difflib.get_close_matches(key, [f"train.{f.name}" for f in dataclasses.fields(TrainConfig)], n=1)
             raise UsageError(f"unknown config key {key!r}: keys start with model. or train."
                              + (f" Did you mean {near[0]}?" if near else ""))
         field = key.removeprefix("train.")

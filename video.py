@@ -161,7 +161,7 @@ class VideoWriter:
         if self.ext not in (".mp4", ".gif"):  # .png frame grids are drawn elsewhere, with matplotlib
             raise ValueError(f"write_video writes .mp4 or .gif, not {self.ext or 'no extension'!r} ({path})")
         self.path, self.part, self.fps = path, path + ".part", fps
-        self.container, self.stream, self.frames = None, None, 0
+        self.container, self.stream = None, None
 
     def write(self, video) -> None:
         video = to_uint8_frames(video)
@@ -180,7 +180,6 @@ class VideoWriter:
         for img in video:
             frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=self.stream.pix_fmt)
             self.container.mux(self.stream.encode(frame))
-        self.frames += len(video)
 
     def close(self) -> None:
         if self.container is None:
