@@ -196,12 +196,18 @@ class MatmulSpy(torch.Tensor):
         return super().__torch_function__(func, types, args, kwargs or {})
 
 
-def test_code_lookup_and_kmeans_run_in_true_fp32_where_tf32_is_on(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # as train.py sets it on CUDA
-    vq = VectorQuantizer(dim=8, codebook_size=16, code_dim=4, beta=0.25)
-    z = F.normalize(torch.randn(64, 4), dim=-1).as_subclass(MatmulSpy)
-    MatmulSpy.seen.clear()
-    vq.kmeans_init(z)
-    vq.lookup(z)
-    assert MatmulSpy.seen and not any(MatmulSpy.seen)  # every distance matmul ran without TF32
-    assert torch.backends.cuda.matmul.allow_tf32  # and the setting is back afterwards
+def test_code_lookup_and_kmeans_run_in_true_fp32_where_tf32_is_on():
+    # Set by hand, not with monkeypatch: the flag lives behind the cuBLAS module's __getattr__, which
+    # some pytest versions cannot undo.
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # as train.py sets it on CUDA
+    try:
+        vq = VectorQuantizer(dim=8, codebook_size=16, code_dim=4, beta=0.25)
+        z = F.normalize(torch.randn(64, 4), dim=-1).as_subclass(MatmulSpy)
+        MatmulSpy.seen.clear()
+        vq.kmeans_init(z)
+        vq.lookup(z)
+        assert MatmulSpy.seen and not any(MatmulSpy.seen)  # every distance matmul ran without TF32
+        assert torch.backends.cuda.matmul.allow_tf32  # and the setting is back afterwards
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
