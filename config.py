@@ -88,11 +88,12 @@ class TrainConfig:
     cache_clips: int = 20_000  # stage 2: clips encoded into the token cache (all of a smaller dataset)
     image_ratio: float = 0.0  # stage 2: share of samples trained as images (their first latent frame alone)
     sample_steps: int = 24  # stage 2: decoding steps of the sample grid and the alignment check in the log
+    motion_weight: float = 1.0  # stage 2: loss weight of codes that change from the latent frame before; 1: plain
 
 
 # the fields that one stage alone reads: setting one for the other stage is a mistake, not a no-op
 STAGE_OF_FIELD = {"restart_every": 1, "fold_cosine": 1, "gan_weight": 1, "gan_start": 1, "perceptual_weight": 1,
-                  "cache_clips": 2, "image_ratio": 2, "sample_steps": 2}
+                  "cache_clips": 2, "image_ratio": 2, "sample_steps": 2, "motion_weight": 2}
 
 
 def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTConfig, TrainConfig]:
@@ -179,7 +180,8 @@ def override(config, assignments: list[str], prefix: str):
 
 
 # what --set may change when a run resumes: the schedule's length and peak, and how often it reports
-RESUMABLE = {"max_steps", "lr", "min_lr", "log_every", "image_every", "save_every", "sample_steps", "grad_clip"}
+RESUMABLE = {"max_steps", "lr", "min_lr", "log_every", "image_every", "save_every", "sample_steps", "grad_clip",
+             "motion_weight"}
 
 
 def resume_changes(saved: tuple, asked: tuple) -> list[str]:

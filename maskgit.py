@@ -149,14 +149,22 @@ class MaskGIT(nn.Module):
         return tokens.view(B, t, h, w), masked
 
     def loss(self, codes: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor,
-             frames: torch.Tensor | None = None) -> torch.Tensor:
+             frames: torch.Tensor | None = None, motion_weight: float = 1.0) -> torch.Tensor:
         """codes (B, t, h, w) long; ids, text_mask (B, L); frames (B,) real latent frames or None (all).
-        Returns the mean cross-entropy over the masked positions only."""
+        Returns the mean cross-entropy over the masked positions only. With motion_weight > 1 a code that
+        differs from the one at its place in the latent frame before counts that many times: in a video
+        most codes repeat the frame before, and a plain mean lets them outvote the few that move."""
         tokens, masked = self.mask_positions(codes, frames)
         ids, text_mask = self.drop_captions(ids, text_mask)
         logits = self(tokens, self.encode_text(ids, text_mask), text_mask, frames)  # (B, t, h, w, K)
         K = logits.shape[-1]
-        return F.cross_entropy(logits.view(-1, K)[masked.flatten()].float(), codes.flatten()[masked.flatten()])
+        scored = masked.flatten()  # (B·N,) only the masked positions are scored
+        ce = F.cross_entropy(logits.view(-1, K)[scored].float(), codes.flatten()[scored], reduction="none")
+        if motion_weight == 1.0:
+            return ce.mean()
+        moved = F.pad(codes[:, 1:] != codes[:, :-1], (0, 0, 0, 0, 1, 0))  # (B, t, h, w), False in frame 0
+        weight = 1 + (motion_weight - 1) * moved.flatten()[scored].float()
+        return (ce * weight).sum() / weight.sum()
 
     def guided_logits(self, tokens: torch.Tensor, cond: tuple, uncond: tuple, scale: float) -> torch.Tensor:
         """Classifier-free guidance: uncond + scale·(cond − uncond). 1 is plain conditional, 0 ignores the text.

@@ -285,7 +285,7 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
                     frames = torch.where(image, 1, t).to(device)  # (B,) real latent frames
                 with grad_sync(loss_d, micro == cfg.grad_accum - 1), steps.autocast:
                     # L_gen: mask ⌈cos(πr/2)·N⌉ codes, drop 10% of captions, cross-entropy on the masked ones
-                    loss = loss_d("loss", codes[idx].to(device), ids, mask, frames)
+                    loss = loss_d("loss", codes[idx].to(device), ids, mask, frames, cfg.motion_weight)
                     (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
             steps.update({"loss": total}, model, list(opts.values()), list(opts.values()), ema)  # clip, AdamW, EMA

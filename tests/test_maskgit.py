@@ -51,6 +51,27 @@ def test_loss_counts_only_masked_positions(text):
     assert not torch.isclose(loss, on_all)
 
 
+def test_motion_weight_counts_the_codes_that_change_from_the_frame_before_that_many_times(text):
+    model = tiny_generator(text_drop=0.0)
+    codes = torch.randint(16, (4, 3, 2, 2))
+    codes[:, 1] = codes[:, 0]  # latent frame 1 repeats frame 0; frame 2 moves (wherever it differs from frame 1)
+    moved = torch.zeros_like(codes, dtype=torch.bool)
+    moved[:, 2] = codes[:, 2] != codes[:, 1]
+    ids, mask = text.encode(CAPTIONS + CAPTIONS[:1], 16)
+    torch.manual_seed(1)
+    loss = model.loss(codes, ids, mask, motion_weight=4.0)
+    torch.manual_seed(1)  # replay the same draws by hand
+    tokens, masked = model.mask_positions(codes)
+    logits = model(tokens, model.encode_text(ids, mask), mask).flatten(1, 3)  # (B, N, K)
+    ce = F.cross_entropy(logits[masked], codes.flatten(1)[masked], reduction="none")
+    weight = 1 + 3 * moved.flatten(1)[masked].float()
+    assert 0 < moved.flatten(1)[masked].sum() < masked.sum()  # both kinds are scored
+    torch.testing.assert_close(loss, (ce * weight).sum() / weight.sum())
+    assert not torch.isclose(loss, ce.mean())
+    torch.manual_seed(1)
+    torch.testing.assert_close(model.loss(codes, ids, mask, motion_weight=1.0), ce.mean())  # 1: the plain mean
+
+
 def test_an_image_masks_only_its_first_frame_codes():
     model = tiny_generator()
     codes = torch.randint(16, (64, 3, 2, 2))
