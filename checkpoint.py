@@ -182,15 +182,20 @@ def load_generator(path: str, tokenizer_path: str):
     return model.eval(), CaptionTokenizer.from_json(meta["text_tokenizer"]), tokenizer, meta
 
 
-def generator_config_for(tokenizer_path: str, model_cfg: MaskGITConfig, cfg: TrainConfig) -> MaskGITConfig:
+def generator_config_for(tokenizer_path: str, model_cfg: MaskGITConfig, cfg: TrainConfig,
+                         same_data: bool = False) -> MaskGITConfig:
     """The generator's config fitted to the stage-1 checkpoint it will train behind: its vocabulary
-    must equal the codebook, and its window is the clip length and image size of stage 2."""
+    must equal the codebook, and its window is the clip length and image size of stage 2. same_data:
+    refuse data other than the tokenizer's (stage 2 without --data would quietly train on the preset's)."""
     tokenizer, meta = load_tokenizer(tokenizer_path)
     K = tokenizer.quantizer.codebook.shape[0]
     if model_cfg.codebook_size != K:
         raise UsageError(f"the generator's vocabulary ({model_cfg.codebook_size}) must equal the tokenizer's "
                          f"codebook size ({K}); pass --set model.codebook_size={K}")
     trained = json.loads(meta.get("train_config", "{}"))
+    if same_data and trained.get("data", cfg.data) != cfg.data:
+        raise UsageError(f"the tokenizer was trained on --data {trained['data']}, and stage 2 would train on "
+                         f"{cfg.data}: pass --data {trained['data']} (or --data {cfg.data} if you mean it)")
     if trained.get("image_size", cfg.image_size) != cfg.image_size:
         raise UsageError(f"the tokenizer was trained at {trained['image_size']} pixels, stage 2 asks for {cfg.image_size}")
     if not 0 <= cfg.image_ratio <= 1:

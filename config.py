@@ -62,6 +62,8 @@ TOKENIZER_CONFIGS = {"vqgan": VQGANConfig, "cvivit": CViViTConfig}
 @dataclass
 class TrainConfig:
     data: str = "shapes"  # "shapes", a video folder, tar shards or an image folder (data.make_source)
+    val_data: str = ""  # held-out data for validation; "" holds out a share of data's files (data.VAL_SHARE)
+    crop: str = "center"  # how real frames become squares: "center" cuts the long side, "pad" letterboxes
     frames: int = 11  # clip length, 1 + 2n
     image_size: int = 64  # clips are resized and cropped to this square
     fps: float = 8.0  # frame rate clips are sampled at from real video

@@ -28,6 +28,7 @@ Deviations: a video shorter than one clip counts as a bad file (skipped), rather
 
 import csv
 import glob
+import hashlib
 import io
 import json
 import math
@@ -45,7 +46,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from animals import AnimalsSource
 from shapes import ShapesSource
-from video import IMAGE_EXTS, VIDEO_EXTS, read_video
+from video import CROPS, IMAGE_EXTS, VIDEO_EXTS, read_video, video_seconds
 
 # Legend: B batch, T frames, H W pixels, k global clip index, j clip index within one rank.
 
@@ -108,18 +109,22 @@ def _folder_items(root: Path, exts: tuple[str, ...]) -> tuple[list[tuple[Path, s
     """(file, caption) pairs of a folder and the number of captions.csv rows dropped: root/captions.csv
     (`path,caption` rows, paths relative to root) if there is one, else `a video of {label}` from each
     file's sub-folder, else "". Captions are cut to 1000 characters; bytes that are not UTF-8 become U+FFFD."""
-    table = root / "captions.csv"
+    tables = [p for p in root.glob("*") if p.name.lower() == "captions.csv" and p.is_file()] if root.is_dir() else []
+    table = tables[0] if tables else root / "captions.csv"  # Captions.csv too
     if not table.is_file():
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())
         if not files:
             why = f"no {' '.join(exts)} files in it" if root.is_dir() else "no such folder"
             raise UnusableData(f"no videos found in {root}: {why}")
         labels = [re.sub("[_-]", " ", p.parent.name) if p.parent != root else "" for p in files]
-        return [(p, f"a video of {label}" if label else "") for p, label in zip(files, labels)], 0
+        layout = "label folders" if any(labels) else "no captions.csv, no label folders"
+        return [(p, f"a video of {label}" if label else "") for p, label in zip(files, labels)], 0, layout
     # lift the csv module's 128 KiB field limit (process-wide), so a huge caption is cut, not fatal
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
     with open(table, newline="", encoding="utf-8-sig", errors="replace") as f:
-        rows = [row for row in csv.reader(f) if row and row[:2] != ["path", "caption"]]
+        rows = [row for row in csv.reader(f) if row]
+    if rows and not (root / rows[0][0]).is_file() and len(rows[0]) > 1 and rows[0][1].isidentifier():
+        rows = rows[1:]  # a header (path,caption or file,text) names no file
     found = []
     for row in rows:
         if os.path.isfile(root / row[0]):  # False for a name too long or with a NUL byte, too
@@ -128,26 +133,58 @@ def _folder_items(root: Path, exts: tuple[str, ...]) -> tuple[list[tuple[Path, s
             say_skipped(f"row {row[0][:200]!r} of {table}", "no such file")
     if not found:
         raise UnusableData(f"no videos found in {root}: none of the {len(rows)} files named in {table} exists")
-    return found, len(rows) - len(found)
+    return found, len(rows) - len(found), table.name
+
+
+VAL_SHARE = 0.1  # the share of a folder's files (or a shard's videos) held out for validation, by name hash
+CLIPS_PER_SECOND = 2  # stage 2's token cache: windows of a real video per second of it
+
+
+def name_position(name: str) -> float:
+    """A file's place in [0, 1), from the sha1 of its name: the same on every machine, rank and run."""
+    return int.from_bytes(hashlib.sha1(name.encode("utf-8", "replace")).digest()[:8], "big") / 2**64
+
+
+def held_out(names: list[str]) -> list[bool]:
+    """Which files validation keeps: those whose name hashes below VAL_SHARE; of two or more files at
+    least one is held out and at least one is trained on."""
+    places = [name_position(n) for n in names]
+    held = [p < VAL_SHARE for p in places]
+    if len(names) >= 2 and not any(held):
+        held[int(np.argmin(places))] = True
+    if len(names) >= 2 and all(held):
+        held[int(np.argmax(places))] = False
+    return held
 
 
 class VideoFolderSource:
     """A folder of videos, searched recursively; captions from captions.csv or label sub-folders
     (root/label/clip.mp4, the Moments in Time layout). Clip k is position k % len of epoch k // len,
     and each epoch visits every file once, shuffled by (seed, epoch); the clip's start time is drawn
-    from (seed, k), so the same k gives the same clip in any worker and after any resume."""
+    from (seed, k), so the same k gives the same clip in any worker and after any resume.
+    split: "train" leaves out the held-out files (`held_out`), "val" keeps only them, "all" keeps every file."""
     exts = VIDEO_EXTS
 
-    def __init__(self, root: str, frames: int = 11, size: int = 128, fps: float | None = 8.0, seed: int = 0):
-        self.name, self.frames, self.size, self.fps, self.seed = str(root), frames, size, fps, seed
+    def __init__(self, root: str, frames: int = 11, size: int = 128, fps: float | None = 8.0, seed: int = 0,
+                 split: str = "all", crop: str = "center"):
+        self.name, self.frames, self.size, self.fps, self.seed, self.crop = str(root), frames, size, fps, seed, crop
         # [(file, caption)], and how many entries indexing dropped (each said on one stderr line);
         # UnusableData if nothing is left
-        self.items, self.dropped = self.index_files(root)
+        items, self.dropped = self.index_files(root)
+        held = held_out([self.entry_name(entry) for entry, _ in items])
+        self.held_out = [item for item, h in zip(items, held) if h]  # never trained on when split is "train"
+        self.items = {"all": items, "val": self.held_out, "train": [i for i, h in zip(items, held) if not h]}[split]
+        self.items = self.items or items  # one file: nothing to hold out (the summary says so)
         self._epoch, self._order = -1, np.arange(0)
 
     def index_files(self, root: str) -> tuple[list, int]:
         """[(file, caption)] of the data set and the entries dropped; subclasses index other containers."""
-        return _folder_items(Path(root), self.exts)
+        items, dropped, self.layout = _folder_items(Path(root), self.exts)
+        return items, dropped
+
+    def entry_name(self, entry) -> str:
+        """The name an entry is held out by: its path inside the folder."""
+        return Path(entry).relative_to(self.name).as_posix()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -167,7 +204,55 @@ class VideoFolderSource:
     def load(self, k: int) -> tuple[np.ndarray, str]:
         entry, text = self.item(k)
         rng = np.random.default_rng([self.seed, k])  # the clip's start time
-        return read_video(self.fetch(entry), self.frames, self.size, self.fps, rng=rng), text
+        return read_video(self.fetch(entry), self.frames, self.size, self.fps, rng=rng, crop=self.crop), text
+
+    def seconds(self, limit: int | None = None) -> list[float]:
+        """Each file's duration from its header (0 where unknown), of the first `limit` files or all."""
+        return [video_seconds(self.fetch(entry)) for entry, _ in self.items[:limit]]
+
+    def summary(self, split: str) -> str:
+        """One line: what was found, how it is captioned, what is held out, and how long it lasts."""
+        n, empty = len(self.items), sum(not text for _, text in self.items)
+        kind = "images" if self.frames == 1 else "videos"
+        line = f"data {self.name}: {n} {kind} for {split} ({self.layout}: {n - empty} captioned, {empty} empty)"
+        if self.dropped:
+            line += f", {self.dropped} entries skipped"
+        if split == "train":
+            names = ", ".join(self.entry_name(e) for e, _ in self.held_out[:3]) + (", ..." if len(self.held_out) > 3 else "")
+            line += (f", {len(self.held_out)} held out for validation by name hash ({names})" if self.held_out else
+                     ", nothing held out (one file): validation reads the training file; name one with --val-data")
+        if kind == "videos":
+            sample = self.seconds(limit=200)  # headers only; a large folder is estimated from 200 files
+            total = sum(sample) * n / max(len(sample), 1)
+            line += f", {'~' if n > len(sample) else ''}{total:.0f} s of video"
+        return line
+
+    def windows(self, limit: int) -> "WindowSource":
+        """Stage 2's token cache: CLIPS_PER_SECOND evenly spaced windows of each file (at least one), so a
+        long file gives more than a short one; at most `limit` in all, drawn evenly if there are more."""
+        clip = self.frames / (self.fps or 8.0)
+        spots = [(i, max(d - clip, 0.0) * (j + 0.5) / w) for i, d in enumerate(self.seconds())
+                 for w in [max(1, math.ceil(d * CLIPS_PER_SECOND))] for j in range(w)]  # (file, start seconds)
+        if len(spots) > limit:
+            keep = np.sort(np.random.default_rng([self.seed, 5]).choice(len(spots), limit, replace=False))
+            spots = [spots[i] for i in keep]
+        return WindowSource(self, spots)
+
+
+class WindowSource:
+    """Fixed windows of a VideoFolderSource's files: clip k is the window spots[k % len] (file, start)."""
+
+    def __init__(self, files: VideoFolderSource, spots: list[tuple[int, float]]):
+        self.files, self.spots, self.name, self.dropped = files, spots, files.name, files.dropped
+
+    def __len__(self) -> int:
+        return len(self.spots)
+
+    def load(self, k: int) -> tuple[np.ndarray, str]:
+        i, start = self.spots[k % len(self.spots)]
+        entry, text = self.files.items[i]
+        f = self.files
+        return read_video(f.fetch(entry), f.frames, f.size, f.fps, start=start, crop=f.crop), text
 
 
 class ImageFolderSource(VideoFolderSource):
@@ -175,8 +260,8 @@ class ImageFolderSource(VideoFolderSource):
     (Phenaki §3.2: an image is a video with T = 1). Captions as for VideoFolderSource."""
     exts = IMAGE_EXTS
 
-    def __init__(self, root: str, size: int = 128, seed: int = 0):
-        super().__init__(root, 1, size, None, seed)
+    def __init__(self, root: str, size: int = 128, seed: int = 0, split: str = "all", crop: str = "center"):
+        super().__init__(root, 1, size, None, seed, split, crop)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -198,6 +283,7 @@ class TarShardSource(VideoFolderSource):
     Order and clip start follow the rules of VideoFolderSource."""
 
     def index_files(self, pattern: str) -> tuple[list, int]:
+        self.layout = "tar shards"
         items, dropped, why = [], 0, "no file matches it"  # [((shard, offset, length, member), caption)]
         for shard in sorted({path for p in expand_braces(pattern) for path in glob.glob(p)}):
             videos, texts = [], {}  # [(key, entry)], {key: caption}
@@ -218,6 +304,9 @@ class TarShardSource(VideoFolderSource):
             raise UnusableData(f"no videos found in {pattern}: {why}")
         return items, dropped
 
+    def entry_name(self, entry) -> str:
+        return f"{os.path.basename(entry[0])}/{entry[3]}"  # shard/member
+
     def fetch(self, entry: tuple[str, int, int, str]) -> io.BytesIO:
         shard, offset, length, member = entry
         with open(shard, "rb") as f:
@@ -227,18 +316,22 @@ class TarShardSource(VideoFolderSource):
         return data
 
 
-def make_source(spec: str, frames: int, size: int, seed: int = 0,
-                fps: float = 8.0) -> ShapesSource | AnimalsSource | VideoFolderSource:
+def make_source(spec: str, frames: int, size: int, seed: int = 0, fps: float = 8.0, split: str = "all",
+                crop: str = "center") -> ShapesSource | AnimalsSource | VideoFolderSource:
     """The source for a --data spec: a world ('shapes' or 'animals'), tar shards (a '.tar' path, braces or a
-    glob), a folder of videos, or a folder of images (one with no videos, or any folder as 'images:FOLDER')."""
+    glob), a folder of videos, or a folder of images (one with no videos, or any folder as 'images:FOLDER').
+    split: "train", "val" or "all" of a real data set's files (VideoFolderSource); a world has no files,
+    and its clips for validation come from another seed. crop: "center" or "pad" (read_video)."""
+    if crop not in CROPS:
+        raise ValueError(f"train.crop must be one of {', '.join(CROPS)}, got {crop!r}")
     if spec == "shapes":
         return ShapesSource(frames, size, seed)
     if spec == "animals":
         return AnimalsSource(frames, size, seed)
     if spec.startswith("images:"):
-        return ImageFolderSource(spec[len("images:"):], size, seed)
+        return ImageFolderSource(spec[len("images:"):], size, seed, split, crop)
     if ".tar" in spec or any(c in spec for c in "{*?["):
-        return TarShardSource(spec, frames, size, fps, seed)
+        return TarShardSource(spec, frames, size, fps, seed, split, crop)
     if not os.path.exists(spec):
         raise ValueError(f"--data {spec}: no such folder or file; expected 'shapes', 'animals', a folder of videos "
                          "or images, 'images:FOLDER', or tar shards")
@@ -247,9 +340,27 @@ def make_source(spec: str, frames: int, size: int, seed: int = 0,
         raise ValueError(f"--data {spec} is a folder of tar shards: pass them as '{os.path.join(spec, '*.tar')}'")
     if os.path.isdir(spec):  # an empty folder raises UnusableData in ImageFolderSource
         if any(p.suffix.lower() in VIDEO_EXTS for p in Path(spec).rglob("*")):
-            return VideoFolderSource(spec, frames, size, fps, seed)
-        return ImageFolderSource(spec, size, seed)
+            return VideoFolderSource(spec, frames, size, fps, seed, split, crop)
+        return ImageFolderSource(spec, size, seed, split, crop)
     raise ValueError(f"unknown data {spec!r}: expected 'shapes', 'animals', a folder, 'images:FOLDER' or tar shards")
+
+
+def train_and_val(cfg, stage: int) -> tuple[object, object, list[str]]:
+    """The training source and the held-out one of a run (cfg a TrainConfig) -> (train, val, summary
+    lines). Held out: cfg.val_data if given, else a VAL_SHARE of the files by name hash, never trained on;
+    a world's validation clips come from another seed. Refused in one line (ValueError): stage 2 on data
+    whose captions are all empty."""
+    def make(spec: str, split: str, seed: int):
+        return make_source(spec, cfg.frames, cfg.image_size, seed, cfg.fps, split, cfg.crop)
+    source = make(cfg.data, "all" if cfg.val_data else "train", cfg.seed)
+    val = make(cfg.val_data or cfg.data, "all" if cfg.val_data else "val", cfg.seed + 1)
+    if not hasattr(source, "summary"):  # a world
+        return source, val, []
+    lines = [source.summary("train")] + ([val.summary("validation")] if cfg.val_data else [])
+    if stage == 2 and not any(text for _, text in source.items):
+        raise ValueError(f"every caption of {cfg.data} is empty ({source.layout}): stage 2 learns from captions; "
+                         "add a captions.csv of path,caption rows, or put the videos in folders named by their label")
+    return source, val, lines
 
 
 # ----------------------------------------------------------------------------- the token cache

@@ -100,6 +100,9 @@ class Run(nn.Module):
     def generate(self, *args, **kwargs) -> torch.Tensor:
         return self("generate", *args, **kwargs)
 
+    def loss(self, *args, **kwargs) -> torch.Tensor:
+        return self("loss", *args, **kwargs)
+
 
 @contextlib.contextmanager
 def summed_counts(quantizer: nn.Module, ddp: bool):

@@ -36,6 +36,7 @@ lives here: train.py logs `psnr` as val_psnr in stage 1 and `sample_and_judge` a
 import argparse
 import dataclasses
 import json
+import os
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ from checkpoint import DEFAULT_WORLD, load_checkpoint, load_generator, load_toke
 from config import HelpWithDefaults, UsageError, exit_usage
 from data import ClipStream, make_source
 from maskgit import CFG, STEPS, TEMPERATURE, make_video
+from progress import write_grid
 from shapes import DIRECTIONS, ShapeSpec, oracle
 
 # Legend: B batch, C channels, T frames, H W pixels, K codebook size.
@@ -54,11 +56,6 @@ from shapes import DIRECTIONS, ShapeSpec, oracle
 EVAL_SEED = 1_000_003  # world clips from this seed are never trained on
 # the procedural worlds: each draws specs, captions them, renders them, and judges videos against them
 WORLDS = {"shapes": shapes, "animals": animals}
-
-
-def world_of(data: str):
-    """The world a --data spec names. Real data has no judge: the Shapes prompts stand in for it."""
-    return WORLDS.get(data, shapes)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -86,10 +83,19 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return s.view(B, -1).mean(dim=1)
 
 
+def held_out_source(data: str | None, trained: dict):
+    """What a checkpoint is measured on: --data whole if given; else the run's held-out data (its
+    --val-data, or the share of its files it never trained on, data.held_out), or its world at EVAL_SEED.
+    Read at the run's own clip length, size, fps and crop (`trained`, the checkpoint's train_config)."""
+    spec = data or trained.get("val_data") or trained.get("data", "shapes")
+    split = "val" if not data and not trained.get("val_data") else "all"
+    return make_source(spec, trained.get("frames", 11), trained.get("image_size", 64), EVAL_SEED,
+                       trained.get("fps", 8.0), split, trained.get("crop", "center"))
+
+
 @torch.no_grad()
-def evaluate_tokenizer(model, data: str, clips: int, frames: int, size: int, batch_size: int = 16) -> dict:
-    """Reconstruct `clips` held-out clips and return the stage-1 figures."""
-    source = make_source(data, frames, size, seed=EVAL_SEED, fps=8.0)
+def evaluate_tokenizer(model, source, clips: int, batch_size: int = 16) -> dict:
+    """Reconstruct `clips` held-out clips of a source and return the stage-1 figures."""
     stream = ClipStream(source, batch_size)
     K = model.quantizer.codebook.shape[0]
     counts = torch.zeros(K)
@@ -139,6 +145,59 @@ def sample_and_judge(model, text, tokenizer, world, specs: list, device: torch.d
     videos = tokenizer.decode(codes).float().cpu()
     verdicts = [world.agreement(v, s) for v, s in zip(videos, specs)]
     return videos, {k: float(np.mean([v[k] for v in verdicts])) for k in verdicts[0]}
+
+
+@torch.no_grad()
+def encode_clips(tokenizer, source, clips: int, device: torch.device, batch_size: int = 32):
+    """The first `clips` clips of a source through the tokenizer -> (codes (N, t, h, w), N captions, videos
+    (N, 3, T, H, W) on the CPU)."""
+    stream, codes, captions, videos = ClipStream(source, batch_size), [], [], []
+    for b in range((clips + batch_size - 1) // batch_size):
+        batch = stream.batch(b)
+        codes.append(tokenizer.encode(batch["video"].to(device)))
+        captions, videos = captions + batch["caption"], videos + [batch["video"]]
+    return torch.cat(codes)[:clips], captions[:clips], torch.cat(videos)[:clips]
+
+
+@torch.no_grad()
+def validation_loss(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, seed: int = 0,
+                    batch_size: int = 32) -> float:
+    """The generator's masked-code loss on held-out codes (N, t, h, w) and captions (N, L): every call
+    draws the same masks and caption drops (from `seed`), so its changes are the model's. `model` is a
+    MaskGIT or distributed.Run around one."""
+    device = codes.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        losses = [model.loss(codes[i:i + batch_size], ids[i:i + batch_size].to(device), mask[i:i + batch_size].to(device))
+                  * len(codes[i:i + batch_size]) for i in range(0, len(codes), batch_size)]
+    return (sum(losses) / len(codes)).item()
+
+
+def watch_list(data: str, captions: list[str], path: str | None = None, n: int = 8, seed: int = 0):
+    """What a run watches -> (world or None, specs, prompts): in a world, n random specs (judged); on real
+    data the lines of `path` (--watch-prompts), or else the first n different held-out captions."""
+    if data in WORLDS:
+        rng = np.random.default_rng([seed, 424242])
+        specs = [WORLDS[data].random_spec(rng) for _ in range(n)]
+        return WORLDS[data], specs, [WORLDS[data].caption(s) for s in specs]
+    if path:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise UsageError(f"--watch-prompts {path} has no prompts: write one caption a line")
+    else:
+        prompts = list(dict.fromkeys(c for c in captions if c)) or [""]
+    return None, [], prompts[:n]
+
+
+@torch.no_grad()
+def watch(model, text, tokenizer, watched: tuple, device: torch.device, **sampling) -> tuple[torch.Tensor, dict]:
+    """One clip per prompt of watch_list -> (videos (B, 3, T, H, W), the judge's shares; {} on real data)."""
+    world, specs, prompts = watched
+    if world is not None:
+        return sample_and_judge(model, text, tokenizer, world, specs, device, prompts, **sampling)
+    ids, mask = text.encode(prompts, model.config.text.max_len)
+    return tokenizer.decode(model.generate(ids.to(device), mask.to(device), **sampling)).float().cpu(), {}
 
 
 def judged_in_batches(model, text, tokenizer, world, specs: list, prompts: list[str] | None, batch_size: int,
@@ -271,14 +330,33 @@ def animals_extras(model, text, tokenizer, rng, short: int, batch_size: int, **s
     return results
 
 
+@torch.no_grad()
+def evaluate_on_real_data(model, text, tokenizer, source, clips: int, grid: str, rows: int = 8, **sampling) -> dict:
+    """A generator on held-out real clips: val_loss over `clips` of them, and `grid`, a PNG where each of
+    up to `rows` different captions has its (first) real clip above the generator's sample of it."""
+    codes, captions, videos = encode_clips(tokenizer, source, clips, torch.device("cpu"))
+    ids, mask = text.encode(captions, model.config.text.max_len)
+    results = {"val_loss": validation_loss(model, codes, ids, mask), "clips": len(codes)}
+    picks = [i for i, c in enumerate(captions) if captions.index(c) == i][:rows]  # the first clip of each caption
+    shown = [captions[i] for i in picks]
+    samples, _ = watch(model, text, tokenizer, (None, [], shown), torch.device("cpu"), **sampling)
+    pairs = torch.stack([videos[picks], samples], dim=1).flatten(0, 1)  # (2 rows, 3, T, H, W): real, sample
+    labels = [f"{kind}: {c}" for c in shown for kind in ("real", "sample")]
+    write_grid(grid, pairs, labels)
+    return results | {"grid": grid}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Evaluate a phenaki checkpoint: a tokenizer or a generator.",
                                 formatter_class=HelpWithDefaults)
     p.add_argument("checkpoint", nargs="?", help="a stage-1 or stage-2 model.safetensors (default: the world's generator)")
     p.add_argument("--world", default=DEFAULT_WORLD, choices=sorted(WORLDS),
                    help=f"whose shipped pair to use when no checkpoint is given (default {DEFAULT_WORLD})")
-    p.add_argument("--data", help="stage 1: held-out data (default: the Shapes world at an unseen seed)")
-    p.add_argument("--clips", type=int, default=256, help="stage 1: how many held-out clips")
+    p.add_argument("--data", help="held-out data (default: the run's --val-data, or the files it held out, or "
+                   "its world at an unseen seed)")
+    p.add_argument("--clips", type=int, default=256, help="how many held-out clips (stage 1; stage 2 on real data)")
+    p.add_argument("--grid", help="stage 2 on real data: the PNG of samples beside their captions and the real clips "
+                   "(default: eval_samples.png beside the checkpoint)")
     p.add_argument("--tokenizer-checkpoint", help="stage 2: the generator's tokenizer (default: the world's)")
     p.add_argument("--prompts", type=int, default=200, help="stage 2: random canonical prompts")
     p.add_argument("--stories", type=int, default=100, help="stage 2: stories (two prompts in Shapes, three in Animals)")
@@ -292,20 +370,25 @@ def main(argv: list[str] | None = None) -> None:
     args.tokenizer_checkpoint = args.tokenizer_checkpoint or shipped(args.world, "tokenizer")
     try:
         _, meta = load_checkpoint(args.checkpoint)
-        if meta.get("stage") == "2":
+        trained = json.loads(meta.get("train_config", "{}"))  # the run's data, sizes and fps
+        data = args.data or trained.get("data", "shapes")
+        if meta.get("stage") == "2" and data in WORLDS:
             model, text, tokenizer, meta = load_generator(args.checkpoint, args.tokenizer_checkpoint)
-            world = world_of(json.loads(meta.get("train_config", "{}")).get("data", "shapes"))
             results = {"generator": args.checkpoint, "step": int(meta["step"])} | evaluate_generator(
-                model, text, tokenizer, world, args.prompts, args.stories, steps=args.steps, cfg=args.cfg,
+                model, text, tokenizer, WORLDS[data], args.prompts, args.stories, steps=args.steps, cfg=args.cfg,
                 temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
+        elif meta.get("stage") == "2":  # real data: no judge, but a held-out loss and samples to look at
+            model, text, tokenizer, meta = load_generator(args.checkpoint, args.tokenizer_checkpoint)
+            grid = args.grid or os.path.join(os.path.dirname(args.checkpoint), "eval_samples.png")
+            results = {"generator": args.checkpoint, "step": int(meta["step"])} | evaluate_on_real_data(
+                model, text, tokenizer, held_out_source(args.data, trained), args.clips, grid, steps=args.steps,
+                cfg=args.cfg, temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
         else:
             model, meta = load_tokenizer(args.checkpoint)
-            train_cfg = json.loads(meta.get("train_config", "{}"))
-            data = args.data or train_cfg.get("data", "shapes")
             results = {"tokenizer": meta["kind"], "step": int(meta["step"])} | evaluate_tokenizer(
-                model, data, args.clips, train_cfg.get("frames", 11), train_cfg.get("image_size", 64))
+                model, held_out_source(args.data, trained), args.clips)
             if data == "animals":  # what the judge still reads after a round trip
-                results |= judge_round_trip(model, args.clips, train_cfg.get("frames", 11), train_cfg.get("image_size", 64))
+                results |= judge_round_trip(model, args.clips, trained.get("frames", 11), trained.get("image_size", 64))
     except (UsageError, ValueError) as err:
         exit_usage(err)
     for k, v in results.items():

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 
@@ -113,13 +114,31 @@ class RunLog:
         finally:
             plt.close(fig)
 
-    def grid(self, videos: torch.Tensor, name: str) -> None:
-        """`name`: videos (B, 3, T, H, W) as a grid of frames, one clip a row."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        grid = videos.permute(0, 3, 2, 4, 1).flatten(2, 3).flatten(0, 1)  # (B*H, T*W, 3)
+    def grid(self, videos: torch.Tensor, name: str, labels: list[str] | None = None) -> None:
+        """`name`: videos (B, 3, T, H, W) as a grid of frames, one clip a row (each under its label, if given)."""
         try:
-            plt.imsave(os.path.join(self.out, name), ((grid.clamp(-1, 1) + 1) / 2).cpu().numpy())
+            write_grid(os.path.join(self.out, name), videos, labels)
         except OSError as err:
             print(f"warning: {name} not written ({err.strerror})", file=sys.stderr)
+
+
+def write_grid(path: str, videos: torch.Tensor, labels: list[str] | None = None) -> None:
+    """A PNG of videos (B, 3, T, H, W) in [-1, 1], one clip a row, frames left to right; with `labels`,
+    each row under its caption (text drawn by matplotlib, at least 3 pixels of image per caption pixel)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = ((videos.clamp(-1, 1) + 1) / 2).permute(0, 3, 2, 4, 1).flatten(2, 3).float().cpu().numpy()  # (B, H, T*W, 3)
+    if labels is None:
+        plt.imsave(path, np.concatenate(list(rows)))  # (B*H, T*W, 3)
+        return
+    B, H, W = rows.shape[:3]
+    scale = max(1, 300 // H)  # a 64-pixel row is drawn 256 pixels high, the caption readable above it
+    fig, axes = plt.subplots(B, 1, figsize=(W * scale / 100, B * (H * scale + 40) / 100), dpi=100, squeeze=False)
+    for ax, row, label in zip(axes[:, 0], rows, labels):
+        ax.imshow(row, interpolation="nearest"), ax.set_axis_off()
+        ax.set_title(label[:120], fontsize=11, loc="left")
+    try:
+        fig.savefig(path, bbox_inches="tight")
+    finally:
+        plt.close(fig)

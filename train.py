@@ -44,7 +44,6 @@ import math
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -56,9 +55,9 @@ from checkpoint import (TOKENIZERS, clear_run, file_digest, generator_config_for
                         load_train_state, restore_modules, restore_optimizers, resumed_run, save_run, save_weights,
                         tokenizer_meta)
 from config import HelpWithDefaults, TrainConfig, UsageError, configure, exit_usage, override, resume_changes
-from data import ClipStream, UnusableData, build_token_cache, load_token_cache, make_source
+from data import ClipStream, UnusableData, build_token_cache, load_token_cache, train_and_val
 from distributed import Run, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
-from evaluate import WORLDS, psnr, sample_and_judge, world_of
+from evaluate import WORLDS, encode_clips, psnr, ssim, validation_loss, watch, watch_list
 from faults import TrainingStopped, exit_code, quiet_worker
 from maskgit import MaskGIT, MaskGITConfig
 from progress import Progress
@@ -69,8 +68,8 @@ from vqgan import Discriminator, VGGPerceptual, adaptive_gan_weight, hinge_d_los
 
 # ----------------------------------------------------------------------------- stage 1
 
-def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world: int, device: torch.device) -> None:
-    master, ddp = rank == 0, world > 1
+def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world: int, device: torch.device) -> None:
+    master, ddp, (source, val_source) = rank == 0, world > 1, sources
     torch.manual_seed(cfg.seed)  # the same init on every rank
     model, disc = TOKENIZERS[args.tokenizer](model_cfg).to(device), Discriminator().to(device)
     if args.compile:
@@ -96,9 +95,8 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
     disc_d = DDP(disc, forward_sync_buffers=False) if ddp else disc
     if resume and rank > 0:  # the saved counts are all ranks' sum (summed_counts): rank 0 carries it on.
         model.quantizer.counts.zero_()  # After the wrap: DDP's first broadcast copies rank 0's buffers to all
-    # a fixed batch for val_psnr and recon.png: unseen clips of a world, or else the first batch of the data
+    # a fixed batch of held-out clips for val_psnr, val_ssim and recon.png (data.train_and_val)
     # (data with nothing usable fails here, in this process, before any worker starts)
-    val_source = make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed + 1) if cfg.data in WORLDS else source
     val_video = ClipStream(val_source, 8).batch(0)["video"].to(device)  # (8, 3, T, H, W)
     # batch b of this rank is a function of b alone: a resumed run starts at the batch it stopped at.
     # Clips decode in `workers` processes, each keeping 4 batches ready, into pinned memory on CUDA
@@ -153,6 +151,7 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, source, rank: int, world:
                 if steps.due(cfg.image_every):  # reconstruct the fixed batch
                     recon = reconstruction(model, val_video, steps.autocast)  # (8, 3, T, H, W)
                     figures["val_psnr"] = psnr(recon, val_video).mean().item()  # dB, mean over the 8 clips
+                    figures["val_ssim"] = ssim(recon, val_video).mean().item()
                 steps.write_log(logs, figures)
                 if "val_psnr" in figures:  # real clips above their reconstructions, 4 pairs
                     pairs = torch.stack([val_video[:4], recon[:4]], dim=1).flatten(0, 1)  # (8, 3, T, H, W)
@@ -205,8 +204,13 @@ def fold_duplicate_codes(model: nn.Module, source, cfg: TrainConfig, device: tor
 def cache_codes(out: str, tokenizer: nn.Module, digest: str, cfg: TrainConfig, source, rank: int, world: int,
                 device: torch.device) -> tuple[torch.Tensor, list[str], int]:
     """Every clip through the frozen encoder once, each rank its share -> (codes (N, t, h, w), N captions,
-    files skipped). A cache made by the same tokenizer (`digest`), data and sizes is reused."""
-    key = json.dumps([digest, cfg.data, cfg.frames, cfg.image_size, cfg.fps, cfg.cache_clips, cfg.seed])
+    files skipped). A cache made by the same tokenizer (`digest`), data and sizes is reused. A world gives
+    cache_clips clips; real data a few windows per second of each file (data.CLIPS_PER_SECOND), at most that."""
+    key, clips = [digest, cfg.data, cfg.frames, cfg.image_size, cfg.fps, cfg.cache_clips, cfg.seed], cfg.cache_clips
+    if cfg.data not in WORLDS:  # real data: fixed windows; the key names the files' split and the crop too
+        source = source.windows(cfg.cache_clips)
+        key, clips = key + [cfg.val_data, cfg.crop, len(source)], len(source)
+    key = json.dumps(key)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     @torch.no_grad()
@@ -214,9 +218,9 @@ def cache_codes(out: str, tokenizer: nn.Module, digest: str, cfg: TrainConfig, s
         with autocast:
             return tokenizer.encode(video.to(device))
 
-    progress = Progress(math.ceil(cfg.cache_clips / world / 32), "token cache batch")  # batches of 32 clips
+    progress = Progress(math.ceil(clips / world / 32), "token cache batch")  # batches of 32 clips
     folder = os.path.join(out, "token_cache")  # one shard per rank
-    build_token_cache(encode, source, cfg.cache_clips, folder, 32, rank, world, key,
+    build_token_cache(encode, source, clips, folder, 32, rank, world, key,
                       on_batch=(lambda b, total: progress.update(b)) if rank == 0 else None)
     progress.close()
     if world > 1:
@@ -225,9 +229,9 @@ def cache_codes(out: str, tokenizer: nn.Module, digest: str, cfg: TrainConfig, s
     return codes, captions, skipped + getattr(source, "dropped", 0)
 
 
-def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, rank: int, world: int,
+def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, rank: int, world: int,
                     device: torch.device) -> None:
-    master, ddp, fsdp = rank == 0, world > 1, args.fsdp
+    master, ddp, fsdp, (source, val_source) = rank == 0, world > 1, args.fsdp, sources
     tokenizer = load_tokenizer(args.tokenizer_checkpoint)[0].to(device)  # frozen, in eval mode
     digest, t = file_digest(args.tokenizer_checkpoint), model_cfg.latent_frames  # the pairing; the window
     codes, captions, skipped_files = cache_codes(args.out, tokenizer, digest, cfg, source, rank, world, device)
@@ -267,8 +271,12 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
         step = restore_optimizers(resume[1], resume[2], opts)
         if master:
             print(f"resumed from {resume[0]} at step {step}")
-    val_world, rng = world_of(cfg.data), np.random.default_rng([cfg.seed, 424242])  # it judges the samples
-    val_specs = [val_world.random_spec(rng) for _ in range(8)]  # the prompts of the validation grid: fixed for the run
+    # 64 held-out clips for val_loss, encoded once; the watch grid's 8 prompts (a world's are judged)
+    val_codes, val_captions, _ = encode_clips(tokenizer, val_source, 64, device)  # (64, t, h, w)
+    val_ids, val_mask = text.encode(val_captions, model_cfg.text.max_len)  # (64, L) each
+    watched = watch_list(cfg.data, val_captions, args.watch_prompts, seed=cfg.seed)  # fixed for the run
+    if master:
+        print("samples.png shows: " + " | ".join(watched[2]))
     steps = Steps(cfg, args.out, rank, world, device, step, skipped_files)
 
     with steps.guard as guard:  # SIGTERM / Ctrl-C: finish the step, save, leave
@@ -292,23 +300,23 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, source, ra
             figures = {}  # what this step measured beside the loss
             if steps.due(cfg.image_every) and (master or fsdp):  # under FSDP every rank joins the all-gathers
                 model.eval()
-                # one clip for each validation prompt, its attributes read back by the world's judge
-                videos, verdicts = sample_and_judge(sampler, text, tokenizer, val_world, val_specs, device,
-                                                    steps=cfg.sample_steps,
-                                                    generator=torch.Generator(device).manual_seed(cfg.seed))
+                figures["val_loss"] = validation_loss(sampler, val_codes, val_ids, val_mask, cfg.seed)
+                # one clip for each watched prompt; in a world, its attributes read back by the judge
+                videos, verdicts = watch(sampler, text, tokenizer, watched, device, steps=cfg.sample_steps,
+                                         generator=torch.Generator(device).manual_seed(cfg.seed))
                 model.train()
-                figures = {f"val_{k}": v for k, v in verdicts.items()}  # the share of clips that agree
+                figures |= {f"val_{k}": v for k, v in verdicts.items()}  # the share of clips that agree
                 if fsdp:  # FSDP keeps a root unit gathered after its forward: shard it again before updates
                     sampler.reshard()
             if master and steps.due(cfg.log_every):
                 steps.write_log({"loss": total}, figures)
                 if figures:
-                    steps.log.grid(videos, "samples.png")  # (8, 3, T, H, W): one clip a row
+                    steps.log.grid(videos, "samples.png", watched[2])  # (8, 3, T, H, W): a clip under each prompt
             if (master or fsdp) and (steps.due(cfg.save_every) or guard.stop):  # FSDP: all ranks gather, one writes
                 meta = generator_meta(model_cfg, steps.step, text, digest) | {"tokenizer_checkpoint": args.tokenizer_checkpoint}
                 save_run(args.out, meta, cfg, modules, opts, write=master)
                 if master:
-                    steps.log.plot(("loss",))  # the curves so far, beside each checkpoint
+                    steps.log.plot(("loss", "val_loss"))  # the curves so far, beside each checkpoint
             guard.leave_if_signalled(steps.step, world, master, args.out)  # exit 128 + the signal
     steps.progress.close()
     finish(model, world, master, f"done: {steps.step} steps in {steps.progress.elapsed():.0f} s; "
@@ -324,6 +332,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default="vqgan", help="stage 1: vqgan (the shipped one) or cvivit (the paper's)")
     p.add_argument("--tokenizer-checkpoint", help="stage 2: the frozen stage-1 model.safetensors")
     p.add_argument("--data", help="shapes (the preset's), a video folder, tar shards, or an image folder")
+    p.add_argument("--val-data", help="held-out data for the val_ figures (default: a share of --data's files by name hash)")
+    p.add_argument("--watch-prompts", metavar="FILE", help="stage 2: captions to sample in samples.png, one a line "
+                   "(default: the held-out captions; a world's random prompts)")
     p.add_argument("--preset", default="tiny", help="tiny, base or paper (config.py)")
     p.add_argument("--out", help="output folder (default runs/stage<N>-<tokenizer>-<preset>)")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all (default: the preset's)")
@@ -355,7 +366,8 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     if not saved and args.max_steps and args.max_steps < cfg.max_steps and not any(
             a.startswith("train.warmup=") for a in args.set):  # a short run warms up in proportion, not for 200 steps
         cfg = dataclasses.replace(cfg, warmup=max(1, round(cfg.warmup * args.max_steps / cfg.max_steps)))
-    cfg = dataclasses.replace(cfg, data=args.data or cfg.data, max_steps=args.max_steps or cfg.max_steps)
+    cfg = dataclasses.replace(cfg, data=args.data or cfg.data, max_steps=args.max_steps or cfg.max_steps,
+                              val_data=args.val_data or cfg.val_data)
     if saved:
         for note in resume_changes(saved, (model_cfg, cfg)):
             print(note)
@@ -367,23 +379,25 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     if args.stage == 2:
         if not args.tokenizer_checkpoint:
             raise UsageError("stage 2 needs --tokenizer-checkpoint PATH (a stage-1 model.safetensors)")
-        model_cfg = generator_config_for(args.tokenizer_checkpoint, model_cfg, cfg)  # vocabulary and window
+        model_cfg = generator_config_for(args.tokenizer_checkpoint, model_cfg, cfg, same_data=not (saved or args.data))
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot write to --out {args.out}: {err.strerror}") from None
     if not os.access(args.out, os.W_OK):
         raise UsageError(f"cannot write to --out {args.out}: not a writable folder")
-    source = make_source(cfg.data, cfg.frames, cfg.image_size, seed=cfg.seed, fps=cfg.fps)
+    source, val_source, summary = train_and_val(cfg, args.stage)  # held out: --val-data, or a share by name hash
     if getattr(args, "replace", False) and int(os.environ.get("RANK", "0")) == 0:
         clear_run(args.out)  # --force: the old checkpoints and log go, now that the new run is accepted
-    return model_cfg, cfg, source
+    if summary and int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(summary), flush=True)
+    return model_cfg, cfg, (source, val_source)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        model_cfg, cfg, source = setup(args)  # fails early on bad flags or data
+        model_cfg, cfg, sources = setup(args)  # fails early on bad flags or data
     except (UsageError, ValueError) as err:
         exit_usage(err)
     # torchrun --max-restarts re-runs this command after a worker dies: go on from the last checkpoint
@@ -407,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     code = 0  # the exit code
     try:
-        (train_tokenizer if args.stage == 1 else train_generator)(args, model_cfg, cfg, source, rank, world, device)
+        (train_tokenizer if args.stage == 1 else train_generator)(args, model_cfg, cfg, sources, rank, world, device)
     except (UsageError, UnusableData, TrainingStopped, SystemExit) as err:
         code = exit_code(err)  # one line on stderr; 1 failed, 2 bad input, 128 + N a signal
     finally:

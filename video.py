@@ -53,10 +53,17 @@ def to_uint8_frames(video) -> np.ndarray:
     return video  # (T, H, W, 3)
 
 
-def _fit(width: int, height: int, size: int | None) -> tuple[int, int]:
-    """(w, h) with the short side resized to `size`; ValueError if the frame, before or after, is too big."""
+CROPS = ("center", "pad")  # how a frame becomes a square: cut the long side's ends, or letterbox the whole
+
+
+def _fit(width: int, height: int, size: int | None, crop: str = "center") -> tuple[int, int]:
+    """(w, h) with the short side resized to `size` (crop "center") or the long side ("pad"); ValueError
+    if the frame, before or after, is too big."""
     w, h = width, height
-    if size is not None:
+    if size is not None and crop == "pad":
+        scale = size / max(width, height, 1)
+        w, h = max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale)))
+    elif size is not None:
         scale = size / max(min(width, height), 1)  # a header may not know the size yet: 0 x 0
         w, h = max(size, round(width * scale)), max(size, round(height * scale))
     if max(width * height, w * h) > MAX_PIXELS:
@@ -64,17 +71,23 @@ def _fit(width: int, height: int, size: int | None) -> tuple[int, int]:
     return w, h
 
 
-def _rgb(frame: av.VideoFrame, size: int | None) -> np.ndarray:
-    """One decoded frame as (H, W, 3) uint8, upright, short side resized to `size` and centre-cropped."""
+def _rgb(frame: av.VideoFrame, size: int | None, crop: str = "center") -> np.ndarray:
+    """One decoded frame as (H, W, 3) uint8, upright, made a `size` square: short side resized and the
+    centre cut out (crop "center"), or long side resized and black bars added (crop "pad")."""
     # phones store "rotate this many degrees counter-clockwise" in the display matrix; read it before
     # reformat, whose new frame lacks that side data
     turns = round(frame.rotation / 90) % 4
-    w, h = _fit(frame.width, frame.height, size)  # the size can change mid-stream
+    w, h = _fit(frame.width, frame.height, size, crop)  # the size can change mid-stream
     if size is not None:
         # swscale's area filter averages the pixels it drops, so downscaling does not alias; it also
         # drops alpha and converts gray, 10-bit and any other pixel format to 8-bit RGB
         frame = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA")
     img = np.rot90(frame.to_ndarray(format="rgb24"), k=turns)  # (H, W, 3) from any pixel format
+    if size is not None and crop == "pad":
+        canvas = np.zeros((size, size, 3), np.uint8)
+        top, left = (size - img.shape[0]) // 2, (size - img.shape[1]) // 2
+        canvas[top:top + img.shape[0], left:left + img.shape[1]] = img
+        return canvas
     if size is not None:
         top, left = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
         img = img[top:top + size, left:left + size]  # (size, size, 3)
@@ -110,12 +123,30 @@ def _pick(container, stream, fps: float | None, start: float):
         i += 1
 
 
+def _seconds(container, stream) -> float:
+    """A video's duration in seconds as its header says, 0 when it does not say."""
+    if stream.duration:
+        return float(stream.duration * stream.time_base)
+    return (container.duration or 0) / 1e6  # container.duration is in microseconds
+
+
+def video_seconds(src: str | os.PathLike | io.IOBase) -> float:
+    """The duration of a video file from its header alone (nothing is decoded); 0 when unknown or unreadable."""
+    try:
+        with av.open(src) as container:
+            return _seconds(container, container.streams.video[0]) if container.streams.video else 0.0
+    except (av.error.FFmpegError, ValueError, OSError):
+        return 0.0
+
+
 def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, size: int | None = None,
-               fps: float | None = None, start: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
+               fps: float | None = None, start: float = 0.0, rng: np.random.Generator | None = None,
+               crop: str = "center") -> np.ndarray:
     """Decode a video or image (a path or a binary file object) to (T, H, W, 3) uint8 RGB.
 
     frames: exactly this many (ValueError if the video is shorter), else all, up to MAX_FRAMES.
-    size: short side resized to `size`, centre-cropped to size x size.  fps: resample by timestamp.
+    size: made a size x size square, by `crop` ("center": short side resized, the centre cut out; "pad":
+    long side resized, black bars above and below or at the sides).  fps: resample by timestamp.
     start: seconds to skip; with `rng`, the start is drawn uniformly over where a full clip fits.
     Every failure is a ValueError naming the file (a file object by its `name`, if it has one):
     unreadable, truncated, empty, video-less or too short files, frames above MAX_PIXELS, a first frame
@@ -127,17 +158,15 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, si
             if not container.streams.video:
                 raise ValueError("no video stream")
             stream = container.streams.video[0]
-            _fit(stream.codec_context.width, stream.codec_context.height, size)  # before decoding a clip
+            _fit(stream.codec_context.width, stream.codec_context.height, size, crop)  # before decoding a clip
             if rng is not None and frames is not None:
-                # container.duration is in microseconds; both are None when the header does not say
-                duration = (float(stream.duration * stream.time_base) if stream.duration
-                            else (container.duration or 0) / 1e6)
+                duration = _seconds(container, stream)
                 clip = frames / (fps or float(stream.average_rate or 25))
                 start = float(rng.uniform(0, duration - clip)) if duration > clip else 0.0
             out, last, img = [], None, None
             for frame in _pick(container, stream, fps, start):
                 if frame is not last:  # convert a repeated frame once
-                    last, img = frame, _rgb(frame, size)
+                    last, img = frame, _rgb(frame, size, crop)
                 out.append(img)
                 if len(out) == limit:
                     break
