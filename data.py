@@ -15,9 +15,15 @@ key.txt), or folders of images as one-frame videos. Files decode through `read_v
 
 Source:  video (T, H, W, 3) uint8  ->  batch {"video": (B, 3, T, H, W) float in [-1, 1], "caption": [B str]}
 
+Held out: a VAL_SHARE of a folder's files (or a shard's videos), chosen by a hash of each name, is kept
+for validation and never trained on (`held_out`; split "train" or "val" of a source), unless --val-data
+names held-out data of its own; `train_and_val` makes both sources and the one-line data summary.
+
 Stage 2 trains from a token cache: `build_token_cache` encodes the clips once with the frozen
 tokenizer, each rank its share, into safetensors shards of codes (N, t, h, w) int16 with the captions
 in the metadata; `load_token_cache` reads all shards back. A generator step then costs no decoding.
+From real data the cache holds fixed windows, CLIPS_PER_SECOND of each file spread over its length
+(`windows`), so a long file gives more than a short one and no window is encoded twice.
 
 Real files break (corrupt, truncated, empty, audio only, too short): read_video raises ValueError, and
 the stream skips the file with one stderr line, counts it in the batch's "skipped" and substitutes a
@@ -389,8 +395,9 @@ def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, 
         captions += batch["caption"]
         if on_batch is not None:
             on_batch(b + 1, batches)
-    meta = {"key": key, "captions": json.dumps(captions), "skipped": str(stream.skipped)}
-    save_file({"codes": torch.cat(codes)}, path + ".tmp", metadata=meta)
+    mine = len(range(rank, clips, world))  # this rank's clips k < clips: the last batch's extra ones go
+    meta = {"key": key, "captions": json.dumps(captions[:mine]), "skipped": str(stream.skipped)}
+    save_file({"codes": torch.cat(codes)[:mine]}, path + ".tmp", metadata=meta)
     os.replace(path + ".tmp", path)
 
 

@@ -167,6 +167,7 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
                                  f"weights in {os.path.join(args.out, 'model.safetensors')}")
     if master and cfg.fold_cosine:  # model.safetensors only: train_state keeps the raw book for --resume
         sampled = ema if ema is not None else model
+        print(f"folding codes within cosine {cfg.fold_cosine} of a more used one (counting them on 512 clips)", flush=True)
         left = fold_duplicate_codes(sampled, source, cfg, device)
         save_weights(args.out, tokenizer_meta(args.tokenizer, model_cfg, steps.step) | {"codes_left": str(left)}, cfg,
                      sampled.state_dict())
