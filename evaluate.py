@@ -4,6 +4,7 @@ follows its captions.
 
     python evaluate.py runs/stage1-vqgan-tiny/model.safetensors [--data SPEC] [--clips 256] [--json out.json]
     python evaluate.py [checkpoints/shapes/generator.safetensors] [--prompts 200] [--stories 100] [--json out.json]
+    python evaluate.py runs/mine-s2/model.safetensors --tokenizer-checkpoint runs/mine-s1/model.safetensors [--data SPEC]
 
 Stage 1 (a tokenizer checkpoint) reports, on clips it never trained on:
   psnr        peak signal-to-noise ratio in dB, 10 log10(1 / MSE) with pixels in [0, 1], averaged over clips
@@ -14,8 +15,8 @@ Stage 1 (a tokenizer checkpoint) reports, on clips it never trained on:
                 folded together at the end of training (VectorQuantizer.merge_near_duplicates)
   distinct_use  the share of those distinct codes that occur
   perplexity    exp of the entropy of the code histogram: the number of codes in effective use
-In a world (shapes, animals) the held-out clips come from a seed no training run uses (EVAL_SEED); for
-real data pass a held-out folder with --data. An Animals tokenizer also reports judge_* and
+In a world (shapes, animals) the held-out clips come from a seed no training run uses (EVAL_SEED); on
+real data they are the run's held-out files (data.held_out) or its --val-data, or else --data. An Animals tokenizer also reports judge_* and
 round_trip_*: the judge's agreement on fresh renders, and on the same clips after encode and decode.
 
 Stage 2 (a generator, default the shipped one of --world) makes a clip for each of N random canonical
@@ -29,8 +30,12 @@ stay). Animals also reports short prompts ("a dog running": short_species, short
 of 20 samples of "a dog running" judged a running dog, and a 241-frame video from one prompt
 (long_one_subject per frame, long_action and long_direction per 11-frame window). Shapes reports ten
 101-frame videos moving right, past the edge (long_*), and ten ten-segment stories (long_story_*).
-Figures are printed as `name: value` lines and, with --json, written to a file. All judging in the repo
-lives here: train.py logs `psnr` as val_psnr in stage 1 and `sample_and_judge` as val_* in stage 2.
+A generator trained on real data has no judge: it reports val_loss, its masked-code loss on held-out
+clips (validation_loss), and writes a grid of each held-out caption's real clip above its sample.
+Held out means --data if given, else what the run held out (held_out_source). Figures are printed as
+`name: value` lines and, with --json, written to a file. All judging in the repo lives here: train.py
+logs `psnr` and `ssim` as val_psnr and val_ssim in stage 1, and validation_loss and `watch` as
+val_loss and val_* in stage 2.
 """
 
 import argparse

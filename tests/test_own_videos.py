@@ -13,7 +13,8 @@ import av
 import numpy as np
 import pytest
 
-from data import VideoFolderSource, held_out, make_source
+from config import TrainConfig
+from data import VideoFolderSource, held_out, make_source, train_and_val
 from test_train import ROOT, TINY, TINY_GENERATOR
 from video import read_video
 
@@ -142,3 +143,15 @@ def test_stage2_refuses_data_whose_captions_are_all_empty(folder, tmp_path):
                  "tokenizer.safetensors"), "--data", str(bare), "--out", str(tmp_path / "out"), "--device", "cpu")
     assert result.returncode == 2 and result.stderr.startswith(f"error: every caption of {bare} is empty")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_val_data_names_the_held_out_set_and_every_training_file_is_trained_on(folder, tmp_path):
+    other = tmp_path / "held"
+    other.mkdir()
+    for name in ("beach.mp4", "dog.avi"):
+        shutil.copy(os.path.join(folder, name), other / name)
+    cfg = TrainConfig(data=folder, val_data=str(other), frames=3, image_size=32)
+    source, val, summary = train_and_val(cfg, stage=1)
+    assert len(source) == len(CLIPS)  # nothing of --data is held back
+    assert sorted(os.path.basename(p) for p, _ in val.items) == ["beach.mp4", "dog.avi"]
+    assert summary[1].startswith(f"data {other}: 2 videos for validation")
