@@ -255,10 +255,9 @@ class WindowSource:
         return len(self.spots)
 
     def load(self, k: int) -> tuple[np.ndarray, str]:
-        i, start = self.spots[k % len(self.spots)]
-        entry, text = self.files.items[i]
-        f = self.files
-        return read_video(f.fetch(entry), f.frames, f.size, f.fps, start=start, crop=f.crop), text
+        (i, start), files = self.spots[k % len(self.spots)], self.files
+        entry, text = files.items[i]
+        return read_video(files.fetch(entry), files.frames, files.size, files.fps, start=start, crop=files.crop), text
 
 
 class ImageFolderSource(VideoFolderSource):
