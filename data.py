@@ -129,8 +129,8 @@ def _folder_items(root: Path, exts: tuple[str, ...]) -> tuple[list[tuple[Path, s
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
     with open(table, newline="", encoding="utf-8-sig", errors="replace") as f:
         rows = [row for row in csv.reader(f) if row]
-    if rows and not (root / rows[0][0]).is_file() and len(rows[0]) > 1 and rows[0][1].isidentifier():
-        rows = rows[1:]  # a header (path,caption or file,text) names no file
+    if rows and not Path(rows[0][0]).suffix and not (root / rows[0][0]).is_file():
+        rows = rows[1:]  # a header (path,caption or file,text) names no file with an extension
     found = []
     for row in rows:
         if os.path.isfile(root / row[0]):  # False for a name too long or with a NUL byte, too
@@ -174,6 +174,7 @@ class VideoFolderSource:
     def __init__(self, root: str, frames: int = 11, size: int = 128, fps: float | None = 8.0, seed: int = 0,
                  split: str = "all", crop: str = "center"):
         self.name, self.frames, self.size, self.fps, self.seed, self.crop = str(root), frames, size, fps, seed, crop
+        self.root = str(root)  # `name` is what messages call the data; files are named relative to `root`
         # [(file, caption)], and how many entries indexing dropped (each said on one stderr line);
         # UnusableData if nothing is left
         items, self.dropped = self.index_files(root)
@@ -190,7 +191,7 @@ class VideoFolderSource:
 
     def entry_name(self, entry) -> str:
         """The name an entry is held out by: its path inside the folder."""
-        return Path(entry).relative_to(self.name).as_posix()
+        return Path(entry).relative_to(self.root).as_posix()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -359,6 +360,8 @@ def train_and_val(cfg, stage: int) -> tuple[object, object, list[str]]:
         return make_source(spec, cfg.frames, cfg.image_size, seed, cfg.fps, split, cfg.crop)
     source = make(cfg.data, "all" if cfg.val_data else "train", cfg.seed)
     val = make(cfg.val_data or cfg.data, "all" if cfg.val_data else "val", cfg.seed + 1)
+    if not cfg.val_data and hasattr(val, "summary"):
+        val.name = f"the held-out files of {cfg.data}"  # what a load failure names
     if not hasattr(source, "summary"):  # a world
         return source, val, []
     lines = [source.summary("train")] + ([val.summary("validation")] if cfg.val_data else [])
