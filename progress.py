@@ -13,7 +13,8 @@ is extrapolated from the rate since the job (or its resume) started.
               and the validation figures when they were measured
   loss.png    the curves of chosen keys over all logged steps of the run, its earlier sessions included
               (losses on a log scale, PSNR on an axis of its own), drawn at every save and at the end
-  <grid>.png  a grid of videos (B, 3, T, H, W), one clip a row, its frames left to right
+  <grid>.png  a grid of videos (B, 3, T, H, W), one clip a row, its frames left to right (samples.png:
+              each row under its prompt)
 A full disk must not end a training run: a line or a picture that cannot be written is reported on
 stderr and the run goes on (the checkpoints say for themselves whether they were saved).
 
@@ -124,7 +125,7 @@ class RunLog:
 
 def write_grid(path: str, videos: torch.Tensor, labels: list[str] | None = None) -> None:
     """A PNG of videos (B, 3, T, H, W) in [-1, 1], one clip a row, frames left to right; with `labels`,
-    each row under its caption (text drawn by matplotlib, at least 3 pixels of image per caption pixel)."""
+    each row under its caption, drawn by matplotlib with the frames enlarged so that the text stays small."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
