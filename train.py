@@ -377,6 +377,8 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     if args.fsdp and (args.stage != 2 or "RANK" not in os.environ):
         raise UsageError("--fsdp shards the stage-2 generator across the processes of torchrun; "
                          "stage 1 and single-process runs use DDP or nothing")
+    if args.watch_prompts and (args.stage == 1 or not os.path.isfile(args.watch_prompts)):
+        raise UsageError(f"--watch-prompts {args.watch_prompts}: " + ("stage 2 only" if args.stage == 1 else "no such file"))
     if args.stage == 2:
         if not args.tokenizer_checkpoint:
             raise UsageError("stage 2 needs --tokenizer-checkpoint PATH (a stage-1 model.safetensors)")

@@ -15,6 +15,7 @@ import pytest
 
 from config import TrainConfig
 from data import VideoFolderSource, held_out, make_source, train_and_val
+from evaluate import watch_list
 from test_train import ROOT, TINY, TINY_GENERATOR
 from video import read_video
 
@@ -155,3 +156,13 @@ def test_val_data_names_the_held_out_set_and_every_training_file_is_trained_on(f
     assert len(source) == len(CLIPS)  # nothing of --data is held back
     assert sorted(os.path.basename(p) for p, _ in val.items) == ["beach.mp4", "dog.avi"]
     assert summary[1].startswith(f"data {other}: 2 videos for validation")
+
+
+def test_watch_prompts_are_the_lines_of_a_file_and_stage_2_only(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog on a beach\n\n  a cat at night \n")
+    assert watch_list(str(tmp_path), ["a held-out caption"], str(prompts))[2] == ["a dog on a beach", "a cat at night"]
+    for stage, path, message in (("1", prompts, "stage 2 only"), ("2", tmp_path / "none.txt", "no such file")):
+        result = run("train.py", "--stage", stage, "--watch-prompts", str(path), "--out", str(tmp_path / "o"),
+                     "--tokenizer-checkpoint", os.path.join(ROOT, "checkpoints", "shapes", "tokenizer.safetensors"))
+        assert result.returncode == 2 and result.stderr.strip() == f"error: --watch-prompts {path}: {message}"
