@@ -1,33 +1,27 @@
 """
-Data for both stages: sources of captioned clips, one sharded and resumable stream, and the token cache.
+Data for both stages: sources of captioned clips, and the held-out split of real data.
 
-Every source answers one question: "give me clip number k". A `ClipStream` turns that into batches:
-the global sample index of the j-th clip that rank r sees is k = j * world + r, so ranks never see
-the same clip, and batch b of a rank goes to DataLoader worker b % workers, so the stream is the same
-whatever the worker count. A video folder maps k to (epoch, position) through a permutation seeded
-by (seed, epoch): every epoch is shuffled differently, and a resumed run that starts at clip j
-continues exactly where it stopped instead of repeating the data order.
+Every source answers one question: "give me clip number k" (`load(k)` -> video (T, H, W, 3) uint8 and
+its caption); stream.py turns that into batches for every rank and into stage 2's token cache. A video
+folder maps k to (epoch, position) through a permutation seeded by (seed, epoch): every epoch is
+shuffled differently, and the clip's start time is drawn from (seed, k), so the same k gives the same
+clip in any worker and after any resume.
 
 `make_source` reads a --data spec: a procedural world (the Shapes world of shapes.py, the default, or
 the Animals world of animals.py), a folder of videos captioned by a captions.csv of `path,caption` rows
 or by label sub-folders (`a video of {label}`, as for Moments in Time), webdataset tar shards (key.mp4 +
-key.txt), or folders of images as one-frame videos. Files decode through `read_video` (video.py).
-
-Source:  video (T, H, W, 3) uint8  ->  batch {"video": (B, 3, T, H, W) float in [-1, 1], "caption": [B str]}
+key.txt), or folders of images as one-frame videos. Files decode through `read_video` (video.py), made
+square by `crop` ("center" or "pad").
 
 Held out: a VAL_SHARE of a folder's files (or a shard's videos), chosen by a hash of each name, is kept
 for validation and never trained on (`held_out`; split "train" or "val" of a source), unless --val-data
 names held-out data of its own; `train_and_val` makes both sources and the one-line data summary.
-
-Stage 2 trains from a token cache: `build_token_cache` encodes the clips once with the frozen
-tokenizer, each rank its share, into safetensors shards of codes (N, t, h, w) int16 with the captions
-in the metadata; `load_token_cache` reads all shards back. A generator step then costs no decoding.
-From real data the cache holds fixed windows, CLIPS_PER_SECOND of each file spread over its length
-(`windows`), so a long file gives more than a short one and no window is encoded twice.
+For stage 2's token cache a real source gives fixed windows, CLIPS_PER_SECOND of each file spread over
+its length (`windows`), so a long file gives more than a short one and no window is encoded twice.
 
 Real files break (corrupt, truncated, empty, audio only, too short): read_video raises ValueError, and
-the stream skips the file with one stderr line, counts it in the batch's "skipped" and substitutes a
-clip. Data with nothing usable (no files, 20 failed loads in a row) raises UnusableData at once.
+the stream skips the file with one stderr line (`say_skipped`). Data with nothing usable (no files, no
+listed file that exists) raises UnusableData at once.
 
 Deviations: a video shorter than one clip counts as a bad file (skipped), rather than being padded or looped.
 """
@@ -36,7 +30,6 @@ import csv
 import glob
 import hashlib
 import io
-import json
 import math
 import os
 import re
@@ -45,16 +38,12 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch.utils.data import IterableDataset, get_worker_info
 
 from animals import AnimalsSource
 from shapes import ShapesSource
 from video import CROPS, IMAGE_EXTS, VIDEO_EXTS, read_video, video_seconds
 
-# Legend: B batch, T frames, H W pixels, k global clip index, j clip index within one rank.
+# Legend: T frames, H W pixels, k global clip index.
 
 class UnusableData(ValueError):
     """The data set has nothing to train on: no files, or only files that fail to load. One line."""
@@ -63,52 +52,6 @@ class UnusableData(ValueError):
 def say_skipped(what: str, why: object) -> None:
     """One stderr line for one skipped file (warnings.warn prints two; FFmpeg messages may hold newlines)."""
     print(f"skipped {what}: {' '.join(str(why).split())}", file=sys.stderr, flush=True)
-
-
-class ClipStream(IterableDataset):
-    """Batches of clips from a source, sharded by rank and DataLoader worker (see the module docstring).
-    Start at `start_batch` to resume. A clip that fails to load is skipped with one stderr line and
-    counted, and a deterministic substitute takes its place, so the batch size and the order stay fixed."""
-
-    def __init__(self, source, batch_size: int, rank: int = 0, world: int = 1, start_batch: int = 0,
-                 max_batches: int | None = None):
-        self.source, self.batch_size, self.rank, self.world = source, batch_size, rank, world
-        self.start_batch, self.max_batches = start_batch, max_batches
-        self.skipped = 0  # per process; each DataLoader worker counts its own
-        self.said: set[str] = set()  # the failures already reported: a bad file is named once, not every epoch
-
-    def clip(self, j: int) -> tuple[np.ndarray, str]:
-        """Clip number j of this rank, with substitutes for files that fail to decode."""
-        n = len(self.source)
-        k = j * self.world + self.rank
-        for attempt in range(20):
-            try:
-                return self.source.load(k)
-            except (OSError, ValueError, RuntimeError) as err:  # PyAV's errors derive from these
-                self.skipped, last = self.skipped + 1, err
-                if str(err) not in self.said:
-                    self.said.add(str(err))
-                    say_skipped(f"clip {k} of {self.source.name}", err)
-                k = int(np.random.default_rng([k, attempt, 7]).integers(n))
-        last = " ".join(str(last).split())
-        raise UnusableData(f"{self.source.name}: 20 loads in a row failed, the last with: {last}")
-
-    def batch(self, b: int) -> dict:
-        """{"video": (B, 3, T, H, W) in [-1, 1], "caption": [B str], "skipped": files skipped for it}."""
-        before = self.skipped
-        clips = [self.clip(j) for j in range(b * self.batch_size, (b + 1) * self.batch_size)]
-        video = torch.from_numpy(np.stack([v for v, _ in clips]))  # (B, T, H, W, 3) uint8
-        video = video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B, 3, T, H, W) in [-1, 1]
-        return {"video": video, "caption": [c for _, c in clips], "skipped": self.skipped - before}
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        b = self.start_batch + worker
-        end = math.inf if self.max_batches is None else self.start_batch + self.max_batches
-        while b < end:
-            yield self.batch(b)
-            b += workers
 
 
 def _folder_items(root: Path, exts: tuple[str, ...]) -> tuple[list[tuple[Path, str]], int]:
@@ -369,49 +312,3 @@ def train_and_val(cfg, stage: int) -> tuple[object, object, list[str]]:
         raise ValueError(f"every caption of {cfg.data} is empty ({source.layout}): stage 2 learns from captions; "
                          "add a captions.csv of path,caption rows, or put the videos in folders named by their label")
     return source, val, lines
-
-
-# ----------------------------------------------------------------------------- the token cache
-
-def cache_shard(folder: str, rank: int, world: int) -> str:
-    return os.path.join(folder, f"tokens-{rank:03d}-of-{world:03d}.safetensors")
-
-
-def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, rank: int, world: int,
-                      key: str, on_batch=None) -> None:
-    """Encode this rank's share of `clips` clips with `encode` (video (B, 3, T, H, W) -> codes (B, t, h, w))
-    into one shard. `key` names what made the cache (tokenizer hash, data, sizes); a shard whose key
-    differs is rebuilt. Written atomically, so an interrupted build is redone, never half-read."""
-    path = cache_shard(folder, rank, world)
-    if os.path.exists(path):
-        with safe_open(path, framework="pt") as f:
-            if (f.metadata() or {}).get("key") == key:
-                return
-    os.makedirs(folder, exist_ok=True)
-    stream = ClipStream(source, batch_size, rank, world)
-    batches = math.ceil(clips / world / batch_size)
-    codes, captions = [], []
-    for b in range(batches):
-        batch = stream.batch(b)
-        codes.append(encode(batch["video"]).to(torch.int16).cpu())  # (B, t, h, w)
-        captions += batch["caption"]
-        if on_batch is not None:
-            on_batch(b + 1, batches)
-    mine = len(range(rank, clips, world))  # this rank's clips k < clips: the last batch's extra ones go
-    meta = {"key": key, "captions": json.dumps(captions[:mine]), "skipped": str(stream.skipped)}
-    save_file({"codes": torch.cat(codes)[:mine]}, path + ".tmp", metadata=meta)
-    os.replace(path + ".tmp", path)
-
-
-def load_token_cache(folder: str, world: int, key: str) -> tuple[torch.Tensor, list[str], int]:
-    """All shards of a cache -> codes (N, t, h, w) long, N captions, and the files skipped building it."""
-    codes, captions, skipped = [], [], 0
-    for rank in range(world):
-        with safe_open(cache_shard(folder, rank, world), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") != key:
-                raise ValueError(f"token cache shard {rank} in {folder} was made by another tokenizer or data")
-            codes.append(f.get_tensor("codes").long())
-            captions += json.loads(meta["captions"])
-            skipped += int(meta.get("skipped", 0))
-    return torch.cat(codes), captions, skipped

@@ -51,10 +51,11 @@ import animals
 import shapes
 from checkpoint import DEFAULT_WORLD, load_checkpoint, load_generator, load_tokenizer, shipped
 from config import HelpWithDefaults, UsageError, exit_usage
-from data import ClipStream, make_source
+from data import make_source
 from maskgit import CFG, STEPS, TEMPERATURE, make_video
 from progress import write_grid
 from shapes import DIRECTIONS, ShapeSpec, oracle
+from stream import ClipStream
 
 # Legend: B batch, C channels, T frames, H W pixels, K codebook size.
 

@@ -55,13 +55,14 @@ from checkpoint import (TOKENIZERS, clear_run, file_digest, generator_config_for
                         load_train_state, restore_modules, restore_optimizers, resumed_run, save_run, save_weights,
                         tokenizer_meta)
 from config import HelpWithDefaults, TrainConfig, UsageError, configure, exit_usage, override, resume_changes
-from data import ClipStream, UnusableData, build_token_cache, load_token_cache, train_and_val
+from data import UnusableData, train_and_val
 from distributed import Run, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
 from evaluate import WORLDS, encode_clips, psnr, ssim, validation_loss, watch, watch_list
 from faults import TrainingStopped, exit_code, quiet_worker
 from maskgit import MaskGIT, MaskGITConfig
 from progress import Progress
 from steps import Steps, adamw
+from stream import ClipStream, build_token_cache, load_token_cache
 from text_encoder import CaptionTokenizer
 from vqgan import Discriminator, VGGPerceptual, adaptive_gan_weight, hinge_d_loss
 

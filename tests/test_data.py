@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import ClipStream, ImageFolderSource, TarShardSource, VideoFolderSource, expand_braces, make_source
+from data import ImageFolderSource, TarShardSource, VideoFolderSource, expand_braces, make_source
 from shapes import ShapesSource
+from stream import ClipStream
 from test_video import encode_mp4
 
 

@@ -310,7 +310,8 @@ def test_data_that_goes_bad_mid_run_stops_it_in_one_line(tmp_path):
 
 
 def test_skipped_and_dropped_files_are_counted_in_the_log(tmp_path):
-    from data import ClipStream, make_source
+    from data import make_source
+    from stream import ClipStream
     folder = video_folder(tmp_path, 3)
     (folder / "broken.mp4").write_bytes(b"not a video")  # trained on: 1.mp4 is the held-out file
     (folder / "captions.csv").write_text("0.mp4,a\n1.mp4,b\n2.mp4,c\nbroken.mp4,d\nmissing.mp4,e\n")

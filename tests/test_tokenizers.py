@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from cvivit import CViViT, CViViTConfig
-from data import ClipStream
+from stream import ClipStream
 from evaluate import psnr
 from shapes import ShapesSource
 from vqgan import VQGAN, VectorQuantizer, VQGANConfig
