@@ -223,16 +223,24 @@ def window_steps(steps: int, unknown: int, positions: int) -> int:
     return max(1, math.ceil(steps * unknown / positions))
 
 
-def plan_windows(t: int, keep: int | None, frames: list[int], have: int = 0) -> list[tuple[int, int, int]]:
+def plan_windows(t: int, keep: int | None, frames: list[int], have: int = 0,
+                 keep_at_cut: int | None = 1) -> list[tuple[int, int, int]]:
     """The windows make_video decodes -> [(segment, context frames, new frames)], in order: segment i
     adds frames[i] new frames after the `have` frames before it. Context 0 starts a fresh window;
-    otherwise the last `context` frames (1 + 2(k - 1), k = `keep` latent frames) are re-encoded and given."""
+    otherwise the last `context` frames (1 + 2(k - 1), k = `keep` latent frames) are re-encoded and given.
+    At a cut to the next prompt only `keep_at_cut` latent frames are given (None: `keep`). One, the last
+    frame alone, says where the object is and what it looks like but not how it was moving, so the new
+    prompt's motion starts there; given the old motion, the model has to turn it around within one latent
+    frame, which no training clip shows (in ten-segment Shapes stories that drew two objects at 60% of
+    the cuts)."""
     keep = max(1, min(keep or t // 2, t - 1))  # default half the window; at least one new latent frame
+    cut = max(1, min(keep_at_cut or keep, t - 1))
     window, plan = 1 + 2 * (t - 1), []
     for segment, wanted in enumerate(frames):
         made = 0
         while made < wanted:
-            context = 0 if have == 0 else min(1 + 2 * (keep - 1), have - (1 - have % 2))  # odd: 1 + 2(k - 1)
+            k = cut if made == 0 and segment > 0 else keep
+            context = 0 if have == 0 else min(1 + 2 * (k - 1), have - (1 - have % 2))  # odd: 1 + 2(k - 1)
             new = min(window - context, wanted - made)
             plan.append((segment, context, new))
             made, have = made + new, have + new
@@ -242,16 +250,17 @@ def plan_windows(t: int, keep: int | None, frames: list[int], have: int = 0) -> 
 @torch.no_grad()
 def stream_video(model: MaskGIT, tokenizer: nn.Module, prompts: list[tuple[torch.Tensor, torch.Tensor]],
                  frames: list[int], init: torch.Tensor | None = None, keep: int | None = None,
-                 **sampling) -> Iterator[torch.Tensor]:
+                 keep_at_cut: int | None = 1, **sampling) -> Iterator[torch.Tensor]:
     """A video of any length, a window at a time: segment i has `frames[i]` new frames under prompt i
     (ids, mask each (B, L)). `init` (B, 3, T0, H, W) is an image or video to continue (not yielded again).
-    `keep` latent frames (default half the window) are re-encoded and given at each shift. Yields the new
-    frames of each window (B, 3, new, H, W) in order. Only the last window of frames is held: the
-    memory of a video does not grow with its length, and nothing is copied more than once."""
+    `keep` latent frames (default half the window) are re-encoded and given at each shift, `keep_at_cut`
+    at a change of prompt (plan_windows). Yields the new frames of each window (B, 3, new, H, W) in
+    order. Only the last window of frames is held: the memory of a video does not grow with its length,
+    and nothing is copied more than once."""
     t = model.config.latent_frames
     window = 1 + 2 * (t - 1)
     tail = init  # the latest frames, at most one window: where the next context comes from
-    for segment, context, new in plan_windows(t, keep, frames, 0 if init is None else init.shape[2]):
+    for segment, context, new in plan_windows(t, keep, frames, 0 if init is None else init.shape[2], keep_at_cut):
         ids, mask = prompts[segment]
         given = None  # nothing to continue: a fresh window
         if context:
@@ -264,7 +273,7 @@ def stream_video(model: MaskGIT, tokenizer: nn.Module, prompts: list[tuple[torch
 
 def make_video(model: MaskGIT, tokenizer: nn.Module, prompts: list[tuple[torch.Tensor, torch.Tensor]],
                frames: list[int], init: torch.Tensor | None = None, keep: int | None = None,
-               **sampling) -> torch.Tensor:
+               keep_at_cut: int | None = 1, **sampling) -> torch.Tensor:
     """stream_video, gathered: -> video (B, 3, T0 + sum(frames), H, W), `init` first."""
-    pieces = list(stream_video(model, tokenizer, prompts, frames, init, keep, **sampling))
+    pieces = list(stream_video(model, tokenizer, prompts, frames, init, keep, keep_at_cut, **sampling))
     return torch.cat(([] if init is None else [init]) + pieces, dim=2)
