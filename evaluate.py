@@ -268,13 +268,13 @@ def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int
     rng = np.random.default_rng(EVAL_SEED)
     specs = [world.random_spec(rng) for _ in range(prompts)]
     results = judged_in_batches(model, text, tokenizer, world, specs, None, batch_size, **sampling)
-    if stories:
+    if stories:  # cuts as sample.py makes them for a generator of this world
         results |= (animals_stories if world is animals else shapes_stories)(
-            model, text, tokenizer, rng, stories, batch_size, **sampling)
+            model, text, tokenizer, rng, stories, batch_size, keep_at_cut=world.KEEP_AT_CUT, **sampling)
     if world is animals:
         results |= animals_extras(model, text, tokenizer, rng, prompts // 2, batch_size, **sampling)
     else:
-        results |= shapes_long(model, text, tokenizer, rng, 10, **sampling)
+        results |= shapes_long(model, text, tokenizer, rng, 10, keep_at_cut=world.KEEP_AT_CUT, **sampling)
     return results | {"prompts": prompts, "stories": stories}
 
 

@@ -10,8 +10,8 @@ or push a real video through the stage-1 tokenizer alone.
     python sample.py --reconstruct clip.mp4 --out recon.mp4                 # prints psnr and ssim
 
 One prompt makes one clip of --frames frames (default: the trained window, 11). Several prompts make a
-story: each gets an equal share of --frames (default 11 + 10 per further prompt), each segment continuing the last
-frames of the one before (maskgit.make_video). --init continues an image or a video instead of starting
+story: each gets an equal share of --frames (default 11 + 10 per further prompt), each segment continuing the end
+of the one before (maskgit.make_video). --init continues an image or a video instead of starting
 from nothing. --frames must be 1 + 2n; another number is rounded up, with a note. --samples N makes N
 videos of the same prompts in one batch (each its own draw), written as <out>-0.mp4 ... <out>-(N-1).mp4.
 
@@ -124,7 +124,8 @@ def run_generate(args) -> None:
     model, tokenizer = model.to(device), tokenizer.to(device)
     prompts = [tuple(x.to(device) for x in text.encode([p] * n, model.config.text.max_len)) for p in args.prompts]
     t0 = time.time()
-    plan = plan_windows(t, args.keep, shares, 0 if init is None else init.shape[2])
+    cut = WORLDS[cfg['data']].KEEP_AT_CUT if cfg.get("data") in WORLDS else None  # what its world taught of cuts
+    plan = plan_windows(t, args.keep, shares, 0 if init is None else init.shape[2], cut)
     total = sum(window_steps(args.steps, t - (context + 1) // 2, t) for _, context, _ in plan)  # k = (context + 1) / 2
     progress, done, made, windows = Progress(total, "decoding step"), [0], [0], [0]
 
@@ -137,7 +138,7 @@ def run_generate(args) -> None:
         if init is not None:
             init = init.to(device).expand(n, -1, -1, -1, -1)
             outputs.write(init)
-        for piece in stream_video(model, tokenizer, prompts, shares, init, args.keep, steps=args.steps, cfg=args.cfg,
+        for piece in stream_video(model, tokenizer, prompts, shares, init, args.keep, cut, steps=args.steps, cfg=args.cfg,
                                   temperature=args.temperature, on_step=on_step,
                                   generator=torch.Generator(device).manual_seed(args.seed)):
             outputs.write(piece)  # (n, 3, new, H, W)
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=STEPS, help="MaskGIT decoding steps per window")
     p.add_argument("--cfg", type=float, default=CFG, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="Gumbel noise on the confidence, annealed to 0")
-    p.add_argument("--keep", type=int, help="latent frames kept as context at each shift (default half the window)")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="noise on the confidence, in a fresh window")
+    p.add_argument("--keep", type=int, help="latent frames of context at each shift (default half the window)")
     p.add_argument("--samples", type=int, default=1, help="videos of the prompts, made as one batch: <out>-<i>.mp4")
     p.add_argument("--world", default=DEFAULT_WORLD, choices=sorted(WORLDS),
                    help=f"whose shipped pair to use when no checkpoint is given (default {DEFAULT_WORLD})")

@@ -38,6 +38,9 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 10, "large": 18}  # pixels across on the 64 x 64 canvas
 DIRECTIONS = ("left", "right", "up", "down", "still")
 EDGES = 0.1  # share of moving objects that enter or leave the canvas in a training clip
+# A clip never changes its motion, so a generator of this world has not learnt to turn it around: at a cut
+# to the next prompt of a story it is given the last frame alone (maskgit.plan_windows)
+KEEP_AT_CUT = 1
 _STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
 
 

@@ -165,39 +165,51 @@ def test_a_continuation_window_takes_steps_in_proportion_to_its_unknown_codes(te
     assert calls == [12] * 12 + [4] * 4
 
 
-def test_a_cut_to_the_next_prompt_gives_only_the_last_frame_unless_asked():
-    """Within a prompt the context is `keep` latent frames (5 frames of an 11-frame window by default);
-    at a cut to the next prompt it is the last frame alone, or `keep_at_cut` latent frames."""
-    assert plan_windows(6, None, [11, 10, 10]) == [(0, 0, 11), (1, 1, 10), (2, 1, 10)]
-    assert plan_windows(6, None, [21]) == [(0, 0, 11), (0, 5, 6), (0, 5, 4)]
-    assert plan_windows(6, None, [11, 10], keep_at_cut=None) == [(0, 0, 11), (1, 5, 6), (1, 5, 4)]
+def test_a_cut_to_the_next_prompt_gives_keep_at_cut_latent_frames():
+    """Within a prompt the context is `keep` latent frames (5 frames of an 11-frame window by default), and
+    at a cut to the next prompt too, unless `keep_at_cut` says otherwise (1: the last frame alone)."""
+    assert plan_windows(6, None, [11, 10]) == [(0, 0, 11), (1, 5, 6), (1, 5, 4)]
+    assert plan_windows(6, None, [11, 10, 10], keep_at_cut=1) == [(0, 0, 11), (1, 1, 10), (2, 1, 10)]
+    assert plan_windows(6, None, [21], keep_at_cut=1) == [(0, 0, 11), (0, 5, 6), (0, 5, 4)]  # no cut
     assert plan_windows(6, 2, [11, 12], keep_at_cut=2) == [(0, 0, 11), (1, 3, 8), (1, 3, 4)]
-    assert plan_windows(6, None, [4], have=7) == [(0, 5, 4)]  # continuing --init is no cut
+    assert plan_windows(6, None, [4], have=7, keep_at_cut=1) == [(0, 5, 4)]  # continuing --init is no cut
+
+
+def test_windows_that_continue_frames_sample_at_the_context_temperature(text):
+    model, tokenizer = tiny_generator(), tiny_tokenizer()
+    seen, generate = [], model.generate
+    model.generate = lambda *a, **kw: seen.append(kw["temperature"]) or generate(*a, **kw)
+    prompts = [text.encode([c], 16) for c in CAPTIONS[:2]]
+    make_video(model, tokenizer, prompts, [5, 6], steps=1, temperature=3.0)  # a fresh window, a cut, a shift
+    make_video(model, tokenizer, prompts, [5, 6], steps=1, temperature=3.0, context_temperature=None)
+    assert seen == [3.0, 1.0, 1.0, 3.0, 3.0, 3.0]
 
 
 def whole_video_reference(model, tokenizer, prompts, frames, init=None, keep=None, keep_at_cut=1,
-                          **sampling) -> torch.Tensor:
+                          context_temperature=1.0, temperature=4.5, **sampling) -> torch.Tensor:
     """The straightforward way, for comparison: keep the whole video and cut each context from it."""
     t = model.config.latent_frames
     out = [] if init is None else [init]
     for segment, context, new in plan_windows(t, keep, frames, 0 if init is None else init.shape[2], keep_at_cut):
         ids, mask = prompts[segment]
-        given = None
+        given, noise = None, temperature
         if context:
             known = tokenizer.encode(torch.cat(out, dim=2)[:, :, -context:])
             given = F.pad(known, (0, 0, 0, 0, 0, t - known.shape[1]), value=-1)
-        out.append(tokenizer.decode(model.generate(ids, mask, given=given, **sampling))[:, :, context:context + new])
+            noise = temperature if context_temperature is None else context_temperature
+        out.append(tokenizer.decode(model.generate(ids, mask, given=given, temperature=noise, **sampling))[
+            :, :, context:context + new])
     return torch.cat(out, dim=2)
 
 
-@pytest.mark.parametrize("keep, keep_at_cut, frames, init_frames",
-                         [(None, 1, [9], 0), (1, 1, [4, 6], 0), (2, 1, [7], 3), (None, 1, [3, 3, 3], 1),
-                          (2, None, [5, 6], 0)])
-def test_streamed_video_equals_the_whole_video_way(text, keep, keep_at_cut, frames, init_frames):
+@pytest.mark.parametrize("keep, keep_at_cut, context_temperature, frames, init_frames",
+                         [(None, 1, 1.0, [9], 0), (1, 1, 1.0, [4, 6], 0), (2, 1, 1.0, [7], 3),
+                          (None, 1, 1.0, [3, 3, 3], 1), (2, None, None, [5, 6], 0)])
+def test_streamed_video_equals_the_whole_video_way(text, keep, keep_at_cut, context_temperature, frames, init_frames):
     model, tokenizer = tiny_generator(), tiny_tokenizer()
     prompts = [text.encode([c, c], 16) for c in CAPTIONS[:len(frames)]]  # a batch of two
     init = torch.rand(2, 3, init_frames, 16, 16) * 2 - 1 if init_frames else None
-    sampling = dict(keep=keep, keep_at_cut=keep_at_cut, steps=2, cfg=1.5)
+    sampling = dict(keep=keep, keep_at_cut=keep_at_cut, context_temperature=context_temperature, steps=2, cfg=1.5)
     want = whole_video_reference(model, tokenizer, prompts, frames, init, generator=torch.Generator().manual_seed(0),
                                  **sampling)
     pieces = list(stream_video(model, tokenizer, prompts, frames, init, generator=torch.Generator().manual_seed(0),

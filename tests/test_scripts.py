@@ -179,6 +179,25 @@ def test_a_keep_beyond_the_window_is_clamped_with_a_note(generator, tokenizer, t
     assert "note: --keep 7 leaves no room" in printed and "keeping 1" in printed and "frames: 7" in printed
 
 
+@pytest.mark.parametrize("world, cut", [("shapes", 1), ("animals", None)])
+def test_a_story_cut_gives_the_context_the_generators_world_taught(world, cut, tmp_path, monkeypatch):
+    """Behind a Shapes generator (its clips never change their motion) a cut to the next prompt gives the
+    last frame alone; behind Animals (its story clips switch action) the whole context, as within a prompt."""
+    class Stop(Exception):
+        pass
+
+    def stream_video(model, tokenizer, prompts, frames, init, keep, keep_at_cut, **sampling):
+        seen.append(keep_at_cut)
+        raise Stop
+
+    seen = []
+    monkeypatch.setattr(sample, "stream_video", stream_video)
+    with pytest.raises(Stop):
+        sample.main(["a red circle moving right", "a red circle moving left", "--world", world,
+                     "--out", str(tmp_path / "story.mp4")])
+    assert seen == [cut] and not os.path.exists(tmp_path / "story.mp4")
+
+
 def test_evaluate_reports_stage2_figures_with_long_videos(generator, tokenizer, tmp_path, capsys):
     path = str(tmp_path / "gen.json")
     evaluate.main([generator, "--tokenizer-checkpoint", tokenizer, "--prompts", "4", "--stories", "2", "--steps", "2",
