@@ -124,7 +124,7 @@ def run_generate(args) -> None:
     model, tokenizer = model.to(device), tokenizer.to(device)
     prompts = [tuple(x.to(device) for x in text.encode([p] * n, model.config.text.max_len)) for p in args.prompts]
     t0 = time.time()
-    cut = WORLDS[cfg['data']].KEEP_AT_CUT if cfg.get("data") in WORLDS else None  # what its world taught of cuts
+    cut = WORLDS[cfg["data"]].KEEP_AT_CUT if cfg.get("data") in WORLDS else None  # what its world taught of cuts
     plan = plan_windows(t, args.keep, shares, 0 if init is None else init.shape[2], cut)
     total = sum(window_steps(args.steps, t - (context + 1) // 2, t) for _, context, _ in plan)  # k = (context + 1) / 2
     progress, done, made, windows = Progress(total, "decoding step"), [0], [0], [0]

@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import load_tokenizer, shipped
-from maskgit import MaskGIT, MaskGITConfig, draw, make_video, mask_ratio, plan_windows, stream_video
+from maskgit import (CONTEXT_TEMPERATURE, TEMPERATURE, MaskGIT, MaskGITConfig, draw, make_video, mask_ratio,
+                     plan_windows, stream_video)
 import animals
 import shapes
 from animals import AnimalSpec
@@ -176,6 +177,7 @@ def test_a_cut_to_the_next_prompt_gives_keep_at_cut_latent_frames():
 
 
 def test_windows_that_continue_frames_sample_at_the_context_temperature(text):
+    """A fresh window takes the temperature asked for; a window after a cut or a shift CONTEXT_TEMPERATURE."""
     model, tokenizer = tiny_generator(), tiny_tokenizer()
     seen, generate = [], model.generate
     model.generate = lambda *a, **kw: seen.append(kw["temperature"]) or generate(*a, **kw)
@@ -185,8 +187,8 @@ def test_windows_that_continue_frames_sample_at_the_context_temperature(text):
     assert seen == [3.0, 1.0, 1.0, 3.0, 3.0, 3.0]
 
 
-def whole_video_reference(model, tokenizer, prompts, frames, init=None, keep=None, keep_at_cut=1,
-                          context_temperature=1.0, temperature=4.5, **sampling) -> torch.Tensor:
+def whole_video_reference(model, tokenizer, prompts, frames, init=None, keep=None, keep_at_cut=None,
+                          context_temperature=CONTEXT_TEMPERATURE, temperature=TEMPERATURE, **sampling) -> torch.Tensor:
     """The straightforward way, for comparison: keep the whole video and cut each context from it."""
     t = model.config.latent_frames
     out = [] if init is None else [init]
