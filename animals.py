@@ -22,8 +22,8 @@ The judge reads what the renderer guarantees: the scene from the top (sky) and b
 subject as the pixels far from their row's background (the median of the outer fifths, which the camera
 rule keeps clear), the largest blob with its holes filled; species from its area; colour from its inside;
 travel from the shift that best aligns the ground band below the feet two frames apart (marks moving
-left: travel right); a jump from the rise of its lowest row; flying from being in the sky; the facing of
-a subject that does not travel from the side its head (top third) is on. Deviations: Phenaki trains on
+left: travel right); a jump from a take-off, its lowest row rising above where it was earlier; flying from
+being in the sky; the facing of a subject that does not travel from the side its head (top third) is on. Deviations: Phenaki trains on
 web video; this world stands in so that the default model can be trained and judged on two CPU cores.
 """
 
@@ -54,6 +54,9 @@ HORIZON, SEA, GROUND, BAND = 40, 34, 54, 57  # horizon row, top of the sea, feet
 MOTION = {"running": (3.5, 0.25, 0.6), "walking": (1.2, 0.125, 0.35), "jumping": (2.0, 0.0, 0.1),
           "sitting": (0.0, 0.0, 0.0), "flying": (2.5, 0.25, 0.0)}
 HOP, AIR, ALT = 1 / 7, 0.75, 34.0  # hop cycles a frame; share of a hop in the air; flying altitude
+# a bird climbs 5 pixels a frame (7 frames to altitude) and lands in 3: a landing that took 7 frames still
+# travelled and dropped through most of the segment after "the bird lands", which then read as flying
+CLIMB, LAND = 5.0, 12.0
 SCALE = {"horse": 1.05, "dog": 1.05, "cat": 0.85, "bird": 0.75}  # sprite sizes: about 31, 22, 16, 10 long
 AREAS = (107, 222, 390)  # the judge's area cuts bird | cat | dog | horse, in the gaps measured clean and blurred
 OUTLINE, RIM = (35, 28, 22), (150, 165, 210)  # the dark outline; the moonlit rim that replaces it at night
@@ -146,7 +149,7 @@ def parse(text: str) -> dict[str, str]:
 
 def _track(spec: AnimalSpec, frames: int, rng: np.random.Generator, start_action, switch_at) -> dict:
     """The subject's state (T,) each: camera x in the world, gait phase, leg swing, gallop, hop height and leg
-    stretch, sit, altitude, tail wag. A hop lands first; sitting or rising takes 3 frames, climbing 7."""
+    stretch, sit, altitude, tail wag. A hop lands first; sitting, rising or landing takes 3 frames, climbing 7."""
     sign, pace = (1 if spec.direction == "right" else -1), rng.uniform(0.9, 1.1)
     cam, phase, u, height, wag = rng.uniform(1e4, 1e5), rng.random(), rng.random(), rng.uniform(8, 10), rng.random()
     prev, bird = start_action or spec.action, spec.species == "bird"
@@ -155,9 +158,11 @@ def _track(spec: AnimalSpec, frames: int, rng: np.random.Generator, start_action
         a = start_action if start_action and t < switch_at else spec.action
         if (a == "jumping" and prev != "jumping") or (a != "jumping" and u >= AIR):  # u: the hop, aloft below AIR
             u = 0.0  # a hop starts from the ground; a subject that stops jumping stays there
+        if a != "jumping" and prev == "jumping" and u < AIR / 2:  # one still rising turns down at once (u -> AIR - u,
+            u = AIR - u  # the same height): after "the dog starts running" it lands and runs, and never leaps again
         air = np.sin(np.pi * u / AIR) if u < AIR else 0.0
         sit += 0.0 if bird else np.clip(float(a == "sitting") - sit, -0.34, 0.34)
-        alt += np.clip(ALT * (a == "flying") - alt, -5, 5) if bird else 0.0
+        alt += np.clip(ALT * (a == "flying") - alt, -LAND, CLIMB) if bird else 0.0
         travel, gait, swing = MOTION[a]
         rows.append((cam, phase, swing, a == "running", height * air, air, sit, alt, wag))
         cam += sign * pace * (MOTION["flying"][0] * alt / ALT if bird else travel * (1 - sit))
@@ -392,9 +397,13 @@ def judge(video) -> dict:
     area = float(np.median(areas))  # bird < cat < dog < horse
     species, shift = ("bird", "cat", "dog", "horse")[int(np.searchsorted(AREAS, area))], _scroll(f)
     travel = -float(np.nanmedian(shift)) if np.isfinite(shift).any() else 0.0  # the ground moves against it
+    # a jump is a take-off: the feet rise above where they were earlier in the clip (y down). A hop that only
+    # lands, the end of one begun before a switch to running or walking, is not a jump
+    low = np.array(bottoms)  # (T,) the subject's lowest row in each frame
+    rise = float(np.max(np.maximum.accumulate(low)[:-1] - low[1:], initial=0.0))
     # in the sky it flies; without travel it sits; rising off the ground it jumps; fast it runs
     action = ("flying" if np.median(bottoms) < HORIZON - 6 else "sitting" if abs(travel) < 0.5 else
-              "jumping" if max(bottoms) - min(bottoms) > 4 else "running" if abs(travel) > 2.3 else "walking")
+              "jumping" if rise > 4 else "running" if abs(travel) > 2.3 else "walking")
     facing = travel if abs(travel) >= 0.5 else np.mean(leans)
     return {"species": species, "color": color, "action": action, "direction": "right" if facing > 0 else "left",
             "scene": scene, "one_subject": all(one), "one_share": float(np.mean(one)), "area": area, "travel": travel}
