@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 
 from cvivit import CViViTConfig
-from maskgit import MaskGITConfig
+from maskgit import POSITIONS, MaskGITConfig
 from text_encoder import TextEncoderConfig
 from vqgan import VQGANConfig
 
@@ -91,11 +91,13 @@ class TrainConfig:
     image_ratio: float = 0.0  # stage 2: share of samples trained as images (their first latent frame alone)
     sample_steps: int = 24  # stage 2: decoding steps of the sample grid and the alignment check in the log
     motion_weight: float = 1.0  # stage 2: loss weight of codes that change from the latent frame before; 1: plain
+    prefix_masks: float = 0.0  # stage 2: share of samples given their first 1..t-1 latent frames, the rest masked
 
 
 # the fields that one stage alone reads: setting one for the other stage is a mistake, not a no-op
 STAGE_OF_FIELD = {"restart_every": 1, "fold_cosine": 1, "gan_weight": 1, "gan_start": 1, "perceptual_weight": 1,
-                  "cache_clips": 2, "image_ratio": 2, "sample_steps": 2, "motion_weight": 2}
+                  "cache_clips": 2, "image_ratio": 2, "sample_steps": 2, "motion_weight": 2,
+                  "prefix_masks": 2}
 
 
 def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTConfig, TrainConfig]:
@@ -183,7 +185,7 @@ def override(config, assignments: list[str], prefix: str):
 
 # what --set may change when a run resumes: the schedule's length and peak, and how often it reports
 RESUMABLE = {"max_steps", "lr", "min_lr", "log_every", "image_every", "save_every", "sample_steps", "grad_clip",
-             "motion_weight"}
+             "motion_weight", "prefix_masks"}
 
 
 def resume_changes(saved: tuple, asked: tuple) -> list[str]:
@@ -214,4 +216,7 @@ def configure(stage: int, preset: str, tokenizer: str, assignments: list[str]) -
         if key.startswith("train.") and STAGE_OF_FIELD.get(field, stage) != stage:
             raise UsageError(f"{key} is read by stage {STAGE_OF_FIELD[field]} only, and this is stage {stage}")
     model_cfg, cfg = tokenizer_preset(preset, tokenizer) if stage == 1 else generator_preset(preset)
-    return override(model_cfg, assignments, "model"), override(cfg, assignments, "train")
+    model_cfg, cfg = override(model_cfg, assignments, "model"), override(cfg, assignments, "train")
+    if stage == 2 and model_cfg.position not in POSITIONS:
+        raise UsageError(f"model.position must be one of {', '.join(POSITIONS)}, got {model_cfg.position!r}")
+    return model_cfg, cfg

@@ -103,6 +103,9 @@ class Run(nn.Module):
     def loss(self, *args, **kwargs) -> torch.Tensor:
         return self("loss", *args, **kwargs)
 
+    def predict(self, *args) -> torch.Tensor:
+        return self("predict", *args)
+
 
 @contextlib.contextmanager
 def summed_counts(quantizer: nn.Module, ddp: bool):

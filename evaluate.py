@@ -179,6 +179,80 @@ def validation_loss(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.T
     return (sum(losses) / len(codes)).item()
 
 
+@torch.no_grad()
+def motion_probe(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, seed: int = 0,
+                 batch_size: int = 32) -> dict[str, float]:
+    """What the generator has learned of motion, from held-out codes (N, t, h, w) and captions (N, L):
+    the masked-code loss and top-1 accuracy on codes that differ from the code at their place one latent
+    frame before (moved) and on those that repeat it (still), latent frames 1.. only, under two masks:
+    training's random ones (probe_random_*, the same draws every call, from `seed`) and a continuation's
+    (probe_next_*: the first half of the latent frames given, the rest to fill, as a shifted window
+    starts). A model that copies the frame before scores well on still codes and badly on moved ones.
+    `model` is a MaskGIT or distributed.Run around one."""
+    t, draw_masks = codes.shape[1], getattr(model, "model", model).mask_positions  # Run keeps the MaskGIT as .model
+    moved = codes[:, 1:] != codes[:, :-1]  # (N, t - 1, h, w): frame 0 has no frame before
+    sums, counts = {}, {}
+    with torch.random.fork_rng(devices=[codes.device] if codes.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for kind in ("random", "next"):
+            for i in range(0, len(codes), batch_size):
+                c, rows = codes[i:i + batch_size], slice(i, i + batch_size)
+                if kind == "random":
+                    tokens, masked = draw_masks(c)
+                    masked = masked.view(c.shape)
+                else:
+                    masked = torch.zeros_like(c, dtype=torch.bool)
+                    masked[:, t // 2:] = True  # keep t // 2 latent frames, as make_video's default context
+                    tokens = c.masked_fill(masked, model.config.codebook_size)  # [MASK]
+                logits = model.predict(tokens, ids[rows].to(c.device), mask[rows].to(c.device)).float()  # (B, t, h, w, K)
+                ce = F.cross_entropy(logits.flatten(0, 3), c.flatten(), reduction="none").view(c.shape)[:, 1:]
+                hit = (logits.argmax(-1) == c)[:, 1:]  # (B, t - 1, h, w)
+                for group, where in (("moved", moved[rows]), ("still", ~moved[rows])):
+                    where = where & masked[:, 1:]  # scored: masked positions of this group
+                    counts[kind, group] = counts.get((kind, group), 0) + where.sum().item()
+                    for name, value in (("loss", ce), ("acc", hit.float())):
+                        sums[kind, group, name] = sums.get((kind, group, name), 0.0) + value[where].sum().item()
+    return {f"probe_{kind}_{group}_{name}": v / max(counts[kind, group], 1) for (kind, group, name), v in sums.items()}
+
+
+CONTINUE_SEED = 1_000_033  # the real clips the continuation test gives as context: never trained on
+
+
+@torch.no_grad()
+def continuation(model, text, tokenizer, clips_per_action: int = 2, windows: int = 3, seed: int = CONTINUE_SEED,
+                 device: torch.device = torch.device("cpu"), **sampling) -> dict[str, float]:
+    """Real Animals clips as context, the generator goes on: for each action, `clips_per_action` rendered
+    11-frame clips (random species that has it, colour, direction, scene) are continued under their
+    canonical caption by `windows` windows of 10 new frames, and each window is judged. -> continue_action,
+    the share of windows whose action is the clip's, and continue_<action> for each action."""
+    rng = np.random.default_rng(seed)
+    specs = []
+    for action in animals.MOTION:
+        for _ in range(clips_per_action):
+            species = str(rng.choice([s for s in animals.SPECIES if action in animals.ACTIONS[s]]))
+            specs.append(animals.AnimalSpec(species, str(rng.choice(list(animals.COLORS))), action,
+                                            str(rng.choice(animals.DIRECTIONS)), str(rng.choice(list(animals.SCENES)))))
+    real = np.stack([animals.render(s, 11, 64, rng) for s in specs])  # (B, 11, H, W, 3) uint8
+    init = torch.from_numpy(real).permute(0, 4, 1, 2, 3).to(device).float() / 127.5 - 1  # (B, 3, 11, H, W)
+    prompt = [x.to(device) for x in text.encode([animals.caption(s) for s in specs], model.config.text.max_len)]
+    video = make_video(model, tokenizer, [prompt], [10 * windows], init=init, **sampling).float().cpu()  # (B, 3, 11 + 10w, H, W)
+    held = {a: [] for a in animals.MOTION}
+    for v, s in zip(video, specs):
+        held[s.action] += [animals.judge(v[:, 11 + 10 * i:21 + 10 * i])["action"] == s.action for i in range(windows)]
+    return {"continue_action": float(np.mean(sum(held.values(), [])))} | {
+        f"continue_{a}": float(np.mean(h)) for a, h in held.items()}
+
+
+def watch_motion(model, text, tokenizer, held_out: tuple, data: str, device: torch.device, seed: int,
+                 **sampling) -> dict[str, float]:
+    """What a run logs of motion at each image_every: the probe on its held-out (codes, ids, mask) and,
+    in the Animals world, one real clip of each action continued by two windows."""
+    figures = motion_probe(model, *held_out, seed=seed)
+    if data == "animals":
+        figures |= continuation(model, text, tokenizer, 1, 2, device=device, **sampling)
+    return figures
+
+
 def watch_list(data: str, captions: list[str], path: str | None = None, n: int = 8, seed: int = 0):
     """What a run watches -> (world or None, specs, prompts): in a world, n random specs (judged); on real
     data the lines of `path` (--watch-prompts), or else the first n different held-out captions."""
@@ -208,15 +282,20 @@ def watch(model, text, tokenizer, watched: tuple, device: torch.device, **sampli
 
 def judged_in_batches(model, text, tokenizer, world, specs: list, prompts: list[str] | None, batch_size: int,
                       **sampling) -> dict[str, float]:
-    """sample_and_judge over many specs, `batch_size` clips at a time -> the mean verdicts."""
+    """sample_and_judge over many specs, `batch_size` clips at a time -> the mean verdicts; in the Animals
+    world also action_<action>: among the specs of each action, the share whose action is judged right."""
     totals: dict[str, float] = {}
+    actions = {}  # (action) -> verdicts of the specs of that action
     for i in range(0, len(specs), batch_size):
         chunk = slice(i, i + batch_size)
-        _, verdicts = sample_and_judge(model, text, tokenizer, world, specs[chunk], torch.device("cpu"),
-                                       prompts[chunk] if prompts else None, **sampling)
+        videos, verdicts = sample_and_judge(model, text, tokenizer, world, specs[chunk], torch.device("cpu"),
+                                            prompts[chunk] if prompts else None, **sampling)
         for k, v in verdicts.items():
             totals[k] = totals.get(k, 0.0) + v * len(specs[chunk])
-    return {k: v / len(specs) for k, v in totals.items()}
+        if world is animals:
+            for video, spec in zip(videos, specs[chunk]):
+                actions.setdefault(spec.action, []).append(animals.judge(video)["action"] == spec.action)
+    return {k: v / len(specs) for k, v in totals.items()} | {f"action_{a}": float(np.mean(h)) for a, h in actions.items()}
 
 
 def shapes_stories(model, text, tokenizer, rng, stories: int, batch_size: int, **sampling) -> dict[str, float]:
@@ -273,6 +352,7 @@ def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int
             model, text, tokenizer, rng, stories, batch_size, keep_at_cut=world.KEEP_AT_CUT, **sampling)
     if world is animals:
         results |= animals_extras(model, text, tokenizer, rng, prompts // 2, batch_size, **sampling)
+        results |= motion_extras(model, text, tokenizer, EVAL_SEED, **sampling)
     else:
         results |= shapes_long(model, text, tokenizer, rng, 10, keep_at_cut=world.KEEP_AT_CUT, **sampling)
     return results | {"prompts": prompts, "stories": stories}
@@ -315,6 +395,14 @@ def shapes_long(model, text, tokenizer, rng, videos: int, frames: int = 101, **s
         kept.append(parts[-1]["color"] == first[b].color and parts[-1]["shape"] == first[b].shape)
     return results | {"long_story_direction": float(np.mean(right)), "long_story_one_object": float(np.mean(one)),
                       "long_story_kept": float(np.mean(kept))}
+
+
+def motion_extras(model, text, tokenizer, seed: int, clips: int = 128, **sampling) -> dict[str, float]:
+    """The motion probe on `clips` Animals clips of `seed` and the continuation of 4 real clips per action
+    (of another seed derived from it): how things move, beside what the judge reads of single prompts."""
+    codes, captions, _ = encode_clips(tokenizer, make_source("animals", 11, 64, seed), clips, torch.device("cpu"))
+    ids, mask = text.encode(captions, model.config.text.max_len)
+    return motion_probe(model, codes, ids, mask) | continuation(model, text, tokenizer, 4, 3, seed + 30, **sampling)
 
 
 def animals_extras(model, text, tokenizer, rng, short: int, batch_size: int, **sampling) -> dict[str, float]:
@@ -370,6 +458,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cfg", type=float, default=CFG)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--motion", type=int, metavar="SEED", help="Animals generator: the motion figures alone, on "
+                   "prompts and clips of SEED (one the evaluation never draws): action per action on --prompts "
+                   "canonical prompts, the motion probe and the continuation of real clips (the motion study)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     args.checkpoint = args.checkpoint or shipped(args.world, "generator")
@@ -378,7 +469,18 @@ def main(argv: list[str] | None = None) -> None:
         _, meta = load_checkpoint(args.checkpoint)
         trained = json.loads(meta.get("train_config", "{}"))  # the run's data, sizes and fps
         data = args.data or trained.get("data", "shapes")
-        if meta.get("stage") == "2" and data in WORLDS:
+        if meta.get("stage") == "2" and args.motion is not None:
+            if data != "animals":
+                raise UsageError("--motion measures an Animals generator")
+            model, text, tokenizer, meta = load_generator(args.checkpoint, args.tokenizer_checkpoint)
+            sampling = dict(steps=args.steps, cfg=args.cfg, temperature=args.temperature,
+                            generator=torch.Generator().manual_seed(args.seed))
+            rng = np.random.default_rng(args.motion)
+            specs = [animals.random_spec(rng) for _ in range(args.prompts)]
+            results = {"generator": args.checkpoint, "step": int(meta["step"])} | judged_in_batches(
+                model, text, tokenizer, animals, specs, None, 20, **sampling) | motion_extras(
+                model, text, tokenizer, args.motion, **sampling)
+        elif meta.get("stage") == "2" and data in WORLDS:
             model, text, tokenizer, meta = load_generator(args.checkpoint, args.tokenizer_checkpoint)
             results = {"generator": args.checkpoint, "step": int(meta["step"])} | evaluate_generator(
                 model, text, tokenizer, WORLDS[data], args.prompts, args.stories, steps=args.steps, cfg=args.cfg,

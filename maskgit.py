@@ -6,10 +6,16 @@ The video tokenizer turns a clip into codes (B, t, h, w) with t = 1 + n latent f
 N = t·h·w positions. Each position gets a code embedding (or the embedding of the extra [MASK] id K)
 plus factorised learned position embeddings for its time, row and column. The stack self-attends over
 all N positions and cross-attends to the text states; a linear head gives logits over the K codes.
+With `position="rotary"` every self-attention also rotates its queries and keys by their (t, h, w)
+position (a 3D rotary embedding, transformer.rotate), so that a logit depends on the offset (Δt, Δh, Δw)
+between two positions: in a video the code that predicts a moving one sits at a fixed offset (one latent
+frame back, one place along), and a head can look there whatever the absolute position.
 
 Training (`loss`): for each sample draw r ~ U(0, 1) and mask ⌈γ(r)·N⌉ random positions, with the cosine
 schedule γ(r) = cos(πr/2) (MaskGIT §3.2). The cross-entropy counts only the masked positions: the
-visible ones are copied from the input and would teach nothing. A caption is replaced by the empty one
+visible ones are copied from the input and would teach nothing. A share `prefix` of the samples keeps its
+first k latent frames visible (k uniform in 1..t-1) and masks ⌈γ(r)·N_rest⌉ of the later positions: the
+task every window after the first is sampled with (Phenaki §2.3; MAGVIT trains frame prediction so). A caption is replaced by the empty one
 10% of the time, so the same network also predicts without text (classifier-free guidance, Ho &
 Salimans 2022). An image is a one-latent-frame video: its later frames are padding that is neither
 attended to nor scored, so only its first-frame codes are masked (Phenaki §3, joint image-video training).
@@ -28,7 +34,9 @@ then again and again re-encode the last 1 + 2(k − 1) frames with the causal to
 latent frames as known codes, and generate the remaining t − k under the current prompt. Each shift adds
 2(t − k) frames, so the length has no bound, and a new prompt per segment tells a story.
 
-Deviations: none in the method. Sizes are far below the paper's 1.8B, and the text encoder is our own.
+Deviations: the paper does not say how it encodes positions; the relative bias and the prefix masks are
+measured choices (README, the motion study). Sizes are far below the paper's 1.8B, and the text encoder
+is our own.
 """
 
 import math
@@ -56,12 +64,17 @@ class MaskGITConfig:
     head_dim: int | None = None  # width of a head; None = dim / heads
     mlp: int = 1024  # hidden width of the feed-forward
     text_drop: float = 0.1  # share of captions replaced by the empty one in training (for guidance)
+    position: str = "absolute"  # "absolute": factorised tables; "rotary": also 3D rotary angles in self-attention
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # the caption encoder
 
     @classmethod
     def from_dict(cls, fields: dict) -> "MaskGITConfig":
         return cls(**(fields | {"text": TextEncoderConfig(**fields["text"])}))
 
+
+# How positions enter: "absolute" tables only (what the files shipped before the motion study hold), or
+# "rotary": the tables and 3D rotary angles in every self-attention
+POSITIONS = ("absolute", "rotary")
 
 # Sampling defaults, chosen with the oracle on 100 prompts the reported evaluation never draws (the tiny
 # generator behind the folded VQGAN): guidance 3 gave colour 0.95 / shape 0.82 / one object 0.93,
@@ -104,11 +117,14 @@ class MaskGIT(nn.Module):
         self.pos_t = nn.Parameter(torch.randn(config.latent_frames, D) * 0.02)
         self.pos_h = nn.Parameter(torch.randn(config.grid, D) * 0.02)
         self.pos_w = nn.Parameter(torch.randn(config.grid, D) * 0.02)
+        if config.position not in POSITIONS:
+            raise ValueError(f"unknown position scheme {config.position!r}; choose one of {', '.join(POSITIONS)}")
         self.text = TextEncoder(config.text)
         # cross attention reads the text states at their own width, as Phenaki reads T5's
         self.transformer = Transformer(D, config.depth, config.heads, config.mlp, cross=True, head_dim=config.head_dim,
                                        context_dim=config.text.dim)
         self.head = nn.Linear(D, K)
+        self.head_dim = config.head_dim or D // config.heads
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids, mask (B, L) -> text states (B, L, Dt)."""
@@ -124,8 +140,13 @@ class MaskGIT(nn.Module):
         mask = None
         if frames is not None:
             mask = self.real_positions(frames, tokens.shape)  # (B, N), padding is never attended to
-        x = self.transformer(x, states, text_mask, mask)  # (B, N, D)
+        angles = rotary_angles(t, h, w, self.head_dim, x.device) if self.config.position == "rotary" else None
+        x = self.transformer(x, states, text_mask, mask, angles)  # (B, N, D)
         return self.head(x).view(B, t, h, w, -1)  # (B, t, h, w, K)
+
+    def predict(self, tokens: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Logits for tokens (B, t, h, w) under captions ids, text_mask (B, L) -> (B, t, h, w, K)."""
+        return self(tokens, self.encode_text(ids, text_mask), text_mask)
 
     @staticmethod
     def real_positions(frames: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -139,28 +160,37 @@ class MaskGIT(nn.Module):
         mask = mask & ~(drop[:, None] & (ids != BOS))  # keep only [BOS] in dropped rows
         return torch.where(mask, ids, PAD), mask
 
-    def mask_positions(self, codes: torch.Tensor, frames: torch.Tensor | None = None):
+    def mask_positions(self, codes: torch.Tensor, frames: torch.Tensor | None = None, prefix: float = 0.0):
         """Draw the training mask: codes (B, t, h, w) -> tokens (B, t, h, w) with [MASK] where hidden,
-        and masked (B, N), the positions to score. Each sample hides ⌈γ(r)·N_real⌉ of its real positions,
-        r ~ U(0, 1); an image's padding frames are [MASK] too but are not scored."""
+        and masked (B, N), the positions to score. Each sample hides ⌈γ(r)·N_open⌉ of its open positions,
+        r ~ U(0, 1). Open are the real ones, less, in a `prefix` share of the samples, their first k latent
+        frames (k uniform in 1..t-1), which stay visible and are never scored. An image's padding frames
+        are [MASK] too but are not scored."""
         B, t, h, w = codes.shape
         N = t * h * w
         real = torch.ones(B, N, dtype=torch.bool, device=codes.device) if frames is None else self.real_positions(frames, codes.shape)
+        open_ = real
+        if prefix > 0:  # continuation: the first k latent frames are given, as when a window is shifted
+            real_frames = torch.full((B,), t, device=codes.device) if frames is None else frames  # (B,)
+            keep = (torch.rand(B, device=codes.device) * (real_frames - 1)).floor().long() + 1  # (B,) in 1..t-1
+            keep = torch.where((torch.rand(B, device=codes.device) < prefix) & (real_frames > 1), keep, 0)
+            open_ = real & ~self.real_positions(keep, codes.shape)  # (B, N)
         ratio = mask_ratio(torch.rand(B, device=codes.device))  # (B,) share to mask, cosine schedule
-        n_mask = (ratio * real.sum(1)).ceil().clamp(min=1)  # at least one masked position per sample
-        # a random order of the real positions; the first n_mask of each row are masked
-        scores = torch.rand(B, N, device=codes.device).masked_fill(~real, 2.0)  # padding sorts last
+        n_mask = (ratio * open_.sum(1)).ceil().clamp(min=1)  # at least one masked position per sample
+        # a random order of the open positions; the first n_mask of each row are masked
+        scores = torch.rand(B, N, device=codes.device).masked_fill(~open_, 2.0)  # padding and kept frames sort last
         masked = scores.argsort(1).argsort(1) < n_mask[:, None]  # (B, N)
         tokens = codes.reshape(B, N).masked_fill(masked | ~real, self.mask_id)
         return tokens.view(B, t, h, w), masked
 
     def loss(self, codes: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor,
-             frames: torch.Tensor | None = None, motion_weight: float = 1.0) -> torch.Tensor:
-        """codes (B, t, h, w) long; ids, text_mask (B, L); frames (B,) real latent frames or None (all).
+             frames: torch.Tensor | None = None, motion_weight: float = 1.0, prefix: float = 0.0) -> torch.Tensor:
+        """codes (B, t, h, w) long; ids, text_mask (B, L); frames (B,) real latent frames or None (all);
+        prefix: the share of samples masked as continuations (mask_positions).
         Returns the mean cross-entropy over the masked positions only. With motion_weight > 1 a code that
         differs from the one at its place in the latent frame before counts that many times: in a video
         most codes repeat the frame before, and a plain mean lets them outvote the few that move."""
-        tokens, masked = self.mask_positions(codes, frames)
+        tokens, masked = self.mask_positions(codes, frames, prefix)
         ids, text_mask = self.drop_captions(ids, text_mask)
         logits = self(tokens, self.encode_text(ids, text_mask), text_mask, frames)  # (B, t, h, w, K)
         K = logits.shape[-1]
@@ -221,6 +251,19 @@ class MaskGIT(nn.Module):
             if on_step is not None:
                 on_step(s + 1, steps)
         return tokens.view(shape)
+
+
+def rotary_angles(t: int, h: int, w: int, head_dim: int, device: torch.device) -> torch.Tensor:
+    """3D rotary angles for the positions of a (t, h, w) grid -> (N, hd/2). The hd/2 rotated pairs of a head
+    are shared out in three equal groups, for time, row and column (any left over stay unturned); within a
+    group pair k turns by π·2^-(k+1/2) radians a step, from fast (2.2: neighbours differ clearly) to slow (an
+    offset across the whole grid still differs from none), as a binary code of the offset."""
+    n = head_dim // 2 // 3  # pairs per axis
+    freq = math.pi * 2.0 ** (-torch.arange(n, device=device) - 0.5)  # (n,) radians a step
+    grid = torch.meshgrid(*(torch.arange(m, device=device) for m in (t, h, w)), indexing="ij")
+    parts = [g.flatten()[:, None] * freq for g in grid]  # 3 x (N, n)
+    angles = torch.cat(parts, dim=1)  # (N, 3n)
+    return F.pad(angles, (0, head_dim // 2 - 3 * n))  # (N, hd/2)
 
 
 def window_steps(steps: int, unknown: int, positions: int) -> int:

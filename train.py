@@ -57,7 +57,7 @@ from checkpoint import (TOKENIZERS, clear_run, file_digest, generator_config_for
 from config import HelpWithDefaults, TrainConfig, UsageError, configure, exit_usage, override, resume_changes
 from data import UnusableData, train_and_val
 from distributed import Run, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
-from evaluate import WORLDS, encode_clips, psnr, ssim, validation_loss, watch, watch_list
+from evaluate import WORLDS, encode_clips, psnr, ssim, validation_loss, watch, watch_list, watch_motion
 from faults import TrainingStopped, exit_code, quiet_worker
 from maskgit import MaskGIT, MaskGITConfig
 from progress import Progress
@@ -294,8 +294,9 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
                     image = torch.rand(cfg.batch_size, generator=pick) < cfg.image_ratio  # (B,)
                     frames = torch.where(image, 1, t).to(device)  # (B,) real latent frames
                 with grad_sync(loss_d, micro == cfg.grad_accum - 1), steps.autocast:
-                    # L_gen: mask ⌈cos(πr/2)·N⌉ codes, drop 10% of captions, cross-entropy on the masked ones
-                    loss = loss_d("loss", codes[idx].to(device), ids, mask, frames, cfg.motion_weight)
+                    # L_gen: mask ⌈cos(πr/2)·N⌉ codes (after a prefix of latent frames in a prefix_masks share),
+                    # drop 10% of captions, cross-entropy on the masked ones
+                    loss = loss_d("loss", codes[idx].to(device), ids, mask, frames, cfg.motion_weight, cfg.prefix_masks)
                     (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
             steps.update({"loss": total}, model, list(opts.values()), list(opts.values()), ema)  # clip, AdamW, EMA
@@ -306,8 +307,11 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
                 # one clip for each watched prompt; in a world, its attributes read back by the judge
                 videos, verdicts = watch(sampler, text, tokenizer, watched, device, steps=cfg.sample_steps,
                                          generator=torch.Generator(device).manual_seed(cfg.seed))
+                verdicts |= watch_motion(sampler, text, tokenizer, (val_codes, val_ids.to(device), val_mask.to(device)),
+                                         cfg.data, device, cfg.seed, steps=cfg.sample_steps,
+                                         generator=torch.Generator(device).manual_seed(cfg.seed))  # how things move
                 model.train()
-                figures |= {f"val_{k}": v for k, v in verdicts.items()}  # the share of clips that agree
+                figures |= {f"val_{k}": v for k, v in verdicts.items()}  # shares of clips that agree; the probe
                 if fsdp:  # FSDP keeps a root unit gathered after its forward: shard it again before updates
                     sampler.reshard()
             if master and steps.due(cfg.log_every):

@@ -38,3 +38,14 @@ def test_the_cli_refuses_a_key_of_the_other_stage_in_one_line():
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "train.sample_steps is read by stage 2 only" in result.stderr
+
+
+def test_the_position_scheme_is_a_checked_model_field_and_old_generators_load_with_absolute_positions():
+    from checkpoint import load_generator, shipped
+    model_cfg, _ = configure(2, "tiny", "vqgan", ["model.position=rotary"])
+    assert model_cfg.position == "rotary" and generator_preset("tiny")[0].position == "absolute"
+    with pytest.raises(UsageError, match="model.position must be one of absolute, rotary"):
+        configure(2, "tiny", "vqgan", ["model.position=sideways"])
+    for world in ("shapes", "animals"):  # files saved before the field existed: their config has no 'position'
+        model, _, _, meta = load_generator(shipped(world, "generator"), shipped(world, "tokenizer"))
+        assert "position" not in meta["config"] and model.config.position == "absolute"

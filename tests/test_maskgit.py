@@ -284,3 +284,25 @@ def test_tiny_generator_overfits_animals_clips_and_the_judge_agrees():
              AnimalSpec("horse", "white", "walking", "left", "on the beach"),
              AnimalSpec("bird", "orange", "flying", "right", "at night")]
     assert overfit(animals, specs, steps=500) > 0.95  # measured: 98.9% of codes match after 300 steps, 99.9% after 500
+
+
+def test_prefix_masks_keep_the_first_latent_frames_visible_and_never_score_them():
+    model = tiny_generator(latent_frames=4)
+    codes = torch.randint(16, (400, 4, 2, 2))
+    time = torch.arange(4).repeat_interleave(4)  # (N,) latent frame of each position
+    first_frame = {}
+    for prefix in (0.0, 0.5, 1.0):
+        torch.manual_seed(0)
+        tokens, masked = model.mask_positions(codes, prefix=prefix)
+        assert (tokens.flatten(1) == model.mask_id).equal(masked), "what is hidden is what is scored"
+        first_frame[prefix] = masked[:, time == 0].float().sum(1).mean().item()  # masked codes of latent frame 0
+        if prefix == 1.0:  # every sample keeps k in 1..t-1 latent frames: visible, unscored; masks only after
+            k = torch.stack([time[row].min() for row in masked])  # (B,) the first masked latent frame
+            assert set(k.tolist()) == {1, 2, 3}, "every prefix length 1..t-1 is drawn"
+            for row, keep in zip(range(len(codes)), k.tolist()):
+                assert tokens.flatten(1)[row, time < keep].equal(codes.flatten(1)[row, time < keep])
+    assert first_frame[0.0] > 1 and first_frame[1.0] == 0
+    assert 0.35 < first_frame[0.5] / first_frame[0.0] < 0.65, "about half the samples keep a prefix"
+    images = torch.ones(400, dtype=torch.long)  # an image has no frame to keep: its one frame is masked as before
+    _, image_masked = model.mask_positions(codes, images, prefix=1.0)
+    assert image_masked.view(400, 4, 4)[:, 0].any(1).all() and not image_masked.view(400, 4, 4)[:, 1:].any()

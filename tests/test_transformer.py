@@ -64,3 +64,26 @@ def test_causal_stack_does_not_see_the_future():
     y[:, 5:] = torch.randn(1, 3, 32)
     torch.testing.assert_close(net(x)[:, :5], net(y)[:, :5])
     assert not torch.allclose(net(x)[:, 5:], net(y)[:, 5:])
+
+
+def test_rotary_logits_depend_on_the_offset_alone():
+    """3D rotary positions: q·k of two positions is the same wherever the pair sits, if their offset
+    (Δt, Δh, Δw) is; a different offset gives another logit."""
+    from maskgit import rotary_angles
+    from transformer import rotate
+    t, h, w, hd = 4, 5, 5, 32
+    angles = rotary_angles(t, h, w, hd, torch.device("cpu"))  # (N, hd / 2)
+    index = torch.arange(t * h * w).view(t, h, w)
+    q, k = torch.randn(hd), torch.randn(hd)
+
+    def logit(p, r):  # q at position p, k at position r, each (t, h, w)
+        i, j = index[p], index[r]
+        return rotate(q[None], angles[i][None])[0] @ rotate(k[None], angles[j][None])[0]
+
+    base = logit((1, 2, 3), (0, 2, 2))  # the key one latent frame back, one column along
+    for shift in ((1, 0, 0), (2, -2, 1), (0, 2, -2), (2, 1, 1)):
+        moved = [tuple(a + s for a, s in zip(p, shift)) for p in ((1, 2, 3), (0, 2, 2))]
+        torch.testing.assert_close(logit(*moved), base)
+    for other in ((1, 2, 2), (0, 2, 3), (0, 1, 2), (0, 3, 2)):  # one step off in each axis, or none in time
+        assert not torch.isclose(logit((1, 2, 3), other), base)
+    assert torch.isclose(rotate(q[None], torch.zeros(1, hd // 2))[0], q).all()  # angle 0 turns nothing
