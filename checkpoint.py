@@ -40,13 +40,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from checks import MODELS, caption_tokenizer, check_tensors, checked_config, checked_model, model_bounds
 from config import TOKENIZER_CONFIGS, TrainConfig, UsageError, exit_usage
 from cvivit import CViViT
-from maskgit import MaskGIT, MaskGITConfig
+from maskgit import MaskGITConfig
 from text_encoder import CaptionTokenizer
 from vqgan import VQGAN
 
-TOKENIZERS = {"vqgan": VQGAN, "cvivit": CViViT}
+TOKENIZERS = {kind: MODELS[kind] for kind in TOKENIZER_CONFIGS}  # stage 1: vqgan, cvivit
 
 # the pairs that ship with the repo, a folder per world: sample.py and evaluate.py use them when no
 # checkpoint is given, the default world's unless --world names another
@@ -88,19 +89,35 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], meta: dict[str,
             os.close(folder)
 
 
-def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A phenaki safetensors file -> (tensors, metadata); a UsageError naming the file otherwise."""
+def read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
+    """A phenaki safetensors file's header -> (metadata, {key: (shape, dtype)}), nothing allocated; the
+    fields every file has (format, stage, step, the train config) checked. A UsageError names the file."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(path)
+            shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise UsageError(f"{path} is not a safetensors checkpoint ({err})") from None
     if meta.get("format") != "phenaki":
         raise UsageError(f"{path} is not a phenaki checkpoint")
-    return tensors, meta
+    if meta.get("stage") not in ("1", "2"):
+        raise UsageError(f"{path}: stage must be 1 or 2, not {meta.get('stage')!r}")
+    if not (meta.get("step", "").isdigit() and int(meta["step"]) < 10 ** 12):
+        raise UsageError(f"{path}: step must be a whole number, not {meta.get('step')!r}")
+    if "train_config" in meta:
+        checked_config(TrainConfig, meta["train_config"], f"{path}: train_config", strict=False)
+    return meta, shapes
+
+
+def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A phenaki safetensors file -> (tensors, metadata), its header checked first (read_header)."""
+    meta, _ = read_header(path)
+    try:
+        return load_file(path), meta
+    except (SafetensorError, OSError) as err:
+        raise UsageError(f"{path} is not a safetensors checkpoint ({err})") from None
 
 
 def file_digest(path: str) -> str:
@@ -114,14 +131,26 @@ def file_digest(path: str) -> str:
 
 def export_half(src: str, dst: str, tokenizer: str | None = None) -> None:
     """Copy a model.safetensors with its floating-point tensors in fp16: how checkpoints/<world>/ is made.
-    For a generator, `tokenizer` names the exported tokenizer it will be paired with: its sha256
-    replaces the one the generator was trained on, which is kept as `trained_on_sha256`."""
-    tensors, meta = load_checkpoint(src)
-    if tokenizer is not None:
-        if meta.get("stage") != "2":
-            raise UsageError(f"--tokenizer pairs a generator with a tokenizer; {src} is not a stage-2 generator")
-        load_tokenizer(tokenizer)  # a readable stage-1 file, or a one-line error
-        meta |= {"trained_on_sha256": meta["tokenizer_sha256"], "tokenizer_sha256": file_digest(tokenizer)}
+    A tokenizer's copy records the sha256 of the file it came from (exported_from_sha256). For a generator,
+    `tokenizer` names the exported tokenizer it will be paired with: the file it was trained on, or that
+    file's copy; its sha256 replaces the recorded one, which is kept as `trained_on_sha256`."""
+    meta, _ = read_header(src)
+    if meta["stage"] == "1":
+        load_tokenizer(src)  # a checked tokenizer, or a one-line error
+        meta = meta | {"exported_from_sha256": file_digest(src)}
+    elif tokenizer is None:
+        raise UsageError(f"{src} is a generator: pass --tokenizer with the exported tokenizer it pairs with")
+    else:
+        model_header(src, "2")
+        _, tok_meta = load_tokenizer(tokenizer)  # a readable stage-1 file, or a one-line error
+        digest, trained_on = file_digest(tokenizer), meta.get("tokenizer_sha256")
+        if trained_on not in (digest, tok_meta.get("exported_from_sha256")):
+            raise UsageError(f"{tokenizer} is not the tokenizer {src} was trained on, nor its exported copy (sha256 "
+                             "differs): export that tokenizer first and pass the copy")
+        meta |= {"trained_on_sha256": trained_on, "tokenizer_sha256": digest}
+    if tokenizer is not None and meta["stage"] != "2":
+        raise UsageError(f"--tokenizer pairs a generator with a tokenizer; {src} is not a stage-2 generator")
+    tensors, _ = load_checkpoint(src)
     save_checkpoint(dst, {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, meta)
 
 
@@ -137,49 +166,52 @@ def generator_meta(config: MaskGITConfig, step: int, text: CaptionTokenizer, tok
             "step": str(step), "text_tokenizer": text.to_json(), "tokenizer_sha256": tokenizer_sha256}
 
 
-def tokenizer_config(kind: str, config_json: str):
-    """A tokenizer's config of `kind` from its JSON (JSON lists become the config's tuples)."""
-    fields = json.loads(config_json)
-    return TOKENIZER_CONFIGS[kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+def tokenizer_config(kind: str, config_json: str, where: str = "the tokenizer"):
+    """A tokenizer's config of `kind` from its JSON, checked (JSON lists become the config's tuples)."""
+    if kind not in TOKENIZER_CONFIGS:
+        raise UsageError(f"{where}: unknown tokenizer kind {str(kind)[:40]!r}")
+    return checked_config(TOKENIZER_CONFIGS[kind], config_json, f"{where}: config", model_bounds(kind))
 
 
-def build_tokenizer(kind: str, config_json: str) -> VQGAN | CViViT:
-    """A fresh tokenizer of `kind` from its config as JSON."""
-    return TOKENIZERS[kind](tokenizer_config(kind, config_json))
-
-
-def load_model_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """load_checkpoint for a model.safetensors: a train state given in its place is one line, not a
-    load_state_dict error listing hundreds of keys."""
-    tensors, meta = load_checkpoint(path)
-    if any(k.startswith("opt.") for k in tensors):
+def model_header(path: str, stage: str) -> tuple[dict[str, str], dict]:
+    """read_header for a model.safetensors of `stage`: a train state or the other stage's model given in its
+    place is one line, not a load_state_dict error listing hundreds of keys."""
+    meta, shapes = read_header(path)
+    if any(k.startswith("opt.") for k in shapes):
         raise UsageError(f"{path} is a train state (for --resume); give the model.safetensors beside it")
-    return tensors, meta
+    if meta["stage"] != stage:
+        raise UsageError(f"{path} holds a stage-{meta['stage']} model, not a stage-{stage} "
+                         + ("tokenizer" if stage == "1" else "generator"))
+    if meta.get("kind") not in (TOKENIZERS if stage == "1" else ("maskgit",)):
+        raise UsageError(f"{path}: unknown model kind {str(meta.get('kind'))[:40]!r}")
+    if "config" not in meta:
+        raise UsageError(f"{path}: the model config is missing")
+    return meta, shapes
 
 
 def load_tokenizer(path: str) -> tuple[VQGAN | CViViT, dict[str, str]]:
     """A stage-1 checkpoint -> (model in eval mode on the CPU, metadata)."""
-    tensors, meta = load_model_file(path)
-    if meta.get("stage") != "1":
-        raise UsageError(f"{path} holds a stage-{meta.get('stage')} model, not a stage-1 tokenizer")
-    model = build_tokenizer(meta["kind"], meta["config"])
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    meta, shapes = model_header(path, "1")
+    model = checked_model(path, meta["kind"], meta["config"], shapes)
+    model.load_state_dict({k: v.float() for k, v in load_checkpoint(path)[0].items()})
     return model.eval(), meta
 
 
 def load_generator(path: str, tokenizer_path: str):
     """A stage-2 checkpoint and the tokenizer it was trained on -> (generator, caption tokenizer,
     stage-1 tokenizer, metadata), models in eval mode on the CPU."""
-    tensors, meta = load_model_file(path)
-    if meta.get("stage") != "2":
-        raise UsageError(f"{path} holds a stage-{meta.get('stage')} model, not a stage-2 generator")
+    meta, shapes = model_header(path, "2")
     tokenizer, _ = load_tokenizer(tokenizer_path)
-    if file_digest(tokenizer_path) != meta["tokenizer_sha256"]:
+    if file_digest(tokenizer_path) != meta.get("tokenizer_sha256"):
         raise UsageError(f"{path} was trained on another tokenizer than {tokenizer_path} (sha256 differs): pass "
                          "--tokenizer-checkpoint with the stage-1 model.safetensors it was trained on")
-    model = MaskGIT(MaskGITConfig.from_dict(json.loads(meta["config"])))
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
-    return model.eval(), CaptionTokenizer.from_json(meta["text_tokenizer"]), tokenizer, meta
+    model = checked_model(path, "maskgit", meta["config"], shapes)
+    if model.config.codebook_size != tokenizer.quantizer.codebook.shape[0]:
+        raise UsageError(f"{path} reads {model.config.codebook_size} codes, {tokenizer_path} writes "
+                         f"{tokenizer.quantizer.codebook.shape[0]}")
+    text = caption_tokenizer(path, meta, model.config.text.vocab_size)
+    model.load_state_dict({k: v.float() for k, v in load_checkpoint(path)[0].items()})
+    return model.eval(), text, tokenizer, meta
 
 
 def generator_config_for(tokenizer_path: str, model_cfg: MaskGITConfig, cfg: TrainConfig,
@@ -225,22 +257,35 @@ def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str, keep: bool = True
     return tensors, json.dumps(state["param_groups"])
 
 
-def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups_json: str, prefix: str) -> None:
-    """The inverse of optimizer_tensors. Under FSDP each rank keeps its shard of a parameter's moments."""
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups_json: str, prefix: str,
+                      path: str = "the train state") -> None:
+    """The inverse of optimizer_tensors, each moment and group checked against the optimizer first.
+    Under FSDP each rank keeps its shard of a parameter's moments."""
     params = [p for group in opt.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith(prefix + "."):
-            _, i, name = key.split(".", 2)
+            i, _, name = key[len(prefix) + 1:].partition(".")
+            if not i.isdigit() or int(i) >= len(params) or name not in ("step", "exp_avg", "exp_avg_sq"):
+                raise UsageError(f"{path}: {key[:60]} is no state of the {prefix} optimizer")
             p = params[int(i)]
+            if name != "step" and list(value.shape) != list(p.shape):
+                raise UsageError(f"{path}: {key} is {tuple(value.shape)}, its parameter {tuple(p.shape)}")
             if isinstance(p, DTensor) and name != "step":  # exp_avg, exp_avg_sq: shaped like the parameter
                 value = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
             state.setdefault(int(i), {})[name] = value
-    groups = json.loads(groups_json)
+    try:
+        groups = json.loads(groups_json)
+        sizes = [len(g["params"]) for g in groups]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        raise UsageError(f"{path}: the {prefix} optimizer's groups are not readable") from None
     if len(groups) != len(opt.param_groups):
         raise UsageError(f"the {prefix} state was saved with {len(groups)} parameter group(s), this phenaki makes "
                          f"{len(opt.param_groups)} (weight decay on matrices only): resume it with the phenaki "
                          "version that saved it")
+    if sizes != [len(g["params"]) for g in opt.param_groups]:
+        raise UsageError(f"{path}: the {prefix} optimizer's groups hold {sizes} parameters, the model's "
+                         f"{[len(g['params']) for g in opt.param_groups]}")
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -286,11 +331,11 @@ def saved_run(out: str) -> dict[str, str] | None:
     return None
 
 
-def saved_configs(meta: dict[str, str]) -> tuple[object, TrainConfig]:
-    """The model and train configs a run saved with its checkpoint -> (model config, TrainConfig)."""
-    model_cfg = (MaskGITConfig.from_dict(json.loads(meta["config"])) if meta["stage"] == "2"
-                 else tokenizer_config(meta["kind"], meta["config"]))
-    return model_cfg, TrainConfig(**json.loads(meta["train_config"]))
+def saved_configs(meta: dict[str, str], where: str = "the saved run") -> tuple[object, TrainConfig]:
+    """The model and train configs a run saved with its checkpoint, checked -> (model config, TrainConfig)."""
+    model_cfg = (checked_config(MaskGITConfig, meta.get("config"), f"{where}: config", model_bounds("maskgit"))
+                 if meta.get("stage") == "2" else tokenizer_config(meta.get("kind"), meta.get("config"), where))
+    return model_cfg, checked_config(TrainConfig, meta.get("train_config"), f"{where}: train_config")
 
 
 def resumed_run(args) -> tuple | None:
@@ -315,7 +360,7 @@ def resumed_run(args) -> tuple | None:
         args.tokenizer = meta["kind"]
     else:
         args.tokenizer_checkpoint = args.tokenizer_checkpoint or meta.get("tokenizer_checkpoint")
-    return saved_configs(meta)
+    return saved_configs(meta, os.path.join(args.out, "the saved run"))
 
 
 def clear_run(out: str) -> None:
@@ -348,16 +393,21 @@ def load_train_state(out: str, resume: bool) -> tuple[str, dict, dict[str, str]]
     return None
 
 
-def restore_modules(tensors: dict, modules: dict[str, nn.Module]) -> None:
-    """The weights of save_run's train state, into modules not yet sharded."""
+def restore_modules(tensors: dict, modules: dict[str, nn.Module], path: str = "the train state") -> None:
+    """The weights of save_run's train state, into modules not yet sharded, each checked first."""
+    shapes = {k: (list(v.shape), "F32" if v.is_floating_point() else "I64") for k, v in tensors.items()}
     for name, m in modules.items():
+        check_tensors(path, m, shapes, name + ".")
         m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
 
 
-def restore_optimizers(tensors: dict, meta: dict[str, str], opts: dict[str, torch.optim.Optimizer]) -> int:
+def restore_optimizers(tensors: dict, meta: dict[str, str], opts: dict[str, torch.optim.Optimizer],
+                       path: str = "the train state") -> int:
     """The optimizer states of save_run's train state (after sharding, if any) -> the step to continue from."""
     for name, opt in opts.items():
-        restore_optimizer(opt, tensors, meta[f"{name}_groups"], name)
+        if f"{name}_groups" not in meta:
+            raise UsageError(f"{path}: the {name} optimizer's groups are missing")
+        restore_optimizer(opt, tensors, meta[f"{name}_groups"], name, path)
     return int(meta["step"])
 
 

@@ -67,10 +67,6 @@ class MaskGITConfig:
     position: str = "absolute"  # "absolute": factorised tables; "rotary": also 3D rotary angles in self-attention
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # the caption encoder
 
-    @classmethod
-    def from_dict(cls, fields: dict) -> "MaskGITConfig":
-        return cls(**(fields | {"text": TextEncoderConfig(**fields["text"])}))
-
 
 # How positions enter: "absolute" tables only (what the files shipped before the motion study hold), or
 # "rotary": the tables and 3D rotary angles in every self-attention

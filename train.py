@@ -87,8 +87,8 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
     resume = load_train_state(args.out, args.resume)  # None: start afresh
     if resume:
         _, tensors, meta = resume
-        restore_modules(tensors, modules)
-        step = restore_optimizers(tensors, meta, opts)
+        restore_modules(tensors, modules, resume[0])
+        step = restore_optimizers(tensors, meta, opts, resume[0])
         if master:
             print(f"resumed from {resume[0]} at step {step}")
     # the quantizer's buffers hold per-rank usage counts: keep DDP from overwriting them with rank 0's
@@ -255,7 +255,7 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None  # the weights that are sampled
     modules = {"model": model} | ({"ema": ema} if ema is not None else {})  # what a checkpoint holds
     if resume:
-        restore_modules(resume[1], modules)
+        restore_modules(resume[1], modules, resume[0])
     if master:
         print(f"generator: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; cache: {len(codes)} "
               f"clips of {tuple(codes.shape[1:])} codes; captions: {text.vocab_size} BPE tokens")
@@ -270,7 +270,7 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
     loss_d = DDP(run) if ddp and not fsdp else run  # what the loss runs through
     opts, step = {"opt": adamw(model, cfg)}, 0  # after sharding: under FSDP the optimizer holds each rank's shards
     if resume:
-        step = restore_optimizers(resume[1], resume[2], opts)
+        step = restore_optimizers(resume[1], resume[2], opts, resume[0])
         if master:
             print(f"resumed from {resume[0]} at step {step}")
     # 64 held-out clips for val_loss, encoded once; the watch grid's 8 prompts (a world's are judged)

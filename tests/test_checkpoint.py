@@ -1,4 +1,3 @@
-import json
 import os
 import subprocess
 import sys
@@ -6,7 +5,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from checkpoint import build_tokenizer, file_digest, load_checkpoint, load_tokenizer, save_checkpoint, shipped, tokenizer_meta
+from checkpoint import TOKENIZERS, file_digest, load_checkpoint, load_tokenizer, save_checkpoint, shipped, tokenizer_meta
 from vqgan import VQGANConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
     config = VQGANConfig(widths=(8, 16, 16), codebook_size=32, code_dim=4)
-    model = build_tokenizer("vqgan", json.dumps(config.__dict__)).eval()
+    model = TOKENIZERS["vqgan"](config).eval()
     path = str(tmp_path / "model.safetensors")
     save_checkpoint(path, model.state_dict(), tokenizer_meta("vqgan", config, step=7))
     loaded, meta = load_tokenizer(path)
@@ -47,3 +46,12 @@ def test_export_refuses_a_tokenizer_for_a_stage_1_file_in_one_line(tmp_path):
     result = export(tok, str(tmp_path / "x.safetensors"), "--tokenizer", tok)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not a stage-2 generator" in result.stderr
     assert not os.path.exists(tmp_path / "x.safetensors")
+
+
+def test_export_keeps_the_pairing_it_refuses_another_worlds_tokenizer(tmp_path):
+    """The Shapes generator exported with the Animals tokenizer would load as a pair; the codes differ."""
+    out = str(tmp_path / "gen.safetensors")
+    result = export(shipped("shapes", "generator"), out, "--tokenizer", shipped("animals", "tokenizer"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not the tokenizer" in result.stderr
+    assert not os.path.exists(out)
+    assert export(shipped("animals", "generator"), out, "--tokenizer", shipped("animals", "tokenizer")).returncode == 0

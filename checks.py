@@ -1,0 +1,145 @@
+"""
+Checks a checkpoint before anything is built from it: a file is data, and people share checkpoints.
+
+A phenaki file's metadata says what model to build (its config as JSON) and carries a caption tokenizer
+(BPE as JSON). Built as asked, a crafted file could ask for terabytes (a width of 10^6) or a million
+layers before any tensor is compared. So loading goes in this order:
+  1. every config field is checked (checked_config): a known name, of its field's type, positive, and at
+     most PRESET_SCALE times the largest value any preset of config.py uses for it;
+  2. the model is built on the `meta` device, which allocates nothing, and its state-dict keys, shapes and
+     kinds (float or integer) are compared with the file's header (check_tensors);
+  3. only then are the tensors read and the real model built.
+A disagreement is a UsageError: one line that names the file and the first field or tensor that is
+wrong, which the scripts turn into exit code 2. checkpoint.py calls these for tokenizers, generators and
+train states (whose optimizer moments are checked against their parameters there); the caption
+tokenizer is read here too (caption_tokenizer), since the tokenizers library raises bare Exceptions.
+"""
+
+import dataclasses
+import json
+import math
+
+import torch
+import torch.nn as nn
+
+from config import TOKENIZER_CONFIGS, UsageError, generator_preset, tokenizer_preset
+from cvivit import CViViT
+from maskgit import POSITIONS, MaskGIT, MaskGITConfig
+from text_encoder import CaptionTokenizer
+from vqgan import VQGAN
+
+MODELS = {"vqgan": VQGAN, "cvivit": CViViT, "maskgit": MaskGIT}  # a file's `kind` -> its class
+PRESETS = ("tiny", "base", "paper")  # config.py's named sizes
+PRESET_SCALE = 4  # a file may ask for up to 4 times what the largest preset uses, field by field
+
+
+def preset_bounds(configs: list) -> dict[str, float]:
+    """The bound of each numeric field of a config class: PRESET_SCALE times its largest value over the
+    presets `configs` (a tuple's largest element); a nested config's fields as `text.<field>`."""
+    bounds: dict[str, float] = {}
+    for config in configs:
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            if dataclasses.is_dataclass(value):
+                nested = preset_bounds([value])
+                bounds |= {f"{f.name}.{k}": max(v, bounds.get(f"{f.name}.{k}", 0)) for k, v in nested.items()}
+            elif isinstance(value, (int, float, tuple)) and not isinstance(value, bool) and value != ():
+                bounds[f.name] = max(bounds.get(f.name, 0), PRESET_SCALE * (max(value) if isinstance(value, tuple) else value))
+    return bounds
+
+
+def model_bounds(kind: str) -> dict[str, float]:
+    """Field bounds of a model kind (vqgan, cvivit, maskgit) from config.py's presets."""
+    presets = [tokenizer_preset(p, kind)[0] if kind in TOKENIZER_CONFIGS else generator_preset(p)[0] for p in PRESETS]
+    bounds = preset_bounds(presets + [type(presets[0])()])  # the class defaults count as a preset
+    return bounds | ({"head_dim": bounds["dim"]} if "dim" in bounds else {})  # a head may be as wide as the model
+
+
+def checked_value(value, default, name: str, bounds: dict[str, float] | None, where: str):
+    """One config field read from a file, checked against its dataclass default's type and its bound."""
+    def refuse(why: str):
+        raise UsageError(f"{where}: {name} {why}, not {str(value)[:40]!r}")
+    if dataclasses.is_dataclass(default):
+        sub = None if bounds is None else {k.split(".", 1)[1]: v for k, v in bounds.items() if k.startswith(name + ".")}
+        return checked_config(type(default), value, f"{where}: {name}", sub)
+    if isinstance(default, bool) or isinstance(default, str):
+        if type(value) is not type(default):
+            refuse(f"must be a {type(default).__name__}")
+        if name == "position" and value not in POSITIONS:
+            refuse(f"must be one of {', '.join(POSITIONS)}")
+        return value
+    if default is None and value is None:
+        return None
+    items = value if isinstance(default, tuple) else [value]
+    if isinstance(default, tuple) and not (isinstance(value, list) and 0 < len(value) <= 16):
+        refuse("must be a list of up to 16 numbers")
+    whole = isinstance(default, int) or isinstance(default, tuple) or default is None
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)) or not math.isfinite(v):
+            refuse("must be a whole number" if whole else "must be a number")
+        if v < 0 or (bounds is not None and whole and v == 0):  # a model's sizes are positive
+            refuse("must be positive")
+        if bounds is not None and name in bounds and v > max(bounds[name], 1):
+            refuse(f"must be at most {bounds[name]:g} ({PRESET_SCALE}x the largest preset's)")
+    return tuple(value) if isinstance(default, tuple) else value
+
+
+def checked_config(cls, text, where: str, bounds: dict[str, float] | None = None, strict: bool = True):
+    """A config dataclass from its JSON (or the parsed dict), every field checked (checked_value): known,
+    of its type, positive, within `bounds` (None: the train config, whose sizes allocate nothing). Not
+    `strict`: fields this version does not know are left out (a model file's train config is a record)."""
+    try:
+        fields = json.loads(text) if isinstance(text, str) else text
+    except json.JSONDecodeError:
+        raise UsageError(f"{where} is not JSON") from None
+    if not isinstance(fields, dict):
+        raise UsageError(f"{where} must be a JSON object of fields")
+    defaults = cls()
+    unknown = [k for k in fields if k not in {f.name for f in dataclasses.fields(cls)}]
+    if unknown and strict:
+        raise UsageError(f"{where}: unknown field {unknown[0][:40]!r}")
+    fields = {k: v for k, v in fields.items() if k not in unknown}
+    return cls(**{k: checked_value(v, getattr(defaults, k), k, bounds, where) for k, v in fields.items()})
+
+
+FLOATS = ("F16", "BF16", "F32", "F64")  # a float tensor may be stored in any of these (fp16 exports)
+OPTIONAL = ("quantizer.alias",)  # keys a file may lack: books saved before near-copies were folded
+
+
+def check_tensors(path: str, model: nn.Module, shapes: dict, prefix: str = "") -> None:
+    """The file's tensors (under `prefix`) must be the model's state dict: the same keys, shapes and kinds."""
+    expected = {prefix + k: v for k, v in model.state_dict().items()}
+    mine = {k: v for k, v in shapes.items() if k.startswith(prefix)}
+    for key in sorted(set(expected) | set(mine)):
+        if key not in mine and not key.endswith(OPTIONAL):
+            raise UsageError(f"{path}: the model has {key}, the file does not")
+        if key not in expected:
+            raise UsageError(f"{path}: the file has {key}, which the model does not")
+        if key in mine:
+            shape, dtype = mine[key]
+            want = expected[key]
+            if list(shape) != list(want.shape):
+                raise UsageError(f"{path}: {key} is {tuple(shape)} in the file, {tuple(want.shape)} in the model")
+            if want.is_floating_point() != (dtype in FLOATS):
+                raise UsageError(f"{path}: {key} is {dtype} in the file, {want.dtype} in the model")
+
+
+def checked_model(path: str, kind: str, config_json: str, shapes: dict, prefix: str = "") -> nn.Module:
+    """A model of `kind` from the config in a file, built only once its fields and the file's tensors agree."""
+    cls, config_cls = (MODELS[kind], TOKENIZER_CONFIGS[kind]) if kind in TOKENIZER_CONFIGS else (MaskGIT, MaskGITConfig)
+    config = checked_config(config_cls, config_json, f"{path}: config", model_bounds(kind))
+    with torch.device("meta"):  # shapes without memory
+        skeleton = cls(config)
+    check_tensors(path, skeleton, shapes, prefix)
+    return cls(config)
+
+
+def caption_tokenizer(path: str, meta: dict[str, str], vocab_size: int) -> CaptionTokenizer:
+    """The caption tokenizer a generator file carries, read and checked against its text vocabulary."""
+    try:
+        text = CaptionTokenizer.from_json(meta["text_tokenizer"])
+    except Exception as err:  # the tokenizers library raises plain Exception on a malformed BPE
+        raise UsageError(f"{path}: the caption tokenizer is not readable ({str(err)[:60]})") from None
+    if text.vocab_size > vocab_size:
+        raise UsageError(f"{path}: the caption tokenizer has {text.vocab_size} tokens, the text encoder {vocab_size}")
+    return text
