@@ -118,6 +118,9 @@ def test_guidance_scale_zero_is_the_unconditional_prediction(text):
         torch.testing.assert_close(model.guided_logits(tokens, cond, uncond, 0.0), plain_uncond, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.guided_logits(tokens, cond, uncond, 1.0), model(tokens, *cond))
         assert not torch.allclose(plain_uncond, model(tokens, *cond), atol=1e-3)  # the text does matter
+        plain_cond = model(tokens, *cond)  # above 1 the guidance extrapolates away from the unconditional
+        torch.testing.assert_close(model.guided_logits(tokens, cond, uncond, 3.0),
+                                   plain_uncond + 3 * (plain_cond - plain_uncond), atol=1e-4, rtol=1e-4)
 
 
 def test_text_tokenizer_round_trips_and_knows_what_it_saw(text):
