@@ -317,18 +317,35 @@ def save_run(out: str, meta: dict[str, str], cfg: TrainConfig, modules: dict[str
         print(f"warning: checkpoint at step {meta['step']} not saved ({err}); the previous one is kept", file=sys.stderr)
 
 
+STATE = "train_state.safetensors"  # what --resume reads; model.safetensors alone cannot be resumed
+
+
 def saved_run(out: str) -> dict[str, str] | None:
     """The metadata of the run saved in `out` (its train state, else its model), read from the file
-    header alone; {} for a file that cannot be read; None when `out` holds no run."""
-    for name in ("train_state.safetensors", "train_state.safetensors.prev", "model.safetensors"):
+    header alone; {} for files that cannot be read; None when `out` holds no run."""
+    for name in (STATE, STATE + ".prev", "model.safetensors"):
         path = os.path.join(out, name)
         if os.path.isfile(path):
             try:
                 with safe_open(path, framework="pt") as f:
                     return f.metadata() or {}
             except (SafetensorError, OSError):
-                return {}  # a torn file still means that a run is there
-    return None
+                continue  # a torn file still means that a run is there
+    return {} if any(os.path.exists(os.path.join(out, n)) for n in (STATE, STATE + ".prev", "model.safetensors")) else None
+
+
+def resume_point(out: str) -> tuple[str | None, dict[str, str], list[str]]:
+    """What --resume continues from: the newest readable of <out>/train_state.safetensors and the .prev kept
+    beside it -> (its path or None, its metadata, what was wrong with the newer ones). The configs and the
+    weights both come from this one file."""
+    problems = []
+    for path in (os.path.join(out, STATE), os.path.join(out, STATE + ".prev")):
+        if os.path.exists(path):
+            try:
+                return path, read_header(path)[0], problems
+            except UsageError as err:
+                problems.append(str(err))
+    return None, {}, problems
 
 
 def saved_configs(meta: dict[str, str], where: str = "the saved run") -> tuple[object, TrainConfig]:
@@ -350,9 +367,18 @@ def resumed_run(args) -> tuple | None:
                              "continue it, or --force to start a new one there")
         args.replace = True  # setup removes the old run's files once everything else is accepted
         return None
-    if meta is None and args.resume and not restarted:
-        raise UsageError(f"nothing to resume in {args.out}: it holds no checkpoint; leave out --resume to start a run")
-    if not meta or "train_config" not in meta:
+    if meta is None:
+        if args.resume and not restarted:
+            raise UsageError(f"nothing to resume in {args.out}: it holds no checkpoint; leave out --resume to start a run")
+        return None
+    args.resume_from, meta, problems = resume_point(args.out)
+    if args.resume_from is None:  # model.safetensors alone: resuming would start afresh and overwrite it
+        raise UsageError(f"--resume needs {os.path.join(args.out, STATE)} (the optimizer and the step): "
+                         + (f"none is readable ({problems[0]})" if problems else "it is missing")
+                         + "; start a new run in another --out")
+    if problems:
+        print(f"warning: {problems[0]}; resuming from {args.resume_from}", file=sys.stderr)
+    if "train_config" not in meta:
         return None
     if meta.get("stage") != str(args.stage):
         raise UsageError(f"{args.out} holds a stage-{meta.get('stage')} run; this command is --stage {args.stage}")
@@ -360,7 +386,7 @@ def resumed_run(args) -> tuple | None:
         args.tokenizer = meta["kind"]
     else:
         args.tokenizer_checkpoint = args.tokenizer_checkpoint or meta.get("tokenizer_checkpoint")
-    return saved_configs(meta, os.path.join(args.out, "the saved run"))
+    return saved_configs(meta, args.resume_from)
 
 
 def clear_run(out: str) -> None:
@@ -371,26 +397,9 @@ def clear_run(out: str) -> None:
                 os.remove(path)
 
 
-def load_train_state(out: str, resume: bool) -> tuple[str, dict, dict[str, str]] | None:
-    """The train state to resume from -> (its path, tensors, metadata): <out>/train_state.safetensors,
-    or the previous one kept beside it when the newest is missing or unreadable. None: start afresh
-    (no --resume, or nothing saved yet)."""
-    path = os.path.join(out, "train_state.safetensors")
-    problems = []
-    for candidate in (path, f"{path}.prev") if resume else ():
-        if not os.path.exists(candidate):
-            continue
-        try:
-            tensors, meta = load_checkpoint(candidate)
-        except UsageError as err:
-            problems.append(str(err))
-            continue
-        if problems:
-            print(f"warning: {problems[0]}; resuming from the previous checkpoint", file=sys.stderr)
-        return candidate, tensors, meta
-    if problems:
-        raise UsageError(f"no readable train state to resume from: {problems[0]}")
-    return None
+def load_train_state(path: str | None) -> tuple[str, dict, dict[str, str]] | None:
+    """The train state resumed_run chose (resume_point) -> (its path, tensors, metadata); None: start afresh."""
+    return None if path is None else (path, *load_checkpoint(path))
 
 
 def restore_modules(tensors: dict, modules: dict[str, nn.Module], path: str = "the train state") -> None:

@@ -60,8 +60,12 @@ def reconstruct(model, video: torch.Tensor, window: int) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
-def check_out(path: str) -> None:
-    """Refuse an --out we cannot write before doing any work."""
+def check_out(path: str, n: int, sources: list[str]) -> None:
+    """Refuse an --out we cannot write, or one of whose n files is an input (by path or inode), before any work."""
+    for out in Outputs.named(path, n):
+        for source in filter(os.path.exists, sources):
+            if os.path.abspath(out) == os.path.abspath(source) or os.path.exists(out) and os.path.samefile(out, source):
+                raise UsageError(f"--out {out} is the input {source}: writing it would destroy it; choose another --out")
     if not path.lower().endswith((".mp4", ".gif", ".png")):
         raise UsageError(f"--out must end in .mp4, .gif or .png, got {path}")
     folder = os.path.dirname(os.path.abspath(path))
@@ -175,22 +179,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if not args.prompts and not args.reconstruct:
             raise UsageError("give a prompt, or --reconstruct VIDEO")
-        if args.frames is not None and args.frames < 1:
-            raise UsageError(f"--frames must be positive, got {args.frames}")
-        if not 1 <= args.scale <= 16:
-            raise UsageError(f"--scale must lie in 1 to 16, got {args.scale}")
-        if args.keep is not None and args.keep < 1:
-            raise UsageError(f"--keep must be at least 1 latent frame, got {args.keep}")
-        if not 1 <= args.samples <= 64:
-            raise UsageError(f"--samples must lie in 1 to 64, got {args.samples}")
-        if args.steps < 1:
-            raise UsageError(f"--steps must be at least 1, got {args.steps}")
+        for flag, value, high, what in (("--frames", args.frames, None, "be positive"), ("--scale", args.scale, 16,
+                                        "lie in 1 to 16"), ("--keep", args.keep, None, "be at least 1 latent frame"),
+                                        ("--samples", args.samples, 64, "lie in 1 to 64"), ("--steps", args.steps, None, "be at least 1")):
+            if value is not None and not 1 <= value <= (high or value):
+                raise UsageError(f"{flag} must {what}, got {value}")
         for flag, value in (("--cfg", args.cfg), ("--temperature", args.temperature)):
             if not 0 <= value < float("inf"):  # NaN fails both comparisons
                 raise UsageError(f"{flag} must be finite and at least 0, got {value}")
         slug = re.sub(r"[^a-z0-9]+", "-", (args.prompts[0] if args.prompts else "reconstruction").lower()).strip("-")
         args.out = args.out or os.path.join("samples", f"{slug[:60] or 'video'}.mp4")
-        check_out(args.out)
+        check_out(args.out, args.samples, [p for p in (args.reconstruct, args.init) if p])
         run_reconstruct(args) if args.reconstruct else run_generate(args)
     except (UsageError, ValueError) as err:
         exit_usage(err)

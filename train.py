@@ -84,7 +84,7 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None  # the weights that are sampled
     modules = {"model": model, "disc": disc} | ({"ema": ema} if ema is not None else {})  # what a checkpoint holds
     opts, step = {"opt": opt, "opt_d": opt_d}, 0  # step: optimizer steps taken so far
-    resume = load_train_state(args.out, args.resume)  # None: start afresh
+    resume = load_train_state(getattr(args, "resume_from", None))  # None: start afresh
     if resume:
         _, tensors, meta = resume
         restore_modules(tensors, modules, resume[0])
@@ -238,7 +238,7 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
     digest, t = file_digest(args.tokenizer_checkpoint), model_cfg.latent_frames  # the pairing; the window
     codes, captions, skipped_files = cache_codes(args.out, tokenizer, digest, cfg, source, rank, world, device)
     # the caption tokenizer: restored on resume, else trained on the cached captions by rank 0 and sent to all
-    resume = load_train_state(args.out, args.resume)  # None: start afresh
+    resume = load_train_state(getattr(args, "resume_from", None))  # None: start afresh
     if resume:
         text_json = resume[2]["text_tokenizer"]
     else:

@@ -278,11 +278,16 @@ class Outputs:
     removes the unfinished files and keeps what was there before."""
 
     def __init__(self, out: str, n: int, fps: float, scale: int):
-        stem, ext = os.path.splitext(out)
-        self.paths = [out] if n == 1 else [f"{stem}-{i}{ext}" for i in range(n)]
-        self.scale, self.grid, self.stack = scale, ext.lower() == ".png", contextlib.ExitStack()
+        self.paths = self.named(out, n)
+        self.scale, self.grid, self.stack = scale, out.lower().endswith(".png"), contextlib.ExitStack()
         self.frames = [[] for _ in self.paths]  # .png only
         self.writers = [] if self.grid else [self.stack.enter_context(VideoWriter(p, fps)) for p in self.paths]
+
+    @staticmethod
+    def named(out: str, n: int) -> list[str]:
+        """The files N videos go to: `out` for one, <stem>-<i><ext> for several."""
+        stem, ext = os.path.splitext(out)
+        return [out] if n == 1 else [f"{stem}-{i}{ext}" for i in range(n)]
 
     def write(self, video: torch.Tensor) -> None:
         """video (N, 3, T, H, W): the next T frames of each of the N videos."""
