@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -386,15 +387,20 @@ def resumed_run(args) -> tuple | None:
         args.tokenizer = meta["kind"]
     else:
         args.tokenizer_checkpoint = args.tokenizer_checkpoint or meta.get("tokenizer_checkpoint")
+        if os.path.isfile(args.tokenizer_checkpoint or "") and file_digest(args.tokenizer_checkpoint) != meta.get(
+                "tokenizer_sha256"):  # other codes: the cache and the generator would no longer mean the same
+            raise UsageError(f"{args.tokenizer_checkpoint} is not the tokenizer this run trained behind (sha256 "
+                             f"differs from the one saved in {args.resume_from}); resume with that tokenizer")
     return saved_configs(meta, args.resume_from)
 
 
 def clear_run(out: str) -> None:
-    """Remove a run's checkpoints (and the copies kept beside them) and its log: what --force replaces."""
+    """Remove a run's checkpoints (and the copies kept beside them), its log and its token cache: what --force replaces."""
     for name in ("model.safetensors", "train_state.safetensors", "log.jsonl"):
         for path in (os.path.join(out, name), os.path.join(out, name) + ".prev"):
             if os.path.exists(path):
                 os.remove(path)
+    shutil.rmtree(os.path.join(out, "token_cache"), ignore_errors=True)  # stage 2's codes of the old run's data
 
 
 def load_train_state(path: str | None) -> tuple[str, dict, dict[str, str]] | None:

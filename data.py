@@ -30,6 +30,7 @@ import csv
 import glob
 import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -77,7 +78,8 @@ def _folder_items(root: Path, exts: tuple[str, ...]) -> tuple[list[tuple[Path, s
     found = []
     for row in rows:
         if os.path.isfile(root / row[0]):  # False for a name too long or with a NUL byte, too
-            found.append((root / row[0], (row[1] if len(row) > 1 else "").strip()[:1000]))
+            # everything after the first comma is the caption: people write captions with commas, unquoted
+            found.append((root / row[0], ",".join(row[1:]).strip()[:1000]))
         else:
             say_skipped(f"row {row[0][:200]!r} of {table}", "no such file")
     if not found:
@@ -292,6 +294,19 @@ def make_source(spec: str, frames: int, size: int, seed: int = 0, fps: float = 8
             return VideoFolderSource(spec, frames, size, fps, seed, split, crop)
         return ImageFolderSource(spec, size, seed, split, crop)
     raise ValueError(f"unknown data {spec!r}: expected 'shapes', 'animals', a folder, 'images:FOLDER' or tar shards")
+
+
+def content_digest(source) -> str:
+    """sha256 of what a source's clips and captions are made from, for stage 2's cache key: a world's module
+    (its renderer, captions and settings: shapes.EDGES, the Animals story share), or a real data set's
+    entries and their captions (captions.csv, label folders, tar .txt). An edit to any changes the key."""
+    h = hashlib.sha256()
+    if hasattr(source, "items"):
+        h.update(json.dumps([[str(entry), text] for entry, text in source.items]).encode("utf-8", "replace"))
+    else:
+        with open(sys.modules[type(source).__module__].__file__, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
 
 
 def train_and_val(cfg, stage: int) -> tuple[object, object, list[str]]:

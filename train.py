@@ -55,7 +55,7 @@ from checkpoint import (TOKENIZERS, clear_run, file_digest, generator_config_for
                         load_train_state, restore_modules, restore_optimizers, resumed_run, save_run, save_weights,
                         tokenizer_meta)
 from config import HelpWithDefaults, TrainConfig, UsageError, configure, exit_usage, override, resume_changes
-from data import UnusableData, train_and_val
+from data import UnusableData, content_digest, train_and_val
 from distributed import Run, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
 from evaluate import WORLDS, encode_clips, psnr, ssim, validation_loss, watch, watch_list, watch_motion
 from faults import TrainingStopped, exit_code, quiet_worker
@@ -206,9 +206,11 @@ def fold_duplicate_codes(model: nn.Module, source, cfg: TrainConfig, device: tor
 def cache_codes(out: str, tokenizer: nn.Module, digest: str, cfg: TrainConfig, source, rank: int, world: int,
                 device: torch.device) -> tuple[torch.Tensor, list[str], int]:
     """Every clip through the frozen encoder once, each rank its share -> (codes (N, t, h, w), N captions,
-    files skipped). A cache made by the same tokenizer (`digest`), data and sizes is reused. A world gives
+    files skipped). A cache made by the same tokenizer (`digest`), data (data.content_digest: the files and
+    captions, or the world's code) and sizes is reused. A world gives
     cache_clips clips; real data a few windows per second of each file (data.CLIPS_PER_SECOND), at most that."""
-    key, clips = [digest, cfg.data, cfg.frames, cfg.image_size, cfg.fps, cfg.cache_clips, cfg.seed], cfg.cache_clips
+    key = [digest, cfg.data, cfg.frames, cfg.image_size, cfg.fps, cfg.cache_clips, cfg.seed, content_digest(source)]
+    clips = cfg.cache_clips
     if cfg.data not in WORLDS:  # real data: fixed windows; the key names the files' split and the crop too
         source = source.windows(cfg.cache_clips)
         key, clips = key + [cfg.val_data, cfg.crop, len(source)], len(source)

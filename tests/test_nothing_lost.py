@@ -4,6 +4,7 @@ Tiny runs (3-frame 32 x 32 clips); CPU only."""
 
 import json
 import os
+import tempfile
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors import safe_open
 import sample
 import train
 from checkpoint import STATE
-from tests.test_train import TINY, run_cli
+from tests.test_train import TINY, TINY_GENERATOR, run_cli
 from video import write_video
 
 
@@ -62,3 +63,69 @@ def test_sample_never_writes_over_its_input(flag, tmp_path, capsys):
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and "is the input" in err and err.count("\n") == 1
     assert open(clip, "rb").read() == before
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory) -> tuple[str, str]:
+    """Two tiny stage-1 runs of different seeds: two tokenizers whose codes differ."""
+    outs = []
+    for seed in (0, 1):
+        out = str(tmp_path_factory.mktemp(f"tok{seed}"))
+        train.main(["--stage", "1", "--out", out, "--max-steps", "1", *TINY, "--set", f"train.seed={seed}"])
+        outs.append(os.path.join(out, "model.safetensors"))
+    return outs[0], outs[1]
+
+
+def test_stage_2_resume_refuses_another_tokenizer(tokenizers, tmp_path):
+    out = str(tmp_path / "gen")
+    train.main(["--stage", "2", "--tokenizer-checkpoint", tokenizers[0], "--out", out, "--max-steps", "2", *TINY_GENERATOR])
+    result = run_cli("--stage", "2", "--tokenizer-checkpoint", tokenizers[1], "--out", out, "--resume",
+                     "--max-steps", "3", "--device", "cpu")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "not the tokenizer this run trained behind" in result.stderr
+
+
+def caption_folder(root, captions: list[str]) -> str:
+    """A folder of clips (one a caption) and its captions.csv, written unquoted as people write it."""
+    from tests.test_own_videos import write_clip
+    os.makedirs(root, exist_ok=True)
+    for i in range(len(captions)):
+        if not os.path.exists(os.path.join(root, f"c{i}.mp4")):
+            write_clip(os.path.join(root, f"c{i}.mp4"), "h264", 32, 32, 2, seed=i)
+    with open(os.path.join(root, "captions.csv"), "w") as f:
+        f.write("".join(f"c{i}.mp4,{c}\n" for i, c in enumerate(captions)))
+    return str(root)
+
+
+def test_captions_keep_their_commas():
+    from data import make_source
+    root = caption_folder(tempfile.mkdtemp(), ["a dog, then a cat, running", "a bird"])
+    texts = sorted(text for _, text in make_source(root, 3, 32).items)
+    assert texts == ["a bird", "a dog, then a cat, running"]
+
+
+def test_an_edited_caption_file_reaches_the_token_cache_and_force_clears_it(tokenizers, tmp_path):
+    from data import content_digest, make_source
+    root = caption_folder(tmp_path / "clips", [f"a cat number {i}" for i in range(4)])
+    before = content_digest(make_source(root, 3, 32))
+    out = str(tmp_path / "gen")
+    flags = ["--stage", "2", "--tokenizer-checkpoint", tokenizers[0], "--data", root, "--out", out, "--max-steps", "1",
+             *TINY_GENERATOR, "--set", "train.image_every=100"]
+    train.main(flags)
+    caption_folder(tmp_path / "clips", [f"a dog number {i}" for i in range(4)])  # the user edits the captions
+    assert content_digest(make_source(root, 3, 32)) != before
+    train.main(flags + ["--force"])
+    shard = os.path.join(out, "token_cache", os.listdir(os.path.join(out, "token_cache"))[0])
+    with safe_open(shard, framework="pt") as f:
+        cached = json.loads(f.metadata()["captions"])
+    assert cached and all(c.startswith("a dog number") for c in cached), cached
+    assert "a cat" not in "".join(cached)
+
+
+def test_force_clears_the_old_runs_token_cache(tmp_path):
+    from checkpoint import clear_run
+    os.makedirs(tmp_path / "token_cache")
+    (tmp_path / "token_cache" / "tokens-000-of-001.safetensors").write_bytes(b"old codes")
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    clear_run(str(tmp_path))
+    assert not (tmp_path / "token_cache").exists() and (tmp_path / "notes.txt").exists()
