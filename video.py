@@ -124,10 +124,23 @@ def _pick(container, stream, fps: float | None, start: float):
 
 
 def _seconds(container, stream) -> float:
-    """A video's duration in seconds as its header says, 0 when it does not say."""
+    """The video stream's duration in seconds: its header's, else where its last frame ends (MKV and WebM
+    give no stream duration, and the container's counts the audio too, which may run on for longer). The
+    packets after a seek near the end are read, none decoded, and the container is rewound. 0: unknown."""
     if stream.duration:
         return float(stream.duration * stream.time_base)
-    return (container.duration or 0) / 1e6  # container.duration is in microseconds
+    if not container.duration:  # an image, or a stream that says nothing
+        return 0.0
+    start, end = stream.start_time or 0, None
+    try:
+        container.seek(container.duration, backward=True)  # the key frame before the end, then the packets after it
+        for packet in container.demux(stream):
+            if packet.pts is not None:
+                end = max(end or 0, packet.pts + (packet.duration or 0))
+        container.seek(0)  # read_video decodes from the start next
+    except av.error.FFmpegError:
+        return (container.duration or 0) / 1e6  # container.duration is in microseconds
+    return float((end - start) * stream.time_base) if end is not None else 0.0
 
 
 def video_seconds(src: str | os.PathLike | io.IOBase) -> float:

@@ -129,3 +129,41 @@ def test_force_clears_the_old_runs_token_cache(tmp_path):
     (tmp_path / "notes.txt").write_text("the user's own file")
     clear_run(str(tmp_path))
     assert not (tmp_path / "token_cache").exists() and (tmp_path / "notes.txt").exists()
+
+
+def video_with_long_audio(path: str, seconds: int = 3, audio_seconds: int = 12, fps: int = 8) -> None:
+    """A video of `seconds` whose audio runs on to `audio_seconds`; frame t is grey level 9t."""
+    import av
+    import numpy as np
+    webm = path.endswith(".webm")
+    with av.open(path, "w") as container:
+        video = container.add_stream("libvpx" if webm else "libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        audio = container.add_stream("libopus" if webm else "aac", rate=48000)
+        for t in range(seconds * fps):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 9 * t, np.uint8), format="rgb24")
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        samples, n = (960 if webm else 1024), 0
+        while n < audio_seconds * 48000:
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, samples), np.float32), format="flt", layout="mono")
+            frame.sample_rate, frame.pts, n = 48000, n, n + samples
+            for packet in audio.encode(frame):
+                container.mux(packet)
+        for packet in audio.encode():
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("ext", [".mkv", ".webm"])
+def test_a_video_without_a_stream_duration_ends_where_its_frames_end_not_its_audio(ext, tmp_path):
+    import numpy as np
+    from video import read_video, video_seconds
+    path = str(tmp_path / f"clip{ext}")
+    video_with_long_audio(path)
+    assert abs(video_seconds(path) - 3.0) < 0.2  # the container says 12 s
+    clips = [read_video(path, 11, 32, 8.0, rng=np.random.default_rng(i)) for i in range(20)]  # none past the end
+    assert all(len(c) == 11 for c in clips)
+    first = read_video(path, 3, 32, 8.0)
+    assert first[0].mean() < 8 and 5 < first[1].mean() < 14, "after measuring, decoding starts at the first frame"
