@@ -105,8 +105,9 @@ def read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[list[int], s
         raise UsageError(f"{path} is not a phenaki checkpoint")
     if meta.get("stage") not in ("1", "2"):
         raise UsageError(f"{path}: stage must be 1 or 2, not {meta.get('stage')!r}")
-    if not (meta.get("step", "").isdigit() and int(meta["step"]) < 10 ** 12):
-        raise UsageError(f"{path}: step must be a whole number, not {meta.get('step')!r}")
+    for key in ("step", "clips_seen"):  # the step every file has; the clips a stage-1 train state consumed
+        if (key == "step" or key in meta) and not (meta.get(key, "").isdigit() and int(meta[key]) < 10 ** 15):
+            raise UsageError(f"{path}: {key} must be a whole number, not {str(meta.get(key))[:40]!r}")
     if "train_config" in meta:
         checked_config(TrainConfig, meta["train_config"], f"{path}: train_config", strict=False)
     return meta, shapes

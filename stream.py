@@ -2,10 +2,11 @@
 From sources to training: one sharded, resumable stream of batches, and stage 2's token cache.
 
 A source (data.py) answers "give me clip number k". A `ClipStream` turns that into batches: the
-global sample index of the j-th clip that rank r sees is k = j * world + r, so ranks never see the
-same clip, and batch b of a rank goes to DataLoader worker b % workers, so the stream is the same
-whatever the worker count. A resumed run that starts at batch b continues exactly where it stopped
-instead of repeating the data order.
+global sample index of the j-th clip that rank r sees is k = start + j * world + r, so ranks never see
+the same clip, and batch b of a rank goes to DataLoader worker b % workers, so the stream is the same
+whatever the worker count. A resumed run starts at `start`, the number of clips all ranks consumed
+before it stopped: it continues exactly where it stopped instead of repeating the data order, and it
+neither repeats nor skips clips when it resumes on another number of ranks.
 
     source.load(k): video (T, H, W, 3) uint8  ->  batch {"video": (B, 3, T, H, W) float in [-1, 1],
                                                           "caption": [B str], "skipped": files skipped}
@@ -38,20 +39,20 @@ from data import UnusableData, say_skipped
 
 class ClipStream(IterableDataset):
     """Batches of clips from a source, sharded by rank and DataLoader worker (see the module docstring).
-    Start at `start_batch` to resume. A clip that fails to load is skipped with one stderr line and
-    counted, and a deterministic substitute takes its place, so the batch size and the order stay fixed."""
+    Start after `start` clips (all ranks') to resume. A clip that fails to load is skipped with one stderr
+    line and counted, and a deterministic substitute takes its place, so the batch size and the order stay fixed."""
 
-    def __init__(self, source, batch_size: int, rank: int = 0, world: int = 1, start_batch: int = 0,
+    def __init__(self, source, batch_size: int, rank: int = 0, world: int = 1, start: int = 0,
                  max_batches: int | None = None):
         self.source, self.batch_size, self.rank, self.world = source, batch_size, rank, world
-        self.start_batch, self.max_batches = start_batch, max_batches
+        self.start, self.max_batches = start, max_batches
         self.skipped = 0  # per process; each DataLoader worker counts its own
         self.said: set[str] = set()  # the failures already reported: a bad file is named once, not every epoch
 
     def clip(self, j: int) -> tuple[np.ndarray, str]:
         """Clip number j of this rank, with substitutes for files that fail to decode."""
         n = len(self.source)
-        k = j * self.world + self.rank
+        k = self.start + j * self.world + self.rank
         for attempt in range(20):
             try:
                 return self.source.load(k)
@@ -75,8 +76,8 @@ class ClipStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        b = self.start_batch + worker
-        end = math.inf if self.max_batches is None else self.start_batch + self.max_batches
+        b = worker
+        end = math.inf if self.max_batches is None else self.max_batches
         while b < end:
             yield self.batch(b)
             b += workers

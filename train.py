@@ -99,9 +99,10 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
     # a fixed batch of held-out clips for val_psnr, val_ssim and recon.png (data.train_and_val)
     # (data with nothing usable fails here, in this process, before any worker starts)
     val_video = ClipStream(val_source, 8).batch(0)["video"].to(device)  # (8, 3, T, H, W)
-    # batch b of this rank is a function of b alone: a resumed run starts at the batch it stopped at.
-    # Clips decode in `workers` processes, each keeping 4 batches ready, into pinned memory on CUDA
-    stream = ClipStream(source, cfg.batch_size, rank, world, start_batch=step * cfg.grad_accum)
+    # the stream starts after the clips all ranks consumed (on any number of ranks), each batch a function of its
+    # place. Clips decode in `workers` processes, each keeping 4 batches ready, into pinned memory on CUDA
+    first, start = step, int(resume[2].get("clips_seen", step * cfg.grad_accum * cfg.batch_size * world)) if resume else 0
+    stream = ClipStream(source, cfg.batch_size, rank, world, start=start)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                               pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
                                               prefetch_factor=4 if cfg.workers else None, worker_init_fn=quiet_worker))
@@ -160,7 +161,8 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
             if steps.due(cfg.save_every) or guard.stop:  # a signal saves before the run leaves
                 with summed_counts(model.quantizer, ddp):  # every rank joins the sum, rank 0 writes
                     if master:
-                        save_run(args.out, tokenizer_meta(args.tokenizer, model_cfg, steps.step), cfg, modules, opts)
+                        seen = {"clips_seen": str(start + (steps.step - first) * cfg.grad_accum * cfg.batch_size * world)}
+                        save_run(args.out, tokenizer_meta(args.tokenizer, model_cfg, steps.step) | seen, cfg, modules, opts)
                         steps.log.plot(("rec", "vq", "val_psnr"))  # the curves so far, beside each checkpoint
             guard.leave_if_signalled(steps.step, world, master, args.out)  # exit 128 + the signal
     steps.progress.close()

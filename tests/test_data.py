@@ -115,8 +115,24 @@ def test_clip_stream_ranks_are_disjoint_and_resume_continues():
     clips = [{b["video"][i].numpy().tobytes() for b in stream for i in range(4)} for stream in seen]
     assert len(clips[0]) == len(clips[1]) == 8 and not clips[0] & clips[1]
     whole = list(ClipStream(source, 4, max_batches=4))
-    resumed = next(iter(ClipStream(source, 4, start_batch=3, max_batches=1)))
+    resumed = next(iter(ClipStream(source, 4, start=3 * 4, max_batches=1)))  # after 3 batches of 4
     assert torch.equal(resumed["video"], whole[3]["video"]) and resumed["caption"] == whole[3]["caption"]
+
+
+def test_a_resume_on_another_number_of_ranks_neither_repeats_nor_skips_clips():
+    """3 steps on 4 ranks, then 3 on 2: the global clip indices are 0..17, each seen once."""
+    class Numbers:  # clip k is the number k
+        name = "numbers"
+
+        def __len__(self):
+            return 1000
+
+        def load(self, k):
+            return np.full((1, 2, 2, 3), k % 256, np.uint8), str(k)
+    seen = [int(c) for r in range(4) for b in ClipStream(Numbers(), 1, r, 4, max_batches=3) for c in b["caption"]]
+    seen += [int(c) for r in range(2) for b in ClipStream(Numbers(), 1, r, 2, start=3 * 4, max_batches=3)
+             for c in b["caption"]]
+    assert sorted(seen) == list(range(18))
 
 
 def test_batches_do_not_depend_on_the_worker_count():

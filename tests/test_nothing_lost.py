@@ -167,3 +167,13 @@ def test_a_video_without_a_stream_duration_ends_where_its_frames_end_not_its_aud
     assert all(len(c) == 11 for c in clips)
     first = read_video(path, 3, 32, 8.0)
     assert first[0].mean() < 8 and 5 < first[1].mean() < 14, "after measuring, decoding starts at the first frame"
+
+
+def test_a_stage_1_train_state_records_the_clips_all_ranks_consumed(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(["--stage", "1", "--out", out, "--max-steps", "2", *TINY])  # batch 2, one rank
+    with safe_open(os.path.join(out, STATE), framework="pt") as f:
+        assert f.metadata()["clips_seen"] == "4"
+    train.main(["--stage", "1", "--out", out, "--resume", "--max-steps", "4", "--device", "cpu"])
+    with safe_open(os.path.join(out, STATE), framework="pt") as f:
+        assert f.metadata()["clips_seen"] == "8"
