@@ -5,7 +5,7 @@ limits on what one file may ask of a loader.
 `read_video` decodes a video or an image (a path or a binary file object) to RGB frames. It resamples
 by timestamp to a fixed fps, so variable frame rates work and a frame repeats when fps is above the
 video's rate; resizes the short side with swscale's area filter (no aliasing) and centre-crops; undoes
-phone rotation (the display matrix); and turns any pixel format (gray, 10-bit, alpha) into 8-bit RGB.
+phone rotation and mirroring (the display matrix) and non-square pixels; and turns any pixel format (gray, 10-bit, alpha) into 8-bit RGB.
 With `rng`, a clip's start is drawn uniformly over where a full clip fits. `write_video` writes .mp4
 (H.264) and .gif, and `VideoWriter` does so a few frames at a time; `to_uint8_frames` takes the layouts that models and scripts hand it.
 
@@ -25,6 +25,7 @@ looped. For .mp4, odd sides are padded by repeating the last row or column (H.26
 
 import contextlib
 import io
+import math
 import os
 from fractions import Fraction
 
@@ -71,18 +72,35 @@ def _fit(width: int, height: int, size: int | None, crop: str = "center") -> tup
     return w, h
 
 
-def _rgb(frame: av.VideoFrame, size: int | None, crop: str = "center") -> np.ndarray:
+def _orientation(frame: av.VideoFrame) -> tuple[bool, int]:
+    """How a frame is shown -> (mirrored left to right first, then clockwise quarter turns), from its display
+    matrix [[a, b], [c, d]], which maps a stored pixel (x, y) to (a x + c y, b x + d y) on screen. Phones
+    store a rotation there; a mirror (a d - b c < 0) is a left-right flip followed by a rotation. Without
+    a matrix, the frame's rotation (degrees counter-clockwise)."""
+    matrix = next((bytes(d) for d in frame.side_data if d.type == av.sidedata.sidedata.Type.DISPLAYMATRIX), None)
+    if matrix is None or len(matrix) != 36:
+        return False, round(-frame.rotation / 90) % 4
+    a, b, _, c, d = np.frombuffer(matrix, "=i4")[:5].astype(float)  # 16.16 fixed point: the scale cancels
+    mirrored = a * d - b * c < 0
+    if mirrored:  # (x, y) -> (-x, y) first: what is left is a rotation
+        a, b = -a, -b
+    return bool(mirrored), round(math.degrees(math.atan2(b, a)) / 90) % 4
+
+
+def _rgb(frame: av.VideoFrame, size: int | None, crop: str = "center", aspect: float = 1.0) -> np.ndarray:
     """One decoded frame as (H, W, 3) uint8, upright, made a `size` square: short side resized and the
-    centre cut out (crop "center"), or long side resized and black bars added (crop "pad")."""
-    # phones store "rotate this many degrees counter-clockwise" in the display matrix; read it before
-    # reformat, whose new frame lacks that side data
-    turns = round(frame.rotation / 90) % 4
-    w, h = _fit(frame.width, frame.height, size, crop)  # the size can change mid-stream
+    centre cut out (crop "center"), or long side resized and black bars added (crop "pad"). `aspect` is
+    the pixels' width over their height (the sample aspect ratio): non-square pixels are resized to the
+    picture's displayed proportions."""
+    mirrored, turns = _orientation(frame)  # read before reformat, whose new frame lacks the side data
+    shown = round(frame.width * aspect) if size is not None else frame.width  # the displayed width
+    w, h = _fit(shown, frame.height, size, crop)  # the size can change mid-stream
     if size is not None:
         # swscale's area filter averages the pixels it drops, so downscaling does not alias; it also
         # drops alpha and converts gray, 10-bit and any other pixel format to 8-bit RGB
         frame = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA")
-    img = np.rot90(frame.to_ndarray(format="rgb24"), k=turns)  # (H, W, 3) from any pixel format
+    img = frame.to_ndarray(format="rgb24")  # (H, W, 3) from any pixel format
+    img = np.rot90(img[:, ::-1] if mirrored else img, k=-turns)  # upright
     if size is not None and crop == "pad":
         canvas = np.zeros((size, size, 3), np.uint8)
         top, left = (size - img.shape[0]) // 2, (size - img.shape[1]) // 2
@@ -177,9 +195,10 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, si
                 clip = frames / (fps or float(stream.average_rate or 25))
                 start = float(rng.uniform(0, duration - clip)) if duration > clip else 0.0
             out, last, img = [], None, None
+            aspect = float(stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio or 1) or 1.0
             for frame in _pick(container, stream, fps, start):
                 if frame is not last:  # convert a repeated frame once
-                    last, img = frame, _rgb(frame, size, crop)
+                    last, img = frame, _rgb(frame, size, crop, aspect)
                 out.append(img)
                 if len(out) == limit:
                     break

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -177,3 +178,59 @@ def test_a_stage_1_train_state_records_the_clips_all_ranks_consumed(tmp_path):
     train.main(["--stage", "1", "--out", out, "--resume", "--max-steps", "4", "--device", "cpu"])
     with safe_open(os.path.join(out, STATE), framework="pt") as f:
         assert f.metadata()["clips_seen"] == "8"
+
+
+def marked_video(path: str, width: int = 64, height: int = 48, aspect=None) -> np.ndarray:
+    """A short H.264 video of one asymmetric picture (a white band on the left, a grey one at the top),
+    its pixels `aspect` wide -> the picture (height, width, 3)."""
+    import av
+    img = np.zeros((height, width, 3), np.uint8)
+    img[:, :width // 4] = 255
+    img[:height // 4] = 128
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if aspect:
+            stream.codec_context.sample_aspect_ratio = aspect
+        for _ in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return img
+
+
+def with_matrix(src: str, dst: str, a: int, b: int, c: int, d: int) -> None:
+    """A copy of an MP4 whose track header carries the display matrix [[a, b], [c, d]] (QuickTime layout)."""
+    import struct
+    data = open(src, "rb").read()
+    identity = struct.pack(">9i", 1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)
+    at = data.rfind(identity)  # the track's, after the movie header's
+    matrix = struct.pack(">9i", a << 16, b << 16, 0, c << 16, d << 16, 0, 0, 0, 1 << 30)
+    open(dst, "wb").write(data[:at] + matrix + data[at + 36:])
+
+
+@pytest.mark.parametrize("name, matrix, shown", [
+    ("mirrored", (-1, 0, 0, 1), lambda img: img[:, ::-1]),
+    ("upside down mirror", (1, 0, 0, -1), lambda img: img[::-1]),
+    ("turned 180", (-1, 0, 0, -1), lambda img: img[::-1, ::-1]),
+    ("a phone's 90", (0, 1, -1, 0), lambda img: np.rot90(img, k=-1)),
+    ("90 and mirrored", (0, 1, 1, 0), lambda img: img.transpose(1, 0, 2))])  # x' = y, y' = x
+def test_the_display_matrix_is_honoured_flips_as_flips(name, matrix, shown, tmp_path):
+    from video import read_video
+    img = marked_video(str(tmp_path / "plain.mp4"))
+    with_matrix(str(tmp_path / "plain.mp4"), str(tmp_path / "shown.mp4"), *matrix)
+    frame = read_video(str(tmp_path / "shown.mp4"), 1)[0].astype(float)
+    expected = np.ascontiguousarray(shown(img)).astype(float)
+    assert frame.shape == expected.shape and np.abs(frame - expected).mean() < 12, name
+
+
+def test_non_square_pixels_are_shown_at_their_displayed_proportions(tmp_path):
+    """64 x 48 pixels 4/3 wide show as 85 x 48 (16:9): letterboxed into 64 x 64 the picture is 36 rows high."""
+    from fractions import Fraction
+    from video import read_video
+    marked_video(str(tmp_path / "wide.mp4"), aspect=Fraction(4, 3))
+    marked_video(str(tmp_path / "square.mp4"))
+    rows = [int((read_video(str(tmp_path / f), 1, 64, crop="pad")[0].max(axis=(1, 2)) > 40).sum())
+            for f in ("wide.mp4", "square.mp4")]
+    assert abs(rows[0] - 36) <= 1 and abs(rows[1] - 48) <= 1, rows
