@@ -155,9 +155,13 @@ def parse_value(key: str, value: str, current: object) -> object:
             return tuple(type(current[0])(v) for v in value.split(","))
         if isinstance(current, bool):
             return value.lower() in ("1", "true", "yes")
-        # an int field takes 1e4 too
-        return type(current)(float(value) if isinstance(current, int) and "e" in value else value)
-    except ValueError:
+        if isinstance(current, int):  # 1e4 too, but not 3e-1: a whole number or nothing
+            number = float(value)
+            if not number.is_integer():
+                raise UsageError(f"{key} takes a whole number, got {value!r}")
+            return int(number)
+        return type(current)(value)
+    except (ValueError, OverflowError):
         raise UsageError(f"bad value {value!r} for {key}") from None
 
 
@@ -204,8 +208,11 @@ def resume_changes(saved: tuple, asked: tuple) -> list[str]:
     return notes
 
 
-def configure(stage: int, preset: str, tokenizer: str, assignments: list[str]) -> tuple[object, TrainConfig]:
-    """The preset of a stage with the `--set` assignments applied -> (model config, train config)."""
+def configure(stage: int, preset: str, tokenizer: str, assignments: list[str],
+              max_steps: int | None = None) -> tuple[object, TrainConfig]:
+    """The preset of a stage with the `--set` assignments and --max-steps applied -> (model config, train
+    config). A run shorter than its preset warms up in proportion (400 of 8000 steps: 10 warm-up steps, not
+    200), however its length was given, unless train.warmup is set."""
     for item in assignments:
         key = item.partition("=")[0]
         if not key.startswith(("model.", "train.")):
@@ -215,8 +222,11 @@ def configure(stage: int, preset: str, tokenizer: str, assignments: list[str]) -
         field = key.removeprefix("train.")
         if key.startswith("train.") and STAGE_OF_FIELD.get(field, stage) != stage:
             raise UsageError(f"{key} is read by stage {STAGE_OF_FIELD[field]} only, and this is stage {stage}")
-    model_cfg, cfg = tokenizer_preset(preset, tokenizer) if stage == 1 else generator_preset(preset)
-    model_cfg, cfg = override(model_cfg, assignments, "model"), override(cfg, assignments, "train")
+    model_cfg, base = tokenizer_preset(preset, tokenizer) if stage == 1 else generator_preset(preset)
+    model_cfg, cfg = override(model_cfg, assignments, "model"), override(base, assignments, "train")
+    cfg = dataclasses.replace(cfg, max_steps=max_steps or cfg.max_steps)
+    if cfg.max_steps < base.max_steps and not any(a.startswith("train.warmup=") for a in assignments):
+        cfg = dataclasses.replace(cfg, warmup=max(1, round(base.warmup * cfg.max_steps / base.max_steps)))
     if stage == 2 and model_cfg.position not in POSITIONS:
         raise UsageError(f"model.position must be one of {', '.join(POSITIONS)}, got {model_cfg.position!r}")
     return model_cfg, cfg

@@ -28,14 +28,17 @@ share with exactly one in every frame. Stories: in Shapes two prompts, a new dir
 Animals three prompts, a new action at each cut (story_action; story_kept: species, colour and scene
 stay). Animals also reports short prompts ("a dog running": short_species, short_action), the share
 of 20 samples of "a dog running" judged a running dog, and a 241-frame video from one prompt
-(long_one_subject per frame, long_action and long_direction per 11-frame window). Shapes reports ten
+(long_one_subject per frame, long_action and long_direction per 11-frame window), the share of each
+action judged right (action_<action>), and motion.py's figures: the probe on 128 held-out clips
+(probe_*) and 4 real clips of each action continued for 3 windows (continue_*). `--motion SEED` reports
+only the per-action shares and motion.py's figures, on prompts and clips of SEED. Shapes reports ten
 101-frame videos moving right, past the edge (long_*), and ten ten-segment stories (long_story_*).
 A generator trained on real data has no judge: it reports val_loss, its masked-code loss on held-out
 clips (validation_loss), and writes a grid of each held-out caption's real clip above its sample.
 Held out means --data if given, else what the run held out (held_out_source). Figures are printed as
-`name: value` lines and, with --json, written to a file. All judging in the repo lives here: train.py
-logs `psnr` and `ssim` as val_psnr and val_ssim in stage 1, and validation_loss and `watch` as
-val_loss and val_* in stage 2.
+`name: value` lines and, with --json, written to a file. All judging in the repo lives here and in
+motion.py: train.py logs `psnr` and `ssim` as val_psnr and val_ssim in stage 1, and validation_loss,
+`watch` and motion.watch_motion as val_loss and val_* in stage 2.
 """
 
 import argparse
@@ -53,9 +56,10 @@ from checkpoint import DEFAULT_WORLD, load_checkpoint, load_generator, load_toke
 from config import HelpWithDefaults, UsageError, exit_usage
 from data import make_source
 from maskgit import CFG, STEPS, TEMPERATURE, make_video
+from motion import motion_extras
 from progress import write_grid
 from shapes import DIRECTIONS, ShapeSpec, oracle
-from stream import ClipStream
+from stream import ClipStream, encode_clips
 
 # Legend: B batch, C channels, T frames, H W pixels, K codebook size.
 
@@ -154,18 +158,6 @@ def sample_and_judge(model, text, tokenizer, world, specs: list, device: torch.d
 
 
 @torch.no_grad()
-def encode_clips(tokenizer, source, clips: int, device: torch.device, batch_size: int = 32):
-    """The first `clips` clips of a source through the tokenizer -> (codes (N, t, h, w), N captions, videos
-    (N, 3, T, H, W) on the CPU)."""
-    stream, codes, captions, videos = ClipStream(source, batch_size), [], [], []
-    for b in range((clips + batch_size - 1) // batch_size):
-        batch = stream.batch(b)
-        codes.append(tokenizer.encode(batch["video"].to(device)))
-        captions, videos = captions + batch["caption"], videos + [batch["video"]]
-    return torch.cat(codes)[:clips], captions[:clips], torch.cat(videos)[:clips]
-
-
-@torch.no_grad()
 def validation_loss(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, seed: int = 0,
                     batch_size: int = 32) -> float:
     """The generator's masked-code loss on held-out codes (N, t, h, w) and captions (N, L): every call
@@ -177,80 +169,6 @@ def validation_loss(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.T
         losses = [model.loss(codes[i:i + batch_size], ids[i:i + batch_size].to(device), mask[i:i + batch_size].to(device))
                   * len(codes[i:i + batch_size]) for i in range(0, len(codes), batch_size)]
     return (sum(losses) / len(codes)).item()
-
-
-@torch.no_grad()
-def motion_probe(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, seed: int = 0,
-                 batch_size: int = 32) -> dict[str, float]:
-    """What the generator has learned of motion, from held-out codes (N, t, h, w) and captions (N, L):
-    the masked-code loss and top-1 accuracy on codes that differ from the code at their place one latent
-    frame before (moved) and on those that repeat it (still), latent frames 1.. only, under two masks:
-    training's random ones (probe_random_*, the same draws every call, from `seed`) and a continuation's
-    (probe_next_*: the first half of the latent frames given, the rest to fill, as a shifted window
-    starts). A model that copies the frame before scores well on still codes and badly on moved ones.
-    `model` is a MaskGIT or distributed.Run around one."""
-    t, draw_masks = codes.shape[1], getattr(model, "model", model).mask_positions  # Run keeps the MaskGIT as .model
-    moved = codes[:, 1:] != codes[:, :-1]  # (N, t - 1, h, w): frame 0 has no frame before
-    sums, counts = {}, {}
-    with torch.random.fork_rng(devices=[codes.device] if codes.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for kind in ("random", "next"):
-            for i in range(0, len(codes), batch_size):
-                c, rows = codes[i:i + batch_size], slice(i, i + batch_size)
-                if kind == "random":
-                    tokens, masked = draw_masks(c)
-                    masked = masked.view(c.shape)
-                else:
-                    masked = torch.zeros_like(c, dtype=torch.bool)
-                    masked[:, t // 2:] = True  # keep t // 2 latent frames, as make_video's default context
-                    tokens = c.masked_fill(masked, model.config.codebook_size)  # [MASK]
-                logits = model.predict(tokens, ids[rows].to(c.device), mask[rows].to(c.device)).float()  # (B, t, h, w, K)
-                ce = F.cross_entropy(logits.flatten(0, 3), c.flatten(), reduction="none").view(c.shape)[:, 1:]
-                hit = (logits.argmax(-1) == c)[:, 1:]  # (B, t - 1, h, w)
-                for group, where in (("moved", moved[rows]), ("still", ~moved[rows])):
-                    where = where & masked[:, 1:]  # scored: masked positions of this group
-                    counts[kind, group] = counts.get((kind, group), 0) + where.sum().item()
-                    for name, value in (("loss", ce), ("acc", hit.float())):
-                        sums[kind, group, name] = sums.get((kind, group, name), 0.0) + value[where].sum().item()
-    return {f"probe_{kind}_{group}_{name}": v / max(counts[kind, group], 1) for (kind, group, name), v in sums.items()}
-
-
-CONTINUE_SEED = 1_000_033  # the real clips the continuation test gives as context: never trained on
-
-
-@torch.no_grad()
-def continuation(model, text, tokenizer, clips_per_action: int = 2, windows: int = 3, seed: int = CONTINUE_SEED,
-                 device: torch.device = torch.device("cpu"), **sampling) -> dict[str, float]:
-    """Real Animals clips as context, the generator goes on: for each action, `clips_per_action` rendered
-    11-frame clips (random species that has it, colour, direction, scene) are continued under their
-    canonical caption by `windows` windows of 10 new frames, and each window is judged. -> continue_action,
-    the share of windows whose action is the clip's, and continue_<action> for each action."""
-    rng = np.random.default_rng(seed)
-    specs = []
-    for action in animals.MOTION:
-        for _ in range(clips_per_action):
-            species = str(rng.choice([s for s in animals.SPECIES if action in animals.ACTIONS[s]]))
-            specs.append(animals.AnimalSpec(species, str(rng.choice(list(animals.COLORS))), action,
-                                            str(rng.choice(animals.DIRECTIONS)), str(rng.choice(list(animals.SCENES)))))
-    real = np.stack([animals.render(s, 11, 64, rng) for s in specs])  # (B, 11, H, W, 3) uint8
-    init = torch.from_numpy(real).permute(0, 4, 1, 2, 3).to(device).float() / 127.5 - 1  # (B, 3, 11, H, W)
-    prompt = [x.to(device) for x in text.encode([animals.caption(s) for s in specs], model.config.text.max_len)]
-    video = make_video(model, tokenizer, [prompt], [10 * windows], init=init, **sampling).float().cpu()  # (B, 3, 11 + 10w, H, W)
-    held = {a: [] for a in animals.MOTION}
-    for v, s in zip(video, specs):
-        held[s.action] += [animals.judge(v[:, 11 + 10 * i:21 + 10 * i])["action"] == s.action for i in range(windows)]
-    return {"continue_action": float(np.mean(sum(held.values(), [])))} | {
-        f"continue_{a}": float(np.mean(h)) for a, h in held.items()}
-
-
-def watch_motion(model, text, tokenizer, held_out: tuple, data: str, device: torch.device, seed: int,
-                 **sampling) -> dict[str, float]:
-    """What a run logs of motion at each image_every: the probe on its held-out (codes, ids, mask) and,
-    in the Animals world, one real clip of each action continued by two windows."""
-    figures = motion_probe(model, *held_out, seed=seed)
-    if data == "animals":
-        figures |= continuation(model, text, tokenizer, 1, 2, device=device, **sampling)
-    return figures
 
 
 def watch_list(data: str, captions: list[str], path: str | None = None, n: int = 8, seed: int = 0):
@@ -352,7 +270,7 @@ def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int
             model, text, tokenizer, rng, stories, batch_size, keep_at_cut=world.KEEP_AT_CUT, **sampling)
     if world is animals:
         results |= animals_extras(model, text, tokenizer, rng, prompts // 2, batch_size, **sampling)
-        results |= motion_extras(model, text, tokenizer, EVAL_SEED, **sampling)
+        results |= motion_extras(model, text, tokenizer, EVAL_SEED, **sampling)  # motion.py
     else:
         results |= shapes_long(model, text, tokenizer, rng, 10, keep_at_cut=world.KEEP_AT_CUT, **sampling)
     return results | {"prompts": prompts, "stories": stories}
@@ -395,14 +313,6 @@ def shapes_long(model, text, tokenizer, rng, videos: int, frames: int = 101, **s
         kept.append(parts[-1]["color"] == first[b].color and parts[-1]["shape"] == first[b].shape)
     return results | {"long_story_direction": float(np.mean(right)), "long_story_one_object": float(np.mean(one)),
                       "long_story_kept": float(np.mean(kept))}
-
-
-def motion_extras(model, text, tokenizer, seed: int, clips: int = 128, **sampling) -> dict[str, float]:
-    """The motion probe on `clips` Animals clips of `seed` and the continuation of 4 real clips per action
-    (of another seed derived from it): how things move, beside what the judge reads of single prompts."""
-    codes, captions, _ = encode_clips(tokenizer, make_source("animals", 11, 64, seed), clips, torch.device("cpu"))
-    ids, mask = text.encode(captions, model.config.text.max_len)
-    return motion_probe(model, codes, ids, mask) | continuation(model, text, tokenizer, 4, 3, seed + 30, **sampling)
 
 
 def animals_extras(model, text, tokenizer, rng, short: int, batch_size: int, **sampling) -> dict[str, float]:

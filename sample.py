@@ -107,18 +107,18 @@ def run_generate(args) -> None:
     if frames % 2 == 0:
         print(f"note: --frames {frames} is not 1 + 2n; making {frames + 1}")
         frames += 1
-    if frames < len(args.prompts):
-        raise UsageError(f"--frames {frames} is too few for {len(args.prompts)} prompts")
     for p in args.prompts:
         unseen = text.unseen(p)
         if unseen:
             print(f"warning: the model never saw these words in training: {', '.join(unseen)}", file=sys.stderr)
-    init = None
-    if args.init:
-        init = load_video(args.init, cfg.get("image_size", 64), cfg.get("fps", 8.0))[None]  # (1, 3, T0, H, W)
+    init = load_video(args.init, cfg.get("image_size", 64), cfg.get("fps", 8.0))[None] if args.init else None  # (1, 3, T0, H, W)
     new = frames - (0 if init is None else init.shape[2])
     if new < 1:
         raise UsageError(f"--init already has {init.shape[2]} frames; ask for more with --frames")
+    if new < len(args.prompts):  # each prompt gets frames of its own
+        raise UsageError(f"--frames {frames} makes {new} new frame(s) for {len(args.prompts)} prompts"
+                         + (f" after --init's {frames - new}" if init is not None else "")
+                         + f"; ask for at least --frames {frames - new + len(args.prompts)}")
     shares = [new // len(args.prompts) + (i < new % len(args.prompts)) for i in range(len(args.prompts))]
     t = model.config.latent_frames
     if args.keep is not None and args.keep > t - 1:

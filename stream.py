@@ -25,6 +25,7 @@ an interrupted build is redone, and a cache of other data or another tokenizer i
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -52,18 +53,20 @@ class ClipStream(IterableDataset):
     def clip(self, j: int) -> tuple[np.ndarray, str]:
         """Clip number j of this rank, with substitutes for files that fail to decode."""
         n = len(self.source)
-        k = self.start + j * self.world + self.rank
+        k, failed = self.start + j * self.world + self.rank, set()
         for attempt in range(20):
             try:
                 return self.source.load(k)
             except (OSError, ValueError, RuntimeError) as err:  # PyAV's errors derive from these
                 self.skipped, last = self.skipped + 1, err
+                failed.add(str(err))  # one message a file: what counts files, not retries of one
                 if str(err) not in self.said:
                     self.said.add(str(err))
                     say_skipped(f"clip {k} of {self.source.name}", err)
                 k = int(np.random.default_rng([k, attempt, 7]).integers(n))
         last = " ".join(str(last).split())
-        raise UnusableData(f"{self.source.name}: 20 loads in a row failed, the last with: {last}")
+        raise UnusableData(f"{self.source.name}: nothing loads ({len(failed)} file(s) failed, 20 tries in a row), "
+                           f"the last with: {last}")
 
     def batch(self, b: int) -> dict:
         """{"video": (B, 3, T, H, W) in [-1, 1], "caption": [B str], "skipped": files skipped for it}."""
@@ -81,6 +84,30 @@ class ClipStream(IterableDataset):
         while b < end:
             yield self.batch(b)
             b += workers
+
+
+@torch.no_grad()
+def encode_clips(tokenizer, source, clips: int, device: torch.device, batch_size: int = 32):
+    """The first `clips` clips of a source through the tokenizer -> (codes (N, t, h, w), N captions, videos
+    (N, 3, T, H, W) on the CPU)."""
+    stream, codes, captions, videos = ClipStream(source, batch_size), [], [], []
+    for b in range((clips + batch_size - 1) // batch_size):
+        batch = stream.batch(b)
+        codes.append(tokenizer.encode(batch["video"].to(device)))
+        captions, videos = captions + batch["caption"], videos + [batch["video"]]
+    return torch.cat(codes)[:clips], captions[:clips], torch.cat(videos)[:clips]
+
+
+def held_out(read, master: bool = True):
+    """read() the held-out clips, or None with one line when none of them loads: the run trains on, without
+    the val_ figures (a folder whose held-out share is all broken files would otherwise stop here)."""
+    try:
+        return read()
+    except UnusableData as err:
+        if master:
+            print(f"warning: {err}; training without val_ figures (name readable held-out data with --val-data)",
+                  file=sys.stderr, flush=True)
+        return None
 
 
 # ----------------------------------------------------------------------------- the token cache

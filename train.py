@@ -57,12 +57,13 @@ from checkpoint import (TOKENIZERS, clear_run, file_digest, generator_config_for
 from config import HelpWithDefaults, TrainConfig, UsageError, configure, exit_usage, override, resume_changes
 from data import UnusableData, content_digest, train_and_val
 from distributed import Run, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
-from evaluate import WORLDS, encode_clips, psnr, ssim, validation_loss, watch, watch_list, watch_motion
+from evaluate import WORLDS, psnr, ssim, validation_loss, watch, watch_list
+from motion import watch_motion
 from faults import TrainingStopped, exit_code, quiet_worker
 from maskgit import MaskGIT, MaskGITConfig
 from progress import Progress
 from steps import Steps, adamw
-from stream import ClipStream, build_token_cache, load_token_cache
+from stream import ClipStream, build_token_cache, encode_clips, held_out, load_token_cache
 from text_encoder import CaptionTokenizer
 from vqgan import Discriminator, VGGPerceptual, adaptive_gan_weight, hinge_d_loss
 
@@ -96,9 +97,8 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
     disc_d = DDP(disc, forward_sync_buffers=False) if ddp else disc
     if resume and rank > 0:  # the saved counts are all ranks' sum (summed_counts): rank 0 carries it on.
         model.quantizer.counts.zero_()  # After the wrap: DDP's first broadcast copies rank 0's buffers to all
-    # a fixed batch of held-out clips for val_psnr, val_ssim and recon.png (data.train_and_val)
-    # (data with nothing usable fails here, in this process, before any worker starts)
-    val_video = ClipStream(val_source, 8).batch(0)["video"].to(device)  # (8, 3, T, H, W)
+    # a fixed batch of held-out clips for val_psnr, val_ssim and recon.png (data.train_and_val); None: none loads
+    val_video = held_out(lambda: ClipStream(val_source, 8).batch(0)["video"].to(device), master)
     # the stream starts after the clips all ranks consumed (on any number of ranks), each batch a function of its
     # place. Clips decode in `workers` processes, each keeping 4 batches ready, into pinned memory on CUDA
     first, start = step, int(resume[2].get("clips_seen", step * cfg.grad_accum * cfg.batch_size * world)) if resume else 0
@@ -149,8 +149,8 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
             if ema is not None and moved is not None:  # codes placed anew enter the EMA as they are, not averaged
                 ema.quantizer.codebook.data[moved] = model.quantizer.codebook.data[moved]  # with the init they replace
             kmeans = False
-            if master and steps.due(cfg.log_every):
-                if steps.due(cfg.image_every):  # reconstruct the fixed batch
+            if master and (steps.due(cfg.log_every) or steps.due(cfg.image_every)):
+                if steps.due(cfg.image_every) and val_video is not None:  # reconstruct the fixed batch
                     recon = reconstruction(model, val_video, steps.autocast)  # (8, 3, T, H, W)
                     figures["val_psnr"] = psnr(recon, val_video).mean().item()  # dB, mean over the 8 clips
                     figures["val_ssim"] = ssim(recon, val_video).mean().item()
@@ -278,8 +278,9 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
         if master:
             print(f"resumed from {resume[0]} at step {step}")
     # 64 held-out clips for val_loss, encoded once; the watch grid's 8 prompts (a world's are judged)
-    val_codes, val_captions, _ = encode_clips(tokenizer, val_source, 64, device)  # (64, t, h, w)
-    val_ids, val_mask = text.encode(val_captions, model_cfg.text.max_len)  # (64, L) each
+    held = held_out(lambda: encode_clips(tokenizer, val_source, 64, device), master)  # (64, t, h, w) codes
+    val_codes, val_captions = (held[0], held[1]) if held else (None, captions)  # none loads: watch training captions
+    val_ids, val_mask = text.encode(val_captions[:64], model_cfg.text.max_len)  # (64, L) each
     watched = watch_list(cfg.data, val_captions, args.watch_prompts, seed=cfg.seed)  # fixed for the run
     if master:
         print("samples.png shows: " + " | ".join(watched[2]))
@@ -307,18 +308,19 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
             figures = {}  # what this step measured beside the loss
             if steps.due(cfg.image_every) and (master or fsdp):  # under FSDP every rank joins the all-gathers
                 model.eval()
-                figures["val_loss"] = validation_loss(sampler, val_codes, val_ids, val_mask, cfg.seed)
+                if val_codes is not None:
+                    figures["val_loss"] = validation_loss(sampler, val_codes, val_ids, val_mask, cfg.seed)
                 # one clip for each watched prompt; in a world, its attributes read back by the judge
                 videos, verdicts = watch(sampler, text, tokenizer, watched, device, steps=cfg.sample_steps,
                                          generator=torch.Generator(device).manual_seed(cfg.seed))
-                verdicts |= watch_motion(sampler, text, tokenizer, (val_codes, val_ids.to(device), val_mask.to(device)),
-                                         cfg.data, device, cfg.seed, steps=cfg.sample_steps,
-                                         generator=torch.Generator(device).manual_seed(cfg.seed))  # how things move
+                verdicts |= {} if val_codes is None else watch_motion(
+                    sampler, text, tokenizer, (val_codes, val_ids.to(device), val_mask.to(device)), cfg.data, device,
+                    cfg.seed, steps=cfg.sample_steps, generator=torch.Generator(device).manual_seed(cfg.seed))  # motion
                 model.train()
                 figures |= {f"val_{k}": v for k, v in verdicts.items()}  # shares of clips that agree; the probe
                 if fsdp:  # FSDP keeps a root unit gathered after its forward: shard it again before updates
                     sampler.reshard()
-            if master and steps.due(cfg.log_every):
+            if master and (steps.due(cfg.log_every) or figures):  # what is measured is logged
                 steps.write_log({"loss": total}, figures)
                 if figures:
                     steps.log.grid(videos, "samples.png", watched[2])  # (8, 3, T, H, W): a clip under each prompt
@@ -369,13 +371,10 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     image_ratio = [f"train.image_ratio={args.image_ratio}"] if args.image_ratio is not None else []
     args.out = args.out or f"runs/stage{args.stage}-{args.tokenizer if args.stage == 1 else 'maskgit'}-{args.preset}"
     saved = resumed_run(args)  # the saved configs when this command continues a run
-    model_cfg, cfg = configure(args.stage, args.preset, args.tokenizer, args.set + image_ratio)
+    model_cfg, cfg = configure(args.stage, args.preset, args.tokenizer, args.set + image_ratio, args.max_steps)
     if saved:
         (model_cfg, cfg), asked = saved, args.set + image_ratio
         model_cfg, cfg = override(model_cfg, asked, "model"), override(cfg, asked, "train")
-    if not saved and args.max_steps and args.max_steps < cfg.max_steps and not any(
-            a.startswith("train.warmup=") for a in args.set):  # a short run warms up in proportion, not for 200 steps
-        cfg = dataclasses.replace(cfg, warmup=max(1, round(cfg.warmup * args.max_steps / cfg.max_steps)))
     cfg = dataclasses.replace(cfg, data=args.data or cfg.data, max_steps=args.max_steps or cfg.max_steps,
                               val_data=args.val_data or cfg.val_data)
     if saved:

@@ -49,3 +49,10 @@ def test_the_position_scheme_is_a_checked_model_field_and_old_generators_load_wi
     for world in ("shapes", "animals"):  # files saved before the field existed: their config has no 'position'
         model, _, _, meta = load_generator(shipped(world, "generator"), shipped(world, "tokenizer"))
         assert "position" not in meta["config"] and model.config.position == "absolute"
+
+
+def test_an_integer_field_takes_whole_numbers_only():
+    assert configure(2, "tiny", "vqgan", ["train.max_steps=1e3"])[1].max_steps == 1000
+    for bad in ("3e-1", "2.5", "1e400", "nan"):
+        with pytest.raises(UsageError, match="train.batch_size"):
+            configure(2, "tiny", "vqgan", [f"train.batch_size={bad}"])

@@ -1,12 +1,12 @@
-"""Tests for the motion probe and the continuation test of evaluate.py: which codes count as moved, what
+"""Tests for the motion probe and the continuation test (motion.py): which codes count as moved, what
 each mask scores, and that the continuation judges the frames after the context. Tiny stand-ins; CPU only."""
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import evaluate
-from evaluate import continuation, motion_probe
+import motion
+from motion import continuation, motion_probe
 from maskgit import MaskGIT, MaskGITConfig
 from text_encoder import CaptionTokenizer, TextEncoderConfig
 
@@ -65,7 +65,7 @@ def test_continuation_judges_the_frames_after_the_real_context(monkeypatch):
     only sitting is held; were the context judged, running would be."""
     def frozen(model, tokenizer, prompts, frames, init=None, **sampling):
         return torch.cat([init, init[:, :, -1:].expand(-1, -1, sum(frames), -1, -1)], dim=2)
-    monkeypatch.setattr(evaluate, "make_video", frozen)
+    monkeypatch.setattr(motion, "make_video", frozen)
     text = CaptionTokenizer.train(["a brown dog running to the right on the grass"] * 3, vocab_size=300)
     model = Predictor(lambda c: c)
     seen = continuation(model, text, None, clips_per_action=2, windows=2)

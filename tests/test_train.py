@@ -72,7 +72,8 @@ def test_resume_reuses_the_saved_config_and_changes_only_what_may_change(tmp_pat
 
 
 @pytest.mark.parametrize("flags, warmup", [([], 200), (["--max-steps", "400"], 10), (["--max-steps", "20000"], 200),
-                                           (["--max-steps", "400", "--set", "train.warmup=50"], 50)])
+                                           (["--max-steps", "400", "--set", "train.warmup=50"], 50),
+                                           (["--set", "train.max_steps=400"], 10)])  # the same run, spelt otherwise
 def test_a_short_run_warms_up_in_proportion(tmp_path, flags, warmup):
     _, cfg, _ = train.setup(train.parse_args(["--stage", "1", "--out", str(tmp_path), *flags]))  # tiny: 8000 steps
     assert cfg.warmup == warmup

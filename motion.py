@@ -1,0 +1,112 @@
+"""
+What a generator has learned of motion, measured two ways (the motion issue's probe; README, the motion study).
+
+The probe (`motion_probe`) reads the generator's predictions on held-out codes. In a video most codes
+repeat the code at their place one latent frame before; those that do not are where things move (in the
+Animals world, mostly the ground that scrolls under a running subject). The masked-code loss and top-1
+accuracy are reported apart for moved and still codes, under training's random masks and under a
+continuation's mask (the first half of the latent frames given, the rest to fill, as every shifted window
+starts). A generator that copies the frame before scores well on still codes and badly on moved ones.
+
+The continuation test (`continuation`) gives real Animals clips of each action as context and judges
+the action of the frames the generator makes after them: the sampler is then not the question, only
+whether the generator carries on the motion it is shown.
+
+    codes (N, t, h, w), captions  ->  motion_probe  ->  {probe_<random|next>_<moved|still>_<loss|acc>}
+    rendered clips (B, 3, 11, H, W)  ->  make_video  ->  judge per window  ->  {continue_<action>}
+
+evaluate.py reports both (and `--motion SEED` alone, for the study); train.py logs them at image_every.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import animals
+from data import make_source
+from maskgit import make_video
+from stream import encode_clips
+
+# Legend: B batch, t h w latent grid, K codebook size, L text length, N clips.
+
+
+@torch.no_grad()
+def motion_probe(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, seed: int = 0,
+                 batch_size: int = 32) -> dict[str, float]:
+    """What the generator has learned of motion, from held-out codes (N, t, h, w) and captions (N, L):
+    the masked-code loss and top-1 accuracy on codes that differ from the code at their place one latent
+    frame before (moved) and on those that repeat it (still), latent frames 1.. only, under two masks:
+    training's random ones (probe_random_*, the same draws every call, from `seed`) and a continuation's
+    (probe_next_*: the first half of the latent frames given, the rest to fill, as a shifted window
+    starts). A model that copies the frame before scores well on still codes and badly on moved ones.
+    `model` is a MaskGIT or distributed.Run around one."""
+    t, draw_masks = codes.shape[1], getattr(model, "model", model).mask_positions  # Run keeps the MaskGIT as .model
+    moved = codes[:, 1:] != codes[:, :-1]  # (N, t - 1, h, w): frame 0 has no frame before
+    sums, counts = {}, {}
+    with torch.random.fork_rng(devices=[codes.device] if codes.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for kind in ("random", "next"):
+            for i in range(0, len(codes), batch_size):
+                c, rows = codes[i:i + batch_size], slice(i, i + batch_size)
+                if kind == "random":
+                    tokens, masked = draw_masks(c)
+                    masked = masked.view(c.shape)
+                else:
+                    masked = torch.zeros_like(c, dtype=torch.bool)
+                    masked[:, t // 2:] = True  # keep t // 2 latent frames, as make_video's default context
+                    tokens = c.masked_fill(masked, model.config.codebook_size)  # [MASK]
+                logits = model.predict(tokens, ids[rows].to(c.device), mask[rows].to(c.device)).float()  # (B, t, h, w, K)
+                ce = F.cross_entropy(logits.flatten(0, 3), c.flatten(), reduction="none").view(c.shape)[:, 1:]
+                hit = (logits.argmax(-1) == c)[:, 1:]  # (B, t - 1, h, w)
+                for group, where in (("moved", moved[rows]), ("still", ~moved[rows])):
+                    where = where & masked[:, 1:]  # scored: masked positions of this group
+                    counts[kind, group] = counts.get((kind, group), 0) + where.sum().item()
+                    for name, value in (("loss", ce), ("acc", hit.float())):
+                        sums[kind, group, name] = sums.get((kind, group, name), 0.0) + value[where].sum().item()
+    return {f"probe_{kind}_{group}_{name}": v / max(counts[kind, group], 1) for (kind, group, name), v in sums.items()}
+
+
+CONTINUE_SEED = 1_000_033  # the real clips the continuation test gives as context: never trained on
+
+
+@torch.no_grad()
+def continuation(model, text, tokenizer, clips_per_action: int = 2, windows: int = 3, seed: int = CONTINUE_SEED,
+                 device: torch.device = torch.device("cpu"), **sampling) -> dict[str, float]:
+    """Real Animals clips as context, the generator goes on: for each action, `clips_per_action` rendered
+    11-frame clips (random species that has it, colour, direction, scene) are continued under their
+    canonical caption by `windows` windows of 10 new frames, and each window is judged. -> continue_action,
+    the share of windows whose action is the clip's, and continue_<action> for each action."""
+    rng = np.random.default_rng(seed)
+    specs = []
+    for action in animals.MOTION:
+        for _ in range(clips_per_action):
+            species = str(rng.choice([s for s in animals.SPECIES if action in animals.ACTIONS[s]]))
+            specs.append(animals.AnimalSpec(species, str(rng.choice(list(animals.COLORS))), action,
+                                            str(rng.choice(animals.DIRECTIONS)), str(rng.choice(list(animals.SCENES)))))
+    real = np.stack([animals.render(s, 11, 64, rng) for s in specs])  # (B, 11, H, W, 3) uint8
+    init = torch.from_numpy(real).permute(0, 4, 1, 2, 3).to(device).float() / 127.5 - 1  # (B, 3, 11, H, W)
+    prompt = [x.to(device) for x in text.encode([animals.caption(s) for s in specs], model.config.text.max_len)]
+    video = make_video(model, tokenizer, [prompt], [10 * windows], init=init, **sampling).float().cpu()  # (B, 3, 11 + 10w, H, W)
+    held = {a: [] for a in animals.MOTION}
+    for v, s in zip(video, specs):
+        held[s.action] += [animals.judge(v[:, 11 + 10 * i:21 + 10 * i])["action"] == s.action for i in range(windows)]
+    return {"continue_action": float(np.mean(sum(held.values(), [])))} | {
+        f"continue_{a}": float(np.mean(h)) for a, h in held.items()}
+
+
+def watch_motion(model, text, tokenizer, held_out: tuple, data: str, device: torch.device, seed: int,
+                 **sampling) -> dict[str, float]:
+    """What a run logs of motion at each image_every: the probe on its held-out (codes, ids, mask) and,
+    in the Animals world, one real clip of each action continued by two windows."""
+    figures = motion_probe(model, *held_out, seed=seed)
+    if data == "animals":
+        figures |= continuation(model, text, tokenizer, 1, 2, device=device, **sampling)
+    return figures
+
+
+def motion_extras(model, text, tokenizer, seed: int, clips: int = 128, **sampling) -> dict[str, float]:
+    """The motion probe on `clips` Animals clips of `seed` and the continuation of 4 real clips per action
+    (of another seed derived from it): how things move, beside what the judge reads of single prompts."""
+    codes, captions, _ = encode_clips(tokenizer, make_source("animals", 11, 64, seed), clips, torch.device("cpu"))
+    ids, mask = text.encode(captions, model.config.text.max_len)
+    return motion_probe(model, codes, ids, mask) | continuation(model, text, tokenizer, 4, 3, seed + 30, **sampling)
