@@ -135,8 +135,8 @@ class VideoFolderSource:
         return items, dropped
 
     def entry_name(self, entry) -> str:
-        """The name an entry is held out by: its path inside the folder."""
-        return Path(entry).relative_to(self.root).as_posix()
+        """The name an entry is held out by: its path from the folder (../ or absolute rows of a captions.csv too)."""
+        return Path(os.path.relpath(entry, self.root)).as_posix()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -281,8 +281,8 @@ def make_source(spec: str, frames: int, size: int, seed: int = 0, fps: float = 8
         return AnimalsSource(frames, size, seed)
     if spec.startswith("images:"):
         return ImageFolderSource(spec[len("images:"):], size, seed, split, crop)
-    if ".tar" in spec or any(c in spec for c in "{*?["):
-        return TarShardSource(spec, frames, size, fps, seed, split, crop)
+    if not os.path.isdir(spec) and (".tar" in spec or any(c in spec for c in "{*?[")):  # a folder is a folder,
+        return TarShardSource(spec, frames, size, fps, seed, split, crop)  # whatever its name holds
     if not os.path.exists(spec):
         raise ValueError(f"--data {spec}: no such folder or file; expected 'shapes', 'animals', a folder of videos "
                          "or images, 'images:FOLDER', or tar shards")

@@ -234,3 +234,61 @@ def test_non_square_pixels_are_shown_at_their_displayed_proportions(tmp_path):
     rows = [int((read_video(str(tmp_path / f), 1, 64, crop="pad")[0].max(axis=(1, 2)) > 40).sum())
             for f in ("wide.mp4", "square.mp4")]
     assert abs(rows[0] - 36) <= 1 and abs(rows[1] - 48) <= 1, rows
+
+
+@pytest.mark.parametrize("name", ["clips [2024]", "x.tarball", "a{b}", "what?", "star*"])
+def test_a_folder_is_a_folder_whatever_its_name_holds(name, tmp_path):
+    from data import VideoFolderSource, make_source
+    root = caption_folder(tmp_path / name, ["a dog", "a cat"])
+    source = make_source(root, 3, 32)
+    assert type(source) is VideoFolderSource and len(source) == 2
+
+
+def test_captions_csv_may_name_files_outside_the_folder(tmp_path):
+    from data import make_source
+    from tests.test_own_videos import write_clip
+    root = caption_folder(tmp_path / "clips", ["a dog", "a cat"])
+    write_clip(str(tmp_path / "outside.mp4"), "h264", 32, 32, 2)
+    with open(os.path.join(root, "captions.csv"), "a") as f:
+        f.write(f"../outside.mp4,a bird\n{tmp_path / 'outside.mp4'},a horse\n")
+    source = make_source(root, 3, 32)
+    assert sorted(text for _, text in source.items) == ["a bird", "a cat", "a dog", "a horse"]
+    assert all(source.load(k)[0].shape == (3, 32, 32, 3) for k in range(4))
+
+
+def test_what_is_measured_is_logged_even_off_the_log_steps(tokenizers, tmp_path):
+    out = str(tmp_path / "gen")
+    train.main(["--stage", "2", "--tokenizer-checkpoint", tokenizers[0], "--out", out, "--max-steps", "4",
+                *TINY_GENERATOR, "--set", "train.log_every=2", "--set", "train.image_every=3"])
+    lines = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert any(line["step"] == 3 and "val_loss" in line for line in lines), lines
+
+
+def test_sample_refuses_prompts_that_would_get_no_frames(tmp_path, capsys):
+    clip = str(tmp_path / "clip.mp4")
+    write_video(clip, torch.rand(3, 9, 32, 32) * 2 - 1, fps=8)
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["a dog running", "the dog jumps", "the dog sits down", "--init", clip, "--frames", "11",
+                     "--out", str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "for 3 prompts" in err and "--frames 12" in err and err.count("\n") == 1
+
+
+def test_broken_held_out_files_leave_the_run_training_without_val_figures(tmp_path):
+    """One good video and three broken ones, of which the name hash holds out a broken one: the run trains."""
+    from data import held_out
+    from tests.test_own_videos import write_clip
+    names = ["cut.mp4", "empty.mp4", "good.mp4", "junk.mp4"]
+    assert not dict(zip(names, held_out(names)))["good.mp4"]
+    root = tmp_path / "mixed"
+    os.makedirs(root)
+    write_clip(str(root / "good.mp4"), "h264", 32, 32, 2)
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "junk.mp4").write_bytes(os.urandom(5000))
+    (root / "cut.mp4").write_bytes(open(root / "good.mp4", "rb").read()[:600])
+    result = run_cli("--stage", "1", "--data", str(root), "--out", str(tmp_path / "run"), "--max-steps", "2", *TINY)
+    assert result.returncode == 0, result.stderr[-500:]
+    assert "training without val_ figures" in result.stderr and "--val-data" in result.stderr
+    assert "20 loads in a row" not in result.stderr
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert lines and not any("val_psnr" in line for line in lines)
