@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import sample
 import train
@@ -292,3 +293,19 @@ def test_broken_held_out_files_leave_the_run_training_without_val_figures(tmp_pa
     assert "20 loads in a row" not in result.stderr
     lines = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert lines and not any("val_psnr" in line for line in lines)
+
+
+def test_the_token_cache_holds_the_codes_every_other_encoding_gives(tokenizers, tmp_path):
+    """One precision for all encodings of a run: the cache's codes of the first clips equal encode_clips'
+    (validation, evaluation). On CUDA the cache was encoded under bf16 autocast; the suite run there checks it."""
+    from checkpoint import load_tokenizer
+    from shapes import ShapesSource
+    from stream import encode_clips
+    out = str(tmp_path / "gen")
+    train.main(["--stage", "2", "--tokenizer-checkpoint", tokenizers[0], "--out", out, "--max-steps", "1", *TINY_GENERATOR])
+    shard = os.path.join(out, "token_cache", sorted(os.listdir(os.path.join(out, "token_cache")))[0])
+    cached = load_file(shard)["codes"].long()
+    tokenizer, _ = load_tokenizer(tokenizers[0])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    codes, _, _ = encode_clips(tokenizer.to(device), ShapesSource(3, 32, 0), len(cached), device)
+    assert torch.equal(cached, codes.cpu())
