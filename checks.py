@@ -65,7 +65,7 @@ def checked_value(value, default, name: str, bounds: dict[str, float] | None, wh
     if isinstance(default, bool) or isinstance(default, str):
         if type(value) is not type(default):
             refuse(f"must be a {type(default).__name__}")
-        if name == "position" and value not in POSITIONS:
+        if name == "position" and value not in POSITIONS:  # the one string of a model config, a choice
             refuse(f"must be one of {', '.join(POSITIONS)}")
         return value
     if default is None and value is None:
@@ -124,13 +124,13 @@ def check_tensors(path: str, model: nn.Module, shapes: dict, prefix: str = "") -
                 raise UsageError(f"{path}: {key} is {dtype} in the file, {want.dtype} in the model")
 
 
-def checked_model(path: str, kind: str, config_json: str, shapes: dict, prefix: str = "") -> nn.Module:
+def checked_model(path: str, kind: str, config_json: str, shapes: dict) -> nn.Module:
     """A model of `kind` from the config in a file, built only once its fields and the file's tensors agree."""
     cls, config_cls = (MODELS[kind], TOKENIZER_CONFIGS[kind]) if kind in TOKENIZER_CONFIGS else (MaskGIT, MaskGITConfig)
     config = checked_config(config_cls, config_json, f"{path}: config", model_bounds(kind))
     with torch.device("meta"):  # shapes without memory
         skeleton = cls(config)
-    check_tensors(path, skeleton, shapes, prefix)
+    check_tensors(path, skeleton, shapes)
     return cls(config)
 
 

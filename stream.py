@@ -13,7 +13,8 @@ neither repeats nor skips clips when it resumes on another number of ranks.
 
 A clip that fails to load is skipped with one stderr line (once per failure, not once per epoch),
 counted in the batch's "skipped", and a deterministic substitute takes its place, so the batch size
-and the order stay fixed. 20 failed loads in a row raise UnusableData: the data has nothing usable.
+and the order stay fixed. 20 failed loads in a row raise UnusableData (counting the files that failed):
+the data has nothing usable.
 
 Stage 2 trains from a token cache: `build_token_cache` encodes the clips once with the frozen
 tokenizer, each rank its share, into safetensors shards of codes (N, t, h, w) int16 with the captions

@@ -167,7 +167,7 @@ def test_unusable_data_stops_at_once_with_one_line_naming_the_folder(tmp_path, c
              (lambda: make_source(str(tmp_path / "x-{0..3}.tar"), 3, 16), "x-{0..3}.tar: no file matches it"),
              (lambda: make_source(str(tmp_path / "s-*.tar"), 3, 16), r"s-\*\.tar: .*s-0\.tar is not a readable"),
              (lambda: ClipStream(VideoFolderSource(str(broken), 3, 16), 2).batch(0),
-              f"{broken}: 20 loads in a row failed, the last with: cannot decode .*Invalid data found")]
+              f"{broken}: nothing loads \\(3 file\\(s\\) failed, 20 tries in a row\\), the last with: cannot decode .*Invalid data")]
     for make, message in cases:
         capsys.readouterr()
         with pytest.raises(UnusableData, match=message) as err:
