@@ -376,7 +376,7 @@ def resumed_run(args) -> tuple | None:
     args.resume_from, meta, problems = resume_point(args.out)
     if args.resume_from is None:  # model.safetensors alone: resuming would start afresh and overwrite it
         raise UsageError(f"--resume needs {os.path.join(args.out, STATE)} (the optimizer and the step): "
-                         + (f"none is readable ({problems[0]})" if problems else "it is missing")
+                         + (f"no readable train state to resume from ({problems[0]})" if problems else "it is missing")
                          + "; start a new run in another --out")
     if problems:
         print(f"warning: {problems[0]}; resuming from {args.resume_from}", file=sys.stderr)
