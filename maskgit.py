@@ -15,10 +15,11 @@ Training (`loss`): for each sample draw r ~ U(0, 1) and mask ⌈γ(r)·N⌉ rand
 schedule γ(r) = cos(πr/2) (MaskGIT §3.2). The cross-entropy counts only the masked positions: the
 visible ones are copied from the input and would teach nothing. A share `prefix` of the samples keeps its
 first k latent frames visible (k uniform in 1..t-1) and masks ⌈γ(r)·N_rest⌉ of the later positions: the
-task every window after the first is sampled with (Phenaki §2.3; MAGVIT trains frame prediction so). A caption is replaced by the empty one
-10% of the time, so the same network also predicts without text (classifier-free guidance, Ho &
-Salimans 2022). An image is a one-latent-frame video: its later frames are padding that is neither
-attended to nor scored, so only its first-frame codes are masked (Phenaki §3, joint image-video training).
+task every window after the first is sampled with (Phenaki §2.3; MAGVIT trains frame prediction so). A
+caption is replaced by the empty one 10% of the time, so the same network also predicts without text
+(classifier-free guidance, Ho & Salimans 2022). An image is a one-latent-frame video: its later frames
+are padding that is neither attended to nor scored, so only its first-frame codes are masked (Phenaki §3,
+joint image-video training).
 
 Decoding (`generate`), MaskGIT §3.2: start with every unknown position masked. At step s of S,
   1. predict logits for all positions (guided: uncond + scale·(cond − uncond));
@@ -34,8 +35,8 @@ then again and again re-encode the last 1 + 2(k − 1) frames with the causal to
 latent frames as known codes, and generate the remaining t − k under the current prompt. Each shift adds
 2(t − k) frames, so the length has no bound, and a new prompt per segment tells a story.
 
-Deviations: the paper does not say how it encodes positions; the relative bias and the prefix masks are
-measured choices (README, the motion study). Sizes are far below the paper's 1.8B, and the text encoder
+Deviations: the paper does not say how it encodes positions; rotary positions and prefix masks are
+options, measured in the README's motion study (the shipped generators use neither). Sizes are far below the paper's 1.8B, and the text encoder
 is our own.
 """
 
