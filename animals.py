@@ -23,8 +23,9 @@ subject as the pixels far from their row's background (the median of the outer f
 rule keeps clear), the largest blob with its holes filled; species from its area; colour from its inside;
 travel from the shift that best aligns the ground band below the feet two frames apart (marks moving
 left: travel right); a jump from a take-off, its lowest row rising above where it was earlier; flying from
-being in the sky; the facing of a subject that does not travel from the side its head (top third) is on. Deviations: Phenaki trains on
-web video; this world stands in so that the default model can be trained and judged on two CPU cores.
+being in the sky; the facing of a subject that does not travel from the side its head (top third) is on.
+Deviations: Phenaki trains on web video; this world stands in so that the default model can be trained
+and judged on two CPU cores.
 """
 
 import argparse

@@ -325,7 +325,8 @@ STATE = "train_state.safetensors"  # what --resume reads; model.safetensors alon
 def saved_run(out: str) -> dict[str, str] | None:
     """The metadata of the run saved in `out` (its train state, else its model), read from the file
     header alone; {} for files that cannot be read; None when `out` holds no run."""
-    for name in (STATE, STATE + ".prev", "model.safetensors"):
+    files = (STATE, STATE + ".prev", "model.safetensors")
+    for name in files:
         path = os.path.join(out, name)
         if os.path.isfile(path):
             try:
@@ -333,7 +334,7 @@ def saved_run(out: str) -> dict[str, str] | None:
                     return f.metadata() or {}
             except (SafetensorError, OSError):
                 continue  # a torn file still means that a run is there
-    return {} if any(os.path.exists(os.path.join(out, n)) for n in (STATE, STATE + ".prev", "model.safetensors")) else None
+    return {} if any(os.path.exists(os.path.join(out, name)) for name in files) else None
 
 
 def resume_point(out: str) -> tuple[str | None, dict[str, str], list[str]]:
@@ -396,7 +397,8 @@ def resumed_run(args) -> tuple | None:
 
 
 def clear_run(out: str) -> None:
-    """Remove a run's checkpoints (and the copies kept beside them), its log and its token cache: what --force replaces."""
+    """Remove a run's checkpoints (and the copies kept beside them), its log and its token cache: what --force
+    replaces."""
     for name in ("model.safetensors", "train_state.safetensors", "log.jsonl"):
         for path in (os.path.join(out, name), os.path.join(out, name) + ".prev"):
             if os.path.exists(path):

@@ -86,7 +86,8 @@ def continuation(model, text, tokenizer, clips_per_action: int = 2, windows: int
     real = np.stack([animals.render(s, 11, 64, rng) for s in specs])  # (B, 11, H, W, 3) uint8
     init = torch.from_numpy(real).permute(0, 4, 1, 2, 3).to(device).float() / 127.5 - 1  # (B, 3, 11, H, W)
     prompt = [x.to(device) for x in text.encode([animals.caption(s) for s in specs], model.config.text.max_len)]
-    video = make_video(model, tokenizer, [prompt], [10 * windows], init=init, **sampling).float().cpu()  # (B, 3, 11 + 10w, H, W)
+    video = make_video(model, tokenizer, [prompt], [10 * windows], init=init, **sampling)  # (B, 3, 11 + 10w, H, W)
+    video = video.float().cpu()
     held = {a: [] for a in animals.MOTION}
     for v, s in zip(video, specs):
         held[s.action] += [animals.judge(v[:, 11 + 10 * i:21 + 10 * i])["action"] == s.action for i in range(windows)]

@@ -107,11 +107,10 @@ def run_generate(args) -> None:
     if frames % 2 == 0:
         print(f"note: --frames {frames} is not 1 + 2n; making {frames + 1}")
         frames += 1
-    for p in args.prompts:
-        unseen = text.unseen(p)
-        if unseen:
-            print(f"warning: the model never saw these words in training: {', '.join(unseen)}", file=sys.stderr)
-    init = load_video(args.init, cfg.get("image_size", 64), cfg.get("fps", 8.0))[None] if args.init else None  # (1, 3, T0, H, W)
+    for unseen in filter(None, map(text.unseen, args.prompts)):
+        print(f"warning: the model never saw these words in training: {', '.join(unseen)}", file=sys.stderr)
+    init = (load_video(args.init, cfg.get("image_size", 64), cfg.get("fps", 8.0))[None]  # (1, 3, T0, H, W)
+            if args.init else None)
     new = frames - (0 if init is None else init.shape[2])
     if new < 1:
         raise UsageError(f"--init already has {init.shape[2]} frames; ask for more with --frames")
@@ -179,9 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if not args.prompts and not args.reconstruct:
             raise UsageError("give a prompt, or --reconstruct VIDEO")
-        for flag, value, high, what in (("--frames", args.frames, None, "be positive"), ("--scale", args.scale, 16,
-                                        "lie in 1 to 16"), ("--keep", args.keep, None, "be at least 1 latent frame"),
-                                        ("--samples", args.samples, 64, "lie in 1 to 64"), ("--steps", args.steps, None, "be at least 1")):
+        for flag, value, high, what in (("--frames", args.frames, None, "be positive"),
+                                        ("--scale", args.scale, 16, "lie in 1 to 16"),
+                                        ("--keep", args.keep, None, "be at least 1 latent frame"),
+                                        ("--samples", args.samples, 64, "lie in 1 to 64"),
+                                        ("--steps", args.steps, None, "be at least 1")):
             if value is not None and not 1 <= value <= (high or value):
                 raise UsageError(f"{flag} must {what}, got {value}")
         for flag, value in (("--cfg", args.cfg), ("--temperature", args.temperature)):

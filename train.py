@@ -57,9 +57,9 @@ from config import HelpWithDefaults, TrainConfig, UsageError, configure, exit_us
 from data import UnusableData, content_digest, train_and_val
 from distributed import Run, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
 from evaluate import WORLDS, psnr, ssim, validation_loss, watch, watch_list
-from motion import watch_motion
 from faults import TrainingStopped, exit_code, quiet_worker
 from maskgit import MaskGIT, MaskGITConfig
+from motion import watch_motion
 from progress import Progress
 from steps import Steps, adamw
 from stream import ClipStream, build_token_cache, encode_clips, held_out, load_token_cache
@@ -208,8 +208,8 @@ def cache_codes(out: str, tokenizer: nn.Module, digest: str, cfg: TrainConfig, s
                 device: torch.device) -> tuple[torch.Tensor, list[str], int]:
     """Every clip through the frozen encoder once, each rank its share -> (codes (N, t, h, w), N captions,
     files skipped). A cache made by the same tokenizer (`digest`), data (data.content_digest: the files and
-    captions, or the world's code) and sizes is reused. A world gives
-    cache_clips clips; real data a few windows per second of each file (data.CLIPS_PER_SECOND), at most that."""
+    captions, or the world's code) and sizes is reused. A world gives cache_clips clips; real data a few
+    windows per second of each file (data.CLIPS_PER_SECOND), at most that."""
     key = [digest, cfg.data, cfg.frames, cfg.image_size, cfg.fps, cfg.cache_clips, cfg.seed, content_digest(source)]
     clips = cfg.cache_clips
     if cfg.data not in WORLDS:  # real data: fixed windows; the key names the files' split and the crop too
