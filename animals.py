@@ -22,10 +22,9 @@ The judge reads what the renderer guarantees: the scene from the top (sky) and b
 subject as the pixels far from their row's background (the median of the outer fifths, which the camera
 rule keeps clear), the largest blob with its holes filled; species from its area; colour from its inside;
 travel from the shift that best aligns the ground band below the feet two frames apart (marks moving
-left: travel right); a jump from a take-off, its lowest row rising above where it was earlier; flying from
-being in the sky; the facing of a subject that does not travel from the side its head (top third) is on.
-Deviations: Phenaki trains on web video; this world stands in so that the default model can be trained
-and judged on two CPU cores.
+left: travel right); a jump from a take-off; flying from being in the sky; the facing of a subject that
+does not travel from the side its head (top third) is on. Deviations: Phenaki trains on web video; this
+world stands in so that the default model can be trained and judged on two CPU cores.
 """
 
 import argparse
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shapes import _components
+from shapes import _components, _grow, _solid
 from video import read_video, to_uint8_frames
 
 # Legend: T frames, H W pixels, k clip index, q pixels per unit (a pixel at 64 x 64); points are complex x + iy, y down.
@@ -54,10 +53,9 @@ HORIZON, SEA, GROUND, BAND = 40, 34, 54, 57  # horizon row, top of the sea, feet
 # travel (pixels a frame), gait (cycles a frame), leg swing (radians)
 MOTION = {"running": (3.5, 0.25, 0.6), "walking": (1.2, 0.125, 0.35), "jumping": (2.0, 0.0, 0.1),
           "sitting": (0.0, 0.0, 0.0), "flying": (2.5, 0.25, 0.0)}
-HOP, AIR, ALT = 1 / 7, 0.75, 34.0  # hop cycles a frame; share of a hop in the air; flying altitude
-# a bird climbs 5 pixels a frame (7 frames to altitude) and lands in 3: a landing that took 7 frames still
-# travelled and dropped through most of the segment after "the bird lands", which then read as flying
-CLIMB, LAND = 5.0, 12.0
+# hop cycles a frame; share of a hop in the air; flying altitude; a bird's climb and landing, pixels a frame:
+# 7 frames up, 3 down (landing as slowly, "the bird lands" still flew through most of its segment)
+HOP, AIR, ALT, CLIMB, LAND = 1 / 7, 0.75, 34.0, 5.0, 12.0
 SCALE = {"horse": 1.05, "dog": 1.05, "cat": 0.85, "bird": 0.75}  # sprite sizes: about 31, 22, 16, 10 long
 AREAS = (107, 222, 390)  # the judge's area cuts bird | cat | dog | horse, in the gaps measured clean and blurred
 OUTLINE, RIM = (35, 28, 22), (150, 165, 210)  # the dark outline; the moonlit rim that replaces it at night
@@ -329,24 +327,6 @@ def render(spec: AnimalSpec, frames: int, size: int, rng: np.random.Generator, s
     return np.clip(np.round(video), 0, 255).astype(np.uint8)
 
 
-def _grow(mask: np.ndarray) -> np.ndarray:
-    """A bool mask (..., H, W) grown by one pixel, 4-connected."""
-    p = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)])
-    return mask | p[..., :-2, 1:-1] | p[..., 2:, 1:-1] | p[..., 1:-1, :-2] | p[..., 1:-1, 2:]
-
-
-def _solid(blob: np.ndarray) -> np.ndarray:
-    """A grown blob (H, W) bool, holes filled, shrunk back: whole where only the outline shows (white on snow)."""
-    ys, xs = np.nonzero(blob)
-    box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
-    wall, outside = np.pad(blob[box], 1), np.pad(np.zeros_like(blob[box]), 1, constant_values=True)
-    while (more := _grow(outside) & ~wall).sum() > outside.sum():  # flood in from the edge of the box
-        outside = more
-    solid = blob.copy()
-    solid[box] = ~outside[1:-1, 1:-1]
-    return ~_grow(~solid)
-
-
 def _scroll(frames: np.ndarray) -> np.ndarray:
     """The ground's shift per frame (T - s,) at 64 x 64, frame t to t + s, that best aligns the band below the feet,
     to a fraction of a pixel; NaN where the band has no marks. s = 2: a tokenizer coding frames in pairs may move
@@ -398,11 +378,9 @@ def judge(video) -> dict:
     area = float(np.median(areas))  # bird < cat < dog < horse
     species, shift = ("bird", "cat", "dog", "horse")[int(np.searchsorted(AREAS, area))], _scroll(f)
     travel = -float(np.nanmedian(shift)) if np.isfinite(shift).any() else 0.0  # the ground moves against it
-    # a jump is a take-off: the feet rise above where they were earlier in the clip (y down). A hop that only
-    # lands, the end of one begun before a switch to running or walking, is not a jump
-    low = np.array(bottoms)  # (T,) the subject's lowest row in each frame
-    rise = float(np.max(np.maximum.accumulate(low)[:-1] - low[1:], initial=0.0))
-    # in the sky it flies; without travel it sits; rising off the ground it jumps; fast it runs
+    rise = float(np.max(np.maximum.accumulate(bottoms)[:-1] - np.array(bottoms[1:]), initial=0.0))  # y down
+    # in the sky it flies; without travel it sits; taking off (its feet rising above where they were: a hop that
+    # only lands, begun before a switch to running, is none) it jumps; fast it runs
     action = ("flying" if np.median(bottoms) < HORIZON - 6 else "sitting" if abs(travel) < 0.5 else
               "jumping" if rise > 4 else "running" if abs(travel) > 2.3 else "walking")
     facing = travel if abs(travel) >= 0.5 else np.mean(leans)
@@ -450,8 +428,7 @@ def main() -> None:
         video = render(spec, 11, 64, rng)
         spent += time.perf_counter() - start
         hits = {key: hits.get(key, 0) + ok for key, ok in agreement(video, spec).items()}
-    for key, hit in hits.items():
-        print(f"{key}: {hit / args.clips:.3f}")
+    print("\n".join(f"{key}: {hit / args.clips:.3f}" for key, hit in hits.items()))
     print(f"render_ms: {1000 * spent / args.clips:.2f}")
 
 

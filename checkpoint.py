@@ -41,7 +41,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from checks import MODELS, caption_tokenizer, check_tensors, checked_config, checked_model, model_bounds
+from checks import (MODELS, caption_tokenizer, check_tensors, checked_config, checked_model, model_bounds,
+                    train_record)
 from config import TOKENIZER_CONFIGS, TrainConfig, UsageError, exit_usage
 from cvivit import CViViT
 from maskgit import MaskGITConfig
@@ -109,7 +110,7 @@ def read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[list[int], s
         if (key == "step" or key in meta) and not (meta.get(key, "").isdigit() and int(meta[key]) < 10 ** 15):
             raise UsageError(f"{path}: {key} must be a whole number, not {str(meta.get(key))[:40]!r}")
     if "train_config" in meta:
-        checked_config(TrainConfig, meta["train_config"], f"{path}: train_config", strict=False)
+        train_record(meta["train_config"], f"{path}: train_config")
     return meta, shapes
 
 

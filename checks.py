@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn as nn
 
-from config import TOKENIZER_CONFIGS, UsageError, generator_preset, tokenizer_preset
+from config import TOKENIZER_CONFIGS, TrainConfig, UsageError, generator_preset, tokenizer_preset
 from cvivit import CViViT
 from maskgit import POSITIONS, MaskGIT, MaskGITConfig
 from text_encoder import CaptionTokenizer
@@ -84,22 +84,32 @@ def checked_value(value, default, name: str, bounds: dict[str, float] | None, wh
     return tuple(value) if isinstance(default, tuple) else value
 
 
-def checked_config(cls, text, where: str, bounds: dict[str, float] | None = None, strict: bool = True):
-    """A config dataclass from its JSON (or the parsed dict), every field checked (checked_value): known,
-    of its type, positive, within `bounds` (None: the train config, whose sizes allocate nothing). Not
-    `strict`: fields this version does not know are left out (a model file's train config is a record)."""
+def json_fields(text, where: str) -> dict:
+    """A config's fields from its JSON (or the dict already parsed): a JSON object, or a UsageError."""
     try:
         fields = json.loads(text) if isinstance(text, str) else text
     except json.JSONDecodeError:
         raise UsageError(f"{where} is not JSON") from None
     if not isinstance(fields, dict):
         raise UsageError(f"{where} must be a JSON object of fields")
-    defaults = cls()
+    return fields
+
+
+def checked_config(cls, text, where: str, bounds: dict[str, float] | None = None):
+    """A config dataclass from its JSON (or the parsed dict), every field checked (checked_value): known,
+    of its type, positive, within `bounds` (None: the train config, whose sizes allocate nothing)."""
+    fields, defaults = json_fields(text, where), cls()
     unknown = [k for k in fields if k not in {f.name for f in dataclasses.fields(cls)}]
-    if unknown and strict:
+    if unknown:
         raise UsageError(f"{where}: unknown field {unknown[0][:40]!r}")
-    fields = {k: v for k, v in fields.items() if k not in unknown}
     return cls(**{k: checked_value(v, getattr(defaults, k), k, bounds, where) for k, v in fields.items()})
+
+
+def train_record(text, where: str) -> TrainConfig:
+    """The train config a model file records, checked as checked_config does but for the fields this version
+    no longer has, which are left out: the record is read for the run's data, sizes and fps, not resumed."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return checked_config(TrainConfig, {k: v for k, v in json_fields(text, where).items() if k in known}, where)
 
 
 FLOATS = ("F16", "BF16", "F32", "F64")  # a float tensor may be stored in any of these (fp16 exports)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 import animals
 import shapes
-from checkpoint import DEFAULT_WORLD, load_checkpoint, load_generator, load_tokenizer, shipped
+from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, read_header, shipped
 from config import HelpWithDefaults, UsageError, exit_usage
 from data import make_source
 from maskgit import CFG, STEPS, TEMPERATURE, make_video
@@ -145,16 +145,20 @@ def judge_round_trip(model, clips: int, frames: int, size: int, batch_size: int 
 
 @torch.no_grad()
 def sample_and_judge(model, text, tokenizer, world, specs: list, device: torch.device, prompts: list[str] | None = None,
-                     **sampling) -> tuple[torch.Tensor, dict[str, float]]:
+                     **sampling) -> tuple[torch.Tensor, list[dict[str, bool]]]:
     """One clip per spec of `world` (shapes or animals), from `prompts` or else the specs' canonical
-    captions -> (videos (B, 3, T, H, W), the share of clips where the judge agrees, per attribute).
+    captions -> (videos (B, 3, T, H, W), the judge's verdict per clip and attribute: does it agree).
     `model` is a MaskGIT, or distributed.Run around one."""
     prompts = prompts or [world.caption(s) for s in specs]
     ids, mask = text.encode(prompts, model.config.text.max_len)  # (B, L) each
     codes = model.generate(ids.to(device), mask.to(device), **sampling)  # (B, t, h, w)
     videos = tokenizer.decode(codes).float().cpu()
-    verdicts = [world.agreement(v, s) for v, s in zip(videos, specs)]
-    return videos, {k: float(np.mean([v[k] for v in verdicts])) for k in verdicts[0]}
+    return videos, [world.agreement(v, s) for v, s in zip(videos, specs)]
+
+
+def shares(verdicts: list[dict[str, bool]]) -> dict[str, float]:
+    """Per-clip verdicts -> the share of clips that agree, per attribute."""
+    return {k: float(np.mean([v[k] for v in verdicts])) for k in verdicts[0]}
 
 
 @torch.no_grad()
@@ -193,27 +197,26 @@ def watch(model, text, tokenizer, watched: tuple, device: torch.device, **sampli
     """One clip per prompt of watch_list -> (videos (B, 3, T, H, W), the judge's shares; {} on real data)."""
     world, specs, prompts = watched
     if world is not None:
-        return sample_and_judge(model, text, tokenizer, world, specs, device, prompts, **sampling)
+        videos, verdicts = sample_and_judge(model, text, tokenizer, world, specs, device, prompts, **sampling)
+        return videos, shares(verdicts)
     ids, mask = text.encode(prompts, model.config.text.max_len)
     return tokenizer.decode(model.generate(ids.to(device), mask.to(device), **sampling)).float().cpu(), {}
 
 
 def judged_in_batches(model, text, tokenizer, world, specs: list, prompts: list[str] | None, batch_size: int,
                       **sampling) -> dict[str, float]:
-    """sample_and_judge over many specs, `batch_size` clips at a time -> the mean verdicts; in the Animals
-    world also action_<action>: among the specs of each action, the share whose action is judged right."""
-    totals: dict[str, float] = {}
-    actions = {}  # (action) -> verdicts of the specs of that action
+    """sample_and_judge over many specs, `batch_size` clips at a time -> the share of clips that agree, per
+    attribute; in the Animals world also action_<action>: among the specs of each action, the share whose
+    action is judged right."""
+    verdicts = []
     for i in range(0, len(specs), batch_size):
         chunk = slice(i, i + batch_size)
-        videos, verdicts = sample_and_judge(model, text, tokenizer, world, specs[chunk], torch.device("cpu"),
-                                            prompts[chunk] if prompts else None, **sampling)
-        for k, v in verdicts.items():
-            totals[k] = totals.get(k, 0.0) + v * len(specs[chunk])
-        if world is animals:
-            for video, spec in zip(videos, specs[chunk]):
-                actions.setdefault(spec.action, []).append(animals.judge(video)["action"] == spec.action)
-    return {k: v / len(specs) for k, v in totals.items()} | {f"action_{a}": float(np.mean(h)) for a, h in actions.items()}
+        verdicts += sample_and_judge(model, text, tokenizer, world, specs[chunk], torch.device("cpu"),
+                                     prompts[chunk] if prompts else None, **sampling)[1]
+    actions = {}  # action -> its specs' verdicts on the action
+    for verdict, spec in zip(verdicts, specs if world is animals else []):
+        actions.setdefault(spec.action, []).append(verdict["action"])
+    return shares(verdicts) | {f"action_{a}": float(np.mean(hits)) for a, hits in actions.items()}
 
 
 def shapes_stories(model, text, tokenizer, rng, stories: int, batch_size: int, **sampling) -> dict[str, float]:
@@ -376,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     args.checkpoint = args.checkpoint or shipped(args.world, "generator")
     args.tokenizer_checkpoint = args.tokenizer_checkpoint or shipped(args.world, "tokenizer")
     try:
-        _, meta = load_checkpoint(args.checkpoint)
+        meta, _ = read_header(args.checkpoint)  # the tensors are read once, by the loader of its stage
         trained = json.loads(meta.get("train_config", "{}"))  # the run's data, sizes and fps
         data = args.data or trained.get("data", "shapes")
         if meta.get("stage") == "2" and args.motion is not None:

@@ -152,6 +152,24 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """A bool mask (..., H, W) grown by one pixel, 4-connected."""
+    p = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)])
+    return mask | p[..., :-2, 1:-1] | p[..., 2:, 1:-1] | p[..., 1:-1, :-2] | p[..., 1:-1, 2:]
+
+
+def _solid(blob: np.ndarray) -> np.ndarray:
+    """A grown blob (H, W) bool, holes filled, shrunk back: whole where only the outline shows (white on snow)."""
+    ys, xs = np.nonzero(blob)
+    box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    wall, outside = np.pad(blob[box], 1), np.pad(np.zeros_like(blob[box]), 1, constant_values=True)
+    while (more := _grow(outside) & ~wall).sum() > outside.sum():  # flood in from the edge of the box
+        outside = more
+    solid = blob.copy()
+    solid[box] = ~outside[1:-1, 1:-1]
+    return ~_grow(~solid)
+
+
 def oracle(video) -> dict:
     """Read colour, shape, size and direction back from a Shapes clip, and whether exactly one object
     is visible in every frame; per frame, how many objects show ("objects") and whether the object is
