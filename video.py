@@ -5,7 +5,7 @@ limits on what one file may ask of a loader.
 `read_video` decodes a video or an image (a path or a binary file object) to RGB frames. It resamples
 by timestamp to a fixed fps, so variable frame rates work and a frame repeats when fps is above the
 video's rate; resizes the short side with swscale's area filter (no aliasing) and centre-crops; undoes
-phone rotation (the display matrix) and non-square pixels; and turns any pixel format (gray, 10-bit, alpha) into 8-bit RGB.
+phone rotation and mirroring (the display matrix) and non-square pixels; and turns any pixel format (gray, 10-bit, alpha) into 8-bit RGB.
 With `rng`, a clip's start is drawn uniformly over where a full clip fits. `write_video` writes .mp4
 (H.264) and .gif, and `VideoWriter` does so a few frames at a time; `to_uint8_frames` takes the layouts that models and scripts hand it.
 
@@ -25,11 +25,13 @@ looped. For .mp4, odd sides are padded by repeating the last row or column (H.26
 
 import contextlib
 import io
+import math
 import os
 from fractions import Fraction
 
 import av
 import numpy as np
+from av.sidedata.sidedata import SideDataContainer, Type as SideDataType
 import torch
 
 # Legend: T frames, H W pixels.
@@ -72,11 +74,20 @@ def _fit(width: int, height: int, size: int | None, crop: str = "center") -> tup
 
 
 def _orientation(frame: av.VideoFrame) -> tuple[bool, int]:
-    """How a frame is shown -> (mirrored left to right first, then clockwise quarter turns), from its rotation
-    (degrees counter-clockwise, from the display matrix). A mirror in the matrix is not read: reading a
-    frame's side data crashed DataLoader workers (a segmentation fault in a fresh venv), so a mirrored
-    video still comes out turned 180 degrees."""
-    return False, round(-frame.rotation / 90) % 4
+    """How a frame is shown -> (mirrored left to right first, then clockwise quarter turns), from its display
+    matrix [[a, b], [c, d]], which maps a stored pixel (x, y) to (a x + c y, b x + d y) on screen. Phones
+    store a rotation there; a mirror (a d - b c < 0) is a left-right flip followed by a rotation."""
+    # Not frame.side_data: the frame caches that container, which points back at the frame, and the cycle
+    # leaves the frame to the garbage collector; collected after a fork, it crashed DataLoader workers.
+    # A container of our own is freed with the frame, by reference counting.
+    matrix = SideDataContainer(frame).get(SideDataType.DISPLAYMATRIX)
+    if matrix is None or matrix.buffer_size != 36:
+        return False, 0
+    a, b, _, c, d = np.frombuffer(bytes(matrix), "=i4")[:5].astype(float)  # 16.16 fixed point: the scale cancels
+    mirrored = a * d - b * c < 0
+    if mirrored:  # (x, y) -> (-x, y) first: what is left is a rotation
+        a, b = -a, -b
+    return bool(mirrored), round(math.degrees(math.atan2(b, a)) / 90) % 4
 
 
 def _rgb(frame: av.VideoFrame, size: int | None, crop: str = "center", aspect: float = 1.0) -> np.ndarray:
