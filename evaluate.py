@@ -17,7 +17,8 @@ Stage 1 (a tokenizer checkpoint) reports, on clips it never trained on:
   perplexity    exp of the entropy of the code histogram: the number of codes in effective use
 In a world (shapes, animals) the held-out clips come from a seed no training run uses (EVAL_SEED); on
 real data they are the run's held-out files (data.held_out) or its --val-data, or else --data. An Animals tokenizer also reports judge_* and
-round_trip_*: the judge's agreement on fresh renders, and on the same clips after encode and decode.
+round_trip_*: the judge's agreement on fresh renders, and on the same clips after encode and decode; and
+follow_* and nonlocal, how its codes move with a scrolling ground (motion.code_following).
 
 Stage 2 (a generator, default the shipped one of --world) makes a clip for each of N random canonical
 prompts ("a large red circle moving right", "a brown dog running to the right on the grass") and reads
@@ -56,7 +57,7 @@ from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, read_heade
 from config import HelpWithDefaults, UsageError, exit_usage
 from data import make_source
 from maskgit import CFG, STEPS, TEMPERATURE, make_video
-from motion import motion_extras
+from motion import code_following, motion_extras
 from progress import write_grid
 from shapes import DIRECTIONS, ShapeSpec, oracle
 from stream import ClipStream, encode_clips
@@ -410,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
                 model, held_out_source(args.data, trained), args.clips)
             if data == "animals":  # what the judge still reads after a round trip
                 results |= judge_round_trip(model, args.clips, trained.get("frames", 11), trained.get("image_size", 64))
+                results |= code_following(model)  # motion.py: whether its codes move with the ground
     except (UsageError, ValueError) as err:
         exit_usage(err)
     for k, v in results.items():

@@ -16,6 +16,9 @@ whether the generator carries on the motion it is shown.
     rendered clips (B, 3, 11, H, W)  ->  make_video  ->  judge per window  ->  {continue_<action>}
 
 evaluate.py reports both (and `--motion SEED` alone, for the study); train.py logs them at image_every.
+
+Stage 1 has its own question (`code_following`): whether a tokenizer's codes move with the picture. A
+generator learns a scrolling ground far more easily as codes that shift one place than as new codes.
 """
 
 import numpy as np
@@ -93,6 +96,54 @@ def continuation(model, text, tokenizer, clips_per_action: int = 2, windows: int
         held[s.action] += [animals.judge(v[:, 11 + 10 * i:21 + 10 * i])["action"] == s.action for i in range(windows)]
     return {"continue_action": float(np.mean(sum(held.values(), [])))} | {
         f"continue_{a}": float(np.mean(h)) for a, h in held.items()}
+
+
+def _slide(image: np.ndarray, speed: float, frames: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (T, H, W, 3): frame i is the image moved left by speed * i pixels (wrapped round,
+    fractions by linear interpolation, as the Animals ground scrolls)."""
+    out = []
+    for i in range(frames):
+        k, f = int(np.floor(speed * i)), speed * i - np.floor(speed * i)
+        out.append(np.roll(image, -k, axis=1) * (1 - f) + np.roll(image, -k - 1, axis=1) * f)
+    return np.round(np.stack(out)).astype(np.uint8)  # (T, H, W, 3)
+
+
+def _following(tokenizer, videos: np.ndarray, speed: float) -> float:
+    """The share of bottom-row codes (latent frames 2.., inner columns) that repeat the code where the picture,
+    moving left at `speed` pixels a frame, was one latent frame before, of videos (N, T, H, W, 3) uint8."""
+    x = torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (N, 3, T, H, W)
+    codes = tokenizer.encode(x)[:, :, -1]  # (N, t, w): the bottom code row, below every subject's feet
+    (_, T, _, W, _), (_, t, w) = videos.shape, codes.shape
+    d = round(speed * (T - 1) / (t - 1) / (W // w))  # code places the picture moves in one latent frame
+    now, before = codes[:, 2:, 1:w - 1 - d], codes[:, 1:-1, 1 + d:w - 1]  # frame 0 is coded alone, so from 2
+    return (now == before).float().mean().item()
+
+
+@torch.no_grad()
+def code_following(tokenizer, clips: int = 16, seed: int = CONTINUE_SEED) -> dict[str, float]:
+    """Whether a tokenizer's codes move with the picture, which a generator needs to learn a scroll as a
+    shift of codes rather than as new ones. On `clips` rendered Animals clips of a subject running right:
+    follow_real, the share of bottom-row codes that repeat the code one latent frame before at the place the
+    ground came from; follow_slid, the same on each clip's first frame slid whole at the clip's speed (a pure
+    translation: what the tokenizer allows); follow_grid, slid by one code a latent frame (4 pixels a frame at 8
+    pixels a code); and nonlocal, the share of codes in the far quadrant that change when the top-left 8 x 8
+    pixels of frames 3.. are inverted (a code that follows only its own cell changes none)."""
+    rng, specs = np.random.default_rng(seed), []
+    while len(specs) < clips:
+        spec = animals.random_spec(rng)
+        if spec.species != "bird":  # a bird's ground does not scroll while it sits
+            specs.append(animals.AnimalSpec(spec.species, spec.color, "running", "right", spec.scene))
+    real = np.stack([animals.render(s, 11, 64, rng) for s in specs])  # (N, 11, 64, 64, 3)
+    speed = animals.MOTION["running"][0]  # each clip's pace is 0.9 to 1.1 of it
+    inverted = real.copy()
+    inverted[:, 3:, :8, :8] = 255 - inverted[:, 3:, :8, :8]
+    x = torch.from_numpy(np.stack([real, inverted])).flatten(0, 1).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    a, b = tokenizer.encode(x).chunk(2)  # (N, t, h, w) each
+    h, w = a.shape[2:]
+    return {"follow_real": _following(tokenizer, real, speed),
+            "follow_slid": _following(tokenizer, np.stack([_slide(v[0], speed, 11) for v in real]), speed),
+            "follow_grid": _following(tokenizer, np.stack([_slide(v[0], 4.0, 11) for v in real]), 4.0),
+            "nonlocal": (a[:, 2:, h // 2:, w // 2:] != b[:, 2:, h // 2:, w // 2:]).float().mean().item()}
 
 
 def watch_motion(model, text, tokenizer, held_out: tuple, data: str, device: torch.device, seed: int,

@@ -73,3 +73,33 @@ def test_continuation_judges_the_frames_after_the_real_context(monkeypatch):
     assert seen["continue_running"] == seen["continue_walking"] == seen["continue_jumping"] == 0.0
     assert np.isclose(seen["continue_action"], np.mean([seen[f"continue_{a}"] for a in
                                                         ("running", "walking", "jumping", "sitting", "flying")]))
+
+
+class CellCoder:
+    """A stand-in tokenizer: latent frame k is frame 2k (frame 0 alone), each 8 x 8 cell coded by `rule`
+    of its pixels (N, t, h, w, 192) and its column index."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        x = video[:, :, ::2]  # (N, 3, t, H, W)
+        N, C, t, H, W = x.shape
+        cells = x.view(N, C, t, H // 8, 8, W // 8, 8).permute(0, 2, 3, 5, 1, 4, 6).reshape(N, t, H // 8, W // 8, -1)
+        return self.rule(cells, torch.arange(W // 8))  # (N, t, h, w)
+
+
+WEIGHTS = torch.randn(192, generator=torch.Generator().manual_seed(0))
+
+
+def test_codes_of_their_own_cell_follow_a_slide_by_one_code_and_are_local():
+    follows = motion.code_following(CellCoder(lambda cells, col: torch.round(cells @ WEIGHTS * 100).long()), clips=2)
+    assert follows["follow_grid"] == 1.0 and follows["nonlocal"] == 0.0
+
+
+def test_codes_that_name_their_place_do_not_follow_and_a_frame_statistic_makes_them_nonlocal():
+    still = motion.code_following(CellCoder(lambda cells, col: col.expand(*cells.shape[:3], -1)), clips=2)
+    assert still["follow_grid"] == 0.0 and still["follow_real"] == 0.0
+    by_mean = CellCoder(lambda cells, col: torch.round((cells @ WEIGHTS + cells.mean(dim=(2, 3, 4))[..., None, None])
+                                                        * 100).long())
+    assert motion.code_following(by_mean, clips=2)["nonlocal"] > 0.5
