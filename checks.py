@@ -26,9 +26,10 @@ from config import TOKENIZER_CONFIGS, TrainConfig, UsageError, generator_preset,
 from cvivit import CViViT
 from maskgit import POSITIONS, MaskGIT, MaskGITConfig
 from text_encoder import CaptionTokenizer
-from vqgan import VQGAN
+from vqgan import NORMS, VQGAN
 
 MODELS = {"vqgan": VQGAN, "cvivit": CViViT, "maskgit": MaskGIT}  # a file's `kind` -> its class
+CHOICES = {"position": POSITIONS, "norm": NORMS}  # the strings of a model config, each a choice
 PRESETS = ("tiny", "base", "paper")  # config.py's named sizes
 PRESET_SCALE = 4  # a file may ask for up to 4 times what the largest preset uses, field by field
 
@@ -65,8 +66,8 @@ def checked_value(value, default, name: str, bounds: dict[str, float] | None, wh
     if isinstance(default, bool) or isinstance(default, str):
         if type(value) is not type(default):
             refuse(f"must be a {type(default).__name__}")
-        if name == "position" and value not in POSITIONS:  # the one string of a model config, a choice
-            refuse(f"must be one of {', '.join(POSITIONS)}")
+        if value not in CHOICES.get(name, (value,)):  # a model config's strings are choices
+            refuse(f"must be one of {', '.join(CHOICES[name])}")
         return value
     if default is None and value is None:
         return None

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from cvivit import CViViTConfig
 from maskgit import POSITIONS, MaskGITConfig
 from text_encoder import TextEncoderConfig
-from vqgan import VQGANConfig
+from vqgan import NORMS, VQGANConfig
 
 
 class UsageError(Exception):
@@ -227,6 +227,7 @@ def configure(stage: int, preset: str, tokenizer: str, assignments: list[str],
     cfg = dataclasses.replace(cfg, max_steps=max_steps or cfg.max_steps)
     if cfg.max_steps < base.max_steps and not any(a.startswith("train.warmup=") for a in assignments):
         cfg = dataclasses.replace(cfg, warmup=max(1, round(base.warmup * cfg.max_steps / base.max_steps)))
-    if stage == 2 and model_cfg.position not in POSITIONS:
-        raise UsageError(f"model.position must be one of {', '.join(POSITIONS)}, got {model_cfg.position!r}")
+    for name, choices in (("position", POSITIONS), ("norm", NORMS)):
+        if getattr(model_cfg, name, choices[0]) not in choices:
+            raise UsageError(f"model.{name} must be one of {', '.join(choices)}, got {getattr(model_cfg, name)!r}")
     return model_cfg, cfg

@@ -200,6 +200,10 @@ class VQGANConfig:
     codebook_size: int = 1024  # K, the generator's vocabulary
     code_dim: int = 16  # c, the factorised lookup space
     beta: float = 0.25  # commitment weight (VQ-VAE eq. 3)
+    norm: str = "frame"  # "frame": GroupNorm over each frame; "position": LayerNorm over the channels at each pixel
+
+
+NORMS = ("frame", "position")  # FrameNorm's kinds; "frame" is what the files shipped so far hold
 
 
 class CausalConv3d(nn.Module):
@@ -225,13 +229,17 @@ class CausalConv3d(nn.Module):
 
 
 class FrameNorm(nn.Module):
-    """GroupNorm applied to each frame on its own: a norm over time would leak the future."""
+    """A norm that never mixes frames (over time it would leak the future). "frame": GroupNorm over each frame, whose
+    statistics tie each code to the whole frame (motion.code_following); "position": LayerNorm per pixel, local codes."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, kind: str = "frame"):
         super().__init__()
-        self.norm = nn.GroupNorm(min(32, channels // 4), channels)
+        self.kind = kind
+        self.norm = nn.GroupNorm(min(32, channels // 4), channels) if kind == "frame" else nn.LayerNorm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "position":
+            return self.norm(x.movedim(1, -1)).movedim(-1, 1)  # over C at each (B, T, H, W)
         B, C, T, H, W = x.shape
         y = self.norm(x.transpose(1, 2).reshape(B * T, C, H, W))  # (BT, C, H, W)
         return y.view(B, T, C, H, W).transpose(1, 2)  # (B, C, T, H, W)
@@ -241,10 +249,10 @@ SPATIAL = (1, 3, 3)  # a kernel that sees one latent frame only
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int] = (3, 3, 3)):
+    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int] = (3, 3, 3), norm: str = "frame"):
         super().__init__()
-        self.norm1, self.conv1 = FrameNorm(cin), CausalConv3d(cin, cout, kernel)
-        self.norm2, self.conv2 = FrameNorm(cout), CausalConv3d(cout, cout, kernel)
+        self.norm1, self.conv1 = FrameNorm(cin, norm), CausalConv3d(cin, cout, kernel)
+        self.norm2, self.conv2 = FrameNorm(cout, norm), CausalConv3d(cout, cout, kernel)
         self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -292,16 +300,16 @@ class VQGAN(nn.Module):
         # encoder: fold 2 x 2 x 2 cubes into channels (f2 in time, the first /2 in space), then two
         # strided convs for /4 and /8
         self.stem = CausalConv3d(24, w[0], SPATIAL)
-        self.enc_blocks = nn.ModuleList(nn.Sequential(*[ResBlock(c, c, k) for _ in range(n)]) for c, k in zip(w, kernels))
+        self.enc_blocks = nn.ModuleList(nn.Sequential(*[ResBlock(c, c, k, config.norm) for _ in range(n)]) for c, k in zip(w, kernels))
         self.downs = nn.ModuleList(CausalConv3d(w[i], w[i + 1], SPATIAL, (1, 2, 2)) for i in range(2))
-        self.enc_out = nn.Sequential(FrameNorm(w[2]), nn.SiLU(), nn.Conv3d(w[2], w[2], 1))
+        self.enc_out = nn.Sequential(FrameNorm(w[2], config.norm), nn.SiLU(), nn.Conv3d(w[2], w[2], 1))
         self.quantizer = VectorQuantizer(w[2], config.codebook_size, config.code_dim, config.beta)
         # decoder: the mirror image, ending in a conv to 2 x 2 x 2 cubes of pixels
         self.dec_in = CausalConv3d(w[2], w[2])
-        self.dec_blocks = nn.ModuleList(nn.Sequential(*[ResBlock(c, c, k) for _ in range(n)])
+        self.dec_blocks = nn.ModuleList(nn.Sequential(*[ResBlock(c, c, k, config.norm) for _ in range(n)])
                                         for c, k in zip(reversed(w), reversed(kernels)))
         self.ups = nn.ModuleList(Upsample(w[i + 1], w[i]) for i in reversed(range(2)))
-        self.dec_norm = FrameNorm(w[0])
+        self.dec_norm = FrameNorm(w[0], config.norm)
         self.dec_out = CausalConv3d(w[0], 24, SPATIAL)
 
     @property

@@ -211,3 +211,28 @@ def test_code_lookup_and_kmeans_run_in_true_fp32_where_tf32_is_on():
         assert torch.backends.cuda.matmul.allow_tf32  # and the setting is back afterwards
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("norm", ["frame", "position"])
+def test_position_norm_makes_a_code_depend_on_its_neighbourhood_alone(norm):
+    """Inverting a corner of the later frames moves the far latents under per-frame GroupNorm (its statistics
+    cover the whole frame) and leaves them exactly as they were under the per-pixel norm."""
+    torch.manual_seed(0)
+    model = VQGAN(VQGANConfig(widths=(8, 16, 16), codebook_size=32, code_dim=4, norm=norm)).eval()
+    video = torch.rand(1, 3, 5, 128, 128) * 2 - 1
+    changed = video.clone()
+    changed[:, :, 3:, :8, :8] *= -1
+    with torch.no_grad():
+        far = [model.encode_latent(v)[:, :, 8:, 8:] for v in (video, changed)]  # 8 or more codes from the corner
+    moved = (far[0] - far[1]).abs().max().item()
+    assert (moved == 0.0) if norm == "position" else (moved > 1e-3)
+
+
+def test_a_norm_is_read_from_the_file_and_a_file_without_one_keeps_the_frame_norm():
+    from checkpoint import load_tokenizer, shipped
+    from checks import checked_config
+    from config import UsageError
+    assert load_tokenizer(shipped("animals", "tokenizer"))[0].config.norm == "frame"
+    assert checked_config(VQGANConfig, '{"norm": "position"}', "f").norm == "position"
+    with pytest.raises(UsageError, match="norm must be one of frame, position"):
+        checked_config(VQGANConfig, '{"norm": "pixel"}', "f")
