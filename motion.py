@@ -17,8 +17,9 @@ whether the generator carries on the motion it is shown.
 
 evaluate.py reports both (and `--motion SEED` alone, for the study); train.py logs them at image_every.
 
-Stage 1 has its own question (`code_following`): whether a tokenizer's codes move with the picture. A
-generator learns a scrolling ground far more easily as codes that shift one place than as new codes.
+Stage 1 has its own question (`code_following`): whether a tokenizer's codes move with the picture. Where
+they do, continuing a scroll is copying codes from one place along, which relative positions make easy to
+attend to; where they do not, the generator has to learn the scroll as a mapping from codes to new codes.
 """
 
 import numpy as np
@@ -120,9 +121,9 @@ def _following(tokenizer, videos: np.ndarray, speed: float) -> float:
 
 
 @torch.no_grad()
-def code_following(tokenizer, clips: int = 16, seed: int = CONTINUE_SEED) -> dict[str, float]:
-    """Whether a tokenizer's codes move with the picture, which a generator needs to learn a scroll as a
-    shift of codes rather than as new ones. On `clips` rendered Animals clips of a subject running right:
+def code_following(tokenizer, clips: int = 64, seed: int = CONTINUE_SEED) -> dict[str, float]:
+    """Whether a tokenizer's codes move with the picture (README, "do the tokenizer's codes follow the
+    ground?"). On `clips` rendered Animals clips of a subject running right:
     follow_real, the share of bottom-row codes that repeat the code one latent frame before at the place the
     ground came from; follow_slid, the same on each clip's first frame slid whole at the clip's speed (a pure
     translation: what the tokenizer allows); follow_grid, slid by one code a latent frame (4 pixels a frame at 8

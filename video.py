@@ -30,8 +30,8 @@ import os
 from fractions import Fraction
 
 import av
-import numpy as np
 from av.sidedata.sidedata import SideDataContainer, Type as SideDataType
+import numpy as np
 import torch
 
 # Legend: T frames, H W pixels.
