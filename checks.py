@@ -22,14 +22,13 @@ import math
 import torch
 import torch.nn as nn
 
-from config import TOKENIZER_CONFIGS, TrainConfig, UsageError, generator_preset, tokenizer_preset
+from config import CHOICES, TOKENIZER_CONFIGS, TrainConfig, UsageError, generator_preset, tokenizer_preset
 from cvivit import CViViT
-from maskgit import POSITIONS, MaskGIT, MaskGITConfig
+from maskgit import MaskGIT, MaskGITConfig
 from text_encoder import CaptionTokenizer
-from vqgan import NORMS, VQGAN
+from vqgan import VQGAN
 
 MODELS = {"vqgan": VQGAN, "cvivit": CViViT, "maskgit": MaskGIT}  # a file's `kind` -> its class
-CHOICES = {"position": POSITIONS, "norm": NORMS}  # the strings of a model config, each a choice
 PRESETS = ("tiny", "base", "paper")  # config.py's named sizes
 PRESET_SCALE = 4  # a file may ask for up to 4 times what the largest preset uses, field by field
 

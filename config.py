@@ -33,6 +33,9 @@ from text_encoder import TextEncoderConfig
 from vqgan import NORMS, VQGANConfig
 
 
+CHOICES = {"position": POSITIONS, "norm": NORMS}  # the strings of a model config, each a choice
+
+
 class UsageError(Exception):
     """A mistake in what the user asked for: reported as one line, exit code 2."""
 
@@ -227,7 +230,7 @@ def configure(stage: int, preset: str, tokenizer: str, assignments: list[str],
     cfg = dataclasses.replace(cfg, max_steps=max_steps or cfg.max_steps)
     if cfg.max_steps < base.max_steps and not any(a.startswith("train.warmup=") for a in assignments):
         cfg = dataclasses.replace(cfg, warmup=max(1, round(base.warmup * cfg.max_steps / base.max_steps)))
-    for name, choices in (("position", POSITIONS), ("norm", NORMS)):
+    for name, choices in CHOICES.items():
         if getattr(model_cfg, name, choices[0]) not in choices:
             raise UsageError(f"model.{name} must be one of {', '.join(choices)}, got {getattr(model_cfg, name)!r}")
     return model_cfg, cfg

@@ -109,14 +109,16 @@ def _slide(image: np.ndarray, speed: float, frames: int) -> np.ndarray:
     return np.round(np.stack(out)).astype(np.uint8)  # (T, H, W, 3)
 
 
-def _following(tokenizer, videos: np.ndarray, speed: float) -> float:
-    """The share of bottom-row codes (latent frames 2.., inner columns) that repeat the code where the picture,
-    moving left at `speed` pixels a frame, was one latent frame before, of videos (N, T, H, W, 3) uint8."""
-    x = torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (N, 3, T, H, W)
-    codes = tokenizer.encode(x)[:, :, -1]  # (N, t, w): the bottom code row, below every subject's feet
-    (_, T, _, W, _), (_, t, w) = videos.shape, codes.shape
-    d = round(speed * (T - 1) / (t - 1) / (W // w))  # code places the picture moves in one latent frame
-    now, before = codes[:, 2:, 1:w - 1 - d], codes[:, 1:-1, 1 + d:w - 1]  # frame 0 is coded alone, so from 2
+def _codes(tokenizer, videos: np.ndarray) -> torch.Tensor:
+    """Videos (N, T, H, W, 3) uint8 -> their codes (N, t, h, w)."""
+    return tokenizer.encode(torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1)
+
+
+def _following(codes: torch.Tensor, d: int) -> float:
+    """The share of bottom-row codes (latent frames 2.., inner columns) of codes (N, t, h, w) that repeat the
+    code d places to the right one latent frame before: where a picture moving left by d codes came from."""
+    bottom, w = codes[:, :, -1], codes.shape[-1]  # (N, t, w): the bottom code row, below every subject's feet
+    now, before = bottom[:, 2:, 1:w - 1 - d], bottom[:, 1:-1, 1 + d:w - 1]  # frame 0 is coded alone, so from 2
     return (now == before).float().mean().item()
 
 
@@ -138,12 +140,12 @@ def code_following(tokenizer, clips: int = 64, seed: int = CONTINUE_SEED) -> dic
     speed = animals.MOTION["running"][0]  # each clip's pace is 0.9 to 1.1 of it
     inverted = real.copy()
     inverted[:, 3:, :8, :8] = 255 - inverted[:, 3:, :8, :8]
-    x = torch.from_numpy(np.stack([real, inverted])).flatten(0, 1).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-    a, b = tokenizer.encode(x).chunk(2)  # (N, t, h, w) each
-    h, w = a.shape[2:]
-    return {"follow_real": _following(tokenizer, real, speed),
-            "follow_slid": _following(tokenizer, np.stack([_slide(v[0], speed, 11) for v in real]), speed),
-            "follow_grid": _following(tokenizer, np.stack([_slide(v[0], 4.0, 11) for v in real]), 4.0),
+    a, b = _codes(tokenizer, np.concatenate([real, inverted])).chunk(2)  # (N, t, h, w) each
+    t, h, w = a.shape[1:]
+    run, grid = (round(v * 10 / (t - 1) / (64 // w)) for v in (speed, 4.0))  # code places moved in a latent frame
+    return {"follow_real": _following(a, run),
+            "follow_slid": _following(_codes(tokenizer, np.stack([_slide(v[0], speed, 11) for v in real])), run),
+            "follow_grid": _following(_codes(tokenizer, np.stack([_slide(v[0], 4.0, 11) for v in real])), grid),
             "nonlocal": (a[:, 2:, h // 2:, w // 2:] != b[:, 2:, h // 2:, w // 2:]).float().mean().item()}
 
 
