@@ -58,6 +58,7 @@ from data import UnusableData, content_digest, train_and_val
 from distributed import Run, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
 from evaluate import WORLDS, psnr, ssim, validation_loss, watch, watch_list
 from faults import TrainingStopped, exit_code, quiet_worker
+from fold import fold_codes
 from maskgit import MaskGIT, MaskGITConfig
 from motion import watch_motion
 from progress import Progress
@@ -170,7 +171,7 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
     if master and cfg.fold_cosine:  # model.safetensors only: train_state keeps the raw book for --resume
         sampled = ema if ema is not None else model
         print(f"folding codes within cosine {cfg.fold_cosine} of a more used one (counting them on 512 clips)", flush=True)
-        left = fold_duplicate_codes(sampled, source, cfg, device)
+        left = fold_codes(sampled, source, cfg.fold_cosine, cfg.batch_size, device)
         save_weights(args.out, tokenizer_meta(args.tokenizer, model_cfg, steps.step) | {"codes_left": str(left)}, cfg,
                      sampled.state_dict())
         print(f"folded near-duplicate codes (cosine >= {cfg.fold_cosine}): {left} of {model_cfg.codebook_size} left")
@@ -185,21 +186,6 @@ def reconstruction(model: nn.Module, video: torch.Tensor, autocast) -> torch.Ten
         recon = model(video).recon.float().clamp(-1, 1)  # (B, 3, T, H, W)
     model.train(training)
     return recon
-
-
-def fold_duplicate_codes(model: nn.Module, source, cfg: TrainConfig, device: torch.device, clips: int = 512) -> int:
-    """Count the codes that `clips` training clips use, then fold near-duplicates into the most used
-    code of each group (VectorQuantizer.merge_near_duplicates). -> the number of codes left.
-    Dead-code restarts fill a book with copies of its commonest content (black, on Shapes): to the
-    generator those are many words for one thing."""
-    usage = torch.zeros_like(model.quantizer.counts)  # (K,)
-    stream = ClipStream(source, cfg.batch_size)
-    model.eval()
-    with torch.no_grad():
-        for b in range(math.ceil(clips / cfg.batch_size)):
-            codes = model.encode(stream.batch(b)["video"].to(device))  # (B, t, h, w)
-            usage += torch.bincount(codes.flatten(), minlength=usage.numel())
-    return model.quantizer.merge_near_duplicates(usage, cfg.fold_cosine)
 
 
 # ----------------------------------------------------------------------------- stage 2
