@@ -61,12 +61,11 @@ from motion import code_following, motion_extras
 from progress import write_grid
 from shapes import DIRECTIONS, ShapeSpec, oracle
 from stream import ClipStream, encode_clips
+from worlds import WORLDS
 
 # Legend: B batch, C channels, T frames, H W pixels, K codebook size.
 
 EVAL_SEED = 1_000_003  # world clips from this seed are never trained on
-# the procedural worlds: each draws specs, captions them, renders them, and judges videos against them
-WORLDS = {"shapes": shapes, "animals": animals}
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

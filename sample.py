@@ -37,10 +37,11 @@ import torch
 
 from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, shipped
 from config import HelpWithDefaults, UsageError, exit_usage
-from evaluate import WORLDS, psnr, ssim
+from evaluate import psnr, ssim
 from maskgit import CFG, STEPS, TEMPERATURE, plan_windows, stream_video, window_steps
 from progress import Progress
 from video import Outputs, read_video, save_output
+from worlds import WORLDS
 
 # Legend: T frames, H W pixels, t latent frames, L text length.
 

@@ -56,7 +56,7 @@ from checkpoint import (TOKENIZERS, clear_run, file_digest, generator_config_for
 from config import HelpWithDefaults, TrainConfig, UsageError, configure, exit_usage, override, resume_changes
 from data import UnusableData, content_digest, train_and_val
 from distributed import Run, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
-from evaluate import WORLDS, psnr, ssim, validation_loss, watch, watch_list
+from evaluate import psnr, ssim, validation_loss, watch, watch_list
 from faults import TrainingStopped, exit_code, quiet_worker
 from fold import fold_codes
 from maskgit import MaskGIT, MaskGITConfig
