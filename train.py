@@ -66,6 +66,7 @@ from steps import Steps, adamw
 from stream import ClipStream, build_token_cache, encode_clips, held_out, load_token_cache
 from text_encoder import CaptionTokenizer
 from vqgan import Discriminator, VGGPerceptual, adaptive_gan_weight, hinge_d_loss
+from worlds import WORLDS
 
 
 # ----------------------------------------------------------------------------- stage 1
