@@ -1,8 +1,10 @@
 """
-Fold a tokenizer's near-copy codes: count which codes the clips of a world use, then merge every code
-within a cosine threshold of a more used one into that code (VectorQuantizer.merge_near_duplicates).
+Fold a tokenizer's near-copy codes: count which codes the clips of a world use, then merge every
+code within a cosine threshold of a more used one into that code
+(VectorQuantizer.merge_near_duplicates).
 
-    python fold.py checkpoints/animals/tokenizer.safetensors runs/fold/animals-0.9.safetensors --cosine 0.9
+    python fold.py checkpoints/animals/tokenizer.safetensors runs/fold/animals-0.9.safetensors \
+        --cosine 0.9
 
 Dead-code restarts refill a codebook from recent encoder outputs, so a book ends with many copies of
 its commonest content (black, on Shapes). To a decoder they are one picture; to the generator they
@@ -33,7 +35,8 @@ from stream import ClipStream
 
 
 @torch.no_grad()
-def code_usage(model: nn.Module, source, clips: int, batch_size: int, device: torch.device) -> torch.Tensor:
+def code_usage(model: nn.Module, source, clips: int, batch_size: int,
+               device: torch.device) -> torch.Tensor:
     """How often each code of the book encodes `clips` clips of a source -> counts (K,)."""
     usage = torch.zeros_like(model.quantizer.counts)  # (K,)
     stream = ClipStream(source, batch_size)
@@ -49,7 +52,8 @@ def code_usage(model: nn.Module, source, clips: int, batch_size: int, device: to
 
 def fold_codes(model: nn.Module, source, cosine: float, batch_size: int, device: torch.device,
                clips: int = 512) -> int:
-    """Fold every code within `cosine` of a more used one (counted on `clips` clips) -> codes left."""
+    """Fold every code within `cosine` of a more used one (use counted on `clips` clips).
+    -> the number of codes left."""
     usage = code_usage(model, source, clips, batch_size, device)
     return model.quantizer.merge_near_duplicates(usage, cosine)
 
@@ -62,8 +66,8 @@ def same_path(a: str, b: str) -> bool:
 
 
 def fold_file(src: str, dst: str, cosine: float, clips: int) -> int:
-    """Fold the tokenizer in `src` at `cosine` and write it to `dst` -> codes left. Every tensor keeps
-    its dtype (an fp16 export stays fp16) and the metadata records the fold and the file it came from."""
+    """Fold the tokenizer in `src` at `cosine` and write it to `dst` -> codes left. Every tensor
+    keeps its dtype (an fp16 export stays fp16); the metadata records the fold and its source."""
     if not 0 < cosine <= 1:
         raise UsageError(f"--cosine must lie in (0, 1], got {cosine}")
     if clips < 1:
@@ -74,21 +78,26 @@ def fold_file(src: str, dst: str, cosine: float, clips: int) -> int:
         raise UsageError(f"{dst} is the tokenizer being folded: write the folded copy elsewhere")
     model, meta = load_tokenizer(src)
     trained = train_record(meta.get("train_config", "{}"), src)
-    source = make_source(trained.data, trained.frames, trained.image_size, trained.seed, trained.fps,
-                         "train", trained.crop)
+    source = make_source(trained.data, trained.frames, trained.image_size, trained.seed,
+                         trained.fps, "train", trained.crop)
     left = fold_codes(model, source, cosine, trained.batch_size, torch.device("cpu"), clips)
     stored, _ = load_checkpoint(src)
     tensors = {}
     for name, tensor in model.state_dict().items():
         # a book saved before folds existed has no alias: it is written as the model holds it
         tensors[name] = tensor.to(stored[name].dtype) if name in stored else tensor
-    folded = {"codes_left": str(left), "fold_cosine": json.dumps(cosine), "folded_from_sha256": file_digest(src)}
+    folded = {
+        "codes_left": str(left),
+        "fold_cosine": json.dumps(cosine),
+        "folded_from_sha256": file_digest(src),
+    }
     save_checkpoint(dst, tensors, meta | folded)
     return left
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Fold a tokenizer's near-copy codes at a cosine threshold.")
+    about = "Fold a tokenizer's near-copy codes at a cosine threshold."
+    p = argparse.ArgumentParser(description=about)
     p.add_argument("src", help="a stage-1 tokenizer (.safetensors)")
     p.add_argument("dst", help="where the folded copy goes")
     p.add_argument("--cosine", type=float, required=True, help="fold codes at least this similar")
