@@ -9,11 +9,10 @@ or push a real video through the stage-1 tokenizer alone.
     python sample.py "a red circle moving right" --world shapes             # the Shapes world's pair
     python sample.py --reconstruct clip.mp4 --out recon.mp4                 # prints psnr and ssim
 
-One prompt makes one clip of --frames frames (default: the trained window, 11). Several prompts make a
-story: each gets an equal share of --frames (default 11 + 10 per further prompt), each segment continuing the end
-of the one before (maskgit.make_video). --init continues an image or a video instead of starting
-from nothing. --frames must be 1 + 2n; another number is rounded up, with a note. --samples N makes N
-videos of the same prompts in one batch (each its own draw), written as <out>-0.mp4 ... <out>-(N-1).mp4.
+One prompt makes one clip of --frames frames (1 + 2n, rounded up with a note; default 11). Several
+prompts make a story, an equal share of --frames each (default 11 + 10 per further prompt), each
+segment continuing the one before (maskgit.make_video). --init continues an image or a video.
+--samples N makes N videos of the prompts in one batch: <out>-0.mp4 ... <out>-(N-1).mp4.
 
 A video of any length is made a window at a time (maskgit.stream_video), and each window's frames are
 written to the .mp4 or .gif as soon as they exist: memory stays that of one window however long the
