@@ -91,6 +91,9 @@ def fold_file(src: str, dst: str, cosine: float, clips: int) -> int:
         "fold_cosine": json.dumps(cosine),
         "folded_from_sha256": file_digest(src),
     }
+    # a folded book is not an exported copy of the file that one came from: a generator trained
+    # behind that file must not pair with this one (checkpoint.export_half reads the field)
+    meta = {k: v for k, v in meta.items() if k != "exported_from_sha256"}
     save_checkpoint(dst, tensors, meta | folded)
     return left
 

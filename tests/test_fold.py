@@ -25,7 +25,8 @@ def paired_book(tmp_path, dtype=torch.float32) -> str:
     copies = math.cos(turn) * base + math.sin(turn) * base.roll(1, dims=1)  # (8, c)
     model.quantizer.codebook.data.copy_(torch.cat([base, copies]))
     train = TrainConfig(data="shapes", frames=3, image_size=16, batch_size=2)
-    meta = tokenizer_meta("vqgan", config, step=5) | {"train_config": json.dumps(dataclasses.asdict(train))}
+    meta = tokenizer_meta("vqgan", config, step=5) | {"train_config": json.dumps(dataclasses.asdict(train)),
+                                                      "exported_from_sha256": "0" * 64}
     path = str(tmp_path / "tok.safetensors")
     save_checkpoint(path, {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()},
                     meta)
@@ -49,6 +50,7 @@ def test_a_lower_cosine_folds_more_codes_and_a_folded_code_decodes_as_its_owner(
     assert set(model.encode(video).unique().tolist()) <= set(alias.unique().tolist())
     assert meta["codes_left"] == "8" and json.loads(meta["fold_cosine"]) == 0.9
     assert meta["folded_from_sha256"] == file_digest(src) and meta["step"] == "5"
+    assert "exported_from_sha256" not in meta
 
 
 def test_a_folded_fp16_tokenizer_stays_fp16(tmp_path):
