@@ -88,7 +88,7 @@ def json_fields(text, where: str) -> dict:
     """A config's fields from its JSON (or the dict already parsed): a JSON object, or a UsageError."""
     try:
         fields = json.loads(text) if isinstance(text, str) else text
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # '[' * 10**5 nests deeper than the parser's stack
         raise UsageError(f"{where} is not JSON") from None
     if not isinstance(fields, dict):
         raise UsageError(f"{where} must be a JSON object of fields")
@@ -105,11 +105,51 @@ def checked_config(cls, text, where: str, bounds: dict[str, float] | None = None
     return cls(**{k: checked_value(v, getattr(defaults, k), k, bounds, where) for k, v in fields.items()})
 
 
+# what a train config may ask for, field by field: (least, most). Each bound keeps a number from being
+# a divisor of zero, an empty batch, or a size that allocates without bound when a file asks for it.
+TRAIN_LIMITS = {
+    "frames": (1, 129),
+    "image_size": (8, 512),
+    "batch_size": (1, 4096),
+    "grad_accum": (1, 1024),
+    "max_steps": (1, 10 ** 9),
+    "log_every": (1, 10 ** 9),
+    "save_every": (1, 10 ** 9),
+    "image_every": (1, 10 ** 9),
+    "restart_every": (1, 10 ** 9),
+    "cache_clips": (1, 10 ** 9),
+    "sample_steps": (1, 1000),
+    "workers": (0, 256),
+}
+GRID = 8  # pixels per latent code along each side (the f8 compression): image sizes are multiples of it
+
+
+def train_limits(cfg: TrainConfig, where: str) -> TrainConfig:
+    """A train config within TRAIN_LIMITS, its clips 1 + 2n frames of a whole latent grid, sampled at a
+    positive rate of at most 240 frames a second; else a UsageError that names the field."""
+    for name, (low, high) in TRAIN_LIMITS.items():
+        value = getattr(cfg, name)
+        if not low <= value <= high:
+            raise UsageError(f"{where}: {name} must lie in {low} to {high:g}, not {value}")
+    if cfg.frames % 2 == 0:  # a causal tokenizer encodes the first frame alone, then pairs
+        raise UsageError(f"{where}: frames must be 1 + 2n, not {cfg.frames}")
+    if cfg.image_size % GRID:
+        raise UsageError(f"{where}: image_size must be a multiple of {GRID}, not {cfg.image_size}")
+    if not 0 < cfg.fps <= 240:
+        raise UsageError(f"{where}: fps must lie in (0, 240], not {cfg.fps}")
+    return cfg
+
+
+def checked_train(text, where: str) -> TrainConfig:
+    """A run's saved train config from its JSON: checked_config's checks, then train_limits."""
+    return train_limits(checked_config(TrainConfig, text, where), where)
+
+
 def train_record(text, where: str) -> TrainConfig:
-    """The train config a model file records, checked as checked_config does but for the fields this version
+    """The train config a model file records, checked as checked_train does but for the fields this version
     no longer has, which are left out: the record is read for the run's data, sizes and fps, not resumed."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return checked_config(TrainConfig, {k: v for k, v in json_fields(text, where).items() if k in known}, where)
+    return checked_train({k: v for k, v in json_fields(text, where).items() if k in known}, where)
 
 
 FLOATS = ("F16", "BF16", "F32", "F64")  # a float tensor may be stored in any of these (fp16 exports)
@@ -134,14 +174,44 @@ def check_tensors(path: str, model: nn.Module, shapes: dict, prefix: str = "") -
                 raise UsageError(f"{path}: {key} is {dtype} in the file, {want.dtype} in the model")
 
 
+# what a model's constructor raises when its fields are each in range but not together (heads that do not
+# divide the width, widths that make no whole GroupNorm groups)
+BUILD_ERRORS = (AssertionError, ZeroDivisionError, ValueError)
+
+
+def skeleton(cls, config, where: str) -> nn.Module:
+    """The model of `config` on the meta device, which allocates nothing: its state dict's shapes, or a
+    UsageError when the fields do not fit together."""
+    try:
+        with torch.device("meta"):
+            return cls(config)
+    except BUILD_ERRORS as err:
+        raise UsageError(f"{where}: the config's fields do not fit together ({err})") from None
+
+
 def checked_model(path: str, kind: str, config_json: str, shapes: dict) -> nn.Module:
     """A model of `kind` from the config in a file, built only once its fields and the file's tensors agree."""
-    cls, config_cls = (MODELS[kind], TOKENIZER_CONFIGS[kind]) if kind in TOKENIZER_CONFIGS else (MaskGIT, MaskGITConfig)
+    cls = MODELS[kind]
+    config_cls = TOKENIZER_CONFIGS.get(kind, MaskGITConfig)
     config = checked_config(config_cls, config_json, f"{path}: config", model_bounds(kind))
-    with torch.device("meta"):  # shapes without memory
-        skeleton = cls(config)
-    check_tensors(path, skeleton, shapes)
+    check_tensors(path, skeleton(cls, config, path), shapes)
     return cls(config)
+
+
+def check_model_config(config, kind: str, where: str = "model config") -> None:
+    """A model config asked for on the command line, checked as a file's is: each field within its bound
+    (checked_config), then the fields together (skeleton)."""
+    checked_config(type(config), json.dumps(dataclasses.asdict(config)), where, model_bounds(kind))
+    skeleton(MODELS[kind], config, where)
+
+
+def check_indices(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Integer tensors that index another must point inside it: a quantizer's alias names codes of its book."""
+    for key, value in tensors.items():
+        if key.endswith("quantizer.alias"):
+            size = tensors[key.removesuffix("alias") + "codebook"].shape[0]
+            if value.numel() and not 0 <= int(value.min()) <= int(value.max()) < size:
+                raise UsageError(f"{path}: {key} names codes outside the book of {size}")
 
 
 def caption_tokenizer(path: str, meta: dict[str, str], vocab_size: int) -> CaptionTokenizer:

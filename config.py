@@ -153,6 +153,8 @@ def generator_preset(name: str) -> tuple[MaskGITConfig, TrainConfig]:
 
 def parse_value(key: str, value: str, current: object) -> object:
     """`value` as the type of the field's `current` value: a tuple from commas, a bool from 1/true/yes."""
+    if dataclasses.is_dataclass(current):
+        raise UsageError(f"{key} is a group of fields: set {key}.<field>=... one at a time")
     try:
         if isinstance(current, tuple):
             return tuple(type(current[0])(v) for v in value.split(","))

@@ -48,6 +48,19 @@ def process_group_store(restarts: int) -> dict:
             "world_size": int(os.environ["WORLD_SIZE"])}
 
 
+def check_device(name: str) -> torch.device:
+    """--device as a torch.device this build of torch can use, or a UsageError before any work starts."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: phenaki runs on cpu or cuda")
+    return device
+
+
 def check_gpus(device: torch.device, local_world: int) -> None:
     """One GPU per process: refuse, in one line, more processes on a node than it has GPUs (nccl would
     fail later, in many lines, or two ranks would share a GPU)."""

@@ -15,7 +15,7 @@ tests/test_faults.py; train.py's loops show all of this as a `StepGuard` and two
   (`UsageError`, `UnusableData`), 128 + N stopped by signal N. `exit_code` turns an exception that
   ended a run into its code and its one line on stderr.
 
-What is not here: a full disk during a save (checkpoint.save_run keeps the previous checkpoint and the
+What is not here: a full disk during a save (runs.save_run keeps the previous checkpoint and the
 run goes on), a SIGKILL (--resume continues from the last checkpoint: checkpoint.py writes atomically),
 a worker that dies under torchrun (distributed.process_group_store lets the restarted group meet).
 """

@@ -22,12 +22,11 @@ and size), at the run's seed: the same clips train.py counts at the end of a run
 import argparse
 import json
 import math
-import os
 
 import torch
 import torch.nn as nn
 
-from checkpoint import file_digest, load_checkpoint, load_tokenizer, save_checkpoint
+from checkpoint import check_destination, file_digest, load_checkpoint, load_tokenizer, save_checkpoint
 from checks import train_record
 from config import UsageError, exit_usage
 from data import make_source
@@ -58,13 +57,6 @@ def fold_codes(model: nn.Module, source, cosine: float, batch_size: int, device:
     return model.quantizer.merge_near_duplicates(usage, cosine)
 
 
-def same_path(a: str, b: str) -> bool:
-    """Whether two paths name one file: the same path, or (where both exist) the same inode."""
-    if os.path.abspath(a) == os.path.abspath(b):
-        return True
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-
-
 def fold_file(src: str, dst: str, cosine: float, clips: int) -> int:
     """Fold the tokenizer in `src` at `cosine` and write it to `dst` -> codes left. Every tensor
     keeps its dtype (an fp16 export stays fp16); the metadata records the fold and its source."""
@@ -72,10 +64,7 @@ def fold_file(src: str, dst: str, cosine: float, clips: int) -> int:
         raise UsageError(f"--cosine must lie in (0, 1], got {cosine}")
     if clips < 1:
         raise UsageError(f"--clips must be at least 1, got {clips}")
-    if os.path.isdir(dst):
-        raise UsageError(f"{dst} is a folder: give the path of the file to write")
-    if same_path(src, dst):
-        raise UsageError(f"{dst} is the tokenizer being folded: write the folded copy elsewhere")
+    check_destination(dst, [src])
     model, meta = load_tokenizer(src)
     trained = train_record(meta.get("train_config", "{}"), src)
     source = make_source(trained.data, trained.frames, trained.image_size, trained.seed,

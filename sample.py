@@ -34,8 +34,9 @@ import time
 
 import torch
 
-from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, shipped
+from checkpoint import DEFAULT_WORLD, check_destination, load_generator, load_tokenizer, shipped
 from config import HelpWithDefaults, UsageError, exit_usage
+from distributed import check_device
 from evaluate import psnr, ssim
 from maskgit import CFG, STEPS, TEMPERATURE, plan_windows, stream_video, window_steps
 from progress import Progress
@@ -61,11 +62,10 @@ def reconstruct(model, video: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def check_out(path: str, n: int, sources: list[str]) -> None:
-    """Refuse an --out we cannot write, or one of whose n files is an input (by path or inode), before any work."""
+    """Refuse an --out we cannot write, or one of whose n files is a folder or an input (by path or
+    inode), before any work."""
     for out in Outputs.named(path, n):
-        for source in filter(os.path.exists, sources):
-            if os.path.abspath(out) == os.path.abspath(source) or os.path.exists(out) and os.path.samefile(out, source):
-                raise UsageError(f"--out {out} is the input {source}: writing it would destroy it; choose another --out")
+        check_destination(out, sources)
     if not path.lower().endswith((".mp4", ".gif", ".png")):
         raise UsageError(f"--out must end in .mp4, .gif or .png, got {path}")
     folder = os.path.dirname(os.path.abspath(path))
@@ -123,7 +123,8 @@ def run_generate(args) -> None:
     if args.keep is not None and args.keep > t - 1:
         print(f"note: --keep {args.keep} leaves no room for new frames in a window of {t} latent frames; keeping {t - 1}")
         args.keep = t - 1
-    device, n = torch.device(args.device), args.samples
+    device = torch.device(args.device)
+    n = args.samples
     model, tokenizer = model.to(device), tokenizer.to(device)
     prompts = [tuple(x.to(device) for x in text.encode([p] * n, model.config.text.max_len)) for p in args.prompts]
     t0 = time.time()
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cfg", type=float, default=CFG, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help="noise on the confidence, in a fresh window")
     p.add_argument("--keep", type=int, help="latent frames of context at each shift (default half the window)")
-    p.add_argument("--samples", type=int, default=1, help="videos of the prompts, made as one batch: <out>-<i>.mp4")
+    p.add_argument("--samples", type=int, help="videos of the prompts, made as one batch: <out>-<i>.mp4 (default 1)")
     p.add_argument("--world", default=DEFAULT_WORLD, choices=sorted(WORLDS),
                    help=f"whose shipped pair to use when no checkpoint is given (default {DEFAULT_WORLD})")
     p.add_argument("--checkpoint", help="a stage-2 generator (default: the world's shipped one)")
@@ -178,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if not args.prompts and not args.reconstruct:
             raise UsageError("give a prompt, or --reconstruct VIDEO")
+        if args.reconstruct and (args.samples is not None or args.init):
+            # one reconstruction is written to --out itself: no <out>-<i> files, nothing to continue
+            flag = "--init" if args.init else "--samples"
+            raise UsageError(f"--reconstruct makes one video; {flag} is for generation")
         for flag, value, high, what in (("--frames", args.frames, None, "be positive"),
                                         ("--scale", args.scale, 16, "lie in 1 to 16"),
                                         ("--keep", args.keep, None, "be at least 1 latent frame"),
@@ -188,9 +193,11 @@ def main(argv: list[str] | None = None) -> None:
         for flag, value in (("--cfg", args.cfg), ("--temperature", args.temperature)):
             if not 0 <= value < float("inf"):  # NaN fails both comparisons
                 raise UsageError(f"{flag} must be finite and at least 0, got {value}")
+        args.samples = 1 if args.samples is None else args.samples
         slug = re.sub(r"[^a-z0-9]+", "-", (args.prompts[0] if args.prompts else "reconstruction").lower()).strip("-")
         args.out = args.out or os.path.join("samples", f"{slug[:60] or 'video'}.mp4")
         check_out(args.out, args.samples, [p for p in (args.reconstruct, args.init) if p])
+        check_device(args.device)
         run_reconstruct(args) if args.reconstruct else run_generate(args)
     except (UsageError, ValueError) as err:
         exit_usage(err)

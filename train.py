@@ -50,18 +50,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (TOKENIZERS, clear_run, file_digest, generator_config_for, generator_meta, load_tokenizer,
-                        load_train_state, restore_modules, restore_optimizers, resumed_run, save_run, save_weights,
-                        tokenizer_meta)
+from checkpoint import TOKENIZERS, file_digest, generator_config_for, generator_meta, load_tokenizer, tokenizer_meta
+from checks import check_model_config, train_limits
 from config import HelpWithDefaults, TrainConfig, UsageError, configure, exit_usage, override, resume_changes
 from data import UnusableData, content_digest, train_and_val
-from distributed import Run, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
+from distributed import Run, check_device, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
 from evaluate import psnr, ssim, validation_loss, watch, watch_list
 from faults import TrainingStopped, exit_code, quiet_worker
 from fold import fold_codes
 from maskgit import MaskGIT, MaskGITConfig
 from motion import watch_motion
 from progress import Progress
+from runs import (check_inputs_outside, clear_run, load_train_state, restore_modules, restore_optimizers, resumed_run,
+                  save_run, save_weights)
 from steps import Steps, adamw
 from stream import ClipStream, build_token_cache, encode_clips, held_out, load_token_cache
 from text_encoder import CaptionTokenizer
@@ -355,7 +356,13 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     data source). A mistake raises UsageError or ValueError."""
     image_ratio = [f"train.image_ratio={args.image_ratio}"] if args.image_ratio is not None else []
     args.out = args.out or f"runs/stage{args.stage}-{args.tokenizer if args.stage == 1 else 'maskgit'}-{args.preset}"
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
+    check_device(args.device)
     saved = resumed_run(args)  # the saved configs when this command continues a run
+    check_inputs_outside(args.out, {"--tokenizer-checkpoint": args.tokenizer_checkpoint,
+                                    "--perceptual-weights": args.perceptual_weights,
+                                    "--watch-prompts": args.watch_prompts})
     model_cfg, cfg = configure(args.stage, args.preset, args.tokenizer, args.set + image_ratio, args.max_steps)
     if saved:
         (model_cfg, cfg), asked = saved, args.set + image_ratio
@@ -365,8 +372,7 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     if saved:
         for note in resume_changes(saved, (model_cfg, cfg)):
             print(note)
-    if cfg.frames % 2 == 0:  # a causal tokenizer encodes the first frame alone, then pairs
-        raise UsageError(f"train.frames must be 1 + 2n, got {cfg.frames}")
+    train_limits(cfg, "train config")
     if args.fsdp and (args.stage != 2 or "RANK" not in os.environ):
         raise UsageError("--fsdp shards the stage-2 generator across the processes of torchrun; "
                          "stage 1 and single-process runs use DDP or nothing")
@@ -376,6 +382,7 @@ def setup(args) -> tuple[object, TrainConfig, object]:
         if not args.tokenizer_checkpoint:
             raise UsageError("stage 2 needs --tokenizer-checkpoint PATH (a stage-1 model.safetensors)")
         model_cfg = generator_config_for(args.tokenizer_checkpoint, model_cfg, cfg, same_data=not (saved or args.data))
+    check_model_config(model_cfg, args.tokenizer if args.stage == 1 else "maskgit")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as err:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import sample
 import train
-from checkpoint import STATE
+from runs import STATE
 from tests.test_train import TINY, TINY_GENERATOR, run_cli
 from video import write_video
 
@@ -125,7 +125,7 @@ def test_an_edited_caption_file_reaches_the_token_cache_and_force_clears_it(toke
 
 
 def test_force_clears_the_old_runs_token_cache(tmp_path):
-    from checkpoint import clear_run
+    from runs import clear_run
     os.makedirs(tmp_path / "token_cache")
     (tmp_path / "token_cache" / "tokens-000-of-001.safetensors").write_bytes(b"old codes")
     (tmp_path / "notes.txt").write_text("the user's own file")

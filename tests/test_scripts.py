@@ -10,7 +10,8 @@ import torch
 
 import evaluate
 import sample
-from checkpoint import file_digest, generator_meta, save_weights, tokenizer_meta
+from checkpoint import file_digest, generator_meta, tokenizer_meta
+from runs import save_weights
 from config import TrainConfig
 from maskgit import MaskGIT, MaskGITConfig
 from shapes import ShapesSource, caption, random_spec

@@ -65,7 +65,7 @@ def test_crafted_metadata_is_one_line_and_exit_2_in_bounded_memory(row, tmp_path
 def test_a_train_state_with_crafted_groups_or_moments_is_refused_in_one_line(tmp_path):
     """--resume reads the optimizer's groups and moments from the file: each is checked against the model."""
     import torch
-    from checkpoint import restore_optimizer
+    from runs import restore_optimizer
     from config import UsageError
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
@@ -118,7 +118,18 @@ def mutations(meta: dict[str, str], stage: str) -> list[tuple[str, dict]]:
     train = meta.get("train_config", "{}")
     out += [("train_config cut", meta | {"train_config": train[:len(train) // 2]}),
             ("train_config odd field", meta | {"train_config": json.dumps(json.loads(train) | {"batch_size": "x"})})]
+    # fields each in range but not together (item 8 of issue 30), and numbers that are no numbers (item 9)
+    if stage == "1":
+        out += [("widths two", with_config(widths=[8, 16])(dict(meta))),
+                ("widths no groups", with_config(widths=[3, 16, 16])(dict(meta)))]
+    else:
+        out += [("heads 3", with_config(heads=3)(dict(meta))), ("text heads 5", with_config(text__heads=5)(dict(meta)))]
+    out += [("step superscript", meta | {"step": "\u00b2"}), ("train_config deep", meta | {"train_config": "[" * 100000})]
+    for field, value in (("image_size", 4096), ("image_size", 12), ("fps", 0), ("frames", 0), ("frames", 4)):
+        record = json.loads(train) | {field: value}
+        out.append((f"train {field}={value}", meta | {"train_config": json.dumps(record)}))
     if stage == "2":
+        out += [("grid 64", with_config(grid=64)(dict(meta))), ("window 24", with_config(latent_frames=24)(dict(meta)))]
         text = meta["text_tokenizer"]
         fields = json.loads(text)
         out += [("tokenizer cut", meta | {"text_tokenizer": text[:len(text) // 2]}),
@@ -127,6 +138,18 @@ def mutations(meta: dict[str, str], stage: str) -> list[tuple[str, dict]]:
                 ("tokenizer a list", meta | {"text_tokenizer": "[]"}),
                 ("no tokenizer", {k: v for k, v in meta.items() if k != "text_tokenizer"}),
                 ("sha256 other", meta | {"tokenizer_sha256": "0" * 64})]
+    return out
+
+
+def tensor_mutations(tensors: dict) -> list[tuple[str, dict]]:
+    """(name, tensors) pairs whose integer tensors index outside what they index (item 9 of issue 30)."""
+    out = []
+    for key, value in tensors.items():
+        if key.endswith("quantizer.alias"):
+            for name, bad in (("5000", 5000), ("-1", -1)):
+                changed = value.clone()
+                changed[0] = bad
+                out.append((f"{key}={name}", tensors | {key: changed}))
     return out
 
 
@@ -141,12 +164,15 @@ def fuzz(folder: str) -> dict:
     torch.manual_seed(0)
     tok_cfg = VQGANConfig(widths=(8, 16, 16), codebook_size=32, code_dim=4)
     tok_path, gen_path = os.path.join(folder, "tok.safetensors"), os.path.join(folder, "gen.safetensors")
-    save_checkpoint(tok_path, VQGAN(tok_cfg).state_dict(), tokenizer_meta("vqgan", tok_cfg, 5) | {"train_config": "{}"})
+    # a 16-pixel, 5-frame pair: a 2 x 2 grid of codes, 3 latent frames
+    record = {"data": "animals", "batch_size": 4, "frames": 5, "image_size": 16}
+    save_checkpoint(tok_path, VQGAN(tok_cfg).state_dict(),
+                    tokenizer_meta("vqgan", tok_cfg, 5) | {"train_config": json.dumps(record)})
     text = CaptionTokenizer.train(["a dog running", "a cat sitting"] * 4, vocab_size=300)
     gen_cfg = MaskGITConfig(codebook_size=32, latent_frames=3, grid=2, dim=32, depth=2, heads=2, mlp=64,
                             text=TextEncoderConfig(vocab_size=300, dim=32, depth=1, heads=2, mlp=64, max_len=16))
     save_checkpoint(gen_path, MaskGIT(gen_cfg).state_dict(), generator_meta(gen_cfg, 9, text, file_digest(tok_path))
-                    | {"train_config": json.dumps({"data": "animals", "batch_size": 4})})
+                    | {"train_config": json.dumps(record)})
     loaders = {"1": lambda p: load_tokenizer(p), "2": lambda p: load_generator(p, tok_path)}
     for _ in range(3):  # the clean files, loaded as often as any mutation is: the memory to compare with
         loaders["1"](tok_path), loaders["2"](gen_path)
@@ -157,9 +183,11 @@ def fuzz(folder: str) -> dict:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata()
         tensors = load_file(path)
-        for name, mutated in mutations(meta, stage):
+        cases = [(name, tensors, mutated) for name, mutated in mutations(meta, stage)]
+        cases += [(name, mutated, meta) for name, mutated in tensor_mutations(tensors)]
+        for name, mutated_tensors, mutated in cases:
             target = os.path.join(folder, f"mutant-{stage}.safetensors")
-            save_file(tensors, target, metadata=mutated)
+            save_file(mutated_tensors, target, metadata=mutated)
             try:
                 loaders[stage](target)
                 counts["loaded"] += 1

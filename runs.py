@@ -1,0 +1,246 @@
+"""
+A training run's folder: what train.py saves there, what --resume continues from, and what --force
+replaces.
+
+A run writes model.safetensors (the weights to sample with, checkpoint.py's format) and
+train_state.safetensors: every module (model, discriminator, EMA) as `<name>.<key>` and every
+optimizer's moments as `<name>.<param index>.<key>`, the param groups as JSON in the metadata. Both
+are written atomically, with the previous file kept as `.prev` (checkpoint.save_checkpoint), and a
+resume falls back to the `.prev` train state when the newest one is unreadable.
+
+Under FSDP2 a state dict holds shards (DTensors): `whole` gathers them, so that the files are the same
+as under DDP or in one process, and `restore_optimizer` shards the moments again on load.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import safe_open
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from checkpoint import (TOKENIZERS, file_digest, load_checkpoint, read_header, same_file, save_checkpoint,
+                        tokenizer_config)
+from checks import check_indices, check_tensors, checked_config, checked_train, model_bounds
+from config import TrainConfig, UsageError
+from maskgit import MaskGITConfig
+
+
+def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Under FSDP a state dict holds shards (DTensors): gather each into the full tensor, on the CPU.
+    A collective: every rank calls it, in the same order, but only a rank that will write (`keep`)
+    holds on to the result, one tensor at a time being gathered. Plain tensors pass through."""
+    out = {}
+    for k, v in tensors.items():
+        full = v.full_tensor() if isinstance(v, DTensor) else v
+        if keep:
+            out[k] = full.cpu()
+    return out
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str, keep: bool = True) -> tuple[dict, str]:
+    """Flatten an optimizer state into safetensors-friendly tensors plus JSON for the rest."""
+    state = opt.state_dict()
+    tensors = whole({f"{prefix}.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}, keep)
+    return tensors, json.dumps(state["param_groups"])
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups_json: str, prefix: str,
+                      path: str = "the train state") -> None:
+    """The inverse of optimizer_tensors, each moment and group checked against the optimizer first.
+    Under FSDP each rank keeps its shard of a parameter's moments."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            i, _, name = key[len(prefix) + 1:].partition(".")
+            if not i.isdigit() or int(i) >= len(params) or name not in ("step", "exp_avg", "exp_avg_sq"):
+                raise UsageError(f"{path}: {key[:60]} is no state of the {prefix} optimizer")
+            p = params[int(i)]
+            if name != "step" and list(value.shape) != list(p.shape):
+                raise UsageError(f"{path}: {key} is {tuple(value.shape)}, its parameter {tuple(p.shape)}")
+            if isinstance(p, DTensor) and name != "step":  # exp_avg, exp_avg_sq: shaped like the parameter
+                value = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+            state.setdefault(int(i), {})[name] = value
+    try:
+        groups = json.loads(groups_json)
+        sizes = [len(g["params"]) for g in groups]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        raise UsageError(f"{path}: the {prefix} optimizer's groups are not readable") from None
+    if len(groups) != len(opt.param_groups):
+        raise UsageError(f"the {prefix} state was saved with {len(groups)} parameter group(s), this phenaki makes "
+                         f"{len(opt.param_groups)} (weight decay on matrices only): resume it with the phenaki "
+                         "version that saved it")
+    if sizes != [len(g["params"]) for g in opt.param_groups]:
+        raise UsageError(f"{path}: the {prefix} optimizer's groups hold {sizes} parameters, the model's "
+                         f"{[len(g['params']) for g in opt.param_groups]}")
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_weights(out: str, meta: dict[str, str], cfg: TrainConfig, weights: dict[str, torch.Tensor]) -> None:
+    """<out>/model.safetensors: the weights with the model and train configs in the metadata."""
+    save_checkpoint(os.path.join(out, "model.safetensors"), weights,
+                    meta | {"train_config": json.dumps(dataclasses.asdict(cfg))})
+
+
+def save_run(out: str, meta: dict[str, str], cfg: TrainConfig, modules: dict[str, nn.Module],
+             opts: dict[str, torch.optim.Optimizer], write: bool = True) -> None:
+    """model.safetensors: the weights to sample with (the EMA's when there is one);
+    train_state.safetensors: every module and optimizer, for --resume. Under FSDP every rank calls
+    this (the shards are gathered first) and only the one with `write` writes. A failed write (a full
+    disk) keeps the previous checkpoint and says so: the next save tries again."""
+    states = {name: whole(m.state_dict(), write) for name, m in modules.items()}
+    tensors = {f"{name}.{k}": v for name, state in states.items() for k, v in state.items()}
+    groups = {}
+    for name, opt in opts.items():
+        opt_tensors, groups[f"{name}_groups"] = optimizer_tensors(opt, name, write)
+        tensors |= opt_tensors
+    if not write:
+        return
+    try:
+        save_weights(out, meta, cfg, states.get("ema") or states["model"])
+        save_checkpoint(os.path.join(out, "train_state.safetensors"), tensors,
+                        meta | groups | {"train_config": json.dumps(dataclasses.asdict(cfg))})
+    except OSError as err:
+        print(f"warning: checkpoint at step {meta['step']} not saved ({err}); the previous one is kept", file=sys.stderr)
+
+
+STATE = "train_state.safetensors"  # what --resume reads; model.safetensors alone cannot be resumed
+
+
+def saved_run(out: str) -> dict[str, str] | None:
+    """The metadata of the run saved in `out` (its train state, else its model), read from the file
+    header alone; {} for files that cannot be read; None when `out` holds no run."""
+    files = (STATE, STATE + ".prev", "model.safetensors")
+    for name in files:
+        path = os.path.join(out, name)
+        if os.path.isfile(path):
+            try:
+                with safe_open(path, framework="pt") as f:
+                    return f.metadata() or {}
+            except (SafetensorError, OSError):
+                continue  # a torn file still means that a run is there
+    return {} if any(os.path.exists(os.path.join(out, name)) for name in files) else None
+
+
+def resume_point(out: str) -> tuple[str | None, dict[str, str], list[str]]:
+    """What --resume continues from: the newest readable of <out>/train_state.safetensors and the .prev kept
+    beside it -> (its path or None, its metadata, what was wrong with the newer ones). The configs and the
+    weights both come from this one file."""
+    problems = []
+    for path in (os.path.join(out, STATE), os.path.join(out, STATE + ".prev")):
+        if os.path.exists(path):
+            try:
+                return path, read_header(path)[0], problems
+            except UsageError as err:
+                problems.append(str(err))
+    return None, {}, problems
+
+
+def saved_configs(meta: dict[str, str], where: str = "the saved run") -> tuple[object, TrainConfig]:
+    """The model and train configs a run saved with its checkpoint, checked -> (model config, TrainConfig)."""
+    model_cfg = (checked_config(MaskGITConfig, meta.get("config"), f"{where}: config", model_bounds("maskgit"))
+                 if meta.get("stage") == "2" else tokenizer_config(meta.get("kind"), meta.get("config"), where))
+    return model_cfg, checked_train(meta.get("train_config"), f"{where}: train_config")
+
+
+def resumed_run(args) -> tuple | None:
+    """Whether this command may use --out, and what it continues there: -> the saved (model config,
+    TrainConfig) when it resumes a run that saved them, None for a fresh start (or an older run, whose
+    configs come from the flags as before). A fresh start in a folder that holds a run needs --force."""
+    meta = saved_run(args.out)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun resumes by itself
+    if meta is not None and not (args.resume or restarted):
+        if not args.force:
+            raise UsageError(f"{args.out} already holds a run (step {meta.get('step', '?')}): add --resume to "
+                             "continue it, or --force to start a new one there")
+        args.replace = True  # setup removes the old run's files once everything else is accepted
+        return None
+    if meta is None:
+        if args.resume and not restarted:
+            raise UsageError(f"nothing to resume in {args.out}: it holds no checkpoint; leave out --resume to start a run")
+        return None
+    args.resume_from, meta, problems = resume_point(args.out)
+    if args.resume_from is None:  # model.safetensors alone: resuming would start afresh and overwrite it
+        raise UsageError(f"--resume needs {os.path.join(args.out, STATE)} (the optimizer and the step): "
+                         + (f"no readable train state to resume from ({problems[0]})" if problems else "it is missing")
+                         + "; start a new run in another --out")
+    if problems:
+        print(f"warning: {problems[0]}; resuming from {args.resume_from}", file=sys.stderr)
+    if "train_config" not in meta:
+        return None
+    if meta.get("stage") != str(args.stage):
+        raise UsageError(f"{args.out} holds a stage-{meta.get('stage')} run; this command is --stage {args.stage}")
+    if args.stage == 1:
+        if meta.get("kind") not in TOKENIZERS:
+            raise UsageError(f"{args.resume_from}: unknown tokenizer kind {str(meta.get('kind'))[:40]!r}")
+        args.tokenizer = meta["kind"]
+    else:
+        args.tokenizer_checkpoint = args.tokenizer_checkpoint or meta.get("tokenizer_checkpoint")
+        if os.path.isfile(args.tokenizer_checkpoint or "") and file_digest(args.tokenizer_checkpoint) != meta.get(
+                "tokenizer_sha256"):  # other codes: the cache and the generator would no longer mean the same
+            raise UsageError(f"{args.tokenizer_checkpoint} is not the tokenizer this run trained behind (sha256 "
+                             f"differs from the one saved in {args.resume_from}); resume with that tokenizer")
+    return saved_configs(meta, args.resume_from)
+
+
+RUN_FILES = ("model.safetensors", "train_state.safetensors", "log.jsonl")  # what a run writes in --out
+
+
+def run_paths(out: str) -> list[str]:
+    """The files a run in `out` writes and --force removes: RUN_FILES and the `.prev` copy kept beside each."""
+    paths = []
+    for name in RUN_FILES:
+        paths += [os.path.join(out, name), os.path.join(out, name) + ".prev"]
+    return paths
+
+
+def check_inputs_outside(out: str, inputs: dict[str, str | None]) -> None:
+    """Refuse a run whose input files ({flag: path}) are among the files it would write or remove in `out`:
+    --force would delete them, and the first checkpoint would replace them."""
+    cache = os.path.abspath(os.path.join(out, "token_cache"))
+    for flag, path in inputs.items():
+        if not path:
+            continue
+        inside_cache = os.path.commonpath([cache, os.path.abspath(path)]) == cache
+        if inside_cache or any(same_file(path, written) for written in run_paths(out)):
+            raise UsageError(f"{flag} {path} is a file the run in --out {out} writes or removes: "
+                             "move it, or give another --out")
+
+
+def clear_run(out: str) -> None:
+    """Remove a run's checkpoints (and the copies kept beside them), its log and its token cache: what
+    --force replaces."""
+    for path in run_paths(out):
+        if os.path.exists(path):
+            os.remove(path)
+    shutil.rmtree(os.path.join(out, "token_cache"), ignore_errors=True)  # stage 2's codes of the old run's data
+
+
+def load_train_state(path: str | None) -> tuple[str, dict, dict[str, str]] | None:
+    """The train state resumed_run chose (resume_point) -> (its path, tensors, metadata); None: start afresh."""
+    return None if path is None else (path, *load_checkpoint(path))
+
+
+def restore_modules(tensors: dict, modules: dict[str, nn.Module], path: str = "the train state") -> None:
+    """The weights of save_run's train state, into modules not yet sharded, each checked first."""
+    shapes = {k: (list(v.shape), "F32" if v.is_floating_point() else "I64") for k, v in tensors.items()}
+    check_indices(path, tensors)
+    for name, m in modules.items():
+        check_tensors(path, m, shapes, name + ".")
+        m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+
+
+def restore_optimizers(tensors: dict, meta: dict[str, str], opts: dict[str, torch.optim.Optimizer],
+                       path: str = "the train state") -> int:
+    """The optimizer states of save_run's train state (after sharding, if any) -> the step to continue from."""
+    for name, opt in opts.items():
+        if f"{name}_groups" not in meta:
+            raise UsageError(f"{path}: the {name} optimizer's groups are missing")
+        restore_optimizer(opt, tensors, meta[f"{name}_groups"], name, path)
+    return int(meta["step"])
