@@ -19,14 +19,14 @@ names held-out data of its own; `train_and_val` makes both sources and the one-l
 For stage 2's token cache a real source gives fixed windows, CLIPS_PER_SECOND of each file spread over
 its length (`windows`), so a long file gives more than a short one and no window is encoded twice.
 
-Real files break (corrupt, truncated, empty, audio only, too short): read_video raises ValueError, and
-the stream skips the file with one stderr line (`say_skipped`). Data with nothing usable (no files, no
-listed file that exists) raises UnusableData at once.
+How a folder's files and captions are listed (captions.csv, label folders) is folders.py's. Real files
+break (corrupt, truncated, empty, audio only, too short): read_video raises ValueError, and the stream
+skips the file with one stderr line (`say_skipped`). Data with nothing usable (no files, no listed file
+that exists) raises UnusableData at once.
 
 Deviations: a video shorter than one clip counts as a bad file (skipped), rather than being padded or looped.
 """
 
-import csv
 import glob
 import hashlib
 import io
@@ -42,50 +42,10 @@ import numpy as np
 
 from animals import AnimalsSource
 from shapes import ShapesSource
-from video import CROPS, IMAGE_EXTS, VIDEO_EXTS, read_video, video_seconds
+from folders import CAPTION_CHARS, UnusableData, folder_items, holds_videos, say_skipped
+from video import CROPS, IMAGE_EXTS, MAX_BYTES, VIDEO_EXTS, read_video, video_seconds
 
 # Legend: T frames, H W pixels, k global clip index.
-
-class UnusableData(ValueError):
-    """The data set has nothing to train on: no files, or only files that fail to load. One line."""
-
-
-def say_skipped(what: str, why: object) -> None:
-    """One stderr line for one skipped file (warnings.warn prints two; FFmpeg messages may hold newlines)."""
-    print(f"skipped {what}: {' '.join(str(why).split())}", file=sys.stderr, flush=True)
-
-
-def _folder_items(root: Path, exts: tuple[str, ...]) -> tuple[list[tuple[Path, str]], int]:
-    """(file, caption) pairs of a folder and the number of captions.csv rows dropped: root/captions.csv
-    (`path,caption` rows, paths relative to root) if there is one, else `a video of {label}` from each
-    file's sub-folder, else "". Captions are cut to 1000 characters; bytes that are not UTF-8 become U+FFFD."""
-    tables = [p for p in root.glob("*") if p.name.lower() == "captions.csv" and p.is_file()] if root.is_dir() else []
-    table = tables[0] if tables else root / "captions.csv"  # Captions.csv too
-    if not table.is_file():
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())
-        if not files:
-            why = f"no {' '.join(exts)} files in it" if root.is_dir() else "no such folder"
-            raise UnusableData(f"no videos found in {root}: {why}")
-        labels = [re.sub("[_-]", " ", p.parent.name) if p.parent != root else "" for p in files]
-        layout = "label folders" if any(labels) else "no captions.csv, no label folders"
-        return [(p, f"a video of {label}" if label else "") for p, label in zip(files, labels)], 0, layout
-    # lift the csv module's 128 KiB field limit (process-wide), so a huge caption is cut, not fatal
-    csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
-    with open(table, newline="", encoding="utf-8-sig", errors="replace") as f:
-        rows = [row for row in csv.reader(f) if row]
-    if rows and not Path(rows[0][0]).suffix and not (root / rows[0][0]).is_file():
-        rows = rows[1:]  # a header (path,caption or file,text) names no file with an extension
-    found = []
-    for row in rows:
-        if os.path.isfile(root / row[0]):  # False for a name too long or with a NUL byte, too
-            # everything after the first comma is the caption: people write captions with commas, unquoted
-            found.append((root / row[0], ",".join(row[1:]).strip()[:1000]))
-        else:
-            say_skipped(f"row {row[0][:200]!r} of {table}", "no such file")
-    if not found:
-        raise UnusableData(f"no videos found in {root}: none of the {len(rows)} files named in {table} exists")
-    return found, len(rows) - len(found), table.name
-
 
 VAL_SHARE = 0.1  # the share of a folder's files (or a shard's videos) held out for validation, by name hash
 CLIPS_PER_SECOND = 2  # stage 2's token cache: windows of a real video per second of it
@@ -131,7 +91,7 @@ class VideoFolderSource:
 
     def index_files(self, root: str) -> tuple[list, int]:
         """[(file, caption)] of the data set and the entries dropped; subclasses index other containers."""
-        items, dropped, self.layout = _folder_items(Path(root), self.exts)
+        items, dropped, self.layout = folder_items(Path(root), self.exts)
         return items, dropped
 
     def entry_name(self, entry) -> str:
@@ -180,14 +140,25 @@ class VideoFolderSource:
         return line
 
     def windows(self, limit: int) -> "WindowSource":
-        """Stage 2's token cache: CLIPS_PER_SECOND evenly spaced windows of each file (at least one), so a
-        long file gives more than a short one; at most `limit` in all, drawn evenly if there are more."""
+        """Stage 2's token cache: CLIPS_PER_SECOND evenly spaced windows of each file (at least
+        one), so a long file gives more than a short one; at most `limit` in all, drawn evenly if
+        there are more. Window j of the w_i of file i starts at (d_i - clip) (j + 0.5) / w_i
+        seconds; only the drawn ones are listed, however many windows the headers claim."""
         clip = self.frames / (self.fps or 8.0)
-        spots = [(i, max(d - clip, 0.0) * (j + 0.5) / w) for i, d in enumerate(self.seconds())
-                 for w in [max(1, math.ceil(d * CLIPS_PER_SECOND))] for j in range(w)]  # (file, start seconds)
-        if len(spots) > limit:
-            keep = np.sort(np.random.default_rng([self.seed, 5]).choice(len(spots), limit, replace=False))
-            spots = [spots[i] for i in keep]
+        durations = self.seconds()
+        counts = [max(1, math.ceil(d * CLIPS_PER_SECOND)) for d in durations]
+        counts = np.array(counts, dtype=np.int64)
+        ends = np.cumsum(counts)  # window k belongs to the first file whose end exceeds k
+        total = int(ends[-1]) if len(ends) else 0
+        picks = np.arange(total)
+        if total > limit:
+            rng = np.random.default_rng([self.seed, 5])
+            picks = np.sort(rng.choice(total, limit, replace=False))
+        spots = []
+        for k in picks:
+            i = int(np.searchsorted(ends, k, side="right"))
+            j = int(k - (ends[i] - counts[i]))
+            spots.append((i, max(durations[i] - clip, 0.0) * (j + 0.5) / int(counts[i])))
         return WindowSource(self, spots)
 
 
@@ -242,15 +213,22 @@ class TarShardSource(VideoFolderSource):
                 with tarfile.open(shard, "r:") as tar:
                     for m in tar:
                         key, ext = os.path.splitext(m.name)
-                        if m.isfile() and ext.lower() in VIDEO_EXTS:
+                        if m.isfile() and ext.lower() in VIDEO_EXTS and m.size > MAX_BYTES:
+                            dropped += 1
+                            why = f"{m.size} bytes, above MAX_BYTES"
+                            say_skipped(f"{m.name[:200]} in {shard}", why)
+                        elif m.isfile() and ext.lower() in VIDEO_EXTS:
                             videos.append((key, (shard, m.offset_data, m.size, m.name)))
                         elif m.isfile() and ext == ".txt":
-                            texts[key] = tar.extractfile(m).read().decode("utf-8", errors="replace")
+                            # at most what is kept: a caption's characters take up to 4 bytes each
+                            text = tar.extractfile(m).read(4 * CAPTION_CHARS)
+                            texts[key] = text.decode("utf-8", errors="replace")
             except (tarfile.TarError, OSError) as err:
                 reason = f"not a readable uncompressed tar: {err}"
                 dropped, why = dropped + 1, f"{shard} is {reason}"
                 say_skipped(f"the rest of {shard} (after {len(videos)} videos)", reason)
-            items += [(entry, texts.get(key, "").strip()[:1000]) for key, entry in sorted(videos)]
+            for key, entry in sorted(videos):
+                items.append((entry, texts.get(key, "").strip()[:CAPTION_CHARS]))
         if not items:
             raise UnusableData(f"no videos found in {pattern}: {why}")
         return items, dropped
@@ -290,10 +268,21 @@ def make_source(spec: str, frames: int, size: int, seed: int = 0, fps: float = 8
             and any(Path(spec).glob("*.tar")):
         raise ValueError(f"--data {spec} is a folder of tar shards: pass them as '{os.path.join(spec, '*.tar')}'")
     if os.path.isdir(spec):  # an empty folder raises UnusableData in ImageFolderSource
-        if any(p.suffix.lower() in VIDEO_EXTS for p in Path(spec).rglob("*")):
+        if holds_videos(Path(spec)):
             return VideoFolderSource(spec, frames, size, fps, seed, split, crop)
         return ImageFolderSource(spec, size, seed, split, crop)
     raise ValueError(f"unknown data {spec!r}: expected 'shapes', 'animals', a folder, 'images:FOLDER' or tar shards")
+
+
+def file_stamp(entry) -> list[int]:
+    """[size, modification time in ns] of the file an entry reads (a tar member: its shard); [] if
+    it is gone."""
+    path = entry[0] if isinstance(entry, tuple) else entry
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return []
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def content_digest(source) -> str:
@@ -302,7 +291,10 @@ def content_digest(source) -> str:
     entries and their captions (captions.csv, label folders, tar .txt). An edit to any changes the key."""
     h = hashlib.sha256()
     if hasattr(source, "items"):
-        h.update(json.dumps([[str(entry), text] for entry, text in source.items]).encode("utf-8", "replace"))
+        # each file's size and modification time too: a video re-encoded under its old name makes
+        # other codes
+        stamped = [[str(entry), text, *file_stamp(entry)] for entry, text in source.items]
+        h.update(json.dumps(stamped).encode("utf-8", "replace"))
     else:
         with open(sys.modules[type(source).__module__].__file__, "rb") as f:
             h.update(f.read())

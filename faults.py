@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from config import EXIT_USAGE, UsageError
-from data import UnusableData
+from folders import UnusableData
 
 EXIT_FAILED = 1
 
@@ -100,7 +100,7 @@ def exit_code(err: BaseException) -> int:
         return err.code
     if isinstance(err, (UsageError, UnusableData)):  # a --resume with nothing readable; data with nothing usable
         # raised in a DataLoader worker, the message carries the worker's traceback: its last line is the error
-        print(f"error: {str(err).strip().splitlines()[-1].removeprefix('data.UnusableData: ')}", file=sys.stderr)
+        print(f"error: {str(err).strip().splitlines()[-1].removeprefix('folders.UnusableData: ')}", file=sys.stderr)
         return EXIT_USAGE
     print(f"error: {err}", file=sys.stderr)  # TrainingStopped
     return EXIT_FAILED

@@ -30,11 +30,12 @@ import sys
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data import UnusableData, say_skipped
+from config import UsageError
+from folders import UnusableData, say_skipped
 
 # Legend: B batch, T frames, H W pixels, t h w latent grid, N clips, k global clip index, j clip index within one rank.
 
@@ -124,9 +125,12 @@ def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, 
     differs is rebuilt. Written atomically, so an interrupted build is redone, never half-read."""
     path = cache_shard(folder, rank, world)
     if os.path.exists(path):
-        with safe_open(path, framework="pt") as f:
-            if (f.metadata() or {}).get("key") == key:
-                return
+        try:
+            with safe_open(path, framework="pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    return
+        except (SafetensorError, OSError):  # torn or emptied: the cache is ours to make again
+            print(f"note: {path} is not readable; building it again", file=sys.stderr)
     os.makedirs(folder, exist_ok=True)
     stream = ClipStream(source, batch_size, rank, world)
     batches = math.ceil(clips / world / batch_size)
@@ -147,11 +151,17 @@ def load_token_cache(folder: str, world: int, key: str) -> tuple[torch.Tensor, l
     """All shards of a cache -> codes (N, t, h, w) long, N captions, and the files skipped building it."""
     codes, captions, skipped = [], [], 0
     for rank in range(world):
-        with safe_open(cache_shard(folder, rank, world), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") != key:
-                raise ValueError(f"token cache shard {rank} in {folder} was made by another tokenizer or data")
-            codes.append(f.get_tensor("codes").long())
-            captions += json.loads(meta["captions"])
-            skipped += int(meta.get("skipped", 0))
+        path = cache_shard(folder, rank, world)
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != key:
+                    raise UsageError(f"{path} was made by another tokenizer or data")
+                codes.append(f.get_tensor("codes").long())
+                captions += json.loads(meta["captions"])
+                skipped += int(meta.get("skipped", 0))
+        except (SafetensorError, OSError, ValueError, KeyError) as err:
+            why = " ".join(str(err).split())[:80]
+            raise UsageError(f"{path} is not a readable token cache ({why}): remove {folder} "
+                             "and run again") from None
     return torch.cat(codes), captions, skipped

@@ -53,10 +53,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import TOKENIZERS, file_digest, generator_config_for, generator_meta, load_tokenizer, tokenizer_meta
 from checks import check_model_config, train_limits
 from config import HelpWithDefaults, TrainConfig, UsageError, configure, exit_usage, override, resume_changes
-from data import UnusableData, content_digest, train_and_val
+from data import content_digest, train_and_val
 from distributed import Run, check_device, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
 from evaluate import psnr, ssim, validation_loss, watch, watch_list
 from faults import TrainingStopped, exit_code, quiet_worker
+from folders import UnusableData
 from fold import fold_codes
 from maskgit import MaskGIT, MaskGITConfig
 from motion import watch_motion

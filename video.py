@@ -17,7 +17,8 @@ save_output, Outputs:  what sample.py writes: .mp4 / .gif, or a .png grid of fra
 Real files break (corrupt, truncated, empty, audio only, too short): every failure of read_video is a
 ValueError naming the file, so that a loader can skip it (data.py). Guards bound the time and memory
 of one load: MAX_PIXELS (4096 x 4096: 4K passes, 8K is refused, from the header, before decoding),
-MAX_LEAD (decoded frames before the clip's first) and MAX_FRAMES (a whole-video read).
+MAX_LEAD (decoded frames before the clip's first), MAX_FRAMES (a whole-video read), MAX_SECONDS (the
+duration a header may claim) and MAX_BYTES (a video read into memory whole, as a tar member is).
 
 Deviations: a video shorter than the clip asked for is refused (ValueError), rather than padded or
 looped. For .mp4, odd sides are padded by repeating the last row or column (H.264's 4:2:0 chroma).
@@ -43,6 +44,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_PIXELS = 4096 * 4096  # a bigger frame (8K) decodes too slowly for a loader, or a strip resizes too large
 MAX_LEAD = 2000  # decoded frames before the clip's first: more means key frames too sparse to seek to
 MAX_FRAMES = 10_000  # a whole-video read: a timestamp jump would otherwise repeat one frame without end
+MAX_SECONDS = 24 * 3600  # the longest duration a header may claim; a longer one reads as unknown
+MAX_BYTES = 1 << 30  # the largest video read into memory whole (a tar shard's member)
 
 
 def to_uint8_frames(video) -> np.ndarray:
@@ -165,10 +168,14 @@ def _seconds(container, stream) -> float:
 
 
 def video_seconds(src: str | os.PathLike | io.IOBase) -> float:
-    """The duration of a video file from its header alone (nothing is decoded); 0 when unknown or unreadable."""
+    """The duration of a video file from its header alone (nothing is decoded); 0 when unknown or
+    unreadable, and when the header claims more than MAX_SECONDS (a crafted 2^32 frames)."""
     try:
         with av.open(src) as container:
-            return _seconds(container, container.streams.video[0]) if container.streams.video else 0.0
+            seconds = 0.0
+            if container.streams.video:
+                seconds = _seconds(container, container.streams.video[0])
+        return seconds if 0 < seconds <= MAX_SECONDS else 0.0
     except (av.error.FFmpegError, ValueError, OSError):
         return 0.0
 

@@ -16,7 +16,8 @@ import av
 import numpy as np
 import pytest
 
-from data import ImageFolderSource, TarShardSource, UnusableData, VideoFolderSource, make_source
+from data import ImageFolderSource, TarShardSource, VideoFolderSource, make_source
+from folders import UnusableData
 from stream import ClipStream
 from test_video import RED, encode, solid
 from video import read_video
