@@ -3,28 +3,30 @@ The Animals world: a procedural text-to-video world of animals acting in scenes,
 the attributes back from pixels; what `python sample.py "a dog running"` is trained on.
 
 Each clip shows one subject (dog, cat, horse or bird; brown, black, white, grey or orange) side-on,
-running, walking, jumping or sitting (the bird flies or sits), facing left or right, on the grass, on the
-beach, in the snow or at night: a sky over a ground with a little life (tufts that sway, wave crests,
-falling snow, twinkling stars). The subject is a sprite of tapered capsules drawn from their distance
-field (anti-aliased without supersampling) in a one-pixel outline: dark by day, so that a white dog shows
-on snow, and a pale moonlit rim at night, so that a black cat shows in the dark.
+running, walking, jumping or sitting (the bird flies or sits), facing left or right, on the grass,
+on the beach, in the snow or at night: a sky over a ground with a little life (tufts that sway, wave
+crests, falling snow, twinkling stars). The subject is a sprite of tapered capsules drawn from their
+distance field (anti-aliased without supersampling) in a one-pixel outline: dark by day, so that a
+white dog shows on snow, and a pale moonlit rim at night, so that a black cat shows in the dark.
 
 Camera rule, which keeps a video of any length meaningful: the camera follows the subject, as in a
-tracking shot. The subject stays at the horizontal centre and the ground scrolls against its travel at
-its speed. The ground's marks are a function of world position and the clip's seed, so they scroll
-consistently, and a 241-frame "dog running to the right" shows a running dog throughout; the sky is at
-infinity and stays. A story (`start_action`, `switch_at`) changes action mid-clip and keeps the rest.
+tracking shot. The subject stays at the horizontal centre and the ground scrolls against its travel
+at its speed. The ground's marks are a function of world position and the clip's seed, so they
+scroll consistently, and a 241-frame "dog running to the right" shows a running dog throughout; the
+sky is at infinity and stays. A story (`start_action`, `switch_at`) changes action mid-clip and
+keeps the rest.
 
 AnimalSpec  ->  render  ->  video (T, H, W, 3) uint8  ->  judge  ->  {attribute: value read back}
 Source:     clip k  ->  (video (T, H, W, 3) uint8, caption str)
 
-The judge reads what the renderer guarantees: the scene from the top (sky) and bottom (ground) rows; the
-subject as the pixels far from their row's background (the median of the outer fifths, which the camera
-rule keeps clear), the largest blob with its holes filled; species from its area; colour from its inside;
-travel from the shift that best aligns the ground band below the feet two frames apart (marks moving
-left: travel right); a jump from a take-off; flying from being in the sky; the facing of a subject that
-does not travel from the side its head (top third) is on. Deviations: Phenaki trains on web video; this
-world stands in so that the default model can be trained and judged on two CPU cores.
+The judge reads what the renderer guarantees: the scene from the top (sky) and bottom (ground) rows;
+the subject as the pixels far from their row's background (the median of the outer fifths, which the
+camera rule keeps clear), the largest blob with its holes filled; species from its area; colour from
+its inside; travel from the shift that best aligns the ground band below the feet two frames apart
+(marks moving left: travel right); a jump from a take-off; flying from being in the sky; the facing
+of a subject that does not travel from the side its head (top third) is on. Deviations: Phenaki
+trains on web video; this world stands in so that the default model can be trained and judged on two
+CPU cores.
 """
 
 import argparse
@@ -37,32 +39,42 @@ import numpy as np
 from shapes import _components, _grow, _solid
 from video import read_video, to_uint8_frames
 
-# Legend: T frames, H W pixels, k clip index, q pixels per unit (a pixel at 64 x 64); points are complex x + iy, y down.
+# Legend: T frames, H W pixels, k clip index, q pixels per unit (a pixel at 64 x 64); points are
+# complex x + iy, y down.
 
 SPECIES = ("dog", "cat", "horse", "bird")
 COLORS = {"brown": (125, 80, 45), "black": (30, 30, 30), "white": (245, 245, 245), "grey": (135, 135, 135),
           "orange": (235, 135, 40)}
-ACTIONS = {s: ("running", "walking", "jumping", "sitting") for s in SPECIES[:3]} | {"bird": ("flying", "sitting")}
+ACTIONS = {s: ("running", "walking", "jumping",
+               "sitting") for s in SPECIES[:3]} | {"bird": ("flying", "sitting")}
 DIRECTIONS = ("left", "right")
-# sky at the top, at the horizon, ground, ground marks; every subject colour stands out on each (night is blue)
+# sky at the top, at the horizon, ground, ground marks; every subject colour stands out on each
+# (night is blue)
 SCENES = {"on the grass": ((100, 160, 225), (165, 205, 240), (85, 155, 60), (60, 125, 40)),
           "on the beach": ((60, 175, 235), (175, 220, 245), (230, 205, 150), (200, 172, 118)),
           "in the snow": ((150, 160, 180), (200, 205, 218), (222, 230, 242), (190, 200, 225)),
           "at night": ((12, 16, 48), (40, 55, 110), (42, 58, 82), (70, 92, 118))}
-HORIZON, SEA, GROUND, BAND = 40, 34, 54, 57  # horizon row, top of the sea, feet line, top of the scroll band
+# horizon row, top of the sea, feet line, top of the scroll band
+HORIZON, SEA, GROUND, BAND = 40, 34, 54, 57
 # travel (pixels a frame), gait (cycles a frame), leg swing (radians)
 MOTION = {"running": (3.5, 0.25, 0.6), "walking": (1.2, 0.125, 0.35), "jumping": (2.0, 0.0, 0.1),
           "sitting": (0.0, 0.0, 0.0), "flying": (2.5, 0.25, 0.0)}
-# hop cycles a frame; share of a hop in the air; flying altitude; a bird's climb and landing, pixels a frame:
-# 7 frames up, 3 down (landing as slowly, "the bird lands" still flew through most of its segment)
+# hop cycles a frame; share of a hop in the air; flying altitude; a bird's climb and landing, pixels
+# a frame: 7 frames up, 3 down (landing as slowly, "the bird lands" still flew through most of its
+# segment)
 HOP, AIR, ALT, CLIMB, LAND = 1 / 7, 0.75, 34.0, 5.0, 12.0
-SCALE = {"horse": 1.05, "dog": 1.05, "cat": 0.85, "bird": 0.75}  # sprite sizes: about 31, 22, 16, 10 long
-AREAS = (107, 222, 390)  # the judge's area cuts bird | cat | dog | horse, in the gaps measured clean and blurred
-OUTLINE, RIM = (35, 28, 22), (150, 165, 210)  # the dark outline; the moonlit rim that replaces it at night
+# sprite sizes: about 31, 22, 16, 10 long
+SCALE = {"horse": 1.05, "dog": 1.05, "cat": 0.85, "bird": 0.75}
+# the judge's area cuts bird | cat | dog | horse, in the gaps measured clean and blurred
+AREAS = (107, 222, 390)
+# the dark outline; the moonlit rim that replaces it at night
+OUTLINE, RIM = (35, 28, 22), (150, 165, 210)
 # a quadruped: body half-length, body radius, leg length, leg radius at the hip and at the foot
-BODY = {"horse": (7.0, 4.0, 12.0, 1.6, 1.1), "dog": (4.5, 3.0, 6.5, 1.3, 0.9), "cat": (3.2, 2.1, 4.4, 1.0, 0.7)}
-# capsules (start, end, radius at start, at end) relative to the front of the body, facing right: the head;
-# then the marks in the detail colour (eye, mane); then the tail from the rear, standing and sitting
+BODY = {"horse": (7.0, 4.0, 12.0, 1.6, 1.1), "dog": (4.5, 3.0, 6.5, 1.3, 0.9),
+        "cat": (3.2, 2.1, 4.4, 1.0, 0.7)}
+# capsules (start, end, radius at start, at end) relative to the front of the body, facing right:
+# the head; then the marks in the detail colour (eye, mane); then the tail from the rear, standing
+# and sitting
 HEAD = {"horse": [(0 - 1j, 3.5 - 9j, 2.8, 2.0), (3.5 - 9.5j, 8.5 - 5.5j, 2.2, 1.4), (3 - 11j, 2.4 - 14j, 1.0, 0.3)],
         "dog": [(0 - 1j, 2.5 - 5j, 2.5, 2.5), (3 - 5.5j, 6.5 - 4.8j, 2.2, 1.4), (1.6 - 7.5j, 0.5 - 4.5j, 1.4, 1.0)],
         "cat": [(0.5 - 2j, 2 - 5j, 1.8, 2.7), (1 - 7j, 0.6 - 10j, 1.2, 0.15), (3.3 - 7j, 3.9 - 10j, 1.2, 0.15)]}
@@ -75,11 +87,16 @@ TAIL = {"horse": ((-1 - 2j, -4 + 6j, 1.7, 1.2), (-1 + 0j, -7 + 3j)),
 
 @dataclass
 class AnimalSpec:
-    species: str  # one of SPECIES
-    color: str  # a key of COLORS
-    action: str  # one of ACTIONS[species]
-    direction: str  # "left" or "right": where it travels and faces
-    scene: str  # a key of SCENES
+    # one of SPECIES
+    species: str
+    # a key of COLORS
+    color: str
+    # one of ACTIONS[species]
+    action: str
+    # "left" or "right": where it travels and faces
+    direction: str
+    # a key of SCENES
+    scene: str
 
 
 def random_spec(rng: np.random.Generator) -> AnimalSpec:
@@ -88,14 +105,16 @@ def random_spec(rng: np.random.Generator) -> AnimalSpec:
                       str(rng.choice(DIRECTIONS)), str(rng.choice(list(SCENES))))
 
 
-VERBS = {"running": "runs", "walking": "walks", "jumping": "jumps", "sitting": "sits", "flying": "flies"}
+VERBS = {"running": "runs", "walking": "walks", "jumping": "jumps", "sitting": "sits",
+         "flying": "flies"}
 ACROSS = {"on the grass": "across the grass", "on the beach": "along the beach", "in the snow": "through the snow",
           "at night": "in the dark"}
 STORY = {"running": "the {} starts running", "walking": "the {} starts walking", "jumping": "the {} jumps",
          "sitting": "the {} sits down", "flying": "the {} flies away"}
-# Story clips switch action mid-clip, so a generator of this world has seen an action change after the
-# frames before it: at a cut to the next prompt it keeps the whole context (maskgit.plan_windows). The last
-# frame alone read the new action in 43% of story segments against 60% (50 three-prompt stories).
+# Story clips switch action mid-clip, so a generator of this world has seen an action change after
+# the frames before it: at a cut to the next prompt it keeps the whole context
+# (maskgit.plan_windows). The last frame alone read the new action in 43% of story segments against
+# 60% (50 three-prompt stories).
 KEEP_AT_CUT = None
 # the words a caption may use for an attribute's value, beside the value itself
 WORDS = {"run": "running", "runs": "running", "walk": "walking", "walks": "walking", "jump": "jumping",
@@ -105,7 +124,8 @@ WORDS = {"run": "running", "runs": "running", "walk": "walking", "walks": "walki
 
 
 def _phrase(obj: str, action: str, direction: str | None, scene: str | None) -> str:
-    """'a dog running to the right on the grass', 'an orange cat sitting, facing left' (the facing last)."""
+    """'a dog running to the right on the grass', 'an orange cat sitting, facing left' (the facing
+    last)."""
     obj, where = f"an {obj}" if obj[0] in "aeiou" else f"a {obj}", f" {scene}" if scene else ""
     if action == "sitting":
         return f"{obj} sitting{where}" + (f", facing {direction}" if direction else "")
@@ -113,33 +133,39 @@ def _phrase(obj: str, action: str, direction: str | None, scene: str | None) -> 
 
 
 def caption(spec: AnimalSpec) -> str:
-    """The canonical caption: 'a brown dog running to the right on the grass', 'a cat sitting at night, facing left'."""
+    """The canonical caption: 'a brown dog running to the right on the grass', 'a cat sitting at
+    night, facing left'."""
     return _phrase(f"{spec.color} {spec.species}", spec.action, spec.direction, spec.scene)
 
 
 def training_caption(spec: AnimalSpec, rng: np.random.Generator) -> str:
-    """Full (30%), short (45%: what people type, each optional attribute stated a third of the time) or a
-    paraphrase (25%), so that the text encoder reads the words and the renderer fills in the rest."""
+    """Full (30%), short (45%: what people type, each optional attribute stated a third of the time)
+    or a paraphrase (25%), so that the text encoder reads the words and the renderer fills in the
+    rest."""
     u, keep = rng.random(), rng.random(3) < 1 / 3
     if u < 0.3:
         return caption(spec)
     obj = f"{spec.color} {spec.species}" if keep[0] else spec.species
     if u < 0.75:
-        return _phrase(obj, spec.action, spec.direction if keep[1] else None, spec.scene if keep[2] else None)
+        return _phrase(obj, spec.action, spec.direction if keep[1] else None,
+                       spec.scene if keep[2] else None)
     side = f", facing {spec.direction}" if spec.action == "sitting" else f" {spec.direction}"
-    short = _phrase(obj, spec.action, None, None)  # 'a dog running'
+    # 'a dog running'
+    short = _phrase(obj, spec.action, None, None)
     forms = [short.replace(spec.action, VERBS[spec.action]), f"the {obj} is {spec.action} {ACROSS[spec.scene]}",
              short + side]
     return forms[int(rng.integers(len(forms)))]
 
 
 def story_caption(spec: AnimalSpec) -> str:
-    """How a story goes on into spec.action: 'the dog jumps', 'the bird flies away', 'the bird lands'."""
+    """How a story goes on into spec.action: 'the dog jumps', 'the bird flies away', 'the bird
+    lands'."""
     return STORY[spec.action].format(spec.species).replace("bird sits down", "bird lands")
 
 
 def parse(text: str) -> dict[str, str]:
-    """The attributes a caption states: {species, color, action, direction, scene}, missing ones absent."""
+    """The attributes a caption states: {species, color, action, direction, scene}, missing ones
+    absent."""
     words = [WORDS.get(w, w) for w in re.findall(r"[a-z]+", text.lower())]
     found = {key: next((w for w in words if w in values), None) for key, values in zip(
         ("species", "color", "action", "direction", "scene"), (SPECIES, COLORS, MOTION, DIRECTIONS, SCENES))}
@@ -147,18 +173,24 @@ def parse(text: str) -> dict[str, str]:
 
 
 def _track(spec: AnimalSpec, frames: int, rng: np.random.Generator, start_action, switch_at) -> dict:
-    """The subject's state (T,) each: camera x in the world, gait phase, leg swing, gallop, hop height and leg
-    stretch, sit, altitude, tail wag. A hop lands first; sitting, rising or landing takes 3 frames, climbing 7."""
+    """The subject's state (T,) each: camera x in the world, gait phase, leg swing, gallop, hop
+    height and leg stretch, sit, altitude, tail wag. A hop lands first; sitting, rising or landing
+    takes 3 frames, climbing 7."""
     sign, pace = (1 if spec.direction == "right" else -1), rng.uniform(0.9, 1.1)
     cam, phase, u, height, wag = rng.uniform(1e4, 1e5), rng.random(), rng.random(), rng.uniform(8, 10), rng.random()
     prev, bird = start_action or spec.action, spec.species == "bird"
     u, sit, alt, rows = u * (prev == "jumping"), float(prev == "sitting"), ALT * (prev == "flying"), []
     for t in range(frames):
         a = start_action if start_action and t < switch_at else spec.action
-        if (a == "jumping" and prev != "jumping") or (a != "jumping" and u >= AIR):  # u: the hop, aloft below AIR
-            u = 0.0  # a hop starts from the ground; a subject that stops jumping stays there
-        if a != "jumping" and prev == "jumping" and u < AIR / 2:  # one still rising turns down at once (u -> AIR - u,
-            u = AIR - u  # the same height): after "the dog starts running" it lands and runs, and never leaps again
+        if (a == "jumping" and prev != "jumping") or (a != "jumping" and u >= AIR):
+            # u: the hop, aloft below AIR
+            # a hop starts from the ground; a subject that stops jumping stays there
+            u = 0.0
+        if a != "jumping" and prev == "jumping" and u < AIR / 2:
+            # one still rising turns down at once (u -> AIR - u,
+            # the same height): after "the dog starts running" it lands and runs, and never leaps
+            # again
+            u = AIR - u
         air = np.sin(np.pi * u / AIR) if u < AIR else 0.0
         sit += 0.0 if bird else np.clip(float(a == "sitting") - sit, -0.34, 0.34)
         alt += np.clip(ALT * (a == "flying") - alt, -LAND, CLIMB) if bird else 0.0
@@ -168,48 +200,63 @@ def _track(spec: AnimalSpec, frames: int, rng: np.random.Generator, start_action
         phase += MOTION["flying"][1] * (alt > 0) if bird else gait
         u = (u + HOP) % 1 if a == "jumping" or 0 < u < AIR else u
         wag, prev = wag + 0.15 + 0.1 * sit, a
-    return dict(zip(("cam", "phase", "swing", "run", "hop", "air", "sit", "alt", "wag"), np.array(rows, float).T))
+    return dict(zip(("cam", "phase", "swing", "run", "hop", "air", "sit", "alt", "wag"),
+                    np.array(rows, float).T))
 
 
 def _quadruped(species: str, tr: dict) -> tuple[list, list]:
-    """Capsules (start, end, r0, r1) of a four-legged subject facing right, origin on the ground under the
-    body, y down, with ends (T,) over frames; and its marks (eye, mane) in the same form."""
+    """Capsules (start, end, r0, r1) of a four-legged subject facing right, origin on the ground
+    under the body, y down, with ends (T,) over frames; and its marks (eye, mane) in the same
+    form."""
     (L, R, leg, r_hip, r_foot), s = BODY[species], tr["sit"]
 
-    def mix(stand, sitting):  # the pose between standing (s = 0) and sitting (s = 1)
+    def mix(stand, sitting):
+        # the pose between standing (s = 0) and sitting (s = 1)
         return stand + s * (sitting - stand)
     # leg phases near hind, far hind, near fore, far fore: a gallop pairs them, a walk is four-beat
     offsets = np.where(tr["run"][:, None] > 0, [0, 0.1, 0.5, 0.6], [0, 0.5, 0.25, 0.75])  # (T, 4)
     swing = tr["swing"][:, None] * np.sin(2 * np.pi * (tr["phase"][:, None] + offsets))
-    body_y = -leg * np.cos(swing).max(axis=1)  # the lowest foot touches the ground
-    swing = swing + 0.9 * tr["air"][:, None] * np.array([-1, -1, 1, 1])  # a leap stretches the legs out
-    seat = -0.3 * L - 1j * R  # sitting: the rump on the ground, the back raised 40 degrees
+    # the lowest foot touches the ground
+    body_y = -leg * np.cos(swing).max(axis=1)
+    # a leap stretches the legs out
+    swing = swing + 0.9 * tr["air"][:, None] * np.array([-1, -1, 1, 1])
+    # sitting: the rump on the ground, the back raised 40 degrees
+    seat = -0.3 * L - 1j * R
     rear, front = mix(-L + 1j * body_y, seat), mix(L + 1j * body_y, seat + 2 * L * np.exp(-0.7j))
-    caps = [(rear, front, R, R * 0.95)] + [(front + a, front + b, r0, r1) for a, b, r0, r1 in HEAD[species]]
+    caps = [(rear, front, R, R * 0.95)] + [(front + a, front + b, r0, r1) for a, b, r0,
+                                           r1 in HEAD[species]]
     for i in range(4):
         top = rear + 0.15 * L if i < 2 else front - 0.15 * L
         foot = top + leg * (np.sin(swing[:, i]) + 1j * np.cos(swing[:, i]))
-        folded = rear + 1.3 * L - 1j * r_foot if i < 2 else front.real + 0.6 + 0.3 * (i % 2)  # hind legs lie flat
+        # hind legs lie flat
+        folded = rear + 1.3 * L - 1j * r_foot if i < 2 else front.real + 0.6 + 0.3 * (i % 2)
         caps.append((top, mix(foot, folded), r_hip, r_foot))
     (a0, b0, r0, r1), (a1, b1) = TAIL[species]
-    wag = np.exp(1j * 0.25 * np.sin(2 * np.pi * tr["wag"]) * (1 + s))  # a sitting subject wags harder
+    # a sitting subject wags harder
+    wag = np.exp(1j * 0.25 * np.sin(2 * np.pi * tr["wag"]) * (1 + s))
     caps.append((rear + mix(a0, a1), rear + mix(a0, a1) + mix(b0 - a0, b1 - a1) * wag, r0, r1))
     return caps, [(front + a, front + b, r0, r1) for a, b, r0, r1 in MARKS[species]]
 
 
 def _bird(tr: dict) -> tuple[list, list]:
-    """The bird's capsules and eye, as _quadruped: the wing flaps in the air, the legs show when perched."""
-    fly = np.clip(tr["alt"] / 10, 0, 1)  # 1 once off the ground
+    """The bird's capsules and eye, as _quadruped: the wing flaps in the air, the legs show when
+    perched."""
+    # 1 once off the ground
+    fly = np.clip(tr["alt"] / 10, 0, 1)
     flap = np.cos(2 * np.pi * tr["phase"]) * fly
     caps = [(-2.5 - 4.5j, 2 - 5j, 2.2, 2.0), (3 - 7j, 3.2 - 7j, 1.9, 1.9), (4.5 - 7j, 6.4 - 6.5j, 0.7, 0.15),
-            (-3 - 4.3j, -6 - 4.3j + 2.5j * (1 - fly), 1.2, 0.6),  # the tail droops when perched
-            (0 - 5.5j, -3 - 4.5j + fly * (0.5 - 7.5j * flap), 1.8, 0.6),  # the wing, folded when perched
-            (0.5 - 3j, 0.7 - 3j + 3j * (1 - fly), 0.45, 0.4)]  # the legs, tucked in flight
+            # the tail droops when perched
+            (-3 - 4.3j, -6 - 4.3j + 2.5j * (1 - fly), 1.2, 0.6),
+            # the wing, folded when perched
+            (0 - 5.5j, -3 - 4.5j + fly * (0.5 - 7.5j * flap), 1.8, 0.6),
+            # the legs, tucked in flight
+            (0.5 - 3j, 0.7 - 3j + 3j * (1 - fly), 0.45, 0.4)]
     return caps, [(3.6 - 7.3j, 3.6 - 7.3j, 0.55, 0.55)]
 
 
 def _sdf(p: np.ndarray, caps: list) -> np.ndarray:
-    """Signed distance from points p (complex) to a union of tapered capsules: a pixel's coverage is 0.5 - it."""
+    """Signed distance from points p (complex) to a union of tapered capsules: a pixel's coverage is
+    0.5 - it."""
     out = np.full(p.shape, np.inf, dtype=np.float32)
     for a, b, r0, r1 in caps:
         d, e = p - a, b - a
@@ -219,11 +266,13 @@ def _sdf(p: np.ndarray, caps: list) -> np.ndarray:
 
 
 def _draw_subject(video: np.ndarray, spec: AnimalSpec, tr: dict) -> None:
-    """Draw the subject into video (T, H, W, 3) float, in place, centred; only a box around it is computed."""
+    """Draw the subject into video (T, H, W, 3) float, in place, centred; only a box around it is
+    computed."""
     (T, H, W, _), flip = video.shape, -1 if spec.direction == "left" else 1
     q = W / 64 * SCALE[spec.species]
 
-    def place(parts):  # mirrored (x -> -x) to face left, in pixels, ends (T or 1, 1, 1) against pixels (T, h, w)
+    def place(parts):
+        # mirrored (x -> -x) to face left, in pixels, ends (T or 1, 1, 1) against pixels (T, h, w)
         return [(*(np.reshape((z.real * flip + 1j * z.imag) * q, (-1, 1, 1)) for z in (a, b)), r0 * q, r1 * q)
                 for a, b, r0, r1 in parts]
     caps, marks = map(place, _bird(tr) if spec.species == "bird" else _quadruped(spec.species, tr))
@@ -236,22 +285,29 @@ def _draw_subject(video: np.ndarray, spec: AnimalSpec, tr: dict) -> None:
     xs, ys = np.arange(x0, x1) + 0.5 - W / 2, np.arange(y0, y1)[None, :, None] + 0.5 - frac[:, None, None]
     p = (xs + 1j * ys).astype(np.complex64)  # (T, h, w) pixel centres in the subject's frame
     sdf = _sdf(p, caps)
-    body = np.clip(0.5 - sdf, 0, 1)[..., None]  # coverage (T, h, w, 1)
-    outer = np.clip(0.5 + max(1, W / 64) - sdf, 0, 1)[..., None]  # the body and its outline
+    # coverage (T, h, w, 1)
+    body = np.clip(0.5 - sdf, 0, 1)[..., None]
+    # the body and its outline
+    outer = np.clip(0.5 + max(1, W / 64) - sdf, 0, 1)[..., None]
     detail = np.clip(0.5 - _sdf(p, marks), 0, 1)[..., None] * outer
-    color, dark = np.array(COLORS[spec.color], np.float32), np.array(RIM if spec.scene == "at night" else OUTLINE)
-    ink = np.array((200, 200, 170) if spec.color == "black" else OUTLINE, np.float32)  # eyes and mane
+    color, dark = np.array(COLORS[spec.color],
+                           np.float32), np.array(RIM if spec.scene == "at night" else OUTLINE)
+    # eyes and mane
+    ink = np.array((200, 200, 170) if spec.color == "black" else OUTLINE, np.float32)
     c0, c1 = max(x0, 0), min(x1, W)
-    for t in range(T):  # paste each frame's box where the subject stands in it, clipped to the frame
+    for t in range(T):
+        # paste each frame's box where the subject stands in it, clipped to the frame
         top, bottom = max(row[t] + y0, 0), min(row[t] + y1, H)
         if top < bottom:
             box = (t, slice(top - row[t] - y0, bottom - row[t] - y0), slice(c0 - x0, c1 - x0))
             b, o, e, region = body[box], outer[box], detail[box], video[t, top:bottom, c0:c1]
-            video[t, top:bottom, c0:c1] = (region * (1 - o) + dark * (o - b) + color * b) * (1 - e) + ink * e
+            video[t, top:bottom,
+                  c0:c1] = (region * (1 - o) + dark * (o - b) + color * b) * (1 - e) + ink * e
 
 
 def _hash(seed: int, cells: np.ndarray, salt: int) -> np.ndarray:
-    """Uniform [0, 1), a fixed function of (seed, cell, salt), by splitmix64: the scenery at a world position."""
+    """Uniform [0, 1), a fixed function of (seed, cell, salt), by splitmix64: the scenery at a world
+    position."""
     h = cells.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64((seed * 1000003 + salt) % 2 ** 63)
     for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
         h = (h ^ (h >> np.uint64(shift))) * np.uint64(mul)
@@ -259,7 +315,8 @@ def _hash(seed: int, cells: np.ndarray, salt: int) -> np.ndarray:
 
 
 def _backdrop(scene: str, size: int) -> np.ndarray:
-    """The still scene (H, W, 3) float: a sky graded to the horizon over a flat ground, on the beach a sea between."""
+    """The still scene (H, W, 3) float: a sky graded to the horizon over a flat ground, on the beach
+    a sea between."""
     top, low, ground, _ = (np.array(c, np.float32) for c in SCENES[scene])
     y = (np.arange(size) + 0.5) / size * 64
     rows = np.where((y < HORIZON)[:, None], top + y[:, None] / HORIZON * (low - top), ground)  # (H, 3)
@@ -268,24 +325,29 @@ def _backdrop(scene: str, size: int) -> np.ndarray:
 
 
 def _ground(scene: str, seed: int, cam: np.ndarray, size: int, sway: float) -> np.ndarray:
-    """Mark coverage (T, Hg, W) of the ground rows around cam[t]. Each 8-pixel cell of the world holds up to two
-    marks: one in the scroll band, for the judge to follow; one above, faint enough to touch the subject, swaying."""
+    """Mark coverage (T, Hg, W) of the ground rows around cam[t]. Each 8-pixel cell of the world
+    holds up to two marks: one in the scroll band, for the judge to follow; one above, faint enough
+    to touch the subject, swaying."""
     q, lo = size / 64, int(np.floor(cam.min() - 40))
-    xw = lo + (np.arange(int((cam.max() + 40 - lo) * q)) + 0.5) / q  # world x of each strip column
+    # world x of each strip column
+    xw = lo + (np.arange(int((cam.max() + 40 - lo) * q)) + 0.5) / q
     yw = HORIZON + (np.arange(size - int(HORIZON * q)) + 0.5) / q + (int(HORIZON * q) - HORIZON * q) / q
     p, cell = xw[None, :] + 1j * yw[:, None], np.floor(xw / 8).astype(np.int64)  # (Hg, Ws), (Ws,)
-    tuft = scene in ("on the grass", "at night")  # two blades leaning apart; elsewhere a pebble
+    # two blades leaning apart; elsewhere a pebble
+    tuft = scene in ("on the grass", "at night")
     shape = [(-1 - 2.5j, 0.5, 0.2), (1 - 2.5j, 0.5, 0.2)] if tuft else [(-0.9, 0.8, 0.6), (0.9, 0.8, 0.6)]
     strip = np.zeros(p.shape, np.float32)
-    # the band's marks: 2.2 times as thick and 2.5 times the contrast of the faint ones above, so that a tokenizer
-    # keeps them (at the faint ones' size and contrast a 64 x 64 VQGAN reconstructs a flat ground)
+    # the band's marks: 2.2 times as thick and 2.5 times the contrast of the faint ones above, so
+    # that a tokenizer keeps them (at the faint ones' size and contrast a 64 x 64 VQGAN reconstructs
+    # a flat ground)
     for m, (y_lo, y_hi, weight, lean) in enumerate(((BAND + 4, 62, 2.5, 0.0), (HORIZON + 3, BAND - 1, 0.5, sway))):
         x, y = (cell * 8 + 2 + 4 * _hash(seed, cell, 3 * m + 1)), y_lo + (y_hi - y_lo) * _hash(seed, cell, 3 * m + 2)
         base = x + 1j * np.where(_hash(seed, cell, 3 * m) < 0.8, y, -99)  # (Ws,); absent marks lie far away
         k = 2.2 if m == 0 else 1.0
         caps = [(base, base + dx + lean * tuft, k * r0, k * r1) for dx, r0, r1 in shape]
         strip = np.maximum(strip, weight * np.clip(0.5 - _sdf(p, caps) * q, 0, 1))
-    c = (cam - lo) * q - size / 2 - 0.5  # strip column under screen column 0, per frame
+    # strip column under screen column 0, per frame
+    c = (cam - lo) * q - size / 2 - 0.5
     cols = c[:, None] + np.arange(size)[None, :]  # (T, W)
     i, f = np.floor(cols).astype(int), (cols - np.floor(cols))[:, None, :]
     return strip[:, i].transpose(1, 0, 2) * (1 - f) + strip[:, i + 1].transpose(1, 0, 2) * f  # (T, Hg, W)
@@ -294,9 +356,11 @@ def _ground(scene: str, seed: int, cam: np.ndarray, size: int, sway: float) -> n
 def _scenery(scene: str, frames: int, size: int, seed: int, cam: np.ndarray) -> np.ndarray:
     """The background (T, H, W, 3) float: backdrop, scrolling ground marks, and the scene's life."""
     video, q = np.repeat(_backdrop(scene, size)[None], frames, axis=0), size / 64
-    sway = 0.5 * (scene == "on the grass")  # the grass sways in the wind, all of it together
+    # the grass sways in the wind, all of it together
+    sway = 0.5 * (scene == "on the grass")
     wind = np.sin(2 * np.pi * (np.arange(frames) / 8 + _hash(seed, np.arange(1), 9)))[:, None, None] > 0
-    cover = np.where(wind, _ground(scene, seed, cam, size, sway), _ground(scene, seed, cam, size, -sway))
+    cover = np.where(wind, _ground(scene, seed, cam, size, sway),
+                     _ground(scene, seed, cam, size, -sway))
     ground = video[:, int(HORIZON * q):]
     ground += cover[..., None] * (np.array(SCENES[scene][3], np.float32) - ground)
     t, n = np.arange(frames)[:, None], np.arange(12)
@@ -304,13 +368,15 @@ def _scenery(scene: str, frames: int, size: int, seed: int, cam: np.ndarray) -> 
     twinkle = 0.3 + 0.4 * np.sin(2 * np.pi * (t / (4 + 6 * v) + ph)) ** 2  # (T, 12); dim, to be cheap to encode
     crest = 0.8 * np.clip(np.sin(2 * np.pi * (t / 10 + ph)), 0, 1)
     dots = {  # (x, y, colour, opacity), each broadcast to (T, 12): stars one to a cell of a 6 x 2 grid, so
-        # that no two blur into one; flakes that fall and drift; wave crests, too faint for the judge
+        # that no two blur into one; flakes that fall and drift; wave crests, too faint for the
+        # judge
         "at night": [((n % 6 * 64 / 6 + 2 + 6 * x0) * q, (2 + n // 6 * 14 + 11 * y0) * q, (255, 245, 200), twinkle)],
         "in the snow": [(x0 * size + q * np.sin(t / 2 + 6 * ph), (y0 * BAND + (0.5 + 0.6 * v) * t) % BAND * q,
                          (255, 255, 255), 0.9)],
         "on the beach": [((x0 * 64 + 0.3 * t + dx) * q, (SEA + 1 + y0 * (HORIZON - SEA - 2)) * q, (70, 140, 205),
                           crest) for dx in range(3)]}.get(scene, [])
-    for xs, ys, color, alpha in dots:  # one-pixel dots at (T, N) positions, blended in
+    for xs, ys, color, alpha in dots:
+        # one-pixel dots at (T, N) positions, blended in
         xs, ys, alpha, tt = np.broadcast_arrays(xs, ys, alpha, t)
         xs, ys = np.round(xs).astype(int) % size, np.clip(np.round(ys).astype(int), 0, size - 1)
         video[tt, ys, xs] += alpha[..., None] * (np.array(color, np.float32) - video[tt, ys, xs])
@@ -319,8 +385,9 @@ def _scenery(scene: str, frames: int, size: int, seed: int, cam: np.ndarray) -> 
 
 def render(spec: AnimalSpec, frames: int, size: int, rng: np.random.Generator, start_action: str | None = None,
            switch_at: int | None = None) -> np.ndarray:
-    """One clip (T, H, W, 3) uint8, a fixed function of spec and rng; frames a:b of a longer one continue its
-    frames 0:a. A story starts in `start_action`, switches to spec.action at frame `switch_at`, keeps the rest."""
+    """One clip (T, H, W, 3) uint8, a fixed function of spec and rng; frames a:b of a longer one
+    continue its frames 0:a. A story starts in `start_action`, switches to spec.action at frame
+    `switch_at`, keeps the rest."""
     tr = _track(spec, frames, rng, start_action, switch_at)
     video = _scenery(spec.scene, frames, size, int(rng.integers(2 ** 31)), tr["cam"])
     _draw_subject(video, spec, tr)
@@ -328,9 +395,10 @@ def render(spec: AnimalSpec, frames: int, size: int, rng: np.random.Generator, s
 
 
 def _scroll(frames: np.ndarray) -> np.ndarray:
-    """The ground's shift per frame (T - s,) at 64 x 64, frame t to t + s, that best aligns the band below the feet,
-    to a fraction of a pixel; NaN where the band has no marks. s = 2: a tokenizer coding frames in pairs may move
-    the ground once per pair (0, then 7 pixels, for a run of 3.5 a frame), which two frames average out."""
+    """The ground's shift per frame (T - s,) at 64 x 64, frame t to t + s, that best aligns the band
+    below the feet, to a fraction of a pixel; NaN where the band has no marks. s = 2: a tokenizer
+    coding frames in pairs may move the ground once per pair (0, then 7 pixels, for a run of 3.5 a
+    frame), which two frames average out."""
     T, W, q = len(frames), frames.shape[2], frames.shape[2] / 64
     s = 2 if T >= 3 else 1
     band, m = frames[:, int(np.ceil((BAND + 1) * q)):].mean(axis=-1), int(np.ceil(5 * s * q))  # (T, hb, W); m > travel
@@ -338,49 +406,62 @@ def _scroll(frames: np.ndarray) -> np.ndarray:
         axis=(1, 2)) for d in range(-m, m + 1)], axis=1)  # (T - s, 2m + 1): frame t + s is frame t moved by d
     i = np.clip(err.argmin(axis=1), 1, 2 * m - 1)
     lo, mid, hi = (err[np.arange(T - s), i + j] for j in (-1, 0, 1))
-    shift = i - m + np.clip(0.5 * (lo - hi) / np.maximum(lo - 2 * mid + hi, 1e-6), -0.5, 0.5)  # parabola's vertex
+    # parabola's vertex
+    shift = i - m + np.clip(0.5 * (lo - hi) / np.maximum(lo - 2 * mid + hi, 1e-6), -0.5, 0.5)
     return np.where(err.max(axis=1) - err.min(axis=1) > 0.5, shift / q / s, np.nan)
 
 
 def judge(video) -> dict:
-    """Species, color, action, direction, scene of an Animals clip (an array, a tensor as to_uint8_frames takes, or
-    a path), whether one subject shows in every frame (and in what share), its area and travel (pixels a frame)."""
+    """Species, color, action, direction, scene of an Animals clip (an array, a tensor as
+    to_uint8_frames takes, or a path), whether one subject shows in every frame (and in what share),
+    its area and travel (pixels a frame)."""
     f = to_uint8_frames(read_video(video) if isinstance(video, str) else video).astype(np.float32)  # (T, H, W, 3)
     (T, H, W, _), q = f.shape, f.shape[2] / 64
-    seen = np.concatenate([f[:, :2].mean(axis=(0, 1, 2)), f[:, -2:].mean(axis=(0, 1, 2))])  # sky, ground
+    # sky, ground
+    seen = np.concatenate([f[:, :2].mean(axis=(0, 1, 2)), f[:, -2:].mean(axis=(0, 1, 2))])
     scene = min(SCENES, key=lambda s: np.abs(seen - np.array(SCENES[s][0] + SCENES[s][2])).sum())
-    rows = np.median(np.concatenate([f[:, :, :W // 5], f[:, :, -(W // 5):]], axis=2), axis=2, keepdims=True)
+    rows = np.median(np.concatenate([f[:, :, :W // 5], f[:, :, -(W // 5):]], axis=2), axis=2,
+                     keepdims=True)
     far = np.abs(f - rows).sum(axis=-1) > 60  # (T, H, W): not background (faint marks differ by < 50)
-    far[:, int(BAND * q):] = False  # below the feet lies only ground, with the strong marks of the band
-    far = _grow(far)  # joins the outline to the body where blur mixed them into a background-like colour
+    # below the feet lies only ground, with the strong marks of the band
+    far[:, int(BAND * q):] = False
+    # joins the outline to the body where blur mixed them into a background-like colour
+    far = _grow(far)
     one, areas, bottoms, leans, inside = [], [], [], [], []
     for t in range(T):
-        blobs = [c for c in _components(far[t]) if len(c) >= 30 * q * q]  # smaller: stars, flakes, crests
+        # smaller: stars, flakes, crests
+        blobs = [c for c in _components(far[t]) if len(c) >= 30 * q * q]
         one.append(len(blobs) == 1)
         if blobs:
             blob = _solid(np.isin(np.arange(H * W), max(blobs, key=len)).reshape(H, W))
             ys, xs = np.nonzero(blob)
             areas.append(len(ys) / q ** 2)
             bottoms.append(ys.max() / q)
-            leans.append(xs[ys < ys.min() + (ys.max() - ys.min()) / 3].mean() - xs.mean())  # the head leads
-            for _ in range(2):  # less the outline and what blur mixed into the body, if enough is left
+            # the head leads
+            leans.append(xs[ys < ys.min() + (ys.max() - ys.min()) / 3].mean() - xs.mean())
+            for _ in range(2):
+                # less the outline and what blur mixed into the body, if enough is left
                 blob = core if (core := ~_grow(~blob)).sum() >= 4 else blob
             inside.append(f[t][blob])
     if not areas:
         return dict.fromkeys(("species", "color", "action", "direction", "area", "travel")) | {
             "scene": scene, "one_subject": False, "one_share": 0.0}
     inside, palette = np.concatenate(inside), np.array(list(COLORS.values()))  # (N, 3), (5, 3)
-    # blur mixes the outline into the body along a line: unless the body is black, read the pixels least mixed
+    # blur mixes the outline into the body along a line: unless the body is black, read the pixels
+    # least mixed
     if list(COLORS)[((palette - np.median(inside, axis=0)) ** 2).sum(axis=1).argmin()] != "black":
         away = np.abs(inside - np.array(RIM if scene == "at night" else OUTLINE)).sum(axis=1)
         inside = inside[away >= np.median(away)]
     color = list(COLORS)[((palette - np.median(inside, axis=0)) ** 2).sum(axis=1).argmin()]
-    area = float(np.median(areas))  # bird < cat < dog < horse
+    # bird < cat < dog < horse
+    area = float(np.median(areas))
     species, shift = ("bird", "cat", "dog", "horse")[int(np.searchsorted(AREAS, area))], _scroll(f)
-    travel = -float(np.nanmedian(shift)) if np.isfinite(shift).any() else 0.0  # the ground moves against it
-    rise = float(np.max(np.maximum.accumulate(bottoms)[:-1] - np.array(bottoms[1:]), initial=0.0))  # y down
-    # in the sky it flies; without travel it sits; taking off (its feet rising above where they were: a hop that
-    # only lands, begun before a switch to running, is none) it jumps; fast it runs
+    # the ground moves against it
+    travel = -float(np.nanmedian(shift)) if np.isfinite(shift).any() else 0.0
+    # y down
+    rise = float(np.max(np.maximum.accumulate(bottoms)[:-1] - np.array(bottoms[1:]), initial=0.0))
+    # in the sky it flies; without travel it sits; taking off (its feet rising above where they
+    # were: a hop that only lands, begun before a switch to running, is none) it jumps; fast it runs
     action = ("flying" if np.median(bottoms) < HORIZON - 6 else "sitting" if abs(travel) < 0.5 else
               "jumping" if rise > 4 else "running" if abs(travel) > 2.3 else "walking")
     facing = travel if abs(travel) >= 0.5 else np.mean(leans)
@@ -389,26 +470,30 @@ def judge(video) -> dict:
 
 
 def agreement(video, spec: AnimalSpec) -> dict[str, bool]:
-    """Does the video show what `spec` says? One verdict per attribute, by the judge, and one_subject."""
+    """Does the video show what `spec` says? One verdict per attribute, by the judge, and
+    one_subject."""
     seen = judge(video)
     return {a: seen[a] == getattr(spec, a) for a in ("species", "color", "action", "direction", "scene")} | {
         "one_subject": seen["one_subject"]}
 
 
 class AnimalsSource:
-    """Clip k of the Animals world, from a generator seeded by (seed, k), like ShapesSource. A share `stories`
-    switches action early and is captioned with the story form of its last action ('the dog jumps')."""
+    """Clip k of the Animals world, from a generator seeded by (seed, k), like ShapesSource. A share
+    `stories` switches action early and is captioned with the story form of its last action ('the
+    dog jumps')."""
 
     def __init__(self, frames: int = 11, size: int = 64, seed: int = 0, stories: float = 0.25):
         self.frames, self.size, self.seed, self.stories, self.name = frames, size, seed, stories, "animals"
 
-    def __len__(self) -> int:  # the world has no end
+    def __len__(self) -> int:
+        # the world has no end
         return 2 ** 62
 
     def load(self, k: int) -> tuple[np.ndarray, str]:
         rng = np.random.default_rng([self.seed, k])
         spec = random_spec(rng)
-        if self.frames >= 5 and rng.random() < self.stories:  # half the clip or more shows the new action
+        if self.frames >= 5 and rng.random() < self.stories:
+            # half the clip or more shows the new action
             start = str(rng.choice([a for a in ACTIONS[spec.species] if a != spec.action]))
             switch = int(rng.integers(2, self.frames // 2 + 2))
             return render(spec, self.frames, self.size, rng, start, switch), story_caption(spec)

@@ -18,8 +18,8 @@ then times `repeats` runs and reports the median:
   mfu           model FLOPs per second / the peak FLOP/s of a large matmul measured in the same
                 process on the same device: fp32 on the CPU, bf16 under autocast on CUDA
 
-With --peer, cvivit_train and maskgit_train also run through the earlier open implementation, the pip
-package phenaki-pytorch==0.5.0, when it is installed (it is not a dependency of ours):
+With --peer, cvivit_train and maskgit_train also run through the earlier open implementation, the
+pip package phenaki-pytorch==0.5.0, when it is installed (it is not a dependency of ours):
     pip install --no-deps phenaki-pytorch==0.5.0 einops beartype ema-pytorch vector-quantize-pytorch \
         einx loguru torch-einops-utils
 Its modules import torchvision, transformers and accelerate at the top and fetch T5 and VGG weights
@@ -73,18 +73,21 @@ from vqgan import VQGAN
 # Legend: B batch, T frames, t h w latent grid, N codes, L text length.
 
 LONG_VIDEOS = {"long_video_11": 11, "long_video_101": 101, "long_video_1025": 1025}
-GPU_ONLY = ("maskgit_base", "maskgit_paper")  # too large for a CPU's memory or patience: run when named with --only
+# too large for a CPU's memory or patience: run when named with --only
+GPU_ONLY = ("maskgit_base", "maskgit_paper")
 CONFIGS = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", "encode", "decode", "stream_short",
            "stream_long", "sample", "sample_batch8", "data", *LONG_VIDEOS, *GPU_ONLY)
 PEER_CONFIGS = ("cvivit_train", "maskgit_train")
-TRAINING = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", *GPU_ONLY)  # what --compile applies to
+# what --compile applies to
+TRAINING = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", *GPU_ONLY)
 
 
 def matmul_peak(device: torch.device) -> float:
     """FLOP/s of a large square matmul: the roof MFU is measured against."""
     n = 4096 if device.type == "cuda" else 2048
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device,
+                                                                      dtype=dtype)
     seconds = timed(lambda: a @ b, device, repeats=10)
     return 2 * n**3 / seconds
 
@@ -148,15 +151,18 @@ def build(name: str, device: torch.device) -> tuple:
         video = torch.rand(8, 3, 11, 64, 64, device=device) * 2 - 1
         return tokenizer_step(model, video, device), 8, 8 * 6 * 64, model
     if name.startswith("maskgit_"):
-        if name == "maskgit_train":  # text states come ready-made, as from a frozen text encoder
+        if name == "maskgit_train":
+            # text states come ready-made, as from a frozen text encoder
             config = MaskGITConfig(codebook_size=1024, latent_frames=5, grid=8, dim=256, depth=4, heads=8, head_dim=64,
                                    mlp=1024, text=TextEncoderConfig(dim=768))
             B, L = 2, 16
-        else:  # a preset's generator as train.py runs it, its own text encoder included
+        else:
+            # a preset's generator as train.py runs it, its own text encoder included
             config, train_cfg = generator_preset(name.split("_")[1])
             B, L = train_cfg.batch_size, 12
         model = MaskGIT(config).to(device)
-        codes = torch.randint(config.codebook_size, (B, config.latent_frames, config.grid, config.grid), device=device)
+        codes = torch.randint(config.codebook_size,
+                              (B, config.latent_frames, config.grid, config.grid), device=device)
         text = torch.randn(B, L, config.text.dim, device=device)
         mask = torch.ones(B, L, dtype=torch.bool, device=device)
 
@@ -165,7 +171,8 @@ def build(name: str, device: torch.device) -> tuple:
             states = text if name == "maskgit_train" else model.encode_text(
                 torch.randint(2, 300, (B, L), device=device), mask)
             logits = model(tokens, states, mask)
-            return F.cross_entropy(logits.flatten(0, 3)[masked.flatten()].float(), codes.flatten()[masked.flatten()])
+            return F.cross_entropy(logits.flatten(0, 3)[masked.flatten()].float(),
+                                   codes.flatten()[masked.flatten()])
 
         return train_step(model, loss, device), B, codes.numel(), model
     if name in ("stream_short", "stream_long"):
@@ -190,11 +197,13 @@ def build(name: str, device: torch.device) -> tuple:
 
 
 def import_peer():
-    """-> phenaki-pytorch's (cvivit module, phenaki module), with its unused heavy imports stubbed."""
+    """-> phenaki-pytorch's (cvivit module, phenaki module), with its unused heavy imports
+    stubbed."""
     import importlib.machinery
     import types
 
-    class Anything(type):  # a class whose every attribute and call is another harmless class
+    class Anything(type):
+        # a class whose every attribute and call is another harmless class
         def __getattr__(cls, name):
             return Anything(name, (), {})
 
@@ -219,7 +228,8 @@ def import_peer():
 
 
 def build_peer(name: str, device: torch.device) -> tuple:
-    """The peer's models on the same work as build(name): -> (function to time, clips, codes, model)."""
+    """The peer's models on the same work as build(name): -> (function to time, clips, codes,
+    model)."""
     peer_cvivit, peer_phenaki = import_peer()
     torch.manual_seed(0)
     if name == "cvivit_train":
@@ -235,10 +245,12 @@ def build_peer(name: str, device: torch.device) -> tuple:
         codes = torch.randint(1024, (B, *shape), device=device).flatten(1)  # (B, N)
         text = torch.randn(B, 16, 768, device=device)
 
-        def loss() -> torch.Tensor:  # the masking and loss of the peer's Phenaki.forward
+        def loss() -> torch.Tensor:
+            # the masking and loss of the peer's Phenaki.forward
             step = torch.randint(0, 18, (B,), device=device)
             everything = torch.ones_like(codes, dtype=torch.bool)
-            masked = peer_phenaki.get_mask_subset_with_prob(everything, torch.cos(step * math.pi * 0.5 / 18))
+            masked = peer_phenaki.get_mask_subset_with_prob(everything,
+                                                            torch.cos(step * math.pi * 0.5 / 18))
             tokens = torch.where(masked, model.mask_id, codes).view(B, *shape)
             logits = model(tokens, video_mask=everything, cond_drop_prob=0.1, text_mask=everything[:, :16],
                            context=text)
@@ -259,7 +271,8 @@ def bench_data(repeats: int) -> dict:
         with open(os.path.join(folder, "captions.csv"), "w") as f:
             for k in range(8):
                 video, text = shapes.load(k)
-                write_video(os.path.join(folder, f"{k}.mp4"), video, fps=24)  # 2 s of 128 x 128 at 24 fps
+                # 2 s of 128 x 128 at 24 fps
+                write_video(os.path.join(folder, f"{k}.mp4"), video, fps=24)
                 f.write(f"{k}.mp4,{text}\n")
         source = VideoFolderSource(folder, frames=11, size=64, fps=8.0)
         k = iter(range(10**6))
@@ -268,15 +281,19 @@ def bench_data(repeats: int) -> dict:
 
 
 def bench_long_video(frames: int, device: torch.device) -> dict:
-    """Frames per second of one streamed video from the shipped Shapes pair, and the process's peak memory."""
+    """Frames per second of one streamed video from the shipped Shapes pair, and the process's peak
+    memory."""
     from checkpoint import load_generator, shipped
     from maskgit import stream_video
-    model, text, tokenizer, _ = load_generator(shipped("shapes", "generator"), shipped("shapes", "tokenizer"))
+    model, text, tokenizer, _ = load_generator(shipped("shapes", "generator"),
+                                               shipped("shapes", "tokenizer"))
     model, tokenizer = model.to(device), tokenizer.to(device)
-    prompt = tuple(x.to(device) for x in text.encode(["a large red circle moving right"], model.config.text.max_len))
+    prompt = tuple(x.to(device) for x in text.encode(["a large red circle moving right"],
+                                                     model.config.text.max_len))
     start = time.perf_counter()
     for _ in stream_video(model, tokenizer, [prompt], [frames], generator=torch.Generator(device).manual_seed(0)):
-        pass  # sample.py writes each piece out here
+        # sample.py writes each piece out here
+        pass
     sync(device)
     seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
@@ -294,16 +311,20 @@ def run_one(name: str, device: torch.device, repeats: int, peer: bool = False, c
         return bench_long_video(LONG_VIDEOS[name], device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn, clips, tokens, model = (build_peer if peer else build)(name, device)
-    if channels_last:  # the convs then run in (N, T, H, W, C) order, inputs converted on the fly
+    if channels_last:
+        # the convs then run in (N, T, H, W, C) order, inputs converted on the fly
         model.to(memory_format=torch.channels_last_3d)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    flops = count_flops(fn)  # counted eagerly; compilation happens in the warm-up runs below
-    if compile and name in TRAINING and not peer:  # as train.py --compile does; other paths call methods, not forward
+    # counted eagerly; compilation happens in the warm-up runs below
+    flops = count_flops(fn)
+    if compile and name in TRAINING and not peer:
+        # as train.py --compile does; other paths call methods, not forward
         compile_blocks(model)
     seconds = timed(fn, device, repeats)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024)  # ru_maxrss is in KiB
+            # ru_maxrss is in KiB
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024)
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("text."))
     peak_flops = matmul_peak(device)
     return {"ms": seconds * 1e3, "clips/s": clips / seconds, "tokens/s": tokens / seconds, "peak_mb": peak,
@@ -347,27 +368,35 @@ def show(name: str, result: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Benchmark phenaki's hot paths.")
     p.add_argument("--only", action="append", choices=CONFIGS, help="run just these configurations")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (the median is reported)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs per configuration (the median is reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--peer", action="store_true", help="also run phenaki-pytorch 0.5.0 where it has the configuration")
+    p.add_argument("--peer", action="store_true",
+                   help="also run phenaki-pytorch 0.5.0 where it has the configuration")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--compile", action="store_true",
                    help="time our training steps with each transformer block (or the tokenizer) under torch.compile")
-    p.add_argument("--channels-last", action="store_true", help="time the conv weights in channels-last (3D) layout")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one configuration, JSON on stdout
-    p.add_argument("--peer-side", action="store_true", help=argparse.SUPPRESS)  # the child times the peer
-    p.add_argument("--profile", action="store_true", help="print where the time of each --only configuration goes")
+    p.add_argument("--channels-last", action="store_true",
+                   help="time the conv weights in channels-last (3D) layout")
+    # one configuration, JSON on stdout
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    # the child times the peer
+    p.add_argument("--peer-side", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--profile", action="store_true",
+                   help="print where the time of each --only configuration goes")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.profile:
         for name in args.only or CONFIGS:
-            if name != "data":  # decoding files: nothing of ours to profile op by op
+            if name != "data":
+                # decoding files: nothing of ours to profile op by op
                 profile(name, device, peer=False)
             if args.peer and name in PEER_CONFIGS:
                 profile(name, device, peer=True)
         return
     if args.child:
-        print(json.dumps(run_one(args.only[0], device, args.repeats, args.peer_side, args.compile, args.channels_last)))
+        print(json.dumps(run_one(args.only[0], device, args.repeats, args.peer_side, args.compile,
+                                 args.channels_last)))
         return
     results = {}
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'}")

@@ -11,9 +11,10 @@ A run writes two files into its folder:
   train_state.safetensors  every module and optimizer of the run: what --resume restores (runs.py).
 Keys are the raw module's (no `module.` or `_orig_mod.` prefixes), and loading is strict.
 
-Writes are atomic: a temporary file, fsynced, renamed over the old one, whose previous version is kept
-as `<file>.prev` (by hard link, so the checkpoint is never missing). A crash or a full disk mid-write
-leaves the last good file whole, and a resume falls back to `.prev` if the newest is unreadable.
+Writes are atomic: a temporary file, fsynced, renamed over the old one, whose previous version is
+kept as `<file>.prev` (by hard link, so the checkpoint is never missing). A crash or a full disk
+mid-write leaves the last good file whole, and a resume falls back to `.prev` if the newest is
+unreadable.
 
 Loading a generator reads both files' headers, checks them and their pairing, builds each model on
 the meta device to compare shapes, and only then reads the tensors (checks.py says why).
@@ -43,16 +44,19 @@ from maskgit import MaskGITConfig
 from text_encoder import CaptionTokenizer
 from vqgan import VQGAN
 
-TOKENIZERS = {kind: MODELS[kind] for kind in TOKENIZER_CONFIGS}  # stage 1: vqgan, cvivit
+# stage 1: vqgan, cvivit
+TOKENIZERS = {kind: MODELS[kind] for kind in TOKENIZER_CONFIGS}
 
 # the pairs that ship with the repo, a folder per world: sample.py and evaluate.py use them when no
 # checkpoint is given, the default world's unless --world names another
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
-DEFAULT_WORLD = "animals"  # what `python sample.py "a dog running"` draws
+# what `python sample.py "a dog running"` draws
+DEFAULT_WORLD = "animals"
 
 
 def shipped(world: str, kind: str) -> str:
-    """The shipped model of a world: checkpoints/<world>/<kind>.safetensors, kind tokenizer or generator."""
+    """The shipped model of a world: checkpoints/<world>/<kind>.safetensors, kind tokenizer or
+    generator."""
     return os.path.join(SHIPPED, world, f"{kind}.safetensors")
 
 
@@ -61,23 +65,27 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], meta: dict[str,
     leaves the last good checkpoint whole. A failed write raises OSError and leaves no temporary."""
     tmp = f"{path}.tmp"
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     except (OSError, SafetensorError) as err:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise OSError(f"could not write {path}: {err}") from None
-    if os.path.exists(path):  # keep it as .prev, through a hard link, so that `path` never goes missing
+    if os.path.exists(path):
+        # keep it as .prev, through a hard link, so that `path` never goes missing
         try:
             if os.path.exists(f"{path}.prev.tmp"):
                 os.remove(f"{path}.prev.tmp")
             os.link(path, f"{path}.prev.tmp")
             os.replace(f"{path}.prev.tmp", f"{path}.prev")
-        except OSError:  # a filesystem without hard links: for a moment only .prev exists
+        except OSError:
+            # a filesystem without hard links: for a moment only .prev exists
             os.replace(path, f"{path}.prev")
     os.replace(tmp, path)
-    if os.name == "posix":  # make the renames durable (Windows cannot open a folder to fsync it)
+    if os.name == "posix":
+        # make the renames durable (Windows cannot open a folder to fsync it)
         folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
             os.fsync(folder)
@@ -86,8 +94,9 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], meta: dict[str,
 
 
 def read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
-    """A phenaki safetensors file's header -> (metadata, {key: (shape, dtype)}), nothing allocated; the
-    fields every file has (format, stage, step, the train config) checked. A UsageError names the file."""
+    """A phenaki safetensors file's header -> (metadata, {key: (shape, dtype)}), nothing allocated;
+    the fields every file has (format, stage, step, the train config) checked. A UsageError names
+    the file."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
@@ -100,7 +109,8 @@ def read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[list[int], s
         raise UsageError(f"{path} is not a phenaki checkpoint")
     if meta.get("stage") not in ("1", "2"):
         raise UsageError(f"{path}: stage must be 1 or 2, not {meta.get('stage')!r}")
-    for key in ("step", "clips_seen"):  # the step every file has; the clips a stage-1 train state consumed
+    for key in ("step", "clips_seen"):
+        # the step every file has; the clips a stage-1 train state consumed
         # ASCII digits only: str.isdigit() passes "²", which int() refuses
         if (key == "step" or key in meta) and not re.fullmatch(r"[0-9]{1,15}", meta.get(key, "")):
             raise UsageError(f"{path}: {key} must be a whole number, not {str(meta.get(key))[:40]!r}")
@@ -126,7 +136,8 @@ def same_file(a: str, b: str) -> bool:
 
 
 def check_destination(dst: str, sources: list[str]) -> None:
-    """Refuse to write `dst` when it is a folder or one of the `sources`: writing would replace what was read."""
+    """Refuse to write `dst` when it is a folder or one of the `sources`: writing would replace what
+    was read."""
     if os.path.isdir(dst):
         raise UsageError(f"{dst} is a folder: give the path of the file to write")
     for source in sources:
@@ -144,20 +155,23 @@ def file_digest(path: str) -> str:
 
 
 def export_half(src: str, dst: str, tokenizer: str | None = None) -> None:
-    """Copy a model.safetensors with its floating-point tensors in fp16: how checkpoints/<world>/ is made.
-    A tokenizer's copy records the sha256 of the file it came from (exported_from_sha256). For a generator,
-    `tokenizer` names the exported tokenizer it will be paired with: the file it was trained on, or that
-    file's copy; its sha256 replaces the recorded one, which is kept as `trained_on_sha256`."""
+    """Copy a model.safetensors with its floating-point tensors in fp16: how checkpoints/<world>/ is
+    made. A tokenizer's copy records the sha256 of the file it came from (exported_from_sha256). For
+    a generator, `tokenizer` names the exported tokenizer it will be paired with: the file it was
+    trained on, or that file's copy; its sha256 replaces the recorded one, which is kept as
+    `trained_on_sha256`."""
     check_destination(dst, [src] + ([tokenizer] if tokenizer else []))
     meta, _ = read_header(src)
     if meta["stage"] == "1":
-        load_tokenizer(src)  # a checked tokenizer, or a one-line error
+        # a checked tokenizer, or a one-line error
+        load_tokenizer(src)
         meta = meta | {"exported_from_sha256": file_digest(src)}
     elif tokenizer is None:
         raise UsageError(f"{src} is a generator: pass --tokenizer with the exported tokenizer it pairs with")
     else:
         model_header(src, "2")
-        _, tok_meta = load_tokenizer(tokenizer)  # a readable stage-1 file, or a one-line error
+        # a readable stage-1 file, or a one-line error
+        _, tok_meta = load_tokenizer(tokenizer)
         digest = file_digest(tokenizer)
         trained_on = meta.get("tokenizer_sha256")
         if trained_on is None:
@@ -169,10 +183,12 @@ def export_half(src: str, dst: str, tokenizer: str | None = None) -> None:
     if tokenizer is not None and meta["stage"] != "2":
         raise UsageError(f"--tokenizer pairs a generator with a tokenizer; {src} is not a stage-2 generator")
     tensors, _ = load_checkpoint(src)
-    save_checkpoint(dst, {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, meta)
+    save_checkpoint(dst, {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()},
+                    meta)
 
 
-# ----------------------------------------------------------------------------- the two kinds of model
+# ----------------------------------------------------------------------------- the two kinds of
+# model
 
 def tokenizer_meta(kind: str, config, step: int) -> dict[str, str]:
     return {"format": "phenaki", "stage": "1", "kind": kind, "config": json.dumps(dataclasses.asdict(config)),
@@ -185,15 +201,17 @@ def generator_meta(config: MaskGITConfig, step: int, text: CaptionTokenizer, tok
 
 
 def tokenizer_config(kind: str, config_json: str, where: str = "the tokenizer"):
-    """A tokenizer's config of `kind` from its JSON, checked (JSON lists become the config's tuples)."""
+    """A tokenizer's config of `kind` from its JSON, checked (JSON lists become the config's
+    tuples)."""
     if kind not in TOKENIZER_CONFIGS:
         raise UsageError(f"{where}: unknown tokenizer kind {str(kind)[:40]!r}")
-    return checked_config(TOKENIZER_CONFIGS[kind], config_json, f"{where}: config", model_bounds(kind))
+    return checked_config(TOKENIZER_CONFIGS[kind], config_json, f"{where}: config",
+                          model_bounds(kind))
 
 
 def model_header(path: str, stage: str) -> tuple[dict[str, str], dict]:
-    """read_header for a model.safetensors of `stage`: a train state or the other stage's model given in its
-    place is one line, not a load_state_dict error listing hundreds of keys."""
+    """read_header for a model.safetensors of `stage`: a train state or the other stage's model
+    given in its place is one line, not a load_state_dict error listing hundreds of keys."""
     meta, shapes = read_header(path)
     if any(k.startswith("opt.") for k in shapes):
         raise UsageError(f"{path} is a train state (for --resume); give the model.safetensors beside it")
@@ -222,8 +240,8 @@ def load_tokenizer(path: str) -> tuple[VQGAN | CViViT, dict[str, str]]:
 
 def check_window(path: str, config: MaskGITConfig, meta: dict[str, str], tokenizer_path: str,
                  tokenizer_meta: dict[str, str]) -> None:
-    """A generator's grid of codes must be its tokenizer's, and its window the clip length it trained on:
-    a file that asks for more would sample for minutes where the pair takes seconds."""
+    """A generator's grid of codes must be its tokenizer's, and its window the clip length it
+    trained on: a file that asks for more would sample for minutes where the pair takes seconds."""
     size = train_record(tokenizer_meta.get("train_config", "{}"), tokenizer_path).image_size
     if config.grid * GRID != size:
         raise UsageError(f"{path} reads a grid of {config.grid} x {config.grid} codes, {tokenizer_path} "
@@ -243,7 +261,8 @@ def load_generator(path: str, tokenizer_path: str):
     if file_digest(tokenizer_path) != meta.get("tokenizer_sha256"):
         raise UsageError(f"{path} was trained on another tokenizer than {tokenizer_path} (sha256 differs): pass "
                          "--tokenizer-checkpoint with the stage-1 model.safetensors it was trained on")
-    config = checked_config(MaskGITConfig, meta["config"], f"{path}: config", model_bounds("maskgit"))
+    config = checked_config(MaskGITConfig, meta["config"], f"{path}: config",
+                            model_bounds("maskgit"))
     check_window(path, config, meta, tokenizer_path, tokenizer_meta)
     tokenizer, _ = load_tokenizer(tokenizer_path)
     model = checked_model(path, "maskgit", meta["config"], shapes)
@@ -259,7 +278,8 @@ def generator_config_for(tokenizer_path: str, model_cfg: MaskGITConfig, cfg: Tra
                          same_data: bool = False) -> MaskGITConfig:
     """The generator's config fitted to the stage-1 checkpoint it will train behind: its vocabulary
     must equal the codebook, and its window is the clip length and image size of stage 2. same_data:
-    refuse data other than the tokenizer's (stage 2 without --data would quietly train on the preset's)."""
+    refuse data other than the tokenizer's (stage 2 without --data would quietly train on the
+    preset's)."""
     tokenizer, meta = load_tokenizer(tokenizer_path)
     K = tokenizer.quantizer.codebook.shape[0]
     if model_cfg.codebook_size != K:
@@ -274,16 +294,19 @@ def generator_config_for(tokenizer_path: str, model_cfg: MaskGITConfig, cfg: Tra
     if not 0 <= cfg.image_ratio <= 1:
         raise UsageError(f"--image-ratio must lie in [0, 1], got {cfg.image_ratio}")
     # the window: 1 + 2n frames are 1 + n latent frames of (size / 8)^2 codes
-    return dataclasses.replace(model_cfg, latent_frames=1 + (cfg.frames - 1) // 2, grid=cfg.image_size // 8)
+    return dataclasses.replace(model_cfg, latent_frames=1 + (cfg.frames - 1) // 2,
+                               grid=cfg.image_size // 8)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Checkpoint tools. export: an fp16 copy of a model.safetensors.")
     commands = p.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="copy a model.safetensors with its float tensors in fp16")
+    export = commands.add_parser("export",
+                                 help="copy a model.safetensors with its float tensors in fp16")
     export.add_argument("src", help="a model.safetensors written by train.py")
     export.add_argument("dst", help="where the fp16 copy goes")
-    export.add_argument("--tokenizer", help="for a generator: the exported tokenizer it will be paired with")
+    export.add_argument("--tokenizer",
+                        help="for a generator: the exported tokenizer it will be paired with")
     args = p.parse_args(argv)
     try:
         export_half(args.src, args.dst, args.tokenizer)

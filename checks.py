@@ -1,17 +1,17 @@
 """
 Checks a checkpoint before anything is built from it: a file is data, and people share checkpoints.
 
-A phenaki file's metadata says what model to build (its config as JSON) and carries a caption tokenizer
-(BPE as JSON). Built as asked, a crafted file could ask for terabytes (a width of 10^6) or a million
-layers before any tensor is compared. So loading goes in this order:
-  1. every config field is checked (checked_config): a known name, of its field's type, positive, and at
-     most PRESET_SCALE times the largest value any preset of config.py uses for it;
-  2. the model is built on the `meta` device, which allocates nothing, and its state-dict keys, shapes and
-     kinds (float or integer) are compared with the file's header (check_tensors);
+A phenaki file's metadata says what model to build (its config as JSON) and carries a caption
+tokenizer (BPE as JSON). Built as asked, a crafted file could ask for terabytes (a width of 10^6) or
+a million layers before any tensor is compared. So loading goes in this order:
+  1. every config field is checked (checked_config): a known name, of its field's type, positive,
+     and at most PRESET_SCALE times the largest value any preset of config.py uses for it;
+  2. the model is built on the `meta` device, which allocates nothing, and its state-dict keys,
+     shapes and kinds (float or integer) are compared with the file's header (check_tensors);
   3. only then are the tensors read and the real model built.
 A disagreement is a UsageError: one line that names the file and the first field or tensor that is
-wrong, which the scripts turn into exit code 2. checkpoint.py calls these for tokenizers, generators and
-train states (whose optimizer moments are checked against their parameters there); the caption
+wrong, which the scripts turn into exit code 2. checkpoint.py calls these for tokenizers, generators
+and train states (whose optimizer moments are checked against their parameters there); the caption
 tokenizer is read here too (caption_tokenizer), since the tokenizers library raises bare Exceptions.
 """
 
@@ -28,21 +28,26 @@ from maskgit import MaskGIT, MaskGITConfig
 from text_encoder import CaptionTokenizer
 from vqgan import VQGAN
 
-MODELS = {"vqgan": VQGAN, "cvivit": CViViT, "maskgit": MaskGIT}  # a file's `kind` -> its class
-PRESETS = ("tiny", "base", "paper")  # config.py's named sizes
-PRESET_SCALE = 4  # a file may ask for up to 4 times what the largest preset uses, field by field
+# a file's `kind` -> its class
+MODELS = {"vqgan": VQGAN, "cvivit": CViViT, "maskgit": MaskGIT}
+# config.py's named sizes
+PRESETS = ("tiny", "base", "paper")
+# a file may ask for up to 4 times what the largest preset uses, field by field
+PRESET_SCALE = 4
 
 
 def preset_bounds(configs: list) -> dict[str, float]:
-    """The bound of each numeric field of a config class: PRESET_SCALE times its largest value over the
-    presets `configs` (a tuple's largest element); a nested config's fields as `text.<field>`."""
+    """The bound of each numeric field of a config class: PRESET_SCALE times its largest value over
+    the presets `configs` (a tuple's largest element); a nested config's fields as
+    `text.<field>`."""
     bounds: dict[str, float] = {}
     for config in configs:
         for f in dataclasses.fields(config):
             value = getattr(config, f.name)
             if dataclasses.is_dataclass(value):
                 nested = preset_bounds([value])
-                bounds |= {f"{f.name}.{k}": max(v, bounds.get(f"{f.name}.{k}", 0)) for k, v in nested.items()}
+                bounds |= {f"{f.name}.{k}": max(v, bounds.get(f"{f.name}.{k}", 0)) for k,
+                           v in nested.items()}
             elif isinstance(value, (int, float, tuple)) and not isinstance(value, bool) and value != ():
                 bounds[f.name] = max(bounds.get(f.name, 0), PRESET_SCALE * (max(value) if isinstance(value, tuple) else value))
     return bounds
@@ -51,21 +56,26 @@ def preset_bounds(configs: list) -> dict[str, float]:
 def model_bounds(kind: str) -> dict[str, float]:
     """Field bounds of a model kind (vqgan, cvivit, maskgit) from config.py's presets."""
     presets = [tokenizer_preset(p, kind)[0] if kind in TOKENIZER_CONFIGS else generator_preset(p)[0] for p in PRESETS]
-    bounds = preset_bounds(presets + [type(presets[0])()])  # the class defaults count as a preset
-    return bounds | ({"head_dim": bounds["dim"]} if "dim" in bounds else {})  # a head may be as wide as the model
+    # the class defaults count as a preset
+    bounds = preset_bounds(presets + [type(presets[0])()])
+    # a head may be as wide as the model
+    return bounds | ({"head_dim": bounds["dim"]} if "dim" in bounds else {})
 
 
 def checked_value(value, default, name: str, bounds: dict[str, float] | None, where: str):
-    """One config field read from a file, checked against its dataclass default's type and its bound."""
+    """One config field read from a file, checked against its dataclass default's type and its
+    bound."""
     def refuse(why: str):
         raise UsageError(f"{where}: {name} {why}, not {str(value)[:40]!r}")
     if dataclasses.is_dataclass(default):
-        sub = None if bounds is None else {k.split(".", 1)[1]: v for k, v in bounds.items() if k.startswith(name + ".")}
+        sub = None if bounds is None else {k.split(".", 1)[1]: v for k,
+                                           v in bounds.items() if k.startswith(name + ".")}
         return checked_config(type(default), value, f"{where}: {name}", sub)
     if isinstance(default, bool) or isinstance(default, str):
         if type(value) is not type(default):
             refuse(f"must be a {type(default).__name__}")
-        if value not in CHOICES.get(name, (value,)):  # a model config's strings are choices
+        if value not in CHOICES.get(name, (value,)):
+            # a model config's strings are choices
             refuse(f"must be one of {', '.join(CHOICES[name])}")
         return value
     if default is None and value is None:
@@ -77,7 +87,8 @@ def checked_value(value, default, name: str, bounds: dict[str, float] | None, wh
     for v in items:
         if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)) or not math.isfinite(v):
             refuse("must be a whole number" if whole else "must be a number")
-        if v < 0 or (bounds is not None and whole and v == 0):  # a model's sizes are positive
+        if v < 0 or (bounds is not None and whole and v == 0):
+            # a model's sizes are positive
             refuse("must be positive")
         if bounds is not None and name in bounds and v > max(bounds[name], 1):
             refuse(f"must be at most {bounds[name]:g} ({PRESET_SCALE}x the largest preset's)")
@@ -85,10 +96,12 @@ def checked_value(value, default, name: str, bounds: dict[str, float] | None, wh
 
 
 def json_fields(text, where: str) -> dict:
-    """A config's fields from its JSON (or the dict already parsed): a JSON object, or a UsageError."""
+    """A config's fields from its JSON (or the dict already parsed): a JSON object, or a
+    UsageError."""
     try:
         fields = json.loads(text) if isinstance(text, str) else text
-    except (json.JSONDecodeError, RecursionError):  # '[' * 10**5 nests deeper than the parser's stack
+    except (json.JSONDecodeError, RecursionError):
+        # '[' * 10**5 nests deeper than the parser's stack
         raise UsageError(f"{where} is not JSON") from None
     if not isinstance(fields, dict):
         raise UsageError(f"{where} must be a JSON object of fields")
@@ -96,17 +109,20 @@ def json_fields(text, where: str) -> dict:
 
 
 def checked_config(cls, text, where: str, bounds: dict[str, float] | None = None):
-    """A config dataclass from its JSON (or the parsed dict), every field checked (checked_value): known,
-    of its type, positive, within `bounds` (None: the train config, whose sizes allocate nothing)."""
+    """A config dataclass from its JSON (or the parsed dict), every field checked (checked_value):
+    known, of its type, positive, within `bounds` (None: the train config, whose sizes allocate
+    nothing)."""
     fields, defaults = json_fields(text, where), cls()
     unknown = [k for k in fields if k not in {f.name for f in dataclasses.fields(cls)}]
     if unknown:
         raise UsageError(f"{where}: unknown field {unknown[0][:40]!r}")
-    return cls(**{k: checked_value(v, getattr(defaults, k), k, bounds, where) for k, v in fields.items()})
+    return cls(**{k: checked_value(v, getattr(defaults, k), k, bounds, where) for k,
+                  v in fields.items()})
 
 
-# what a train config may ask for, field by field: (least, most). Each bound keeps a number from being
-# a divisor of zero, an empty batch, or a size that allocates without bound when a file asks for it.
+# what a train config may ask for, field by field: (least, most). Each bound keeps a number from
+# being a divisor of zero, an empty batch, or a size that allocates without bound when a file asks
+# for it.
 TRAIN_LIMITS = {
     "frames": (1, 129),
     "image_size": (8, 512),
@@ -121,17 +137,19 @@ TRAIN_LIMITS = {
     "sample_steps": (1, 1000),
     "workers": (0, 256),
 }
-GRID = 8  # pixels per latent code along each side (the f8 compression): image sizes are multiples of it
+# pixels per latent code along each side (the f8 compression): image sizes are multiples of it
+GRID = 8
 
 
 def train_limits(cfg: TrainConfig, where: str) -> TrainConfig:
-    """A train config within TRAIN_LIMITS, its clips 1 + 2n frames of a whole latent grid, sampled at a
-    positive rate of at most 240 frames a second; else a UsageError that names the field."""
+    """A train config within TRAIN_LIMITS, its clips 1 + 2n frames of a whole latent grid, sampled
+    at a positive rate of at most 240 frames a second; else a UsageError that names the field."""
     for name, (low, high) in TRAIN_LIMITS.items():
         value = getattr(cfg, name)
         if not low <= value <= high:
             raise UsageError(f"{where}: {name} must lie in {low} to {high:g}, not {value}")
-    if cfg.frames % 2 == 0:  # a causal tokenizer encodes the first frame alone, then pairs
+    if cfg.frames % 2 == 0:
+        # a causal tokenizer encodes the first frame alone, then pairs
         raise UsageError(f"{where}: frames must be 1 + 2n, not {cfg.frames}")
     if cfg.image_size % GRID:
         raise UsageError(f"{where}: image_size must be a multiple of {GRID}, not {cfg.image_size}")
@@ -146,18 +164,22 @@ def checked_train(text, where: str) -> TrainConfig:
 
 
 def train_record(text, where: str) -> TrainConfig:
-    """The train config a model file records, checked as checked_train does but for the fields this version
-    no longer has, which are left out: the record is read for the run's data, sizes and fps, not resumed."""
+    """The train config a model file records, checked as checked_train does but for the fields this
+    version no longer has, which are left out: the record is read for the run's data, sizes and fps,
+    not resumed."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return checked_train({k: v for k, v in json_fields(text, where).items() if k in known}, where)
 
 
-FLOATS = ("F16", "BF16", "F32", "F64")  # a float tensor may be stored in any of these (fp16 exports)
-OPTIONAL = ("quantizer.alias",)  # keys a file may lack: books saved before near-copies were folded
+# a float tensor may be stored in any of these (fp16 exports)
+FLOATS = ("F16", "BF16", "F32", "F64")
+# keys a file may lack: books saved before near-copies were folded
+OPTIONAL = ("quantizer.alias",)
 
 
 def check_tensors(path: str, model: nn.Module, shapes: dict, prefix: str = "") -> None:
-    """The file's tensors (under `prefix`) must be the model's state dict: the same keys, shapes and kinds."""
+    """The file's tensors (under `prefix`) must be the model's state dict: the same keys, shapes and
+    kinds."""
     expected = {prefix + k: v for k, v in model.state_dict().items()}
     mine = {k: v for k, v in shapes.items() if k.startswith(prefix)}
     for key in sorted(set(expected) | set(mine)):
@@ -174,14 +196,14 @@ def check_tensors(path: str, model: nn.Module, shapes: dict, prefix: str = "") -
                 raise UsageError(f"{path}: {key} is {dtype} in the file, {want.dtype} in the model")
 
 
-# what a model's constructor raises when its fields are each in range but not together (heads that do not
-# divide the width, widths that make no whole GroupNorm groups)
+# what a model's constructor raises when its fields are each in range but not together (heads that
+# do not divide the width, widths that make no whole GroupNorm groups)
 BUILD_ERRORS = (AssertionError, ZeroDivisionError, ValueError)
 
 
 def skeleton(cls, config, where: str) -> nn.Module:
-    """The model of `config` on the meta device, which allocates nothing: its state dict's shapes, or a
-    UsageError when the fields do not fit together."""
+    """The model of `config` on the meta device, which allocates nothing: its state dict's shapes,
+    or a UsageError when the fields do not fit together."""
     try:
         with torch.device("meta"):
             return cls(config)
@@ -190,7 +212,8 @@ def skeleton(cls, config, where: str) -> nn.Module:
 
 
 def checked_model(path: str, kind: str, config_json: str, shapes: dict) -> nn.Module:
-    """A model of `kind` from the config in a file, built only once its fields and the file's tensors agree."""
+    """A model of `kind` from the config in a file, built only once its fields and the file's
+    tensors agree."""
     cls = MODELS[kind]
     config_cls = TOKENIZER_CONFIGS.get(kind, MaskGITConfig)
     config = checked_config(config_cls, config_json, f"{path}: config", model_bounds(kind))
@@ -199,14 +222,15 @@ def checked_model(path: str, kind: str, config_json: str, shapes: dict) -> nn.Mo
 
 
 def check_model_config(config, kind: str, where: str = "model config") -> None:
-    """A model config asked for on the command line, checked as a file's is: each field within its bound
-    (checked_config), then the fields together (skeleton)."""
+    """A model config asked for on the command line, checked as a file's is: each field within its
+    bound (checked_config), then the fields together (skeleton)."""
     checked_config(type(config), json.dumps(dataclasses.asdict(config)), where, model_bounds(kind))
     skeleton(MODELS[kind], config, where)
 
 
 def check_indices(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Integer tensors that index another must point inside it: a quantizer's alias names codes of its book."""
+    """Integer tensors that index another must point inside it: a quantizer's alias names codes of
+    its book."""
     for key, value in tensors.items():
         if key.endswith("quantizer.alias"):
             size = tensors[key.removesuffix("alias") + "codebook"].shape[0]
@@ -215,10 +239,12 @@ def check_indices(path: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def caption_tokenizer(path: str, meta: dict[str, str], vocab_size: int) -> CaptionTokenizer:
-    """The caption tokenizer a generator file carries, read and checked against its text vocabulary."""
+    """The caption tokenizer a generator file carries, read and checked against its text
+    vocabulary."""
     try:
         text = CaptionTokenizer.from_json(meta["text_tokenizer"])
-    except Exception as err:  # the tokenizers library raises plain Exception on a malformed BPE
+    except Exception as err:
+        # the tokenizers library raises plain Exception on a malformed BPE
         raise UsageError(f"{path}: the caption tokenizer is not readable ({str(err)[:60]})") from None
     if text.vocab_size > vocab_size:
         raise UsageError(f"{path}: the caption tokenizer has {text.vocab_size} tokens, the text encoder {vocab_size}")

@@ -3,22 +3,22 @@ How a training run is configured: one `TrainConfig` for the run, the named sizes
 stages, and the `--set key=value` overrides of the command line.
 
 Each model file defines its own config dataclass (VQGANConfig, CViViTConfig, MaskGITConfig with its
-TextEncoderConfig); this module only chooses values for them. A preset is a function returning a pair
-(model config, train config):
+TextEncoderConfig); this module only chooses values for them. A preset is a function returning a
+pair (model config, train config):
 
     tokenizer_preset("tiny", "vqgan")  -> (VQGANConfig, TrainConfig)     stage 1
     generator_preset("paper")          -> (MaskGITConfig, TrainConfig)   stage 2
 
-The sizes: `tiny` trains on two CPU cores in under an hour per stage (the shipped models), `base` suits
-one GPU at 128 x 128, and `paper` is Phenaki's: a C-ViViT of 4 spatial + 4 temporal layers, width 512,
-8 heads, MLP 2048 and 8192 codes of dimension 32 (or the seed's 43M VQGAN), and a 1.73B generator of
-24 layers, width 2048 and 32 heads.
+The sizes: `tiny` trains on two CPU cores in under an hour per stage (the shipped models), `base`
+suits one GPU at 128 x 128, and `paper` is Phenaki's: a C-ViViT of 4 spatial + 4 temporal layers,
+width 512, 8 heads, MLP 2048 and 8192 codes of dimension 32 (or the seed's 43M VQGAN), and a 1.73B
+generator of 24 layers, width 2048 and 32 heads.
 
-Overrides name a field as `model.<field>` or `train.<field>` (`model.text.<field>` reaches the caption
-encoder inside the generator's config); the value is parsed by the field's type (`model.widths=8,16,16`
-for a tuple, `train.lr=3e-4`). An unknown key is a mistake, and so is a key that only the other stage
-reads (`train.gan_start` in stage 2): both are a `UsageError`, one line and exit code 2, never a setting
-silently ignored.
+Overrides name a field as `model.<field>` or `train.<field>` (`model.text.<field>` reaches the
+caption encoder inside the generator's config); the value is parsed by the field's type
+(`model.widths=8,16,16` for a tuple, `train.lr=3e-4`). An unknown key is a mistake, and so is a key
+that only the other stage reads (`train.gan_start` in stage 2): both are a `UsageError`, one line
+and exit code 2, never a setting silently ignored.
 """
 
 import argparse
@@ -33,18 +33,21 @@ from text_encoder import TextEncoderConfig
 from vqgan import NORMS, VQGANConfig
 
 
-CHOICES = {"position": POSITIONS, "norm": NORMS}  # the strings of a model config, each a choice
+# the strings of a model config, each a choice
+CHOICES = {"position": POSITIONS, "norm": NORMS}
 
 
 class UsageError(Exception):
     """A mistake in what the user asked for: reported as one line, exit code 2."""
 
 
-EXIT_USAGE = 2  # the exit code of a mistake in the command line or the input
+# the exit code of a mistake in the command line or the input
+EXIT_USAGE = 2
 
 
 class HelpWithDefaults(argparse.HelpFormatter):
-    """--help that shows each flag's default, where it has one and its help does not already say it."""
+    """--help that shows each flag's default, where it has one and its help does not already say
+    it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -54,7 +57,8 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
 
 def exit_usage(err: Exception) -> None:
-    """Leave a script after a mistake in its command line or input: one line on stderr, no traceback."""
+    """Leave a script after a mistake in its command line or input: one line on stderr, no
+    traceback."""
     print(f"error: {err}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
 
@@ -64,37 +68,68 @@ TOKENIZER_CONFIGS = {"vqgan": VQGANConfig, "cvivit": CViViTConfig}
 
 @dataclass
 class TrainConfig:
-    data: str = "shapes"  # "shapes", a video folder, tar shards or an image folder (data.make_source)
-    val_data: str = ""  # held-out data for validation; "" holds out a share of data's files (data.VAL_SHARE)
-    crop: str = "center"  # how real frames become squares: "center" cuts the long side, "pad" letterboxes
-    frames: int = 11  # clip length, 1 + 2n
-    image_size: int = 64  # clips are resized and cropped to this square
-    fps: float = 8.0  # frame rate clips are sampled at from real video
-    batch_size: int = 8  # clips per rank per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    max_steps: int = 3000  # optimizer steps in all
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # the cosine decays to this
-    warmup: int = 200  # linear warm-up steps
-    weight_decay: float = 1e-4  # AdamW decoupled weight decay
-    beta2: float = 0.99  # AdamW beta2 (beta1 is 0.9), as the paper
-    grad_clip: float = 1.0  # max global gradient norm
-    ema: float = 0.0  # EMA decay of the weights saved for sampling; 0 turns EMA off
-    restart_every: int = 50  # stage 1: steps between dead-code restarts
-    fold_cosine: float = 0.0  # stage 1: at the end, fold codes within this cosine of a more used one; 0: keep all
-    gan_weight: float = 0.1  # stage 1: weight of the adversarial loss once it is on
-    gan_start: int = 1_000_000  # stage 1: step at which the discriminator switches on
-    perceptual_weight: float = 0.1  # stage 1: weight of the VGG loss, when --perceptual-weights is given
-    seed: int = 0  # seeds the model init, the data order and every step's RNG
-    log_every: int = 50  # steps between log.jsonl lines
-    save_every: int = 500  # steps between checkpoints
-    image_every: int = 500  # steps between loss-curve and sample PNGs
-    workers: int = 0  # DataLoader worker processes per rank
-    cache_clips: int = 20_000  # stage 2: clips encoded into the token cache (all of a smaller dataset)
-    image_ratio: float = 0.0  # stage 2: share of samples trained as images (their first latent frame alone)
-    sample_steps: int = 24  # stage 2: decoding steps of the sample grid and the alignment check in the log
-    motion_weight: float = 1.0  # stage 2: loss weight of codes that change from the latent frame before; 1: plain
-    prefix_masks: float = 0.0  # stage 2: share of samples given their first 1..t-1 latent frames, the rest masked
+    # "shapes", a video folder, tar shards or an image folder (data.make_source)
+    data: str = "shapes"
+    # held-out data for validation; "" holds out a share of data's files (data.VAL_SHARE)
+    val_data: str = ""
+    # how real frames become squares: "center" cuts the long side, "pad" letterboxes
+    crop: str = "center"
+    # clip length, 1 + 2n
+    frames: int = 11
+    # clips are resized and cropped to this square
+    image_size: int = 64
+    # frame rate clips are sampled at from real video
+    fps: float = 8.0
+    # clips per rank per micro-step
+    batch_size: int = 8
+    # micro-steps per optimizer step
+    grad_accum: int = 1
+    # optimizer steps in all
+    max_steps: int = 3000
+    # peak learning rate
+    lr: float = 1e-3
+    # the cosine decays to this
+    min_lr: float = 1e-4
+    # linear warm-up steps
+    warmup: int = 200
+    # AdamW decoupled weight decay
+    weight_decay: float = 1e-4
+    # AdamW beta2 (beta1 is 0.9), as the paper
+    beta2: float = 0.99
+    # max global gradient norm
+    grad_clip: float = 1.0
+    # EMA decay of the weights saved for sampling; 0 turns EMA off
+    ema: float = 0.0
+    # stage 1: steps between dead-code restarts
+    restart_every: int = 50
+    # stage 1: at the end, fold codes within this cosine of a more used one; 0: keep all
+    fold_cosine: float = 0.0
+    # stage 1: weight of the adversarial loss once it is on
+    gan_weight: float = 0.1
+    # stage 1: step at which the discriminator switches on
+    gan_start: int = 1_000_000
+    # stage 1: weight of the VGG loss, when --perceptual-weights is given
+    perceptual_weight: float = 0.1
+    # seeds the model init, the data order and every step's RNG
+    seed: int = 0
+    # steps between log.jsonl lines
+    log_every: int = 50
+    # steps between checkpoints
+    save_every: int = 500
+    # steps between loss-curve and sample PNGs
+    image_every: int = 500
+    # DataLoader worker processes per rank
+    workers: int = 0
+    # stage 2: clips encoded into the token cache (all of a smaller dataset)
+    cache_clips: int = 20_000
+    # stage 2: share of samples trained as images (their first latent frame alone)
+    image_ratio: float = 0.0
+    # stage 2: decoding steps of the sample grid and the alignment check in the log
+    sample_steps: int = 24
+    # stage 2: loss weight of codes that change from the latent frame before; 1: plain
+    motion_weight: float = 1.0
+    # stage 2: share of samples given their first 1..t-1 latent frames, the rest masked
+    prefix_masks: float = 0.0
 
 
 # the fields that one stage alone reads: setting one for the other stage is a mistake, not a no-op
@@ -105,17 +140,20 @@ STAGE_OF_FIELD = {"restart_every": 1, "fold_cosine": 1, "gan_weight": 1, "gan_st
 
 def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTConfig, TrainConfig]:
     """Stage-1 sizes. tiny: two CPU cores in under 45 minutes. base: one GPU. paper: the paper's
-    C-ViViT (4 + 4 layers, width 512, 8 heads, MLP 2048, 8192 codes of dim 32) and the seed's 43M VQGAN."""
+    C-ViViT (4 + 4 layers, width 512, 8 heads, MLP 2048, 8192 codes of dim 32) and the seed's 43M
+    VQGAN."""
     if tokenizer not in TOKENIZER_CONFIGS:
         raise UsageError(f"unknown tokenizer {tokenizer!r}; choose one of {sorted(TOKENIZER_CONFIGS)}")
     vqgan = tokenizer == "vqgan"
     if name == "tiny":
         model = (VQGANConfig(widths=(32, 64, 128), codebook_size=1024, code_dim=16) if vqgan else
                  CViViTConfig(dim=128, spatial_depth=2, temporal_depth=2, heads=4, mlp=512, codebook_size=1024, code_dim=16))
-        # the VQGAN is stable at 3e-4 but not at 1e-3 (its reconstructions fall back to grey). At the
-        # end, near-copies of a code are folded into it: most of the VQGAN's 1024 codes are black
+        # the VQGAN is stable at 3e-4 but not at 1e-3 (its reconstructions fall back to grey). At
+        # the end, near-copies of a code are folded into it: most of the VQGAN's 1024 codes are
+        # black
         lr, min_lr = (3e-4, 3e-5) if vqgan else (1e-3, 1e-4)
-        return model, TrainConfig(max_steps=8000, lr=lr, min_lr=min_lr, save_every=250, fold_cosine=0.95)
+        return model, TrainConfig(max_steps=8000, lr=lr, min_lr=min_lr, save_every=250,
+                                  fold_cosine=0.95)
     if name == "base":
         model = (VQGANConfig(widths=(64, 128, 256), res_blocks=2, codebook_size=4096, code_dim=32) if vqgan else
                  CViViTConfig(dim=256, spatial_depth=4, temporal_depth=4, heads=8, mlp=1024, codebook_size=4096, code_dim=32))
@@ -144,7 +182,8 @@ def generator_preset(name: str) -> tuple[MaskGITConfig, TrainConfig]:
                 TrainConfig(image_size=128, batch_size=32, max_steps=200_000, lr=4e-4, min_lr=4e-5, warmup=5000,
                             weight_decay=0.045, ema=0.9999, cache_clips=1_000_000, image_ratio=0.2, workers=8))
     if name == "paper":
-        text = TextEncoderConfig(vocab_size=32_000, dim=1024, depth=12, heads=16, mlp=4096, max_len=64)
+        text = TextEncoderConfig(vocab_size=32_000, dim=1024, depth=12, heads=16, mlp=4096,
+                                 max_len=64)
         return (MaskGITConfig(codebook_size=8192, grid=16, dim=2048, depth=24, heads=32, mlp=8192, text=text),
                 TrainConfig(image_size=128, batch_size=16, max_steps=1_000_000, lr=1e-4, min_lr=1e-5, warmup=10_000,
                             weight_decay=0.045, ema=0.9999, cache_clips=10_000_000, image_ratio=0.2, workers=8))
@@ -152,7 +191,8 @@ def generator_preset(name: str) -> tuple[MaskGITConfig, TrainConfig]:
 
 
 def parse_value(key: str, value: str, current: object) -> object:
-    """`value` as the type of the field's `current` value: a tuple from commas, a bool from 1/true/yes."""
+    """`value` as the type of the field's `current` value: a tuple from commas, a bool from
+    1/true/yes."""
     if dataclasses.is_dataclass(current):
         raise UsageError(f"{key} is a group of fields: set {key}.<field>=... one at a time")
     try:
@@ -160,7 +200,8 @@ def parse_value(key: str, value: str, current: object) -> object:
             return tuple(type(current[0])(v) for v in value.split(","))
         if isinstance(current, bool):
             return value.lower() in ("1", "true", "yes")
-        if isinstance(current, int):  # 1e4 too, but not 3e-1: a whole number or nothing
+        if isinstance(current, int):
+            # 1e4 too, but not 3e-1: a whole number or nothing
             number = float(value)
             if not number.is_integer():
                 raise UsageError(f"{key} takes a whole number, got {value!r}")
@@ -172,7 +213,8 @@ def parse_value(key: str, value: str, current: object) -> object:
 
 def override(config, assignments: list[str], prefix: str):
     """Apply the `prefix.field=value` items of `assignments` to a dataclass -> a new one; other
-    prefixes are left for another call. A nested config (model.text) takes `prefix.text.field=value`."""
+    prefixes are left for another call. A nested config (model.text) takes
+    `prefix.text.field=value`."""
     fields = {f.name: f for f in dataclasses.fields(config)}
     changes = {}
     for item in assignments:
@@ -181,8 +223,10 @@ def override(config, assignments: list[str], prefix: str):
             continue
         name = key[len(prefix) + 1:]
         head, dot, _ = name.partition(".")
-        if dot and head in fields and dataclasses.is_dataclass(getattr(config, head)):  # a nested config
-            changes[head] = override(changes.get(head, getattr(config, head)), [item], f"{prefix}.{head}")
+        if dot and head in fields and dataclasses.is_dataclass(getattr(config, head)):
+            # a nested config
+            changes[head] = override(changes.get(head, getattr(config, head)), [item],
+                                     f"{prefix}.{head}")
             continue
         if not sep or name not in fields:
             near = difflib.get_close_matches(name, list(fields), n=1)
@@ -198,8 +242,9 @@ RESUMABLE = {"max_steps", "lr", "min_lr", "log_every", "image_every", "save_ever
 
 
 def resume_changes(saved: tuple, asked: tuple) -> list[str]:
-    """(model config, TrainConfig) as saved and as the resuming command asks -> a note for each resumable
-    train key that changes; any other change is a UsageError (the weights or the data would not fit)."""
+    """(model config, TrainConfig) as saved and as the resuming command asks -> a note for each
+    resumable train key that changes; any other change is a UsageError (the weights or the data
+    would not fit)."""
     notes = []
     for prefix, old, new in (("model", saved[0], asked[0]), ("train", saved[1], asked[1])):
         for f in dataclasses.fields(old):
@@ -215,9 +260,9 @@ def resume_changes(saved: tuple, asked: tuple) -> list[str]:
 
 def configure(stage: int, preset: str, tokenizer: str, assignments: list[str],
               max_steps: int | None = None) -> tuple[object, TrainConfig]:
-    """The preset of a stage with the `--set` assignments and --max-steps applied -> (model config, train
-    config). A run shorter than its preset warms up in proportion (400 of 8000 steps: 10 warm-up steps, not
-    200), however its length was given, unless train.warmup is set."""
+    """The preset of a stage with the `--set` assignments and --max-steps applied -> (model config,
+    train config). A run shorter than its preset warms up in proportion (400 of 8000 steps: 10
+    warm-up steps, not 200), however its length was given, unless train.warmup is set."""
     for item in assignments:
         key = item.partition("=")[0]
         if not key.startswith(("model.", "train.")):
@@ -227,7 +272,8 @@ def configure(stage: int, preset: str, tokenizer: str, assignments: list[str],
         field = key.removeprefix("train.")
         if key.startswith("train.") and STAGE_OF_FIELD.get(field, stage) != stage:
             raise UsageError(f"{key} is read by stage {STAGE_OF_FIELD[field]} only, and this is stage {stage}")
-    model_cfg, base = tokenizer_preset(preset, tokenizer) if stage == 1 else generator_preset(preset)
+    model_cfg, base = tokenizer_preset(preset,
+                                       tokenizer) if stage == 1 else generator_preset(preset)
     model_cfg, cfg = override(model_cfg, assignments, "model"), override(base, assignments, "train")
     cfg = dataclasses.replace(cfg, max_steps=max_steps or cfg.max_steps)
     if cfg.max_steps < base.max_steps and not any(a.startswith("train.warmup=") for a in assignments):

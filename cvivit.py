@@ -35,21 +35,33 @@ from vqgan import VQGAN, VectorQuantizer
 
 @dataclass
 class CViViTConfig:
-    dim: int = 512  # D, transformer width
-    spatial_depth: int = 4  # spatial transformer layers, in the encoder and again in the decoder
-    temporal_depth: int = 4  # causal temporal transformer layers, likewise
-    heads: int = 8  # attention heads
-    mlp: int = 2048  # feed-forward hidden width
-    patch: int = 8  # p: spatial patch size (the f8 compression)
-    image_size: int = 64  # H = W; sets the grid of spatial position embeddings
-    max_latent_frames: int = 32  # the longest latent window the temporal embedding covers
-    codebook_size: int = 8192  # K
-    code_dim: int = 32  # c, the factorised lookup space
-    beta: float = 0.25  # commitment weight
+    # D, transformer width
+    dim: int = 512
+    # spatial transformer layers, in the encoder and again in the decoder
+    spatial_depth: int = 4
+    # causal temporal transformer layers, likewise
+    temporal_depth: int = 4
+    # attention heads
+    heads: int = 8
+    # feed-forward hidden width
+    mlp: int = 2048
+    # p: spatial patch size (the f8 compression)
+    patch: int = 8
+    # H = W; sets the grid of spatial position embeddings
+    image_size: int = 64
+    # the longest latent window the temporal embedding covers
+    max_latent_frames: int = 32
+    # K
+    codebook_size: int = 8192
+    # c, the factorised lookup space
+    code_dim: int = 32
+    # commitment weight
+    beta: float = 0.25
 
 
 def patchify(video: torch.Tensor, tt: int, p: int) -> torch.Tensor:
-    """(B, 3, T, H, W) -> (B, T/tt, H/p, W/p, 3*tt*p*p): non-overlapping tt x p x p cubes as vectors."""
+    """(B, 3, T, H, W) -> (B, T/tt, H/p, W/p, 3*tt*p*p): non-overlapping tt x p x p cubes as
+    vectors."""
     B, C, T, H, W = video.shape
     x = video.reshape(B, C, T // tt, tt, H // p, p, W // p, p)
     x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # (B, t, h, w, C, tt, p, p)
@@ -70,8 +82,10 @@ class CViViT(nn.Module):
         super().__init__()
         self.config = config
         D, p, g = config.dim, config.patch, config.image_size // config.patch
-        self.embed_first = nn.Linear(3 * p * p, D)  # the first frame alone, as an image
-        self.embed_rest = nn.Linear(3 * 2 * p * p, D)  # later frames in pairs (tubelets)
+        # the first frame alone, as an image
+        self.embed_first = nn.Linear(3 * p * p, D)
+        # later frames in pairs (tubelets)
+        self.embed_rest = nn.Linear(3 * 2 * p * p, D)
         self.pos_space = nn.Parameter(torch.randn(1, 1, g, g, D) * 0.02)
         self.pos_time = nn.Parameter(torch.randn(1, config.max_latent_frames, 1, 1, D) * 0.02)
         heads, mlp = config.heads, config.mlp
@@ -87,14 +101,18 @@ class CViViT(nn.Module):
 
     @property
     def last_layer(self) -> torch.Tensor:
-        """The weight that makes most pixels: the adaptive GAN weight compares gradient norms here."""
+        """The weight that makes most pixels: the adaptive GAN weight compares gradient norms
+        here."""
         return self.to_rest.weight
 
     def space_then_time(self, x: torch.Tensor, space: Transformer, time: Transformer) -> torch.Tensor:
-        """Factorised attention over (B, t, h, w, D): first within frames, then causally across them."""
+        """Factorised attention over (B, t, h, w, D): first within frames, then causally across
+        them."""
         B, t, h, w, D = x.shape
-        x = space(x.reshape(B * t, h * w, D)).view(B, t, h, w, D)  # patches of one frame
-        x = x.permute(0, 2, 3, 1, 4).reshape(B * h * w, t, D)  # one patch position across time
+        # patches of one frame
+        x = space(x.reshape(B * t, h * w, D)).view(B, t, h, w, D)
+        # one patch position across time
+        x = x.permute(0, 2, 3, 1, 4).reshape(B * h * w, t, D)
         x = time(x).view(B, h, w, t, D)
         return x.permute(0, 3, 1, 2, 4)  # (B, t, h, w, D)
 
@@ -124,5 +142,6 @@ class CViViT(nn.Module):
         return torch.cat([first, rest], dim=2)
 
     # around its own encode_latent and decode_latent, C-ViViT tokenizes exactly as the VQGAN does:
-    # forward (training: reconstruction, codes, VQ loss), encode (video -> codes), decode (codes -> video)
+    # forward (training: reconstruction, codes, VQ loss), encode (video -> codes), decode (codes ->
+    # video)
     forward, encode, decode = VQGAN.forward, VQGAN.encode, VQGAN.decode

@@ -1,30 +1,32 @@
 """
 Data for both stages: sources of captioned clips, and the held-out split of real data.
 
-Every source answers one question: "give me clip number k" (`load(k)` -> video (T, H, W, 3) uint8 and
-its caption); stream.py turns that into batches for every rank and into stage 2's token cache. A video
-folder maps k to (epoch, position) through a permutation seeded by (seed, epoch): every epoch is
-shuffled differently, and the clip's start time is drawn from (seed, k), so the same k gives the same
-clip in any worker and after any resume.
+Every source answers one question: "give me clip number k" (`load(k)` -> video (T, H, W, 3) uint8
+and its caption); stream.py turns that into batches for every rank and into stage 2's token cache. A
+video folder maps k to (epoch, position) through a permutation seeded by (seed, epoch): every epoch
+is shuffled differently, and the clip's start time is drawn from (seed, k), so the same k gives the
+same clip in any worker and after any resume.
 
-`make_source` reads a --data spec: a procedural world (the Shapes world of shapes.py, the default, or
-the Animals world of animals.py), a folder of videos captioned by a captions.csv of `path,caption` rows
-or by label sub-folders (`a video of {label}`, as for Moments in Time), webdataset tar shards (key.mp4 +
-key.txt), or folders of images as one-frame videos. Files decode through `read_video` (video.py), made
-square by `crop` ("center" or "pad").
+`make_source` reads a --data spec: a procedural world (the Shapes world of shapes.py, the default,
+or the Animals world of animals.py), a folder of videos captioned by a captions.csv of
+`path,caption` rows or by label sub-folders (`a video of {label}`, as for Moments in Time),
+webdataset tar shards (key.mp4 + key.txt), or folders of images as one-frame videos. Files decode
+through `read_video` (video.py), made square by `crop` ("center" or "pad").
 
-Held out: a VAL_SHARE of a folder's files (or a shard's videos), chosen by a hash of each name, is kept
-for validation and never trained on (`held_out`; split "train" or "val" of a source), unless --val-data
-names held-out data of its own; `train_and_val` makes both sources and the one-line data summary.
-For stage 2's token cache a real source gives fixed windows, CLIPS_PER_SECOND of each file spread over
-its length (`windows`), so a long file gives more than a short one and no window is encoded twice.
+Held out: a VAL_SHARE of a folder's files (or a shard's videos), chosen by a hash of each name, is
+kept for validation and never trained on (`held_out`; split "train" or "val" of a source), unless
+--val-data names held-out data of its own; `train_and_val` makes both sources and the one-line data
+summary. For stage 2's token cache a real source gives fixed windows, CLIPS_PER_SECOND of each file
+spread over its length (`windows`), so a long file gives more than a short one and no window is
+encoded twice.
 
-How a folder's files and captions are listed (captions.csv, label folders) is folders.py's. Real files
-break (corrupt, truncated, empty, audio only, too short): read_video raises ValueError, and the stream
-skips the file with one stderr line (`say_skipped`). Data with nothing usable (no files, no listed file
-that exists) raises UnusableData at once.
+How a folder's files and captions are listed (captions.csv, label folders) is folders.py's. Real
+files break (corrupt, truncated, empty, audio only, too short): read_video raises ValueError, and
+the stream skips the file with one stderr line (`say_skipped`). Data with nothing usable (no files,
+no listed file that exists) raises UnusableData at once.
 
-Deviations: a video shorter than one clip counts as a bad file (skipped), rather than being padded or looped.
+Deviations: a video shorter than one clip counts as a bad file (skipped), rather than being padded
+or looped.
 """
 
 import glob
@@ -47,18 +49,21 @@ from video import CROPS, IMAGE_EXTS, MAX_BYTES, VIDEO_EXTS, read_video, video_se
 
 # Legend: T frames, H W pixels, k global clip index.
 
-VAL_SHARE = 0.1  # the share of a folder's files (or a shard's videos) held out for validation, by name hash
-CLIPS_PER_SECOND = 2  # stage 2's token cache: windows of a real video per second of it
+# the share of a folder's files (or a shard's videos) held out for validation, by name hash
+VAL_SHARE = 0.1
+# stage 2's token cache: windows of a real video per second of it
+CLIPS_PER_SECOND = 2
 
 
 def name_position(name: str) -> float:
-    """A file's place in [0, 1), from the sha1 of its name: the same on every machine, rank and run."""
+    """A file's place in [0, 1), from the sha1 of its name: the same on every machine, rank and
+    run."""
     return int.from_bytes(hashlib.sha1(name.encode("utf-8", "replace")).digest()[:8], "big") / 2**64
 
 
 def held_out(names: list[str]) -> list[bool]:
-    """Which files validation keeps: those whose name hashes below VAL_SHARE; of two or more files at
-    least one is held out and at least one is trained on."""
+    """Which files validation keeps: those whose name hashes below VAL_SHARE; of two or more files
+    at least one is held out and at least one is trained on."""
     places = [name_position(n) for n in names]
     held = [p < VAL_SHARE for p in places]
     if len(names) >= 2 and not any(held):
@@ -72,30 +77,37 @@ class VideoFolderSource:
     """A folder of videos, searched recursively; captions from captions.csv or label sub-folders
     (root/label/clip.mp4, the Moments in Time layout). Clip k is position k % len of epoch k // len,
     and each epoch visits every file once, shuffled by (seed, epoch); the clip's start time is drawn
-    from (seed, k), so the same k gives the same clip in any worker and after any resume.
-    split: "train" leaves out the held-out files (`held_out`), "val" keeps only them, "all" keeps every file."""
+    from (seed, k), so the same k gives the same clip in any worker and after any resume. split:
+    "train" leaves out the held-out files (`held_out`), "val" keeps only them, "all" keeps every
+    file."""
     exts = VIDEO_EXTS
 
     def __init__(self, root: str, frames: int = 11, size: int = 128, fps: float | None = 8.0, seed: int = 0,
                  split: str = "all", crop: str = "center"):
         self.name, self.frames, self.size, self.fps, self.seed, self.crop = str(root), frames, size, fps, seed, crop
-        self.root = str(root)  # `name` is what messages call the data; files are named relative to `root`
+        # `name` is what messages call the data; files are named relative to `root`
+        self.root = str(root)
         # [(file, caption)], and how many entries indexing dropped (each said on one stderr line);
         # UnusableData if nothing is left
         items, self.dropped = self.index_files(root)
         held = held_out([self.entry_name(entry) for entry, _ in items])
-        self.held_out = [item for item, h in zip(items, held) if h]  # never trained on when split is "train"
-        self.items = {"all": items, "val": self.held_out, "train": [i for i, h in zip(items, held) if not h]}[split]
-        self.items = self.items or items  # one file: nothing to hold out (the summary says so)
+        # never trained on when split is "train"
+        self.held_out = [item for item, h in zip(items, held) if h]
+        self.items = {"all": items, "val": self.held_out,
+                      "train": [i for i, h in zip(items, held) if not h]}[split]
+        # one file: nothing to hold out (the summary says so)
+        self.items = self.items or items
         self._epoch, self._order = -1, np.arange(0)
 
     def index_files(self, root: str) -> tuple[list, int]:
-        """[(file, caption)] of the data set and the entries dropped; subclasses index other containers."""
+        """[(file, caption)] of the data set and the entries dropped; subclasses index other
+        containers."""
         items, dropped, self.layout = folder_items(Path(root), self.exts)
         return items, dropped
 
     def entry_name(self, entry) -> str:
-        """The name an entry is held out by: its path from the folder (../ or absolute rows of a captions.csv too)."""
+        """The name an entry is held out by: its path from the folder (../ or absolute rows of a
+        captions.csv too)."""
         return Path(os.path.relpath(entry, self.root)).as_posix()
 
     def __len__(self) -> int:
@@ -104,7 +116,8 @@ class VideoFolderSource:
     def item(self, k: int) -> tuple:
         """The entry of self.items that clip k reads."""
         epoch, position = divmod(k, len(self.items))
-        if epoch != self._epoch:  # one permutation per epoch, cached while the stream is in it
+        if epoch != self._epoch:
+            # one permutation per epoch, cached while the stream is in it
             self._epoch = epoch
             self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
         return self.items[self._order[position]]
@@ -115,26 +128,32 @@ class VideoFolderSource:
 
     def load(self, k: int) -> tuple[np.ndarray, str]:
         entry, text = self.item(k)
-        rng = np.random.default_rng([self.seed, k])  # the clip's start time
-        return read_video(self.fetch(entry), self.frames, self.size, self.fps, rng=rng, crop=self.crop), text
+        # the clip's start time
+        rng = np.random.default_rng([self.seed, k])
+        return read_video(self.fetch(entry), self.frames, self.size, self.fps, rng=rng,
+                          crop=self.crop), text
 
     def seconds(self, limit: int | None = None) -> list[float]:
-        """Each file's duration from its header (0 where unknown), of the first `limit` files or all."""
+        """Each file's duration from its header (0 where unknown), of the first `limit` files or
+        all."""
         return [video_seconds(self.fetch(entry)) for entry, _ in self.items[:limit]]
 
     def summary(self, split: str) -> str:
-        """One line: what was found, how it is captioned, what is held out, and how long it lasts."""
+        """One line: what was found, how it is captioned, what is held out, and how long it
+        lasts."""
         n, empty = len(self.items), sum(not text for _, text in self.items)
         kind = "images" if self.frames == 1 else "videos"
         line = f"data {self.name}: {n} {kind} for {split} ({self.layout}: {n - empty} captioned, {empty} empty)"
         if self.dropped:
             line += f", {self.dropped} entries skipped"
         if split == "train":
-            names = ", ".join(self.entry_name(e) for e, _ in self.held_out[:3]) + (", ..." if len(self.held_out) > 3 else "")
+            names = ", ".join(self.entry_name(e) for e,
+                              _ in self.held_out[:3]) + (", ..." if len(self.held_out) > 3 else "")
             line += (f", {len(self.held_out)} held out for validation by name hash ({names})" if self.held_out else
                      ", nothing held out (one file): validation reads the training file; name one with --val-data")
         if kind == "videos":
-            sample = self.seconds(limit=200)  # headers only; a large folder is estimated from 200 files
+            # headers only; a large folder is estimated from 200 files
+            sample = self.seconds(limit=200)
             total = sum(sample) * n / max(len(sample), 1)
             line += f", {'~' if n > len(sample) else ''}{total:.0f} s of video"
         return line
@@ -148,7 +167,8 @@ class VideoFolderSource:
         durations = self.seconds()
         counts = [max(1, math.ceil(d * CLIPS_PER_SECOND)) for d in durations]
         counts = np.array(counts, dtype=np.int64)
-        ends = np.cumsum(counts)  # window k belongs to the first file whose end exceeds k
+        # window k belongs to the first file whose end exceeds k
+        ends = np.cumsum(counts)
         total = int(ends[-1]) if len(ends) else 0
         picks = np.arange(total)
         if total > limit:
@@ -163,7 +183,8 @@ class VideoFolderSource:
 
 
 class WindowSource:
-    """Fixed windows of a VideoFolderSource's files: clip k is the window spots[k % len] (file, start)."""
+    """Fixed windows of a VideoFolderSource's files: clip k is the window spots[k % len] (file,
+    start)."""
 
     def __init__(self, files: VideoFolderSource, spots: list[tuple[int, float]]):
         self.files, self.spots, self.name, self.dropped = files, spots, files.name, files.dropped
@@ -174,12 +195,13 @@ class WindowSource:
     def load(self, k: int) -> tuple[np.ndarray, str]:
         (i, start), files = self.spots[k % len(self.spots)], self.files
         entry, text = files.items[i]
-        return read_video(files.fetch(entry), files.frames, files.size, files.fps, start=start, crop=files.crop), text
+        return read_video(files.fetch(entry), files.frames, files.size, files.fps, start=start,
+                          crop=files.crop), text
 
 
 class ImageFolderSource(VideoFolderSource):
-    """A folder of images read as one-frame videos (1, size, size, 3), for joint image-video training
-    (Phenaki §3.2: an image is a video with T = 1). Captions as for VideoFolderSource."""
+    """A folder of images read as one-frame videos (1, size, size, 3), for joint image-video
+    training (Phenaki §3.2: an image is a video with T = 1). Captions as for VideoFolderSource."""
     exts = IMAGE_EXTS
 
     def __init__(self, root: str, size: int = 128, seed: int = 0, split: str = "all", crop: str = "center"):
@@ -187,12 +209,14 @@ class ImageFolderSource(VideoFolderSource):
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """'shard-{000..002}.tar' -> ['shard-000.tar', 'shard-001.tar', 'shard-002.tar']; '{a,b}' too."""
+    """'shard-{000..002}.tar' -> ['shard-000.tar', 'shard-001.tar', 'shard-002.tar']; '{a,b}'
+    too."""
     match = re.search(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}", pattern)
     if match is None:
         return [pattern]
     lo, hi, options = match.groups()
-    if options is None:  # a numeric range keeps the zero padding of its lower end
+    if options is None:
+        # a numeric range keeps the zero padding of its lower end
         options = ",".join(str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1))
     head, tail = pattern[:match.start()], pattern[match.end():]
     return [p for option in options.split(",") for p in expand_braces(head + option + tail)]
@@ -206,10 +230,13 @@ class TarShardSource(VideoFolderSource):
 
     def index_files(self, pattern: str) -> tuple[list, int]:
         self.layout = "tar shards"
-        items, dropped, why = [], 0, "no file matches it"  # [((shard, offset, length, member), caption)]
+        # [((shard, offset, length, member), caption)]
+        items, dropped, why = [], 0, "no file matches it"
         for shard in sorted({path for p in expand_braces(pattern) for path in glob.glob(p)}):
-            videos, texts = [], {}  # [(key, entry)], {key: caption}
-            try:  # a truncated shard keeps the samples before the cut
+            # [(key, entry)], {key: caption}
+            videos, texts = [], {}
+            try:
+                # a truncated shard keeps the samples before the cut
                 with tarfile.open(shard, "r:") as tar:
                     for m in tar:
                         key, ext = os.path.splitext(m.name)
@@ -234,23 +261,26 @@ class TarShardSource(VideoFolderSource):
         return items, dropped
 
     def entry_name(self, entry) -> str:
-        return f"{os.path.basename(entry[0])}/{entry[3]}"  # shard/member
+        # shard/member
+        return f"{os.path.basename(entry[0])}/{entry[3]}"
 
     def fetch(self, entry: tuple[str, int, int, str]) -> io.BytesIO:
         shard, offset, length, member = entry
         with open(shard, "rb") as f:
             f.seek(offset)
             data = io.BytesIO(f.read(length))
-        data.name = f"{member} in {shard}"  # read_video names the file in its errors
+        # read_video names the file in its errors
+        data.name = f"{member} in {shard}"
         return data
 
 
 def make_source(spec: str, frames: int, size: int, seed: int = 0, fps: float = 8.0, split: str = "all",
                 crop: str = "center") -> ShapesSource | AnimalsSource | VideoFolderSource:
-    """The source for a --data spec: a world ('shapes' or 'animals'), tar shards (a '.tar' path, braces or a
-    glob), a folder of videos, or a folder of images (one with no videos, or any folder as 'images:FOLDER').
-    split: "train", "val" or "all" of a real data set's files (VideoFolderSource); a world has no files,
-    and its clips for validation come from another seed. crop: "center" or "pad" (read_video)."""
+    """The source for a --data spec: a world ('shapes' or 'animals'), tar shards (a '.tar' path,
+    braces or a glob), a folder of videos, or a folder of images (one with no videos, or any folder
+    as 'images:FOLDER'). split: "train", "val" or "all" of a real data set's files
+    (VideoFolderSource); a world has no files, and its clips for validation come from another seed.
+    crop: "center" or "pad" (read_video)."""
     if crop not in CROPS:
         raise ValueError(f"train.crop must be one of {', '.join(CROPS)}, got {crop!r}")
     if spec == "shapes":
@@ -259,15 +289,18 @@ def make_source(spec: str, frames: int, size: int, seed: int = 0, fps: float = 8
         return AnimalsSource(frames, size, seed)
     if spec.startswith("images:"):
         return ImageFolderSource(spec[len("images:"):], size, seed, split, crop)
-    if not os.path.isdir(spec) and (".tar" in spec or any(c in spec for c in "{*?[")):  # a folder is a folder,
-        return TarShardSource(spec, frames, size, fps, seed, split, crop)  # whatever its name holds
+    if not os.path.isdir(spec) and (".tar" in spec or any(c in spec for c in "{*?[")):
+        # a folder is a folder,
+        # whatever its name holds
+        return TarShardSource(spec, frames, size, fps, seed, split, crop)
     if not os.path.exists(spec):
         raise ValueError(f"--data {spec}: no such folder or file; expected 'shapes', 'animals', a folder of videos "
                          "or images, 'images:FOLDER', or tar shards")
     if os.path.isdir(spec) and not any(p.suffix.lower() in VIDEO_EXTS + IMAGE_EXTS for p in Path(spec).rglob("*")) \
             and any(Path(spec).glob("*.tar")):
         raise ValueError(f"--data {spec} is a folder of tar shards: pass them as '{os.path.join(spec, '*.tar')}'")
-    if os.path.isdir(spec):  # an empty folder raises UnusableData in ImageFolderSource
+    if os.path.isdir(spec):
+        # an empty folder raises UnusableData in ImageFolderSource
         if holds_videos(Path(spec)):
             return VideoFolderSource(spec, frames, size, fps, seed, split, crop)
         return ImageFolderSource(spec, size, seed, split, crop)
@@ -286,9 +319,10 @@ def file_stamp(entry) -> list[int]:
 
 
 def content_digest(source) -> str:
-    """sha256 of what a source's clips and captions are made from, for stage 2's cache key: a world's module
-    (its renderer, captions and settings: shapes.EDGES, the Animals story share), or a real data set's
-    entries and their captions (captions.csv, label folders, tar .txt). An edit to any changes the key."""
+    """sha256 of what a source's clips and captions are made from, for stage 2's cache key: a
+    world's module (its renderer, captions and settings: shapes.EDGES, the Animals story share), or
+    a real data set's entries and their captions (captions.csv, label folders, tar .txt). An edit to
+    any changes the key."""
     h = hashlib.sha256()
     if hasattr(source, "items"):
         # each file's size and modification time too: a video re-encoded under its old name makes
@@ -303,16 +337,18 @@ def content_digest(source) -> str:
 
 def train_and_val(cfg, stage: int) -> tuple[object, object, list[str]]:
     """The training source and the held-out one of a run (cfg a TrainConfig) -> (train, val, summary
-    lines). Held out: cfg.val_data if given, else a VAL_SHARE of the files by name hash, never trained on;
-    a world's validation clips come from another seed. Refused in one line (ValueError): stage 2 on data
-    whose captions are all empty."""
+    lines). Held out: cfg.val_data if given, else a VAL_SHARE of the files by name hash, never
+    trained on; a world's validation clips come from another seed. Refused in one line (ValueError):
+    stage 2 on data whose captions are all empty."""
     def make(spec: str, split: str, seed: int):
         return make_source(spec, cfg.frames, cfg.image_size, seed, cfg.fps, split, cfg.crop)
     source = make(cfg.data, "all" if cfg.val_data else "train", cfg.seed)
     val = make(cfg.val_data or cfg.data, "all" if cfg.val_data else "val", cfg.seed + 1)
     if not cfg.val_data and hasattr(val, "summary"):
-        val.name = f"the held-out files of {cfg.data}"  # what a load failure names
-    if not hasattr(source, "summary"):  # a world
+        # what a load failure names
+        val.name = f"the held-out files of {cfg.data}"
+    if not hasattr(source, "summary"):
+        # a world
         return source, val, []
     lines = [source.summary("train")] + ([val.summary("validation")] if cfg.val_data else [])
     if stage == 2 and not any(text for _, text in source.items):

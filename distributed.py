@@ -4,21 +4,21 @@ they leave together. train.py joins the process group in one block (nccl on CUDA
 what that block and the loops need beyond plain DDP lives here.
 
 Meeting again after a restart. `torchrun --max-restarts=N` starts a new group of workers when one
-dies; they meet in the agent's store, where the dead workers' addresses are still written. A restarted
-group therefore meets under a key prefix of its own (`process_group_store`).
+dies; they meet in the agent's store, where the dead workers' addresses are still written. A
+restarted group therefore meets under a key prefix of its own (`process_group_store`).
 
 Replicated or sharded. Under DDP every rank holds the whole model and gradients are averaged. Under
 FSDP2 (`shard`, stage 2 with --fsdp) each transformer block of the generator and of its caption
 encoder is a unit whose parameters, gradients and AdamW moments are split across the ranks and
 gathered only while the block runs; embeddings and head form the root unit. DDP and FSDP see only a
-module's `forward`, so the generator's methods are routed through one (`Run`): Run(model)("loss", ...)
-is a training loss, Run(model).generate(...) samples with each unit gathered as it runs.
+module's `forward`, so the generator's methods are routed through one (`Run`): Run(model)("loss",
+...) is a training loss, Run(model).generate(...) samples with each unit gathered as it runs.
 
 Counting codes. The quantizer's code-use counts are per rank and summed only at a dead-code restart;
 `summed_counts` sums them for the length of a save, so that a checkpoint holds all ranks' counts.
 
-Leaving. `finish` checks that DDP ranks still hold identical weights (a cheap digest) and makes every
-rank leave together: a rank that tears down its process group early can abort the others.
+Leaving. `finish` checks that DDP ranks still hold identical weights (a cheap digest) and makes
+every rank leave together: a rank that tears down its process group early can abort the others.
 
 Legend: none of the tensors here have shapes worth naming; everything is a module or a state dict.
 """
@@ -43,13 +43,15 @@ def process_group_store(restarts: int) -> dict:
     restarted (so that it cannot read the dead workers' addresses), nothing special otherwise."""
     if not restarts or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False)
     return {"store": dist.PrefixStore(f"restart-{restarts}", store), "rank": int(os.environ["RANK"]),
             "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def check_device(name: str) -> torch.device:
-    """--device as a torch.device this build of torch can use, or a UsageError before any work starts."""
+    """--device as a torch.device this build of torch can use, or a UsageError before any work
+    starts."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -62,8 +64,8 @@ def check_device(name: str) -> torch.device:
 
 
 def check_gpus(device: torch.device, local_world: int) -> None:
-    """One GPU per process: refuse, in one line, more processes on a node than it has GPUs (nccl would
-    fail later, in many lines, or two ranks would share a GPU)."""
+    """One GPU per process: refuse, in one line, more processes on a node than it has GPUs (nccl
+    would fail later, in many lines, or two ranks would share a GPU)."""
     gpus = torch.cuda.device_count()
     if device.type == "cuda" and local_world > gpus:
         fix = f"use --nproc_per_node={gpus}, or --device cpu" if gpus else "use --device cpu"
@@ -72,8 +74,8 @@ def check_gpus(device: torch.device, local_world: int) -> None:
 
 
 def shard(root: nn.Module, device: torch.device) -> None:
-    """FSDP2: every transformer block becomes a unit of its own, the rest the root's unit. On CUDA the
-    all-gathers move bf16 and the gradients are reduced in fp32."""
+    """FSDP2: every transformer block becomes a unit of its own, the rest the root's unit. On CUDA
+    the all-gathers move bf16 and the gradients are reduced in fp32."""
     mixed = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
              else MixedPrecisionPolicy())
     for module in root.modules():
@@ -84,18 +86,21 @@ def shard(root: nn.Module, device: torch.device) -> None:
 
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile where the work is: each transformer block of a generator (the unit FSDP shards
-    too), or a tokenizer's whole forward. In place: parameter names and checkpoints do not change."""
+    too), or a tokenizer's whole forward. In place: parameter names and checkpoints do not
+    change."""
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks if isinstance(model, MaskGIT) else [model]:
         block.compile()
 
 
 def grad_sync(module: nn.Module, last: bool):
-    """Gradient accumulation: DDP and FSDP average gradients across ranks on the `last` micro-step of
-    an optimizer step only; the earlier ones accumulate locally. -> a context for the backward."""
+    """Gradient accumulation: DDP and FSDP average gradients across ranks on the `last` micro-step
+    of an optimizer step only; the earlier ones accumulate locally. -> a context for the
+    backward."""
     if isinstance(module, DDP):
         return contextlib.nullcontext() if last else module.no_sync()
-    if hasattr(module, "set_requires_gradient_sync"):  # an FSDP2 unit
+    if hasattr(module, "set_requires_gradient_sync"):
+        # an FSDP2 unit
         module.set_requires_gradient_sync(last)
     return contextlib.nullcontext()
 
@@ -122,9 +127,9 @@ class Run(nn.Module):
 
 @contextlib.contextmanager
 def summed_counts(quantizer: nn.Module, ddp: bool):
-    """All ranks' code-use counts in `quantizer.counts` while the block runs (every rank must enter),
-    this rank's own again afterwards. On resume rank 0 restores the sum and the others start from
-    zero, so the next restart sees the same total as a run that never stopped."""
+    """All ranks' code-use counts in `quantizer.counts` while the block runs (every rank must
+    enter), this rank's own again afterwards. On resume rank 0 restores the sum and the others start
+    from zero, so the next restart sees the same total as a run that never stopped."""
     if not ddp:
         yield
         return
@@ -144,8 +149,8 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def finish(model: nn.Module, world: int, master: bool, message: str, compare: bool = True) -> None:
-    """End of a run: under DDP a check that every rank's weights stayed in step (`compare`; FSDP ranks
-    hold different shards by design), then leave together and say `message` once."""
+    """End of a run: under DDP a check that every rank's weights stayed in step (`compare`; FSDP
+    ranks hold different shards by design), then leave together and say `message` once."""
     if world > 1:
         if compare:
             digests = [None] * world

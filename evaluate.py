@@ -15,31 +15,33 @@ Stage 1 (a tokenizer checkpoint) reports, on clips it never trained on:
                 folded together at the end of training (VectorQuantizer.merge_near_duplicates)
   distinct_use  the share of those distinct codes that occur
   perplexity    exp of the entropy of the code histogram: the number of codes in effective use
-In a world (shapes, animals) the held-out clips come from a seed no training run uses (EVAL_SEED); on
-real data they are the run's held-out files (data.held_out) or its --val-data, or else --data. An Animals tokenizer also reports judge_* and
-round_trip_*: the judge's agreement on fresh renders, and on the same clips after encode and decode; and
-follow_* and nonlocal, how its codes move with a scrolling ground (motion.code_following).
+In a world (shapes, animals) the held-out clips come from a seed no training run uses (EVAL_SEED);
+on real data they are the run's held-out files (data.held_out) or its --val-data, or else --data. An
+Animals tokenizer also reports judge_* and round_trip_*: the judge's agreement on fresh renders, and
+on the same clips after encode and decode; and follow_* and nonlocal, how its codes move with a
+scrolling ground (motion.code_following).
 
-Stage 2 (a generator, default the shipped one of --world) makes a clip for each of N random canonical
-prompts ("a large red circle moving right", "a brown dog running to the right on the grass") and reads
-it back with the world's judge: per attribute (color, shape, size, direction; or species, color, action,
-direction, scene) the share of clips that show what the prompt says, and one_object / one_subject, the
-share with exactly one in every frame. Stories: in Shapes two prompts, a new direction after the cut
-(story_direction; story_continuity: colour and shape stay, the object moves at most 6 pixels); in
-Animals three prompts, a new action at each cut (story_action; story_kept: species, colour and scene
-stay). Animals also reports short prompts ("a dog running": short_species, short_action), the share
-of 20 samples of "a dog running" judged a running dog, and a 241-frame video from one prompt
-(long_one_subject per frame, long_action and long_direction per 11-frame window), the share of each
-action judged right (action_<action>), and motion.py's figures: the probe on 128 held-out clips
-(probe_*) and 4 real clips of each action continued for 3 windows (continue_*). `--motion SEED` reports
-only the per-action shares and motion.py's figures, on prompts and clips of SEED. Shapes reports ten
-101-frame videos moving right, past the edge (long_*), and ten ten-segment stories (long_story_*).
-A generator trained on real data has no judge: it reports val_loss, its masked-code loss on held-out
-clips (validation_loss), and writes a grid of each held-out caption's real clip above its sample.
-Held out means --data if given, else what the run held out (held_out_source). Figures are printed as
-`name: value` lines and, with --json, written to a file. All judging in the repo lives here and in
-motion.py: train.py logs `psnr` and `ssim` as val_psnr and val_ssim in stage 1, and validation_loss,
-`watch` and motion.watch_motion as val_loss and val_* in stage 2.
+Stage 2 (a generator, default the shipped one of --world) makes a clip for each of N random
+canonical prompts ("a large red circle moving right", "a brown dog running to the right on the
+grass") and reads it back with the world's judge: per attribute (color, shape, size, direction; or
+species, color, action, direction, scene) the share of clips that show what the prompt says, and
+one_object / one_subject, the share with exactly one in every frame. Stories: in Shapes two prompts,
+a new direction after the cut (story_direction; story_continuity: colour and shape stay, the object
+moves at most 6 pixels); in Animals three prompts, a new action at each cut (story_action;
+story_kept: species, colour and scene stay). Animals also reports short prompts ("a dog running":
+short_species, short_action), the share of 20 samples of "a dog running" judged a running dog, and a
+241-frame video from one prompt (long_one_subject per frame, long_action and long_direction per
+11-frame window), the share of each action judged right (action_<action>), and motion.py's figures:
+the probe on 128 held-out clips (probe_*) and 4 real clips of each action continued for 3 windows
+(continue_*). `--motion SEED` reports only the per-action shares and motion.py's figures, on prompts
+and clips of SEED. Shapes reports ten 101-frame videos moving right, past the edge (long_*), and ten
+ten-segment stories (long_story_*). A generator trained on real data has no judge: it reports
+val_loss, its masked-code loss on held-out clips (validation_loss), and writes a grid of each
+held-out caption's real clip above its sample. Held out means --data if given, else what the run
+held out (held_out_source). Figures are printed as `name: value` lines and, with --json, written to
+a file. All judging in the repo lives here and in motion.py: train.py logs `psnr` and `ssim` as
+val_psnr and val_ssim in stage 1, and validation_loss, `watch` and motion.watch_motion as val_loss
+and val_* in stage 2.
 """
 
 import argparse
@@ -65,26 +67,30 @@ from worlds import WORLDS
 
 # Legend: B batch, C channels, T frames, H W pixels, K codebook size.
 
-EVAL_SEED = 1_000_003  # world clips from this seed are never trained on
+# world clips from this seed are never trained on
+EVAL_SEED = 1_000_003
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-clip PSNR in dB of two videos (B, 3, T, H, W) in [-1, 1] -> (B,)."""
-    mse = ((x - y) / 2).pow(2).flatten(1).mean(dim=1)  # error on the [0, 1] scale
+    # error on the [0, 1] scale
+    mse = ((x - y) / 2).pow(2).flatten(1).mean(dim=1)
     return -10 * torch.log10(mse.clamp_min(1e-10))
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-clip SSIM of two videos (B, 3, T, H, W) in [-1, 1] -> (B,)."""
     B, C, T, H, W = x.shape
-    x = ((x + 1) / 2).transpose(1, 2).reshape(B * T * C, 1, H, W)  # every channel of every frame an image
+    # every channel of every frame an image
+    x = ((x + 1) / 2).transpose(1, 2).reshape(B * T * C, 1, H, W)
     y = ((y + 1) / 2).transpose(1, 2).reshape(B * T * C, 1, H, W)
     g = torch.exp(-((torch.arange(11, dtype=x.dtype) - 5) ** 2) / (2 * 1.5**2))
     g = (g / g.sum()).to(x.device)
     window = (g[:, None] * g[None, :])[None, None]  # (1, 1, 11, 11)
 
     def blur(img: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(img, window)  # 'valid' windows only, as the reference implementation
+        # 'valid' windows only, as the reference implementation
+        return F.conv2d(img, window)
 
     c1, c2 = 0.01**2, 0.03**2
     mx, my = blur(x), blur(y)
@@ -95,8 +101,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def held_out_source(data: str | None, trained: dict):
     """What a checkpoint is measured on: --data whole if given; else the run's held-out data (its
-    --val-data, or the share of its files it never trained on, data.held_out), or its world at EVAL_SEED.
-    Read at the run's own clip length, size, fps and crop (`trained`, the checkpoint's train_config)."""
+    --val-data, or the share of its files it never trained on, data.held_out), or its world at
+    EVAL_SEED. Read at the run's own clip length, size, fps and crop (`trained`, the checkpoint's
+    train_config)."""
     spec = data or trained.get("val_data") or trained.get("data", "shapes")
     split = "val" if not data and not trained.get("val_data") else "all"
     return make_source(spec, trained.get("frames", 11), trained.get("image_size", 64), EVAL_SEED,
@@ -127,8 +134,8 @@ def evaluate_tokenizer(model, source, clips: int, batch_size: int = 16) -> dict:
 
 @torch.no_grad()
 def judge_round_trip(model, clips: int, frames: int, size: int, batch_size: int = 16) -> dict[str, float]:
-    """How much of the Animals world's meaning survives the tokenizer: the judge's agreement on fresh
-    renders (judge_*) and on the same clips after encode and decode (round_trip_*)."""
+    """How much of the Animals world's meaning survives the tokenizer: the judge's agreement on
+    fresh renders (judge_*) and on the same clips after encode and decode (round_trip_*)."""
     rng = np.random.default_rng(EVAL_SEED)
     clean, trip = {}, {}
     for i in range(0, clips, batch_size):
@@ -140,7 +147,8 @@ def judge_round_trip(model, clips: int, frames: int, size: int, batch_size: int 
             for v, s in zip(videos, specs):
                 for k, ok in animals.agreement(v, s).items():
                     totals[k] = totals.get(k, 0) + ok / clips
-    return {f"judge_{k}": v for k, v in clean.items()} | {f"round_trip_{k}": v for k, v in trip.items()}
+    return {f"judge_{k}": v for k, v in clean.items()} | {f"round_trip_{k}": v for k,
+                                                          v in trip.items()}
 
 
 @torch.no_grad()
@@ -164,9 +172,9 @@ def shares(verdicts: list[dict[str, bool]]) -> dict[str, float]:
 @torch.no_grad()
 def validation_loss(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, seed: int = 0,
                     batch_size: int = 32) -> float:
-    """The generator's masked-code loss on held-out codes (N, t, h, w) and captions (N, L): every call
-    draws the same masks and caption drops (from `seed`), so its changes are the model's. `model` is a
-    MaskGIT or distributed.Run around one."""
+    """The generator's masked-code loss on held-out codes (N, t, h, w) and captions (N, L): every
+    call draws the same masks and caption drops (from `seed`), so its changes are the model's.
+    `model` is a MaskGIT or distributed.Run around one."""
     device = codes.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -176,8 +184,9 @@ def validation_loss(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.T
 
 
 def watch_list(data: str, captions: list[str], path: str | None = None, n: int = 8, seed: int = 0):
-    """What a run watches -> (world or None, specs, prompts): in a world, n random specs (judged); on real
-    data the lines of `path` (--watch-prompts), or else the first n different held-out captions."""
+    """What a run watches -> (world or None, specs, prompts): in a world, n random specs (judged);
+    on real data the lines of `path` (--watch-prompts), or else the first n different held-out
+    captions."""
     if data in WORLDS:
         rng = np.random.default_rng([seed, 424242])
         specs = [WORLDS[data].random_spec(rng) for _ in range(n)]
@@ -194,26 +203,30 @@ def watch_list(data: str, captions: list[str], path: str | None = None, n: int =
 
 @torch.no_grad()
 def watch(model, text, tokenizer, watched: tuple, device: torch.device, **sampling) -> tuple[torch.Tensor, dict]:
-    """One clip per prompt of watch_list -> (videos (B, 3, T, H, W), the judge's shares; {} on real data)."""
+    """One clip per prompt of watch_list -> (videos (B, 3, T, H, W), the judge's shares; {} on real
+    data)."""
     world, specs, prompts = watched
     if world is not None:
-        videos, verdicts = sample_and_judge(model, text, tokenizer, world, specs, device, prompts, **sampling)
+        videos, verdicts = sample_and_judge(model, text, tokenizer, world, specs, device, prompts,
+                                            **sampling)
         return videos, shares(verdicts)
     ids, mask = text.encode(prompts, model.config.text.max_len)
-    return tokenizer.decode(model.generate(ids.to(device), mask.to(device), **sampling)).float().cpu(), {}
+    return tokenizer.decode(model.generate(ids.to(device), mask.to(device),
+                                           **sampling)).float().cpu(), {}
 
 
 def judged_in_batches(model, text, tokenizer, world, specs: list, prompts: list[str] | None, batch_size: int,
                       **sampling) -> dict[str, float]:
-    """sample_and_judge over many specs, `batch_size` clips at a time -> the share of clips that agree, per
-    attribute; in the Animals world also action_<action>: among the specs of each action, the share whose
-    action is judged right."""
+    """sample_and_judge over many specs, `batch_size` clips at a time -> the share of clips that
+    agree, per attribute; in the Animals world also action_<action>: among the specs of each action,
+    the share whose action is judged right."""
     verdicts = []
     for i in range(0, len(specs), batch_size):
         chunk = slice(i, i + batch_size)
         verdicts += sample_and_judge(model, text, tokenizer, world, specs[chunk], torch.device("cpu"),
                                      prompts[chunk] if prompts else None, **sampling)[1]
-    actions = {}  # action -> its specs' verdicts on the action
+    # action -> its specs' verdicts on the action
+    actions = {}
     for verdict, spec in zip(verdicts, specs if world is animals else []):
         actions.setdefault(spec.action, []).append(verdict["action"])
     return shares(verdicts) | {f"action_{a}": float(np.mean(hits)) for a, hits in actions.items()}
@@ -227,35 +240,41 @@ def shapes_stories(model, text, tokenizer, rng, stories: int, batch_size: int, *
         first = [shapes.random_spec(rng) for _ in range(min(batch_size, stories - i))]
         second = [ShapeSpec(s.color, s.shape, s.size, str(rng.choice([d for d in DIRECTIONS if d != s.direction])))
                   for s in first]
-        prompts = [text.encode([shapes.caption(s) for s in seg], model.config.text.max_len) for seg in (first, second)]
+        prompts = [text.encode([shapes.caption(s) for s in seg],
+                               model.config.text.max_len) for seg in (first, second)]
         videos = make_video(model, tokenizer, prompts, [window, window], **sampling).float()  # (B, 3, 2 window, H, W)
         for video, a, b in zip(videos, first, second):
             one, two = oracle(video[:, :window]), oracle(video[:, window:])
             right += [one["direction"] == a.direction, two["direction"] == b.direction]
             jump = np.inf if one["end"] is None or two["start"] is None else np.hypot(*np.subtract(one["end"], two["start"]))
             continuous.append(jump <= 6 and two["color"] == a.color and two["shape"] == a.shape)
-    return {"story_direction": float(np.mean(right)), "story_continuity": float(np.mean(continuous))}
+    return {"story_direction": float(np.mean(right)),
+            "story_continuity": float(np.mean(continuous))}
 
 
 def animals_stories(model, text, tokenizer, rng, stories: int, batch_size: int, **sampling) -> dict[str, float]:
-    """Three-prompt Animals stories: a canonical first prompt, then two story prompts ("the dog jumps",
-    "the dog sits down") that change the action and keep the subject and the scene."""
+    """Three-prompt Animals stories: a canonical first prompt, then two story prompts ("the dog
+    jumps", "the dog sits down") that change the action and keep the subject and the scene."""
     window = 1 + 2 * (model.config.latent_frames - 1)
     acted, kept = [], []
     for i in range(0, stories, batch_size):
         first = [animals.random_spec(rng) for _ in range(min(batch_size, stories - i))]
         segments = [first]
-        for _ in range(2):  # each cut changes the action to another one the species has
+        for _ in range(2):
+            # each cut changes the action to another one the species has
             segments.append([dataclasses.replace(s, action=str(rng.choice(
                 [a for a in animals.ACTIONS[s.species] if a != s.action]))) for s in segments[-1]])
         prompts = [text.encode([animals.caption(s) for s in segments[0]], model.config.text.max_len)] + [
             text.encode([animals.story_caption(s) for s in seg], model.config.text.max_len) for seg in segments[1:]]
-        videos = make_video(model, tokenizer, prompts, [window, window - 1, window - 1], **sampling).float()
-        for b, video in enumerate(videos):  # segments of 11, 10 and 10 frames
+        videos = make_video(model, tokenizer, prompts, [window, window - 1, window - 1],
+                            **sampling).float()
+        for b, video in enumerate(videos):
+            # segments of 11, 10 and 10 frames
             seen = [animals.judge(video[:, start:start + length]) for start, length in ((0, window), (window, window - 1),
                                                                                        (2 * window - 1, window - 1))]
             acted += [s["action"] == seg[b].action for s, seg in zip(seen, segments)]
-            kept += [all(s[k] == getattr(first[b], k) for k in ("species", "color", "scene")) for s in seen[1:]]
+            kept += [all(s[k] == getattr(first[b], k) for k in ("species", "color",
+                                                                "scene")) for s in seen[1:]]
     return {"story_action": float(np.mean(acted)), "story_kept": float(np.mean(kept))}
 
 
@@ -268,24 +287,28 @@ def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int
     rng = np.random.default_rng(EVAL_SEED)
     specs = [world.random_spec(rng) for _ in range(prompts)]
     results = judged_in_batches(model, text, tokenizer, world, specs, None, batch_size, **sampling)
-    if stories:  # cuts as sample.py makes them for a generator of this world
+    if stories:
+        # cuts as sample.py makes them for a generator of this world
         results |= (animals_stories if world is animals else shapes_stories)(
             model, text, tokenizer, rng, stories, batch_size, keep_at_cut=world.KEEP_AT_CUT, **sampling)
     if world is animals:
         results |= animals_extras(model, text, tokenizer, rng, prompts // 2, batch_size, **sampling)
-        results |= motion_extras(model, text, tokenizer, EVAL_SEED, **sampling)  # motion.py
+        # motion.py
+        results |= motion_extras(model, text, tokenizer, EVAL_SEED, **sampling)
     else:
-        results |= shapes_long(model, text, tokenizer, rng, 10, keep_at_cut=world.KEEP_AT_CUT, **sampling)
+        results |= shapes_long(model, text, tokenizer, rng, 10, keep_at_cut=world.KEEP_AT_CUT,
+                               **sampling)
     return results | {"prompts": prompts, "stories": stories}
 
 
 def shapes_long(model, text, tokenizer, rng, videos: int, frames: int = 101, **sampling) -> dict[str, float]:
-    """101-frame Shapes videos, `videos` of each kind (one batch): one prompt moving right, which has to
-    meet the edge (long_two_objects and long_partial: the share of frames with two or more objects, and
-    with less than the whole object lit: cut by the edge, or fragments; long_direction: of the 11-frame windows that show a whole object, the
-    share whose path reads right), and a ten-segment story alternating left and right (long_story_direction
-    per segment, long_story_one_object per frame, long_story_kept: the last segment's colour and shape
-    are the first's)."""
+    """101-frame Shapes videos, `videos` of each kind (one batch): one prompt moving right, which
+    has to meet the edge (long_two_objects and long_partial: the share of frames with two or more
+    objects, and with less than the whole object lit: cut by the edge, or fragments; long_direction:
+    of the 11-frame windows that show a whole object, the share whose path reads right), and a
+    ten-segment story alternating left and right (long_story_direction per segment,
+    long_story_one_object per frame, long_story_kept: the last segment's colour and shape are the
+    first's)."""
     window = 1 + 2 * (model.config.latent_frames - 1)
     specs = [dataclasses.replace(shapes.random_spec(rng), direction="right") for _ in range(videos)]
     prompt = text.encode([shapes.caption(s) for s in specs], model.config.text.max_len)
@@ -293,19 +316,24 @@ def shapes_long(model, text, tokenizer, rng, videos: int, frames: int = 101, **s
     seen = [oracle(v) for v in videos_]
     cuts = [oracle(v[:, i:i + window]) for v in videos_ for i in range(0, frames - window + 1, window - 1)]
     whole = [np.median(oracle(shapes.render_shapes(dataclasses.replace(s, direction="still"), 1, 64, rng))["areas"])
-             for s in specs]  # each object's area when whole
+             # each object's area when whole
+             for s in specs]
     # partial: something lit that is not the whole object (cut by the edge, or fragments left of it)
-    cut = [(0 < a < 0.7 * w or p) for j, w in zip(seen, whole) for a, p in zip(j["areas"], j["partial"])]
+    cut = [(0 < a < 0.7 * w or p) for j, w in zip(seen, whole) for a,
+           p in zip(j["areas"], j["partial"])]
     results = {"long_two_objects": float(np.mean([n >= 2 for j in seen for n in j["objects"]])),
                "long_partial": float(np.mean(cut)),
                "long_direction": float(np.mean([c["direction"] == "right" for c in cuts if c["shape"]] or [0.0]))}
-    segments = [window] + [window - 1] * 9  # 11 + 9 x 10 = 101 frames
+    # 11 + 9 x 10 = 101 frames
+    segments = [window] + [window - 1] * 9
     first = [dataclasses.replace(shapes.random_spec(rng), direction=str(rng.choice(["left", "right"])))
              for _ in range(videos)]
     back = {"left": "right", "right": "left"}
     turns = [[dataclasses.replace(s, direction=s.direction if i % 2 == 0 else back[s.direction]) for s in first]
-             for i in range(10)]  # ten segments, the direction turning at each cut
-    prompts = [text.encode([shapes.caption(s) for s in seg], model.config.text.max_len) for seg in turns]
+             # ten segments, the direction turning at each cut
+             for i in range(10)]
+    prompts = [text.encode([shapes.caption(s) for s in seg],
+                           model.config.text.max_len) for seg in turns]
     story = make_video(model, tokenizer, prompts, segments, **sampling).float()  # (B, 3, 101, H, W)
     starts = np.cumsum([0] + segments[:-1])
     right, one, kept = [], [], []
@@ -321,16 +349,22 @@ def shapes_long(model, text, tokenizer, rng, videos: int, frames: int = 101, **s
 def animals_extras(model, text, tokenizer, rng, short: int, batch_size: int, **sampling) -> dict[str, float]:
     """What people type and what long videos must hold (the Animals world only)."""
     specs = [animals.random_spec(rng) for _ in range(short)]
-    prompts = [f"a {s.species} {s.action}" for s in specs]  # "a dog running": the rest drawn by the model
-    seen = judged_in_batches(model, text, tokenizer, animals, specs, prompts, batch_size, **sampling)
+    # "a dog running": the rest drawn by the model
+    prompts = [f"a {s.species} {s.action}" for s in specs]
+    seen = judged_in_batches(model, text, tokenizer, animals, specs, prompts, batch_size,
+                             **sampling)
     results = {"short_species": seen["species"], "short_action": seen["action"]}
-    ids, mask = text.encode(["a dog running"] * 20, model.config.text.max_len)  # 20 samples of one prompt
-    seen = [animals.judge(v) for v in tokenizer.decode(model.generate(ids, mask, **sampling)).float()]
+    # 20 samples of one prompt
+    ids, mask = text.encode(["a dog running"] * 20, model.config.text.max_len)
+    seen = [animals.judge(v) for v in tokenizer.decode(model.generate(ids, mask,
+                                                                      **sampling)).float()]
     results["dog_running"] = float(np.mean([j["species"] == "dog" and j["action"] == "running" for j in seen]))
-    spec = animals.random_spec(rng)  # 30 s at 8 fps from one canonical prompt
+    # 30 s at 8 fps from one canonical prompt
+    spec = animals.random_spec(rng)
     long = make_video(model, tokenizer, [text.encode([animals.caption(spec)], model.config.text.max_len)], [241],
                       **sampling)[0].float()  # (3, 241, H, W)
-    windows = [animals.judge(long[:, i:i + 11]) for i in range(0, 231, 10)]  # 23 windows of 11 frames
+    # 23 windows of 11 frames
+    windows = [animals.judge(long[:, i:i + 11]) for i in range(0, 231, 10)]
     results |= {"long_one_subject": float(np.mean([animals.judge(long[:, i:i + 1])["one_subject"] for i in range(241)])),
                 "long_action": float(np.mean([w["action"] == spec.action for w in windows])),
                 "long_direction": float(np.mean([w["direction"] == spec.direction for w in windows]))}
@@ -339,12 +373,14 @@ def animals_extras(model, text, tokenizer, rng, short: int, batch_size: int, **s
 
 @torch.no_grad()
 def evaluate_on_real_data(model, text, tokenizer, source, clips: int, grid: str, rows: int = 8, **sampling) -> dict:
-    """A generator on held-out real clips: val_loss over `clips` of them, and `grid`, a PNG where each of
-    up to `rows` different captions has its (first) real clip above the generator's sample of it."""
+    """A generator on held-out real clips: val_loss over `clips` of them, and `grid`, a PNG where
+    each of up to `rows` different captions has its (first) real clip above the generator's sample
+    of it."""
     codes, captions, videos = encode_clips(tokenizer, source, clips, torch.device("cpu"))
     ids, mask = text.encode(captions, model.config.text.max_len)
     results = {"val_loss": validation_loss(model, codes, ids, mask), "clips": len(codes)}
-    picks = [i for i, c in enumerate(captions) if captions.index(c) == i][:rows]  # the first clip of each caption
+    # the first clip of each caption
+    picks = [i for i, c in enumerate(captions) if captions.index(c) == i][:rows]
     shown = [captions[i] for i in picks]
     samples, _ = watch(model, text, tokenizer, (None, [], shown), torch.device("cpu"), **sampling)
     pairs = torch.stack([videos[picks], samples], dim=1).flatten(0, 1)  # (2 rows, 3, T, H, W): real, sample
@@ -356,17 +392,21 @@ def evaluate_on_real_data(model, text, tokenizer, source, clips: int, grid: str,
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Evaluate a phenaki checkpoint: a tokenizer or a generator.",
                                 formatter_class=HelpWithDefaults)
-    p.add_argument("checkpoint", nargs="?", help="a stage-1 or stage-2 model.safetensors (default: the world's generator)")
+    p.add_argument("checkpoint", nargs="?",
+                   help="a stage-1 or stage-2 model.safetensors (default: the world's generator)")
     p.add_argument("--world", default=DEFAULT_WORLD, choices=sorted(WORLDS),
                    help=f"whose shipped pair to use when no checkpoint is given (default {DEFAULT_WORLD})")
     p.add_argument("--data", help="held-out data (default: the run's --val-data, or the files it held out, or "
                    "its world at an unseen seed)")
-    p.add_argument("--clips", type=int, default=256, help="how many held-out clips (stage 1; stage 2 on real data)")
+    p.add_argument("--clips", type=int, default=256,
+                   help="how many held-out clips (stage 1; stage 2 on real data)")
     p.add_argument("--grid", help="stage 2 on real data: the PNG of samples beside their captions and the real clips "
                    "(default: eval_samples.png beside the checkpoint)")
-    p.add_argument("--tokenizer-checkpoint", help="stage 2: the generator's tokenizer (default: the world's)")
+    p.add_argument("--tokenizer-checkpoint",
+                   help="stage 2: the generator's tokenizer (default: the world's)")
     p.add_argument("--prompts", type=int, default=200, help="stage 2: random canonical prompts")
-    p.add_argument("--stories", type=int, default=100, help="stage 2: stories (two prompts in Shapes, three in Animals)")
+    p.add_argument("--stories", type=int, default=100,
+                   help="stage 2: stories (two prompts in Shapes, three in Animals)")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--cfg", type=float, default=CFG)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
@@ -379,13 +419,16 @@ def main(argv: list[str] | None = None) -> None:
     args.checkpoint = args.checkpoint or shipped(args.world, "generator")
     args.tokenizer_checkpoint = args.tokenizer_checkpoint or shipped(args.world, "tokenizer")
     try:
-        meta, _ = read_header(args.checkpoint)  # the tensors are read once, by the loader of its stage
-        trained = json.loads(meta.get("train_config", "{}"))  # the run's data, sizes and fps
+        # the tensors are read once, by the loader of its stage
+        meta, _ = read_header(args.checkpoint)
+        # the run's data, sizes and fps
+        trained = json.loads(meta.get("train_config", "{}"))
         data = args.data or trained.get("data", "shapes")
         if meta.get("stage") == "2" and args.motion is not None:
             if data != "animals":
                 raise UsageError("--motion measures an Animals generator")
-            model, text, tokenizer, meta = load_generator(args.checkpoint, args.tokenizer_checkpoint)
+            model, text, tokenizer, meta = load_generator(args.checkpoint,
+                                                          args.tokenizer_checkpoint)
             sampling = dict(steps=args.steps, cfg=args.cfg, temperature=args.temperature,
                             generator=torch.Generator().manual_seed(args.seed))
             rng = np.random.default_rng(args.motion)
@@ -394,12 +437,15 @@ def main(argv: list[str] | None = None) -> None:
                 model, text, tokenizer, animals, specs, None, 20, **sampling) | motion_extras(
                 model, text, tokenizer, args.motion, **sampling)
         elif meta.get("stage") == "2" and data in WORLDS:
-            model, text, tokenizer, meta = load_generator(args.checkpoint, args.tokenizer_checkpoint)
+            model, text, tokenizer, meta = load_generator(args.checkpoint,
+                                                          args.tokenizer_checkpoint)
             results = {"generator": args.checkpoint, "step": int(meta["step"])} | evaluate_generator(
                 model, text, tokenizer, WORLDS[data], args.prompts, args.stories, steps=args.steps, cfg=args.cfg,
                 temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
-        elif meta.get("stage") == "2":  # real data: no judge, but a held-out loss and samples to look at
-            model, text, tokenizer, meta = load_generator(args.checkpoint, args.tokenizer_checkpoint)
+        elif meta.get("stage") == "2":
+            # real data: no judge, but a held-out loss and samples to look at
+            model, text, tokenizer, meta = load_generator(args.checkpoint,
+                                                          args.tokenizer_checkpoint)
             grid = args.grid or os.path.join(os.path.dirname(args.checkpoint), "eval_samples.png")
             results = {"generator": args.checkpoint, "step": int(meta["step"])} | evaluate_on_real_data(
                 model, text, tokenizer, held_out_source(args.data, trained), args.clips, grid, steps=args.steps,
@@ -408,9 +454,12 @@ def main(argv: list[str] | None = None) -> None:
             model, meta = load_tokenizer(args.checkpoint)
             results = {"tokenizer": meta["kind"], "step": int(meta["step"])} | evaluate_tokenizer(
                 model, held_out_source(args.data, trained), args.clips)
-            if data == "animals":  # what the judge still reads after a round trip
-                results |= judge_round_trip(model, args.clips, trained.get("frames", 11), trained.get("image_size", 64))
-                results |= code_following(model)  # motion.py: whether its codes move with the ground
+            if data == "animals":
+                # what the judge still reads after a round trip
+                results |= judge_round_trip(model, args.clips, trained.get("frames", 11),
+                                            trained.get("image_size", 64))
+                # motion.py: whether its codes move with the ground
+                results |= code_following(model)
     except (UsageError, ValueError) as err:
         exit_usage(err)
     for k, v in results.items():

@@ -15,8 +15,8 @@ tests/test_faults.py; train.py's loops show all of this as a `StepGuard` and two
   (`UsageError`, `UnusableData`), 128 + N stopped by signal N. `exit_code` turns an exception that
   ended a run into its code and its one line on stderr.
 
-What is not here: a full disk during a save (runs.save_run keeps the previous checkpoint and the
-run goes on), a SIGKILL (--resume continues from the last checkpoint: checkpoint.py writes atomically),
+What is not here: a full disk during a save (runs.save_run keeps the previous checkpoint and the run
+goes on), a SIGKILL (--resume continues from the last checkpoint: checkpoint.py writes atomically),
 a worker that dies under torchrun (distributed.process_group_store lets the restarted group meet).
 """
 
@@ -44,7 +44,8 @@ class StepGuard:
 
     def __init__(self, device: torch.device):
         self.device, self.bad_in_a_row, self.skipped, self.stop = device, 0, 0, False
-        self.signalled, self.previous = 0, {}  # signalled: the first signal's number
+        # signalled: the first signal's number
+        self.signalled, self.previous = 0, {}
 
     def __enter__(self) -> "StepGuard":
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -56,7 +57,8 @@ class StepGuard:
             signal.signal(sig, handler)
 
     def on_signal(self, signum: int, frame) -> None:
-        if self.signalled and signum == signal.SIGINT:  # a second Ctrl-C: leave now
+        if self.signalled and signum == signal.SIGINT:
+            # a second Ctrl-C: leave now
             raise KeyboardInterrupt
         self.signalled = self.signalled or signum
 
@@ -66,7 +68,8 @@ class StepGuard:
         bad_here = not (math.isfinite(loss) and math.isfinite(grad_norm))
         flags = torch.tensor([float(bad_here), float(self.signalled > 0)], device=self.device)
         if dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # one collective for both questions
+            # one collective for both questions
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad, self.stop = bool(flags[0]), bool(flags[1])
         self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
         self.skipped += bad
@@ -96,11 +99,15 @@ def quiet_worker(worker: int) -> None:
 
 def exit_code(err: BaseException) -> int:
     """The exit code of a run that ended by `err`, its one line said on stderr."""
-    if isinstance(err, SystemExit):  # leave_if_signalled
+    if isinstance(err, SystemExit):
+        # leave_if_signalled
         return err.code
-    if isinstance(err, (UsageError, UnusableData)):  # a --resume with nothing readable; data with nothing usable
-        # raised in a DataLoader worker, the message carries the worker's traceback: its last line is the error
-        print(f"error: {str(err).strip().splitlines()[-1].removeprefix('folders.UnusableData: ')}", file=sys.stderr)
+    if isinstance(err, (UsageError, UnusableData)):
+        # a --resume with nothing readable; data with nothing usable raised in a DataLoader worker,
+        # the message carries the worker's traceback: its last line is the error
+        print(f"error: {str(err).strip().splitlines()[-1].removeprefix('folders.UnusableData: ')}",
+              file=sys.stderr)
         return EXIT_USAGE
-    print(f"error: {err}", file=sys.stderr)  # TrainingStopped
+    # TrainingStopped
+    print(f"error: {err}", file=sys.stderr)
     return EXIT_FAILED

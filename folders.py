@@ -3,9 +3,9 @@ What a folder of real data holds: its files and their captions, read before anyt
 
 Captions come from the folder's captions.csv (`path,caption` rows, paths relative to the folder, so
 `../other/clip.mp4` names a file elsewhere), else from label sub-folders (root/label/clip.mp4 gives
-"a video of label", the Moments in Time layout), else they are empty. The csv is read one row a line:
-a caption that opens a quote and never closes it ends with its line, and the rows after it stay rows.
-A caption is cut to CAPTION_CHARS characters; bytes that are not UTF-8 become U+FFFD.
+"a video of label", the Moments in Time layout), else they are empty. The csv is read one row a
+line: a caption that opens a quote and never closes it ends with its line, and the rows after it
+stay rows. A caption is cut to CAPTION_CHARS characters; bytes that are not UTF-8 become U+FFFD.
 
 A file that cannot be used is said on one stderr line (`say_skipped`) and left out; a folder with
 nothing usable raises UnusableData, which the scripts turn into one line and exit code 2. data.py
@@ -26,11 +26,13 @@ class UnusableData(ValueError):
 
 
 def say_skipped(what: str, why: object) -> None:
-    """One stderr line for one skipped file (warnings.warn prints two; FFmpeg messages may hold newlines)."""
+    """One stderr line for one skipped file (warnings.warn prints two; FFmpeg messages may hold
+    newlines)."""
     print(f"skipped {what}: {' '.join(str(why).split())}", file=sys.stderr, flush=True)
 
 
-CAPTION_CHARS = 1000  # a caption is cut to this many characters wherever it comes from
+# a caption is cut to this many characters wherever it comes from
+CAPTION_CHARS = 1000
 
 
 def caption_table(root: Path) -> Path | None:
@@ -60,7 +62,8 @@ def table_rows(root: Path, table: Path) -> list[list[str]]:
         if row:
             rows.append(row)
     if rows and not Path(rows[0][0]).suffix and not (root / rows[0][0]).is_file():
-        rows = rows[1:]  # a header (path,caption or file,text) names no file with an extension
+        # a header (path,caption or file,text) names no file with an extension
+        rows = rows[1:]
     return rows
 
 
@@ -77,12 +80,14 @@ def folder_items(root: Path, exts: tuple[str, ...]) -> tuple[list[tuple[Path, st
             raise UnusableData(f"no videos found in {root}: {why}")
         labels = [re.sub("[_-]", " ", p.parent.name) if p.parent != root else "" for p in files]
         layout = "label folders" if any(labels) else "no captions.csv, no label folders"
-        return [(p, f"a video of {label}" if label else "") for p, label in zip(files, labels)], 0, layout
+        return [(p, f"a video of {label}" if label else "") for p,
+                label in zip(files, labels)], 0, layout
     rows = table_rows(root, table)
     found = []
     for row in rows:
-        if os.path.isfile(root / row[0]):  # False for a name too long or with a NUL byte, too
-            # everything after the first comma is the caption: people write captions with commas, unquoted
+        if os.path.isfile(root / row[0]):
+            # False for a name too long or with a NUL byte, too everything after the first comma is
+            # the caption: people write captions with commas, unquoted
             found.append((root / row[0], ",".join(row[1:]).strip()[:CAPTION_CHARS]))
         else:
             say_skipped(f"row {row[0][:200]!r} of {table}", "no such file")

@@ -2,42 +2,44 @@
 Phenaki's generator (§2.2): a bidirectional transformer that fills in masked video codes, conditioned on
 a caption, trained and sampled as MaskGIT (Chang et al. 2022).
 
-The video tokenizer turns a clip into codes (B, t, h, w) with t = 1 + n latent frames. Flattened, that is
-N = t·h·w positions. Each position gets a code embedding (or the embedding of the extra [MASK] id K)
-plus factorised learned position embeddings for its time, row and column. The stack self-attends over
-all N positions and cross-attends to the text states; a linear head gives logits over the K codes.
-With `position="rotary"` every self-attention also rotates its queries and keys by their (t, h, w)
-position (a 3D rotary embedding, transformer.rotate), so that a logit depends on the offset (Δt, Δh, Δw)
-between two positions: in a video the code that predicts a moving one sits at a fixed offset (one latent
-frame back, one place along), and a head can look there whatever the absolute position.
+The video tokenizer turns a clip into codes (B, t, h, w) with t = 1 + n latent frames. Flattened,
+that is N = t·h·w positions. Each position gets a code embedding (or the embedding of the extra
+[MASK] id K) plus factorised learned position embeddings for its time, row and column. The stack
+self-attends over all N positions and cross-attends to the text states; a linear head gives logits
+over the K codes. With `position="rotary"` every self-attention also rotates its queries and keys by
+their (t, h, w) position (a 3D rotary embedding, transformer.rotate), so that a logit depends on the
+offset (Δt, Δh, Δw) between two positions: in a video the code that predicts a moving one sits at a
+fixed offset (one latent frame back, one place along), and a head can look there whatever the
+absolute position.
 
-Training (`loss`): for each sample draw r ~ U(0, 1) and mask ⌈γ(r)·N⌉ random positions, with the cosine
-schedule γ(r) = cos(πr/2) (MaskGIT §3.2). The cross-entropy counts only the masked positions: the
-visible ones are copied from the input and would teach nothing. A share `prefix` of the samples keeps its
-first k latent frames visible (k uniform in 1..t-1) and masks ⌈γ(r)·N_rest⌉ of the later positions: the
-task every window after the first is sampled with (Phenaki §2.3; MAGVIT trains frame prediction so). A
-caption is replaced by the empty one 10% of the time, so the same network also predicts without text
-(classifier-free guidance, Ho & Salimans 2022). An image is a one-latent-frame video: its later frames
-are padding that is neither attended to nor scored, so only its first-frame codes are masked (Phenaki §3,
-joint image-video training).
+Training (`loss`): for each sample draw r ~ U(0, 1) and mask ⌈γ(r)·N⌉ random positions, with the
+cosine schedule γ(r) = cos(πr/2) (MaskGIT §3.2). The cross-entropy counts only the masked positions:
+the visible ones are copied from the input and would teach nothing. A share `prefix` of the samples
+keeps its first k latent frames visible (k uniform in 1..t-1) and masks ⌈γ(r)·N_rest⌉ of the later
+positions: the task every window after the first is sampled with (Phenaki §2.3; MAGVIT trains frame
+prediction so). A caption is replaced by the empty one 10% of the time, so the same network also
+predicts without text (classifier-free guidance, Ho & Salimans 2022). An image is a one-latent-frame
+video: its later frames are padding that is neither attended to nor scored, so only its first-frame
+codes are masked (Phenaki §3, joint image-video training).
 
 Decoding (`generate`), MaskGIT §3.2: start with every unknown position masked. At step s of S,
   1. predict logits for all positions (guided: uncond + scale·(cond − uncond));
   2. sample a code at each masked position;
-  3. score each sampled code by its log-probability plus Gumbel noise of temperature τ·(1 − (s+1)/S),
-     noise that anneals to zero so that late steps pick the truly confident codes;
+  3. score each sampled code by its log-probability plus Gumbel noise of temperature τ·(1 −
+     (s+1)/S), noise that anneals to zero so that late steps pick the truly confident codes;
   4. keep masked the ⌊γ((s+1)/S)·N_unknown⌋ least confident; the rest are decided for good.
 After S steps nothing is masked. Codes given by the caller (the first frames in a continuation) are
 never masked, so they never change.
 
-Any length and stories (`stream_video`, `make_video`, Phenaki §2.3): generate one window of t latent frames, decode it,
-then again and again re-encode the last 1 + 2(k − 1) frames with the causal tokenizer, give their k
-latent frames as known codes, and generate the remaining t − k under the current prompt. Each shift adds
-2(t − k) frames, so the length has no bound, and a new prompt per segment tells a story.
+Any length and stories (`stream_video`, `make_video`, Phenaki §2.3): generate one window of t latent
+frames, decode it, then again and again re-encode the last 1 + 2(k − 1) frames with the causal
+tokenizer, give their k latent frames as known codes, and generate the remaining t − k under the
+current prompt. Each shift adds 2(t − k) frames, so the length has no bound, and a new prompt per
+segment tells a story.
 
 Deviations: the paper does not say how it encodes positions; rotary positions and prefix masks are
-options, measured in the README's motion study (the shipped generators use neither). Sizes are far below the paper's 1.8B, and the text encoder
-is our own.
+options, measured in the README's motion study (the shipped generators use neither). Sizes are far
+below the paper's 1.8B, and the text encoder is our own.
 """
 
 import math
@@ -56,37 +58,49 @@ from transformer import Transformer
 
 @dataclass
 class MaskGITConfig:
-    codebook_size: int = 1024  # K; must equal the tokenizer's codebook size
-    latent_frames: int = 6  # t = 1 + n for the 1 + 2n frame clips it is trained on (the window)
-    grid: int = 8  # h = w = image size / 8
-    dim: int = 256  # D
-    depth: int = 4  # transformer blocks
-    heads: int = 8  # attention heads
-    head_dim: int | None = None  # width of a head; None = dim / heads
-    mlp: int = 1024  # hidden width of the feed-forward
-    text_drop: float = 0.1  # share of captions replaced by the empty one in training (for guidance)
-    position: str = "absolute"  # "absolute": factorised tables; "rotary": also 3D rotary angles in self-attention
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # the caption encoder
+    # K; must equal the tokenizer's codebook size
+    codebook_size: int = 1024
+    # t = 1 + n for the 1 + 2n frame clips it is trained on (the window)
+    latent_frames: int = 6
+    # h = w = image size / 8
+    grid: int = 8
+    # D
+    dim: int = 256
+    # transformer blocks
+    depth: int = 4
+    # attention heads
+    heads: int = 8
+    # width of a head; None = dim / heads
+    head_dim: int | None = None
+    # hidden width of the feed-forward
+    mlp: int = 1024
+    # share of captions replaced by the empty one in training (for guidance)
+    text_drop: float = 0.1
+    # "absolute": factorised tables; "rotary": also 3D rotary angles in self-attention
+    position: str = "absolute"
+    # the caption encoder
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
 
 
-# How positions enter: "absolute" tables only (what the files shipped before the motion study hold), or
-# "rotary": the tables and 3D rotary angles in every self-attention
+# How positions enter: "absolute" tables only (what the files shipped before the motion study hold),
+# or "rotary": the tables and 3D rotary angles in every self-attention
 POSITIONS = ("absolute", "rotary")
 
-# Sampling defaults, chosen with the oracle on 100 prompts the reported evaluation never draws (the tiny
-# generator behind the folded VQGAN): guidance 3 gave colour 0.95 / shape 0.82 / one object 0.93,
-# guidance 1.5 gave 1.00 / 0.92 / 1.00, and 24 steps instead of 12 took shape to 0.96.
+# Sampling defaults, chosen with the oracle on 100 prompts the reported evaluation never draws (the
+# tiny generator behind the folded VQGAN): guidance 3 gave colour 0.95 / shape 0.82 / one object
+# 0.93, guidance 1.5 gave 1.00 / 0.92 / 1.00, and 24 steps instead of 12 took shape to 0.96.
 STEPS, CFG, TEMPERATURE = 24, 1.5, 4.5
-# A window that continues frames is mostly decided by them: it takes less noise on the confidence. Chosen
-# on ten 101-frame Shapes videos "moving right" of a seed the evaluation never draws (the edge-trained
-# generator), the frames showing part of an object (fragments at the edge once the object had left,
-# besides its way out) were 19% at 4.5, 11% at 2.5 and 8% at 1.0. The first window keeps TEMPERATURE:
-# at 1.0 it drew nothing at all in 3 videos of 10.
+# A window that continues frames is mostly decided by them: it takes less noise on the confidence.
+# Chosen on ten 101-frame Shapes videos "moving right" of a seed the evaluation never draws (the
+# edge-trained generator), the frames showing part of an object (fragments at the edge once the
+# object had left, besides its way out) were 19% at 4.5, 11% at 2.5 and 8% at 1.0. The first window
+# keeps TEMPERATURE: at 1.0 it drew nothing at all in 3 videos of 10.
 CONTEXT_TEMPERATURE = 1.0
 
 
 def mask_ratio(r: torch.Tensor) -> torch.Tensor:
-    """MaskGIT's cosine schedule γ(r) = cos(πr/2): the share of positions still masked at progress r."""
+    """MaskGIT's cosine schedule γ(r) = cos(πr/2): the share of positions still masked at progress
+    r."""
     return torch.cos(math.pi / 2 * r)
 
 
@@ -96,10 +110,12 @@ def gumbel(shape: tuple, generator: torch.Generator | None, device: torch.device
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One code from each row of probs (M, K) -> (M, 1), by inverse CDF: the first code whose cumulative
-    share passes a uniform u. The same distribution as torch.multinomial, several times faster on a CPU."""
+    """One code from each row of probs (M, K) -> (M, 1), by inverse CDF: the first code whose
+    cumulative share passes a uniform u. The same distribution as torch.multinomial, several times
+    faster on a CPU."""
     cdf = probs.cumsum(-1)  # (M, K)
-    u = torch.rand(len(cdf), 1, generator=generator, device=probs.device) * cdf[:, -1:]  # total may be 1 - ε
+    # total may be 1 - ε
+    u = torch.rand(len(cdf), 1, generator=generator, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[1] - 1)
 
 
@@ -108,9 +124,11 @@ class MaskGIT(nn.Module):
         super().__init__()
         self.config = config
         D, K = config.dim, config.codebook_size
-        self.mask_id = K  # one extra embedding row for [MASK]
+        # one extra embedding row for [MASK]
+        self.mask_id = K
         self.tok_emb = nn.Embedding(K + 1, D)
-        # factorised positions: time, row and column embeddings are summed (t + h + w rows, not t·h·w)
+        # factorised positions: time, row and column embeddings are summed (t + h + w rows, not
+        # t·h·w)
         self.pos_t = nn.Parameter(torch.randn(config.latent_frames, D) * 0.02)
         self.pos_h = nn.Parameter(torch.randn(config.grid, D) * 0.02)
         self.pos_w = nn.Parameter(torch.randn(config.grid, D) * 0.02)
@@ -129,20 +147,22 @@ class MaskGIT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, states: torch.Tensor, text_mask: torch.Tensor,
                 frames: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, t, h, w) in [0, K] (K = [MASK]) -> logits (B, t, h, w, K). `frames` (B,) is the
-        number of real latent frames of each sample (1 for an image); the rest is padding."""
+        """tokens (B, t, h, w) in [0, K] (K = [MASK]) -> logits (B, t, h, w, K). `frames` (B,) is
+        the number of real latent frames of each sample (1 for an image); the rest is padding."""
         B, t, h, w = tokens.shape
         pos = self.pos_t[:t, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]  # (t, h, w, D)
         x = (self.tok_emb(tokens) + pos).view(B, t * h * w, -1)  # (B, N, D)
         mask = None
         if frames is not None:
             mask = self.real_positions(frames, tokens.shape)  # (B, N), padding is never attended to
-        angles = rotary_angles(t, h, w, self.head_dim, x.device) if self.config.position == "rotary" else None
+        angles = rotary_angles(t, h, w, self.head_dim,
+                               x.device) if self.config.position == "rotary" else None
         x = self.transformer(x, states, text_mask, mask, angles)  # (B, N, D)
         return self.head(x).view(B, t, h, w, -1)  # (B, t, h, w, K)
 
     def predict(self, tokens: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """Logits for tokens (B, t, h, w) under captions ids, text_mask (B, L) -> (B, t, h, w, K)."""
+        """Logits for tokens (B, t, h, w) under captions ids, text_mask (B, L) -> (B, t, h, w,
+        K)."""
         return self(tokens, self.encode_text(ids, text_mask), text_mask)
 
     @staticmethod
@@ -154,45 +174,52 @@ class MaskGIT(nn.Module):
     def drop_captions(self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None):
         """Replace a `text_drop` share of the captions with the empty caption ([BOS] alone)."""
         drop = torch.rand(ids.shape[0], generator=generator, device=ids.device) < self.config.text_drop  # (B,)
-        mask = mask & ~(drop[:, None] & (ids != BOS))  # keep only [BOS] in dropped rows
+        # keep only [BOS] in dropped rows
+        mask = mask & ~(drop[:, None] & (ids != BOS))
         return torch.where(mask, ids, PAD), mask
 
     def mask_positions(self, codes: torch.Tensor, frames: torch.Tensor | None = None, prefix: float = 0.0):
-        """Draw the training mask: codes (B, t, h, w) -> tokens (B, t, h, w) with [MASK] where hidden,
-        and masked (B, N), the positions to score. Each sample hides ⌈γ(r)·N_open⌉ of its open positions,
-        r ~ U(0, 1). Open are the real ones, less, in a `prefix` share of the samples, their first k latent
-        frames (k uniform in 1..t-1), which stay visible and are never scored. An image's padding frames
-        are [MASK] too but are not scored."""
+        """Draw the training mask: codes (B, t, h, w) -> tokens (B, t, h, w) with [MASK] where
+        hidden, and masked (B, N), the positions to score. Each sample hides ⌈γ(r)·N_open⌉ of its
+        open positions, r ~ U(0, 1). Open are the real ones, less, in a `prefix` share of the
+        samples, their first k latent frames (k uniform in 1..t-1), which stay visible and are never
+        scored. An image's padding frames are [MASK] too but are not scored."""
         B, t, h, w = codes.shape
         N = t * h * w
         real = torch.ones(B, N, dtype=torch.bool, device=codes.device) if frames is None else self.real_positions(frames, codes.shape)
         open_ = real
-        if prefix > 0:  # continuation: the first k latent frames are given, as when a window is shifted
+        if prefix > 0:
+            # continuation: the first k latent frames are given, as when a window is shifted
             real_frames = torch.full((B,), t, device=codes.device) if frames is None else frames  # (B,)
             keep = (torch.rand(B, device=codes.device) * (real_frames - 1)).floor().long() + 1  # (B,) in 1..t-1
-            keep = torch.where((torch.rand(B, device=codes.device) < prefix) & (real_frames > 1), keep, 0)
+            keep = torch.where((torch.rand(B, device=codes.device) < prefix) & (real_frames > 1),
+                               keep, 0)
             open_ = real & ~self.real_positions(keep, codes.shape)  # (B, N)
         ratio = mask_ratio(torch.rand(B, device=codes.device))  # (B,) share to mask, cosine schedule
-        n_mask = (ratio * open_.sum(1)).ceil().clamp(min=1)  # at least one masked position per sample
+        # at least one masked position per sample
+        n_mask = (ratio * open_.sum(1)).ceil().clamp(min=1)
         # a random order of the open positions; the first n_mask of each row are masked
-        scores = torch.rand(B, N, device=codes.device).masked_fill(~open_, 2.0)  # padding and kept frames sort last
+        # padding and kept frames sort last
+        scores = torch.rand(B, N, device=codes.device).masked_fill(~open_, 2.0)
         masked = scores.argsort(1).argsort(1) < n_mask[:, None]  # (B, N)
         tokens = codes.reshape(B, N).masked_fill(masked | ~real, self.mask_id)
         return tokens.view(B, t, h, w), masked
 
     def loss(self, codes: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor,
              frames: torch.Tensor | None = None, motion_weight: float = 1.0, prefix: float = 0.0) -> torch.Tensor:
-        """codes (B, t, h, w) long; ids, text_mask (B, L); frames (B,) real latent frames or None (all);
-        prefix: the share of samples masked as continuations (mask_positions).
-        Returns the mean cross-entropy over the masked positions only. With motion_weight > 1 a code that
-        differs from the one at its place in the latent frame before counts that many times: in a video
-        most codes repeat the frame before, and a plain mean lets them outvote the few that move."""
+        """codes (B, t, h, w) long; ids, text_mask (B, L); frames (B,) real latent frames or None
+        (all); prefix: the share of samples masked as continuations (mask_positions). Returns the
+        mean cross-entropy over the masked positions only. With motion_weight > 1 a code that
+        differs from the one at its place in the latent frame before counts that many times: in a
+        video most codes repeat the frame before, and a plain mean lets them outvote the few that
+        move."""
         tokens, masked = self.mask_positions(codes, frames, prefix)
         ids, text_mask = self.drop_captions(ids, text_mask)
         logits = self(tokens, self.encode_text(ids, text_mask), text_mask, frames)  # (B, t, h, w, K)
         K = logits.shape[-1]
         scored = masked.flatten()  # (B·N,) only the masked positions are scored
-        ce = F.cross_entropy(logits.view(-1, K)[scored].float(), codes.flatten()[scored], reduction="none")
+        ce = F.cross_entropy(logits.view(-1, K)[scored].float(), codes.flatten()[scored],
+                             reduction="none")
         if motion_weight == 1.0:
             return ce.mean()
         moved = F.pad(codes[:, 1:] != codes[:, :-1], (0, 0, 0, 0, 1, 0))  # (B, t, h, w), False in frame 0
@@ -200,11 +227,12 @@ class MaskGIT(nn.Module):
         return (ce * weight).sum() / weight.sum()
 
     def guided_logits(self, tokens: torch.Tensor, cond: tuple, uncond: tuple, scale: float) -> torch.Tensor:
-        """Classifier-free guidance: uncond + scale·(cond − uncond). 1 is plain conditional, 0 ignores the text.
-        cond and uncond are (states, mask) pairs; both halves run as one batch."""
+        """Classifier-free guidance: uncond + scale·(cond − uncond). 1 is plain conditional, 0
+        ignores the text. cond and uncond are (states, mask) pairs; both halves run as one batch."""
         if scale == 1.0:
             return self(tokens, *cond)
-        B, pad = len(tokens), cond[0].shape[1] - uncond[0].shape[1]  # pad the empty caption to the prompts' length
+        # pad the empty caption to the prompts' length
+        B, pad = len(tokens), cond[0].shape[1] - uncond[0].shape[1]
         states = torch.cat([cond[0], F.pad(uncond[0], (0, 0, 0, pad)).expand(B, -1, -1)])  # (2B, L, D)
         mask = torch.cat([cond[1], F.pad(uncond[1], (0, pad)).expand(B, -1)])  # (2B, L)
         c, u = self(torch.cat([tokens, tokens]), states, mask).float().chunk(2)
@@ -215,13 +243,15 @@ class MaskGIT(nn.Module):
                  steps: int = STEPS, cfg: float = CFG, temperature: float = TEMPERATURE,
                  generator: torch.Generator | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Captions ids, text_mask (B, L) -> codes (B, t, h, w). `given` (B, t', h, w) holds known codes
-        and -1 where a code is to be generated; t' may be shorter than the window. None: generate all.
-        `steps` is for a whole window; one with known codes takes proportionally fewer (window_steps)."""
+        """Captions ids, text_mask (B, L) -> codes (B, t, h, w). `given` (B, t', h, w) holds known
+        codes and -1 where a code is to be generated; t' may be shorter than the window. None:
+        generate all. `steps` is for a whole window; one with known codes takes proportionally fewer
+        (window_steps)."""
         c = self.config
         B, device = ids.shape[0], ids.device
         if given is None:
-            given = torch.full((B, c.latent_frames, c.grid, c.grid), -1, dtype=torch.long, device=device)
+            given = torch.full((B, c.latent_frames, c.grid, c.grid), -1, dtype=torch.long,
+                               device=device)
         shape = given.shape
         tokens = given.reshape(B, -1).masked_fill(given.reshape(B, -1) < 0, self.mask_id)  # (B, N)
         n_unknown = (tokens == self.mask_id).sum(1)  # (B,)
@@ -232,18 +262,22 @@ class MaskGIT(nn.Module):
         steps = window_steps(steps, int(n_unknown.max()), tokens.shape[1])
         for s in range(steps):
             logits = self.guided_logits(tokens.view(shape), cond, uncond, cfg).view(B, tokens.shape[1], -1)  # (B, N, K)
-            open_ = tokens == self.mask_id  # positions still to decide
+            # positions still to decide
+            open_ = tokens == self.mask_id
             probs = logits[open_].float().softmax(-1)  # (M, K): only where a code is still to be chosen
             pick = draw(probs, generator)  # (M, 1)
             sampled = tokens.masked_scatter(open_, pick.squeeze(1))  # (B, N)
             logp = torch.zeros(B, tokens.shape[1], device=device).masked_scatter(
                 open_, probs.gather(1, pick).squeeze(1).clamp_min(1e-30).log())  # (B, N), 0 where decided
             noise = temperature * (1 - (s + 1) / steps) * gumbel(logp.shape, generator, device)
-            confidence = (logp + noise).masked_fill(~open_, math.inf)  # decided codes are never re-masked
+            # decided codes are never re-masked
+            confidence = (logp + noise).masked_fill(~open_, math.inf)
             progress = torch.tensor((s + 1) / steps, device=device)
             n_mask = (mask_ratio(progress) * n_unknown).floor().long()  # (B,)
-            n_mask = torch.minimum(n_mask, open_.sum(1) - 1).clamp(min=0)  # unmask at least one per step
-            rank = confidence.argsort(1).argsort(1)  # 0 = least confident
+            # unmask at least one per step
+            n_mask = torch.minimum(n_mask, open_.sum(1) - 1).clamp(min=0)
+            # 0 = least confident
+            rank = confidence.argsort(1).argsort(1)
             tokens = sampled.masked_fill(rank < n_mask[:, None], self.mask_id)
             if on_step is not None:
                 on_step(s + 1, steps)
@@ -251,43 +285,49 @@ class MaskGIT(nn.Module):
 
 
 def rotary_angles(t: int, h: int, w: int, head_dim: int, device: torch.device) -> torch.Tensor:
-    """3D rotary angles for the positions of a (t, h, w) grid -> (N, hd/2). The hd/2 rotated pairs of a head
-    are shared out in three equal groups, for time, row and column (any left over stay unturned); within a
-    group pair k turns by π·2^-(k+1/2) radians a step, from fast (2.2: neighbours differ clearly) to slow (an
-    offset across the whole grid still differs from none), as a binary code of the offset."""
-    n = head_dim // 2 // 3  # pairs per axis
+    """3D rotary angles for the positions of a (t, h, w) grid -> (N, hd/2). The hd/2 rotated pairs
+    of a head are shared out in three equal groups, for time, row and column (any left over stay
+    unturned); within a group pair k turns by π·2^-(k+1/2) radians a step, from fast (2.2:
+    neighbours differ clearly) to slow (an offset across the whole grid still differs from none), as
+    a binary code of the offset."""
+    # pairs per axis
+    n = head_dim // 2 // 3
     freq = math.pi * 2.0 ** (-torch.arange(n, device=device) - 0.5)  # (n,) radians a step
     grid = torch.meshgrid(*(torch.arange(m, device=device) for m in (t, h, w)), indexing="ij")
-    parts = [g.flatten()[:, None] * freq for g in grid]  # 3 x (N, n)
+    # 3 x (N, n)
+    parts = [g.flatten()[:, None] * freq for g in grid]
     angles = torch.cat(parts, dim=1)  # (N, 3n)
     return F.pad(angles, (0, head_dim // 2 - 3 * n))  # (N, hd/2)
 
 
 def window_steps(steps: int, unknown: int, positions: int) -> int:
-    """Decoding steps for a window with `unknown` of its `positions` codes to generate: `steps` for a
-    whole window, proportionally fewer for a continuation (the same number of codes decided per step)."""
+    """Decoding steps for a window with `unknown` of its `positions` codes to generate: `steps` for
+    a whole window, proportionally fewer for a continuation (the same number of codes decided per
+    step)."""
     return max(1, math.ceil(steps * unknown / positions))
 
 
 def plan_windows(t: int, keep: int | None, frames: list[int], have: int = 0,
                  keep_at_cut: int | None = None) -> list[tuple[int, int, int]]:
-    """The windows make_video decodes -> [(segment, context frames, new frames)], in order: segment i
-    adds frames[i] new frames after the `have` frames before it. Context 0 starts a fresh window;
-    otherwise the last `context` frames (1 + 2(k - 1), k = `keep` latent frames) are re-encoded and given.
-    At a cut to the next prompt `keep_at_cut` latent frames are given (None: `keep`, as in the paper).
-    One, the last frame alone, tells where things are and how they look but not how they moved, and the
-    new prompt's motion starts from there. That suits a generator whose training clips never change their
-    motion (Shapes: shapes.KEEP_AT_CUT): given the old motion it has to turn it around within one latent
-    frame, and drew two objects at most cuts. One trained on such changes (Animals' story clips) does
-    better with the whole context."""
-    keep = max(1, min(keep or t // 2, t - 1))  # default half the window; at least one new latent frame
+    """The windows make_video decodes -> [(segment, context frames, new frames)], in order: segment
+    i adds frames[i] new frames after the `have` frames before it. Context 0 starts a fresh window;
+    otherwise the last `context` frames (1 + 2(k - 1), k = `keep` latent frames) are re-encoded and
+    given. At a cut to the next prompt `keep_at_cut` latent frames are given (None: `keep`, as in
+    the paper). One, the last frame alone, tells where things are and how they look but not how they
+    moved, and the new prompt's motion starts from there. That suits a generator whose training
+    clips never change their motion (Shapes: shapes.KEEP_AT_CUT): given the old motion it has to
+    turn it around within one latent frame, and drew two objects at most cuts. One trained on such
+    changes (Animals' story clips) does better with the whole context."""
+    # default half the window; at least one new latent frame
+    keep = max(1, min(keep or t // 2, t - 1))
     cut = max(1, min(keep_at_cut or keep, t - 1))
     window, plan = 1 + 2 * (t - 1), []
     for segment, wanted in enumerate(frames):
         made = 0
         while made < wanted:
             k = cut if made == 0 and segment > 0 else keep
-            context = 0 if have == 0 else min(1 + 2 * (k - 1), have - (1 - have % 2))  # odd: 1 + 2(k - 1)
+            # odd: 1 + 2(k - 1)
+            context = 0 if have == 0 else min(1 + 2 * (k - 1), have - (1 - have % 2))
             new = min(window - context, wanted - made)
             plan.append((segment, context, new))
             made, have = made + new, have + new
@@ -299,26 +339,29 @@ def stream_video(model: MaskGIT, tokenizer: nn.Module, prompts: list[tuple[torch
                  frames: list[int], init: torch.Tensor | None = None, keep: int | None = None,
                  keep_at_cut: int | None = None, context_temperature: float | None = CONTEXT_TEMPERATURE,
                  **sampling) -> Iterator[torch.Tensor]:
-    """A video of any length, a window at a time: segment i has `frames[i]` new frames under prompt i
-    (ids, mask each (B, L)). `init` (B, 3, T0, H, W) is an image or video to continue (not yielded again).
-    `keep` latent frames (default half the window) are re-encoded and given at each shift, `keep_at_cut`
-    at a change of prompt (plan_windows); such a window samples at `context_temperature` (None: as the
-    first window, `sampling`'s temperature). Yields the new frames of each window (B, 3, new, H, W) in
-    order. Only the last window of frames is held: the memory of a video does not grow with its length,
-    and nothing is copied more than once."""
+    """A video of any length, a window at a time: segment i has `frames[i]` new frames under prompt
+    i (ids, mask each (B, L)). `init` (B, 3, T0, H, W) is an image or video to continue (not yielded
+    again). `keep` latent frames (default half the window) are re-encoded and given at each shift,
+    `keep_at_cut` at a change of prompt (plan_windows); such a window samples at
+    `context_temperature` (None: as the first window, `sampling`'s temperature). Yields the new
+    frames of each window (B, 3, new, H, W) in order. Only the last window of frames is held: the
+    memory of a video does not grow with its length, and nothing is copied more than once."""
     t = model.config.latent_frames
     window = 1 + 2 * (t - 1)
-    tail = init  # the latest frames, at most one window: where the next context comes from
+    # the latest frames, at most one window: where the next context comes from
+    tail = init
     for segment, context, new in plan_windows(t, keep, frames, 0 if init is None else init.shape[2], keep_at_cut):
         ids, mask = prompts[segment]
-        given, settings = None, sampling  # nothing to continue: a fresh window
+        # nothing to continue: a fresh window
+        given, settings = None, sampling
         if context:
             known = tokenizer.encode(tail[:, :, -context:])  # (B, k, h, w), causal: no future needed
             given = F.pad(known, (0, 0, 0, 0, 0, t - known.shape[1]), value=-1)  # (B, t, h, w), -1 = generate
             if context_temperature is not None:
                 settings = sampling | {"temperature": context_temperature}
         piece = tokenizer.decode(model.generate(ids, mask, given=given, **settings))[:, :, context:context + new]
-        tail = piece if tail is None else torch.cat([tail, piece], dim=2)[:, :, -window:]  # bounded: one window
+        # bounded: one window
+        tail = piece if tail is None else torch.cat([tail, piece], dim=2)[:, :, -window:]
         yield piece  # (B, 3, new, H, W) after the context
 
 

@@ -1,12 +1,13 @@
 """
 What a generator has learned of motion, measured two ways (the motion issue's probe; README, the motion study).
 
-The probe (`motion_probe`) reads the generator's predictions on held-out codes. In a video most codes
-repeat the code at their place one latent frame before; those that do not are where things move (in the
-Animals world, mostly the ground that scrolls under a running subject). The masked-code loss and top-1
-accuracy are reported apart for moved and still codes, under training's random masks and under a
-continuation's mask (the first half of the latent frames given, the rest to fill, as every shifted window
-starts). A generator that copies the frame before scores well on still codes and badly on moved ones.
+The probe (`motion_probe`) reads the generator's predictions on held-out codes. In a video most
+codes repeat the code at their place one latent frame before; those that do not are where things
+move (in the Animals world, mostly the ground that scrolls under a running subject). The masked-code
+loss and top-1 accuracy are reported apart for moved and still codes, under training's random masks
+and under a continuation's mask (the first half of the latent frames given, the rest to fill, as
+every shifted window starts). A generator that copies the frame before scores well on still codes
+and badly on moved ones.
 
 The continuation test (`continuation`) gives real Animals clips of each action as context and judges
 the action of the frames the generator makes after them: the sampler is then not the question, only
@@ -15,11 +16,13 @@ whether the generator carries on the motion it is shown.
     codes (N, t, h, w), captions  ->  motion_probe  ->  {probe_<random|next>_<moved|still>_<loss|acc>}
     rendered clips (B, 3, 11, H, W)  ->  make_video  ->  judge per window  ->  {continue_<action>}
 
-evaluate.py reports both (and `--motion SEED` alone, for the study); train.py logs them at image_every.
+evaluate.py reports both (and `--motion SEED` alone, for the study); train.py logs them at
+image_every.
 
-Stage 1 has its own question (`code_following`): whether a tokenizer's codes move with the picture. Where
-they do, continuing a scroll is copying codes from one place along, which relative positions make easy to
-attend to; where they do not, the generator has to learn the scroll as a mapping from codes to new codes.
+Stage 1 has its own question (`code_following`): whether a tokenizer's codes move with the picture.
+Where they do, continuing a scroll is copying codes from one place along, which relative positions
+make easy to attend to; where they do not, the generator has to learn the scroll as a mapping from
+codes to new codes.
 """
 
 import numpy as np
@@ -37,14 +40,15 @@ from stream import encode_clips
 @torch.no_grad()
 def motion_probe(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, seed: int = 0,
                  batch_size: int = 32) -> dict[str, float]:
-    """What the generator has learned of motion, from held-out codes (N, t, h, w) and captions (N, L):
-    the masked-code loss and top-1 accuracy on codes that differ from the code at their place one latent
-    frame before (moved) and on those that repeat it (still), latent frames 1.. only, under two masks:
-    training's random ones (probe_random_*, the same draws every call, from `seed`) and a continuation's
-    (probe_next_*: the first half of the latent frames given, the rest to fill, as a shifted window
-    starts). A model that copies the frame before scores well on still codes and badly on moved ones.
-    `model` is a MaskGIT or distributed.Run around one."""
-    t, draw_masks = codes.shape[1], getattr(model, "model", model).mask_positions  # Run keeps the MaskGIT as .model
+    """What the generator has learned of motion, from held-out codes (N, t, h, w) and captions (N,
+    L): the masked-code loss and top-1 accuracy on codes that differ from the code at their place
+    one latent frame before (moved) and on those that repeat it (still), latent frames 1.. only,
+    under two masks: training's random ones (probe_random_*, the same draws every call, from `seed`)
+    and a continuation's (probe_next_*: the first half of the latent frames given, the rest to fill,
+    as a shifted window starts). A model that copies the frame before scores well on still codes and
+    badly on moved ones. `model` is a MaskGIT or distributed.Run around one."""
+    # Run keeps the MaskGIT as .model
+    t, draw_masks = codes.shape[1], getattr(model, "model", model).mask_positions
     moved = codes[:, 1:] != codes[:, :-1]  # (N, t - 1, h, w): frame 0 has no frame before
     sums, counts = {}, {}
     with torch.random.fork_rng(devices=[codes.device] if codes.device.type == "cuda" else []):
@@ -57,29 +61,37 @@ def motion_probe(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tens
                     masked = masked.view(c.shape)
                 else:
                     masked = torch.zeros_like(c, dtype=torch.bool)
-                    masked[:, t // 2:] = True  # keep t // 2 latent frames, as make_video's default context
-                    tokens = c.masked_fill(masked, model.config.codebook_size)  # [MASK]
+                    # keep t // 2 latent frames, as make_video's default context
+                    masked[:, t // 2:] = True
+                    # [MASK]
+                    tokens = c.masked_fill(masked, model.config.codebook_size)
                 logits = model.predict(tokens, ids[rows].to(c.device), mask[rows].to(c.device)).float()  # (B, t, h, w, K)
-                ce = F.cross_entropy(logits.flatten(0, 3), c.flatten(), reduction="none").view(c.shape)[:, 1:]
+                ce = F.cross_entropy(logits.flatten(0, 3), c.flatten(),
+                                     reduction="none").view(c.shape)[:, 1:]
                 hit = (logits.argmax(-1) == c)[:, 1:]  # (B, t - 1, h, w)
                 for group, where in (("moved", moved[rows]), ("still", ~moved[rows])):
-                    where = where & masked[:, 1:]  # scored: masked positions of this group
+                    # scored: masked positions of this group
+                    where = where & masked[:, 1:]
                     counts[kind, group] = counts.get((kind, group), 0) + where.sum().item()
                     for name, value in (("loss", ce), ("acc", hit.float())):
-                        sums[kind, group, name] = sums.get((kind, group, name), 0.0) + value[where].sum().item()
-    return {f"probe_{kind}_{group}_{name}": v / max(counts[kind, group], 1) for (kind, group, name), v in sums.items()}
+                        sums[kind, group, name] = sums.get((kind, group, name),
+                                                           0.0) + value[where].sum().item()
+    return {f"probe_{kind}_{group}_{name}": v / max(counts[kind, group], 1) for (kind, group, name),
+            v in sums.items()}
 
 
-CONTINUE_SEED = 1_000_033  # the real clips the continuation test gives as context: never trained on
+# the real clips the continuation test gives as context: never trained on
+CONTINUE_SEED = 1_000_033
 
 
 @torch.no_grad()
 def continuation(model, text, tokenizer, clips_per_action: int = 2, windows: int = 3, seed: int = CONTINUE_SEED,
                  device: torch.device = torch.device("cpu"), **sampling) -> dict[str, float]:
-    """Real Animals clips as context, the generator goes on: for each action, `clips_per_action` rendered
-    11-frame clips (random species that has it, colour, direction, scene) are continued under their
-    canonical caption by `windows` windows of 10 new frames, and each window is judged. -> continue_action,
-    the share of windows whose action is the clip's, and continue_<action> for each action."""
+    """Real Animals clips as context, the generator goes on: for each action, `clips_per_action`
+    rendered 11-frame clips (random species that has it, colour, direction, scene) are continued
+    under their canonical caption by `windows` windows of 10 new frames, and each window is judged.
+    -> continue_action, the share of windows whose action is the clip's, and continue_<action> for
+    each action."""
     rng = np.random.default_rng(seed)
     specs = []
     for action in animals.MOTION:
@@ -89,7 +101,8 @@ def continuation(model, text, tokenizer, clips_per_action: int = 2, windows: int
                                             str(rng.choice(animals.DIRECTIONS)), str(rng.choice(list(animals.SCENES)))))
     real = np.stack([animals.render(s, 11, 64, rng) for s in specs])  # (B, 11, H, W, 3) uint8
     init = torch.from_numpy(real).permute(0, 4, 1, 2, 3).to(device).float() / 127.5 - 1  # (B, 3, 11, H, W)
-    prompt = [x.to(device) for x in text.encode([animals.caption(s) for s in specs], model.config.text.max_len)]
+    prompt = [x.to(device) for x in text.encode([animals.caption(s) for s in specs],
+                                                model.config.text.max_len)]
     video = make_video(model, tokenizer, [prompt], [10 * windows], init=init, **sampling)  # (B, 3, 11 + 10w, H, W)
     video = video.float().cpu()
     held = {a: [] for a in animals.MOTION}
@@ -100,8 +113,8 @@ def continuation(model, text, tokenizer, clips_per_action: int = 2, windows: int
 
 
 def _slide(image: np.ndarray, speed: float, frames: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (T, H, W, 3): frame i is the image moved left by speed * i pixels (wrapped round,
-    fractions by linear interpolation, as the Animals ground scrolls)."""
+    """(H, W, 3) uint8 -> (T, H, W, 3): frame i is the image moved left by speed * i pixels (wrapped
+    round, fractions by linear interpolation, as the Animals ground scrolls)."""
     out = []
     for i in range(frames):
         k, f = int(np.floor(speed * i)), speed * i - np.floor(speed * i)
@@ -115,34 +128,41 @@ def _codes(tokenizer, videos: np.ndarray) -> torch.Tensor:
 
 
 def _following(codes: torch.Tensor, d: int) -> float:
-    """The share of bottom-row codes (latent frames 2.., inner columns) of codes (N, t, h, w) that repeat the
-    code d places to the right one latent frame before: where a picture moving left by d codes came from."""
+    """The share of bottom-row codes (latent frames 2.., inner columns) of codes (N, t, h, w) that
+    repeat the code d places to the right one latent frame before: where a picture moving left by d
+    codes came from."""
     bottom, w = codes[:, :, -1], codes.shape[-1]  # (N, t, w): the bottom code row, below every subject's feet
-    now, before = bottom[:, 2:, 1:w - 1 - d], bottom[:, 1:-1, 1 + d:w - 1]  # frame 0 is coded alone, so from 2
+    # frame 0 is coded alone, so from 2
+    now, before = bottom[:, 2:, 1:w - 1 - d], bottom[:, 1:-1, 1 + d:w - 1]
     return (now == before).float().mean().item()
 
 
 @torch.no_grad()
 def code_following(tokenizer, clips: int = 64, seed: int = CONTINUE_SEED) -> dict[str, float]:
-    """Whether a tokenizer's codes move with the picture (README, "do the tokenizer's codes follow the
-    ground?"). On `clips` rendered Animals clips of a subject running right:
-    follow_real, the share of bottom-row codes that repeat the code one latent frame before at the place the
-    ground came from; follow_slid, the same on each clip's first frame slid whole at the clip's speed (a pure
-    translation: what the tokenizer allows); follow_grid, slid by one code a latent frame (4 pixels a frame at 8
-    pixels a code); and nonlocal, the share of codes in the far quadrant that change when the top-left 8 x 8
-    pixels of frames 3.. are inverted (a code that follows only its own cell changes none)."""
+    """Whether a tokenizer's codes move with the picture (README, "do the tokenizer's codes follow
+    the ground?"). On `clips` rendered Animals clips of a subject running right: follow_real, the
+    share of bottom-row codes that repeat the code one latent frame before at the place the ground
+    came from; follow_slid, the same on each clip's first frame slid whole at the clip's speed (a
+    pure translation: what the tokenizer allows); follow_grid, slid by one code a latent frame (4
+    pixels a frame at 8 pixels a code); and nonlocal, the share of codes in the far quadrant that
+    change when the top-left 8 x 8 pixels of frames 3.. are inverted (a code that follows only its
+    own cell changes none)."""
     rng, specs = np.random.default_rng(seed), []
     while len(specs) < clips:
         spec = animals.random_spec(rng)
-        if spec.species != "bird":  # a bird's ground does not scroll while it sits
-            specs.append(animals.AnimalSpec(spec.species, spec.color, "running", "right", spec.scene))
+        if spec.species != "bird":
+            # a bird's ground does not scroll while it sits
+            specs.append(animals.AnimalSpec(spec.species, spec.color, "running", "right",
+                                            spec.scene))
     real = np.stack([animals.render(s, 11, 64, rng) for s in specs])  # (N, 11, 64, 64, 3)
-    speed = animals.MOTION["running"][0]  # each clip's pace is 0.9 to 1.1 of it
+    # each clip's pace is 0.9 to 1.1 of it
+    speed = animals.MOTION["running"][0]
     inverted = real.copy()
     inverted[:, 3:, :8, :8] = 255 - inverted[:, 3:, :8, :8]
     a, b = _codes(tokenizer, np.concatenate([real, inverted])).chunk(2)  # (N, t, h, w) each
     t, h, w = a.shape[1:]
-    run, grid = (round(v * 10 / (t - 1) / (64 // w)) for v in (speed, 4.0))  # code places moved in a latent frame
+    # code places moved in a latent frame
+    run, grid = (round(v * 10 / (t - 1) / (64 // w)) for v in (speed, 4.0))
     return {"follow_real": _following(a, run),
             "follow_slid": _following(_codes(tokenizer, np.stack([_slide(v[0], speed, 11) for v in real])), run),
             "follow_grid": _following(_codes(tokenizer, np.stack([_slide(v[0], 4.0, 11) for v in real])), grid),
@@ -151,8 +171,8 @@ def code_following(tokenizer, clips: int = 64, seed: int = CONTINUE_SEED) -> dic
 
 def watch_motion(model, text, tokenizer, held_out: tuple, data: str, device: torch.device, seed: int,
                  **sampling) -> dict[str, float]:
-    """What a run logs of motion at each image_every: the probe on its held-out (codes, ids, mask) and,
-    in the Animals world, one real clip of each action continued by two windows."""
+    """What a run logs of motion at each image_every: the probe on its held-out (codes, ids, mask)
+    and, in the Animals world, one real clip of each action continued by two windows."""
     figures = motion_probe(model, *held_out, seed=seed)
     if data == "animals":
         figures |= continuation(model, text, tokenizer, 1, 2, device=device, **sampling)
@@ -160,8 +180,11 @@ def watch_motion(model, text, tokenizer, held_out: tuple, data: str, device: tor
 
 
 def motion_extras(model, text, tokenizer, seed: int, clips: int = 128, **sampling) -> dict[str, float]:
-    """The motion probe on `clips` Animals clips of `seed` and the continuation of 4 real clips per action
-    (of another seed derived from it): how things move, beside what the judge reads of single prompts."""
-    codes, captions, _ = encode_clips(tokenizer, make_source("animals", 11, 64, seed), clips, torch.device("cpu"))
+    """The motion probe on `clips` Animals clips of `seed` and the continuation of 4 real clips per
+    action (of another seed derived from it): how things move, beside what the judge reads of single
+    prompts."""
+    codes, captions, _ = encode_clips(tokenizer, make_source("animals", 11, 64, seed), clips,
+                                      torch.device("cpu"))
     ids, mask = text.encode(captions, model.config.text.max_len)
-    return motion_probe(model, codes, ids, mask) | continuation(model, text, tokenizer, 4, 3, seed + 30, **sampling)
+    return motion_probe(model, codes, ids, mask) | continuation(model, text, tokenizer, 4, 3,
+                                                                seed + 30, **sampling)

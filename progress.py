@@ -4,9 +4,9 @@ What a long job shows while it runs, and what a training run leaves behind to be
 `Progress` is the one progress line of every long job: training steps, the token cache, the decoding
 steps of sample.py. On a terminal it redraws itself in place (a carriage return, no newline) after
 every unit of work; written to a log file or a pipe, where a carriage return would glue hundreds of
-updates into one line, it prints a plain line each time another ~10% of the work is done or 30 s have
-passed, and at the end. Each line says how far the job is, its own figures (losses, clips/s), and the time left, which
-is extrapolated from the rate since the job (or its resume) started.
+updates into one line, it prints a plain line each time another ~10% of the work is done or 30 s
+have passed, and at the end. Each line says how far the job is, its own figures (losses, clips/s),
+and the time left, which is extrapolated from the rate since the job (or its resume) started.
 
 `RunLog` is a run's record in its --out folder:
   log.jsonl   one JSON object per logged step: step, lr, time, the losses, the skipped steps and files,
@@ -31,16 +31,19 @@ import torch
 
 
 class Progress:
-    """One line for `total` units of work named `label` (step, batch): `update(done, text)` after each
-    unit; `start` is where a resumed job begins."""
+    """One line for `total` units of work named `label` (step, batch): `update(done, text)` after
+    each unit; `start` is where a resumed job begins."""
 
     def __init__(self, total: int, label: str, start: int = 0, stream=None, every: float = 30.0):
         self.total, self.label, self.start, self.t0 = total, label, start, time.time()
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
-        self.decile = (10 * start) // max(total, 1)  # the last tenth reported in a pipe
-        self.every, self.last = every, self.t0  # in a pipe, a line at least every `every` seconds too
-        self.drawn = False  # a terminal line is open and needs a newline before other output
+        # the last tenth reported in a pipe
+        self.decile = (10 * start) // max(total, 1)
+        # in a pipe, a line at least every `every` seconds too
+        self.every, self.last = every, self.t0
+        # a terminal line is open and needs a newline before other output
+        self.drawn = False
 
     def elapsed(self) -> float:
         return time.time() - self.t0
@@ -53,7 +56,8 @@ class Progress:
         left = (self.total - done) * self.elapsed() / max(done - self.start, 1)
         line = f"{self.label} {done}/{self.total}{' | ' + text if text else ''} | {int(left) // 60}m{int(left) % 60:02d}s left"
         if self.tty:
-            self.stream.write("\r" + line + "\033[K")  # clear what a longer previous line left behind
+            # clear what a longer previous line left behind
+            self.stream.write("\r" + line + "\033[K")
             self.drawn = True
         else:
             self.stream.write(line + "\n")
@@ -68,8 +72,9 @@ class Progress:
 
 
 class RunLog:
-    """log.jsonl, loss.png and sample grids in a run's folder; `history` holds the records so far, those
-    of the run's earlier sessions too (up to `start`, the step a resumed run continues from)."""
+    """log.jsonl, loss.png and sample grids in a run's folder; `history` holds the records so far,
+    those of the run's earlier sessions too (up to `start`, the step a resumed run continues
+    from)."""
 
     def __init__(self, out: str, start: int = 0):
         self.out, self.history = out, []
@@ -77,8 +82,10 @@ class RunLog:
         if start and os.path.exists(path):
             with open(path) as f:
                 records = [json.loads(line) for line in f if line.strip()]
-            latest = {r["step"]: r for r in records if r["step"] <= start}  # a killed session may have logged past
-            self.history = [latest[k] for k in sorted(latest)]  # its checkpoint: those steps run again
+            # a killed session may have logged past
+            latest = {r["step"]: r for r in records if r["step"] <= start}
+            # its checkpoint: those steps run again
+            self.history = [latest[k] for k in sorted(latest)]
 
     def write(self, record: dict) -> None:
         self.history.append(record)
@@ -86,12 +93,15 @@ class RunLog:
             with open(os.path.join(self.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as err:
-            print(f"warning: log line of step {record['step']} not written ({err.strerror})", file=sys.stderr)
+            print(f"warning: log line of step {record['step']} not written ({err.strerror})",
+                  file=sys.stderr)
 
     def plot(self, keys: tuple[str, ...]) -> None:
-        """loss.png: the curves of `keys` over the whole run, losses on a log scale, PSNR on an axis of its own."""
+        """loss.png: the curves of `keys` over the whole run, losses on a log scale, PSNR on an axis
+        of its own."""
         import matplotlib
-        matplotlib.use("Agg")  # files only, no window
+        # files only, no window
+        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 3.5))
         right = None
@@ -116,7 +126,8 @@ class RunLog:
             plt.close(fig)
 
     def grid(self, videos: torch.Tensor, name: str, labels: list[str] | None = None) -> None:
-        """`name`: videos (B, 3, T, H, W) as a grid of frames, one clip a row (each under its label, if given)."""
+        """`name`: videos (B, 3, T, H, W) as a grid of frames, one clip a row (each under its label,
+        if given)."""
         try:
             write_grid(os.path.join(self.out, name), videos, labels)
         except OSError as err:
@@ -124,8 +135,9 @@ class RunLog:
 
 
 def write_grid(path: str, videos: torch.Tensor, labels: list[str] | None = None) -> None:
-    """A PNG of videos (B, 3, T, H, W) in [-1, 1], one clip a row, frames left to right; with `labels`,
-    each row under its caption, drawn by matplotlib with the frames enlarged so that the text stays small."""
+    """A PNG of videos (B, 3, T, H, W) in [-1, 1], one clip a row, frames left to right; with
+    `labels`, each row under its caption, drawn by matplotlib with the frames enlarged so that the
+    text stays small."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -134,8 +146,10 @@ def write_grid(path: str, videos: torch.Tensor, labels: list[str] | None = None)
         plt.imsave(path, np.concatenate(list(rows)))  # (B*H, T*W, 3)
         return
     B, H, W = rows.shape[:3]
-    scale = max(1, 300 // H)  # a 64-pixel row is drawn 256 pixels high, the caption readable above it
-    fig, axes = plt.subplots(B, 1, figsize=(W * scale / 100, B * (H * scale + 40) / 100), dpi=100, squeeze=False)
+    # a 64-pixel row is drawn 256 pixels high, the caption readable above it
+    scale = max(1, 300 // H)
+    fig, axes = plt.subplots(B, 1, figsize=(W * scale / 100, B * (H * scale + 40) / 100), dpi=100,
+                             squeeze=False)
     for ax, row, label in zip(axes[:, 0], rows, labels):
         ax.imshow(row, interpolation="nearest"), ax.set_axis_off()
         ax.set_title(label[:120], fontsize=11, loc="left")

@@ -8,8 +8,8 @@ optimizer's moments as `<name>.<param index>.<key>`, the param groups as JSON in
 are written atomically, with the previous file kept as `.prev` (checkpoint.save_checkpoint), and a
 resume falls back to the `.prev` train state when the newest one is unreadable.
 
-Under FSDP2 a state dict holds shards (DTensors): `whole` gathers them, so that the files are the same
-as under DDP or in one process, and `restore_optimizer` shards the moments again on load.
+Under FSDP2 a state dict holds shards (DTensors): `whole` gathers them, so that the files are the
+same as under DDP or in one process, and `restore_optimizer` shards the moments again on load.
 """
 
 import dataclasses
@@ -32,9 +32,10 @@ from maskgit import MaskGITConfig
 
 
 def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
-    """Under FSDP a state dict holds shards (DTensors): gather each into the full tensor, on the CPU.
-    A collective: every rank calls it, in the same order, but only a rank that will write (`keep`)
-    holds on to the result, one tensor at a time being gathered. Plain tensors pass through."""
+    """Under FSDP a state dict holds shards (DTensors): gather each into the full tensor, on the
+    CPU. A collective: every rank calls it, in the same order, but only a rank that will write
+    (`keep`) holds on to the result, one tensor at a time being gathered. Plain tensors pass
+    through."""
     out = {}
     for k, v in tensors.items():
         full = v.full_tensor() if isinstance(v, DTensor) else v
@@ -46,7 +47,8 @@ def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torc
 def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str, keep: bool = True) -> tuple[dict, str]:
     """Flatten an optimizer state into safetensors-friendly tensors plus JSON for the rest."""
     state = opt.state_dict()
-    tensors = whole({f"{prefix}.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}, keep)
+    tensors = whole({f"{prefix}.{i}.{k}": v for i, s in state["state"].items() for k,
+                     v in s.items()}, keep)
     return tensors, json.dumps(state["param_groups"])
 
 
@@ -64,8 +66,10 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups_json: st
             p = params[int(i)]
             if name != "step" and list(value.shape) != list(p.shape):
                 raise UsageError(f"{path}: {key} is {tuple(value.shape)}, its parameter {tuple(p.shape)}")
-            if isinstance(p, DTensor) and name != "step":  # exp_avg, exp_avg_sq: shaped like the parameter
-                value = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+            if isinstance(p, DTensor) and name != "step":
+                # exp_avg, exp_avg_sq: shaped like the parameter
+                value = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh,
+                                          p.placements)
             state.setdefault(int(i), {})[name] = value
     try:
         groups = json.loads(groups_json)
@@ -92,8 +96,8 @@ def save_run(out: str, meta: dict[str, str], cfg: TrainConfig, modules: dict[str
              opts: dict[str, torch.optim.Optimizer], write: bool = True) -> None:
     """model.safetensors: the weights to sample with (the EMA's when there is one);
     train_state.safetensors: every module and optimizer, for --resume. Under FSDP every rank calls
-    this (the shards are gathered first) and only the one with `write` writes. A failed write (a full
-    disk) keeps the previous checkpoint and says so: the next save tries again."""
+    this (the shards are gathered first) and only the one with `write` writes. A failed write (a
+    full disk) keeps the previous checkpoint and says so: the next save tries again."""
     states = {name: whole(m.state_dict(), write) for name, m in modules.items()}
     tensors = {f"{name}.{k}": v for name, state in states.items() for k, v in state.items()}
     groups = {}
@@ -110,7 +114,8 @@ def save_run(out: str, meta: dict[str, str], cfg: TrainConfig, modules: dict[str
         print(f"warning: checkpoint at step {meta['step']} not saved ({err}); the previous one is kept", file=sys.stderr)
 
 
-STATE = "train_state.safetensors"  # what --resume reads; model.safetensors alone cannot be resumed
+# what --resume reads; model.safetensors alone cannot be resumed
+STATE = "train_state.safetensors"
 
 
 def saved_run(out: str) -> dict[str, str] | None:
@@ -124,14 +129,15 @@ def saved_run(out: str) -> dict[str, str] | None:
                 with safe_open(path, framework="pt") as f:
                     return f.metadata() or {}
             except (SafetensorError, OSError):
-                continue  # a torn file still means that a run is there
+                # a torn file still means that a run is there
+                continue
     return {} if any(os.path.exists(os.path.join(out, name)) for name in files) else None
 
 
 def resume_point(out: str) -> tuple[str | None, dict[str, str], list[str]]:
-    """What --resume continues from: the newest readable of <out>/train_state.safetensors and the .prev kept
-    beside it -> (its path or None, its metadata, what was wrong with the newer ones). The configs and the
-    weights both come from this one file."""
+    """What --resume continues from: the newest readable of <out>/train_state.safetensors and the
+    .prev kept beside it -> (its path or None, its metadata, what was wrong with the newer ones).
+    The configs and the weights both come from this one file."""
     problems = []
     for path in (os.path.join(out, STATE), os.path.join(out, STATE + ".prev")):
         if os.path.exists(path):
@@ -143,7 +149,8 @@ def resume_point(out: str) -> tuple[str | None, dict[str, str], list[str]]:
 
 
 def saved_configs(meta: dict[str, str], where: str = "the saved run") -> tuple[object, TrainConfig]:
-    """The model and train configs a run saved with its checkpoint, checked -> (model config, TrainConfig)."""
+    """The model and train configs a run saved with its checkpoint, checked -> (model config,
+    TrainConfig)."""
     model_cfg = (checked_config(MaskGITConfig, meta.get("config"), f"{where}: config", model_bounds("maskgit"))
                  if meta.get("stage") == "2" else tokenizer_config(meta.get("kind"), meta.get("config"), where))
     return model_cfg, checked_train(meta.get("train_config"), f"{where}: train_config")
@@ -151,22 +158,26 @@ def saved_configs(meta: dict[str, str], where: str = "the saved run") -> tuple[o
 
 def resumed_run(args) -> tuple | None:
     """Whether this command may use --out, and what it continues there: -> the saved (model config,
-    TrainConfig) when it resumes a run that saved them, None for a fresh start (or an older run, whose
-    configs come from the flags as before). A fresh start in a folder that holds a run needs --force."""
+    TrainConfig) when it resumes a run that saved them, None for a fresh start (or an older run,
+    whose configs come from the flags as before). A fresh start in a folder that holds a run needs
+    --force."""
     meta = saved_run(args.out)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun resumes by itself
+    # torchrun resumes by itself
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if meta is not None and not (args.resume or restarted):
         if not args.force:
             raise UsageError(f"{args.out} already holds a run (step {meta.get('step', '?')}): add --resume to "
                              "continue it, or --force to start a new one there")
-        args.replace = True  # setup removes the old run's files once everything else is accepted
+        # setup removes the old run's files once everything else is accepted
+        args.replace = True
         return None
     if meta is None:
         if args.resume and not restarted:
             raise UsageError(f"nothing to resume in {args.out}: it holds no checkpoint; leave out --resume to start a run")
         return None
     args.resume_from, meta, problems = resume_point(args.out)
-    if args.resume_from is None:  # model.safetensors alone: resuming would start afresh and overwrite it
+    if args.resume_from is None:
+        # model.safetensors alone: resuming would start afresh and overwrite it
         raise UsageError(f"--resume needs {os.path.join(args.out, STATE)} (the optimizer and the step): "
                          + (f"no readable train state to resume from ({problems[0]})" if problems else "it is missing")
                          + "; start a new run in another --out")
@@ -189,11 +200,13 @@ def resumed_run(args) -> tuple | None:
     return saved_configs(meta, args.resume_from)
 
 
-RUN_FILES = ("model.safetensors", "train_state.safetensors", "log.jsonl")  # what a run writes in --out
+# what a run writes in --out
+RUN_FILES = ("model.safetensors", "train_state.safetensors", "log.jsonl")
 
 
 def run_paths(out: str) -> list[str]:
-    """The files a run in `out` writes and --force removes: RUN_FILES and the `.prev` copy kept beside each."""
+    """The files a run in `out` writes and --force removes: RUN_FILES and the `.prev` copy kept
+    beside each."""
     paths = []
     for name in RUN_FILES:
         paths += [os.path.join(out, name), os.path.join(out, name) + ".prev"]
@@ -201,8 +214,8 @@ def run_paths(out: str) -> list[str]:
 
 
 def check_inputs_outside(out: str, inputs: dict[str, str | None]) -> None:
-    """Refuse a run whose input files ({flag: path}) are among the files it would write or remove in `out`:
-    --force would delete them, and the first checkpoint would replace them."""
+    """Refuse a run whose input files ({flag: path}) are among the files it would write or remove in
+    `out`: --force would delete them, and the first checkpoint would replace them."""
     cache = os.path.abspath(os.path.join(out, "token_cache"))
     for flag, path in inputs.items():
         if not path:
@@ -214,31 +227,36 @@ def check_inputs_outside(out: str, inputs: dict[str, str | None]) -> None:
 
 
 def clear_run(out: str) -> None:
-    """Remove a run's checkpoints (and the copies kept beside them), its log and its token cache: what
-    --force replaces."""
+    """Remove a run's checkpoints (and the copies kept beside them), its log and its token cache:
+    what --force replaces."""
     for path in run_paths(out):
         if os.path.exists(path):
             os.remove(path)
-    shutil.rmtree(os.path.join(out, "token_cache"), ignore_errors=True)  # stage 2's codes of the old run's data
+    # stage 2's codes of the old run's data
+    shutil.rmtree(os.path.join(out, "token_cache"), ignore_errors=True)
 
 
 def load_train_state(path: str | None) -> tuple[str, dict, dict[str, str]] | None:
-    """The train state resumed_run chose (resume_point) -> (its path, tensors, metadata); None: start afresh."""
+    """The train state resumed_run chose (resume_point) -> (its path, tensors, metadata); None:
+    start afresh."""
     return None if path is None else (path, *load_checkpoint(path))
 
 
 def restore_modules(tensors: dict, modules: dict[str, nn.Module], path: str = "the train state") -> None:
     """The weights of save_run's train state, into modules not yet sharded, each checked first."""
-    shapes = {k: (list(v.shape), "F32" if v.is_floating_point() else "I64") for k, v in tensors.items()}
+    shapes = {k: (list(v.shape), "F32" if v.is_floating_point() else "I64") for k,
+              v in tensors.items()}
     check_indices(path, tensors)
     for name, m in modules.items():
         check_tensors(path, m, shapes, name + ".")
-        m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        m.load_state_dict({k[len(name) + 1:]: v for k,
+                           v in tensors.items() if k.startswith(name + ".")})
 
 
 def restore_optimizers(tensors: dict, meta: dict[str, str], opts: dict[str, torch.optim.Optimizer],
                        path: str = "the train state") -> int:
-    """The optimizer states of save_run's train state (after sharding, if any) -> the step to continue from."""
+    """The optimizer states of save_run's train state (after sharding, if any) -> the step to
+    continue from."""
     for name, opt in opts.items():
         if f"{name}_groups" not in meta:
             raise UsageError(f"{path}: the {name} optimizer's groups are missing")

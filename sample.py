@@ -14,15 +14,17 @@ prompts make a story, an equal share of --frames each (default 11 + 10 per furth
 segment continuing the one before (maskgit.make_video). --init continues an image or a video.
 --samples N makes N videos of the prompts in one batch: <out>-0.mp4 ... <out>-(N-1).mp4.
 
-A video of any length is made a window at a time (maskgit.stream_video), and each window's frames are
-written to the .mp4 or .gif as soon as they exist: memory stays that of one window however long the
-video, and Ctrl-C leaves no half-written file behind.
+A video of any length is made a window at a time (maskgit.stream_video), and each window's frames
+are written to the .mp4 or .gif as soon as they exist: memory stays that of one window however long
+the video, and Ctrl-C leaves no half-written file behind.
 
 Reconstruction cuts a video of any length into windows of the trained clip length and sends each
 through encode and decode (a last window of even length is padded by repeating its last frame, and
-the copy dropped again). Output goes where --out says: .mp4 (H.264), .gif, or .png (a grid of frames, 11 a row).
+the copy dropped again). Output goes where --out says: .mp4 (H.264), .gif, or .png (a grid of
+frames, 11 a row).
 
-Exit codes: 0 on success, 2 on a usage or input error (one line on stderr, no traceback), 1 otherwise.
+Exit codes: 0 on success, 2 on a usage or input error (one line on stderr, no traceback), 1
+otherwise.
 """
 
 import argparse
@@ -48,9 +50,9 @@ from worlds import WORLDS
 
 @torch.no_grad()
 def reconstruct(model, video: torch.Tensor, window: int) -> torch.Tensor:
-    """video (3, T, H, W), any T -> its reconstruction, window by window through encode and decode. A
-    tokenizer takes 1 + 2n frames: a last window of even length is padded with a copy of its last frame,
-    whose reconstruction is dropped, so every frame comes back and no other is added."""
+    """video (3, T, H, W), any T -> its reconstruction, window by window through encode and decode.
+    A tokenizer takes 1 + 2n frames: a last window of even length is padded with a copy of its last
+    frame, whose reconstruction is dropped, so every frame comes back and no other is added."""
     pieces = []
     for start in range(0, video.shape[1], window):
         clip = video[None, :, start:start + window]  # (1, 3, <=window, H, W)
@@ -88,7 +90,8 @@ def load_video(path: str, size: int, fps: float, frames: int | None = None) -> t
 def run_reconstruct(args) -> None:
     model, meta = load_tokenizer(args.tokenizer_checkpoint)
     cfg = json.loads(meta.get("train_config", "{}"))
-    video = load_video(args.reconstruct, cfg.get("image_size", 64), cfg.get("fps", 8.0), args.frames)
+    video = load_video(args.reconstruct, cfg.get("image_size", 64), cfg.get("fps", 8.0),
+                       args.frames)
     recon = reconstruct(model, video, cfg.get("frames", 11))
     save_output(args.out, recon, cfg.get("fps", 8.0), scale=args.scale)
     print(f"frames: {video.shape[1]}")
@@ -103,18 +106,21 @@ def run_generate(args) -> None:
     model, text, tokenizer, meta = load_generator(args.checkpoint, args.tokenizer_checkpoint)
     cfg = json.loads(meta.get("train_config", "{}"))
     window = 1 + 2 * (model.config.latent_frames - 1)
-    frames = args.frames or 1 + (window - 1) * len(args.prompts)  # 11 for one prompt, 10 more for each further one
+    # 11 for one prompt, 10 more for each further one
+    frames = args.frames or 1 + (window - 1) * len(args.prompts)
     if frames % 2 == 0:
         print(f"note: --frames {frames} is not 1 + 2n; making {frames + 1}")
         frames += 1
     for unseen in filter(None, map(text.unseen, args.prompts)):
-        print(f"warning: the model never saw these words in training: {', '.join(unseen)}", file=sys.stderr)
+        print(f"warning: the model never saw these words in training: {', '.join(unseen)}",
+              file=sys.stderr)
     init = (load_video(args.init, cfg.get("image_size", 64), cfg.get("fps", 8.0))[None]  # (1, 3, T0, H, W)
             if args.init else None)
     new = frames - (0 if init is None else init.shape[2])
     if new < 1:
         raise UsageError(f"--init already has {init.shape[2]} frames; ask for more with --frames")
-    if new < len(args.prompts):  # each prompt gets frames of its own
+    if new < len(args.prompts):
+        # each prompt gets frames of its own
         raise UsageError(f"--frames {frames} makes {new} new frame(s) for {len(args.prompts)} prompts"
                          + (f" after --init's {frames - new}" if init is not None else "")
                          + f"; ask for at least --frames {frames - new + len(args.prompts)}")
@@ -128,17 +134,21 @@ def run_generate(args) -> None:
     model, tokenizer = model.to(device), tokenizer.to(device)
     prompts = [tuple(x.to(device) for x in text.encode([p] * n, model.config.text.max_len)) for p in args.prompts]
     t0 = time.time()
-    cut = WORLDS[cfg["data"]].KEEP_AT_CUT if cfg.get("data") in WORLDS else None  # what its world taught of cuts
+    # what its world taught of cuts
+    cut = WORLDS[cfg["data"]].KEEP_AT_CUT if cfg.get("data") in WORLDS else None
     plan = plan_windows(t, args.keep, shares, 0 if init is None else init.shape[2], cut)
-    total = sum(window_steps(args.steps, t - (context + 1) // 2, t) for _, context, _ in plan)  # k = (context + 1) / 2
+    # k = (context + 1) / 2
+    total = sum(window_steps(args.steps, t - (context + 1) // 2, t) for _, context, _ in plan)
     progress, done, made, windows = Progress(total, "decoding step"), [0], [0], [0]
 
     def on_step(step: int, steps: int) -> None:
-        done[0] += 1  # decoding steps of all windows so far
+        # decoding steps of all windows so far
+        done[0] += 1
         rate = made[0] * n / max(progress.elapsed(), 1e-9)
         progress.update(done[0], f"window {windows[0] + 1}/{len(plan)} | {rate:.1f} frames/s")
 
-    with Outputs(args.out, n, cfg.get("fps", 8.0), args.scale) as outputs:  # <out>-0.mp4 ... for several
+    with Outputs(args.out, n, cfg.get("fps", 8.0), args.scale) as outputs:
+        # <out>-0.mp4 ... for several
         if init is not None:
             init = init.to(device).expand(n, -1, -1, -1, -1)
             outputs.write(init)
@@ -158,20 +168,27 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=HelpWithDefaults)
     p.add_argument("prompts", nargs="*", help="one prompt for a clip, several for a story")
     p.add_argument("--out", help=".mp4, .gif or .png (default samples/<prompt>.mp4)")
-    p.add_argument("--frames", type=int, help="length of the video, 1 + 2n (default 11, plus 10 per further prompt)")
+    p.add_argument("--frames", type=int,
+                   help="length of the video, 1 + 2n (default 11, plus 10 per further prompt)")
     p.add_argument("--init", metavar="IMAGE_OR_VIDEO", help="continue this image or video")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=STEPS, help="MaskGIT decoding steps per window")
-    p.add_argument("--cfg", type=float, default=CFG, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="noise on the confidence, in a fresh window")
-    p.add_argument("--keep", type=int, help="latent frames of context at each shift (default half the window)")
-    p.add_argument("--samples", type=int, help="videos of the prompts, made as one batch: <out>-<i>.mp4 (default 1)")
+    p.add_argument("--cfg", type=float, default=CFG,
+                   help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE,
+                   help="noise on the confidence, in a fresh window")
+    p.add_argument("--keep", type=int,
+                   help="latent frames of context at each shift (default half the window)")
+    p.add_argument("--samples", type=int,
+                   help="videos of the prompts, made as one batch: <out>-<i>.mp4 (default 1)")
     p.add_argument("--world", default=DEFAULT_WORLD, choices=sorted(WORLDS),
                    help=f"whose shipped pair to use when no checkpoint is given (default {DEFAULT_WORLD})")
     p.add_argument("--checkpoint", help="a stage-2 generator (default: the world's shipped one)")
-    p.add_argument("--tokenizer-checkpoint", help="the stage-1 tokenizer it was trained on (default: the world's)")
+    p.add_argument("--tokenizer-checkpoint",
+                   help="the stage-1 tokenizer it was trained on (default: the world's)")
     p.add_argument("--reconstruct", metavar="VIDEO", help="send this video through stage 1 only")
-    p.add_argument("--scale", type=int, default=1, help="draw each pixel as a scale x scale block in the output")
+    p.add_argument("--scale", type=int, default=1,
+                   help="draw each pixel as a scale x scale block in the output")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     args.checkpoint = args.checkpoint or shipped(args.world, "generator")
@@ -191,10 +208,12 @@ def main(argv: list[str] | None = None) -> None:
             if value is not None and not 1 <= value <= (high or value):
                 raise UsageError(f"{flag} must {what}, got {value}")
         for flag, value in (("--cfg", args.cfg), ("--temperature", args.temperature)):
-            if not 0 <= value < float("inf"):  # NaN fails both comparisons
+            if not 0 <= value < float("inf"):
+                # NaN fails both comparisons
                 raise UsageError(f"{flag} must be finite and at least 0, got {value}")
         args.samples = 1 if args.samples is None else args.samples
-        slug = re.sub(r"[^a-z0-9]+", "-", (args.prompts[0] if args.prompts else "reconstruction").lower()).strip("-")
+        slug = re.sub(r"[^a-z0-9]+", "-",
+                      (args.prompts[0] if args.prompts else "reconstruction").lower()).strip("-")
         args.out = args.out or os.path.join("samples", f"{slug[:60] or 'video'}.mp4")
         check_out(args.out, args.samples, [p for p in (args.reconstruct, args.init) if p])
         check_device(args.device)

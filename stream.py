@@ -2,25 +2,26 @@
 From sources to training: one sharded, resumable stream of batches, and stage 2's token cache.
 
 A source (data.py) answers "give me clip number k". A `ClipStream` turns that into batches: the
-global sample index of the j-th clip that rank r sees is k = start + j * world + r, so ranks never see
-the same clip, and batch b of a rank goes to DataLoader worker b % workers, so the stream is the same
-whatever the worker count. A resumed run starts at `start`, the number of clips all ranks consumed
-before it stopped: it continues exactly where it stopped instead of repeating the data order, and it
-neither repeats nor skips clips when it resumes on another number of ranks.
+global sample index of the j-th clip that rank r sees is k = start + j * world + r, so ranks never
+see the same clip, and batch b of a rank goes to DataLoader worker b % workers, so the stream is the
+same whatever the worker count. A resumed run starts at `start`, the number of clips all ranks
+consumed before it stopped: it continues exactly where it stopped instead of repeating the data
+order, and it neither repeats nor skips clips when it resumes on another number of ranks.
 
     source.load(k): video (T, H, W, 3) uint8  ->  batch {"video": (B, 3, T, H, W) float in [-1, 1],
                                                           "caption": [B str], "skipped": files skipped}
 
 A clip that fails to load is skipped with one stderr line (once per failure, not once per epoch),
 counted in the batch's "skipped", and a deterministic substitute takes its place, so the batch size
-and the order stay fixed. 20 failed loads in a row raise UnusableData (counting the files that failed):
-the data has nothing usable.
+and the order stay fixed. 20 failed loads in a row raise UnusableData (counting the files that
+failed): the data has nothing usable.
 
 Stage 2 trains from a token cache: `build_token_cache` encodes the clips once with the frozen
-tokenizer, each rank its share, into safetensors shards of codes (N, t, h, w) int16 with the captions
-in the metadata; `load_token_cache` reads all shards back. A generator step then costs no decoding.
-A shard is written atomically and carries a key naming what made it (tokenizer hash, data, sizes):
-an interrupted build is redone, and a cache of other data or another tokenizer is rebuilt, never read.
+tokenizer, each rank its share, into safetensors shards of codes (N, t, h, w) int16 with the
+captions in the metadata; `load_token_cache` reads all shards back. A generator step then costs no
+decoding. A shard is written atomically and carries a key naming what made it (tokenizer hash, data,
+sizes): an interrupted build is redone, and a cache of other data or another tokenizer is rebuilt,
+never read.
 """
 
 import json
@@ -37,20 +38,24 @@ from torch.utils.data import IterableDataset, get_worker_info
 from config import UsageError
 from folders import UnusableData, say_skipped
 
-# Legend: B batch, T frames, H W pixels, t h w latent grid, N clips, k global clip index, j clip index within one rank.
+# Legend: B batch, T frames, H W pixels, t h w latent grid, N clips, k global clip index, j clip
+# index within one rank.
 
 
 class ClipStream(IterableDataset):
-    """Batches of clips from a source, sharded by rank and DataLoader worker (see the module docstring).
-    Start after `start` clips (all ranks') to resume. A clip that fails to load is skipped with one stderr
-    line and counted, and a deterministic substitute takes its place, so the batch size and the order stay fixed."""
+    """Batches of clips from a source, sharded by rank and DataLoader worker (see the module
+    docstring). Start after `start` clips (all ranks') to resume. A clip that fails to load is
+    skipped with one stderr line and counted, and a deterministic substitute takes its place, so the
+    batch size and the order stay fixed."""
 
     def __init__(self, source, batch_size: int, rank: int = 0, world: int = 1, start: int = 0,
                  max_batches: int | None = None):
         self.source, self.batch_size, self.rank, self.world = source, batch_size, rank, world
         self.start, self.max_batches = start, max_batches
-        self.skipped = 0  # per process; each DataLoader worker counts its own
-        self.said: set[str] = set()  # the failures already reported: a bad file is named once, not every epoch
+        # per process; each DataLoader worker counts its own
+        self.skipped = 0
+        # the failures already reported: a bad file is named once, not every epoch
+        self.said: set[str] = set()
 
     def clip(self, j: int) -> tuple[np.ndarray, str]:
         """Clip number j of this rank, with substitutes for files that fail to decode."""
@@ -59,9 +64,11 @@ class ClipStream(IterableDataset):
         for attempt in range(20):
             try:
                 return self.source.load(k)
-            except (OSError, ValueError, RuntimeError) as err:  # PyAV's errors derive from these
+            except (OSError, ValueError, RuntimeError) as err:
+                # PyAV's errors derive from these
                 self.skipped, last = self.skipped + 1, err
-                failed.add(str(err))  # one message a file: what counts files, not retries of one
+                # one message a file: what counts files, not retries of one
+                failed.add(str(err))
                 if str(err) not in self.said:
                     self.said.add(str(err))
                     say_skipped(f"clip {k} of {self.source.name}", err)
@@ -71,7 +78,8 @@ class ClipStream(IterableDataset):
                            f"the last with: {last}")
 
     def batch(self, b: int) -> dict:
-        """{"video": (B, 3, T, H, W) in [-1, 1], "caption": [B str], "skipped": files skipped for it}."""
+        """{"video": (B, 3, T, H, W) in [-1, 1], "caption": [B str], "skipped": files skipped for
+        it}."""
         before = self.skipped
         clips = [self.clip(j) for j in range(b * self.batch_size, (b + 1) * self.batch_size)]
         video = torch.from_numpy(np.stack([v for v, _ in clips]))  # (B, T, H, W, 3) uint8
@@ -90,8 +98,8 @@ class ClipStream(IterableDataset):
 
 @torch.no_grad()
 def encode_clips(tokenizer, source, clips: int, device: torch.device, batch_size: int = 32):
-    """The first `clips` clips of a source through the tokenizer -> (codes (N, t, h, w), N captions, videos
-    (N, 3, T, H, W) on the CPU)."""
+    """The first `clips` clips of a source through the tokenizer -> (codes (N, t, h, w), N captions,
+    videos (N, 3, T, H, W) on the CPU)."""
     stream, codes, captions, videos = ClipStream(source, batch_size), [], [], []
     for b in range((clips + batch_size - 1) // batch_size):
         batch = stream.batch(b)
@@ -101,8 +109,9 @@ def encode_clips(tokenizer, source, clips: int, device: torch.device, batch_size
 
 
 def held_out(read, master: bool = True):
-    """read() the held-out clips, or None with one line when none of them loads: the run trains on, without
-    the val_ figures (a folder whose held-out share is all broken files would otherwise stop here)."""
+    """read() the held-out clips, or None with one line when none of them loads: the run trains on,
+    without the val_ figures (a folder whose held-out share is all broken files would otherwise stop
+    here)."""
     try:
         return read()
     except UnusableData as err:
@@ -120,16 +129,18 @@ def cache_shard(folder: str, rank: int, world: int) -> str:
 
 def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, rank: int, world: int,
                       key: str, on_batch=None) -> None:
-    """Encode this rank's share of `clips` clips with `encode` (video (B, 3, T, H, W) -> codes (B, t, h, w))
-    into one shard. `key` names what made the cache (tokenizer hash, data, sizes); a shard whose key
-    differs is rebuilt. Written atomically, so an interrupted build is redone, never half-read."""
+    """Encode this rank's share of `clips` clips with `encode` (video (B, 3, T, H, W) -> codes (B,
+    t, h, w)) into one shard. `key` names what made the cache (tokenizer hash, data, sizes); a shard
+    whose key differs is rebuilt. Written atomically, so an interrupted build is redone, never
+    half-read."""
     path = cache_shard(folder, rank, world)
     if os.path.exists(path):
         try:
             with safe_open(path, framework="pt") as f:
                 if (f.metadata() or {}).get("key") == key:
                     return
-        except (SafetensorError, OSError):  # torn or emptied: the cache is ours to make again
+        except (SafetensorError, OSError):
+            # torn or emptied: the cache is ours to make again
             print(f"note: {path} is not readable; building it again", file=sys.stderr)
     os.makedirs(folder, exist_ok=True)
     stream = ClipStream(source, batch_size, rank, world)
@@ -141,14 +152,16 @@ def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, 
         captions += batch["caption"]
         if on_batch is not None:
             on_batch(b + 1, batches)
-    mine = len(range(rank, clips, world))  # this rank's clips k < clips: the last batch's extra ones go
+    # this rank's clips k < clips: the last batch's extra ones go
+    mine = len(range(rank, clips, world))
     meta = {"key": key, "captions": json.dumps(captions[:mine]), "skipped": str(stream.skipped)}
     save_file({"codes": torch.cat(codes)[:mine]}, path + ".tmp", metadata=meta)
     os.replace(path + ".tmp", path)
 
 
 def load_token_cache(folder: str, world: int, key: str) -> tuple[torch.Tensor, list[str], int]:
-    """All shards of a cache -> codes (N, t, h, w) long, N captions, and the files skipped building it."""
+    """All shards of a cache -> codes (N, t, h, w) long, N captions, and the files skipped building
+    it."""
     codes, captions, skipped = [], [], 0
     for rank in range(world):
         path = cache_shard(folder, rank, world)

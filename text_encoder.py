@@ -4,18 +4,19 @@ The caption encoder that conditions Phenaki's generator (Phenaki §2.2), small a
 The paper conditions MaskGIT on a frozen, pre-trained T5-XXL. This project downloads nothing, so it
 learns its own text model jointly with the generator, in two pieces:
 
-- `CaptionTokenizer`: a byte-level BPE (Sennrich et al. 2016, as in GPT-2) built with the `tokenizers`
-  library and trained on the training captions. Its base alphabet is the 256 byte values, so every
-  string has an encoding: a word never seen in training falls apart into byte-level pieces instead of
-  becoming [UNK]. It also remembers the words it was trained on, so that sample.py can warn about a
-  prompt the model knows nothing of. It is saved as JSON in the generator checkpoint's metadata.
+- `CaptionTokenizer`: a byte-level BPE (Sennrich et al. 2016, as in GPT-2) built with the
+  `tokenizers` library and trained on the training captions. Its base alphabet is the 256 byte
+  values, so every string has an encoding: a word never seen in training falls apart into byte-level
+  pieces instead of becoming [UNK]. It also remembers the words it was trained on, so that sample.py
+  can warn about a prompt the model knows nothing of. It is saved as JSON in the generator
+  checkpoint's metadata.
 - `TextEncoder`: token and position embeddings and a bidirectional transformer (transformer.py).
   ids (B, L) + mask (B, L) -> states (B, L, D).
 
-Every caption starts with a [BOS] token. The empty caption is therefore one real token, and it is the
-"no text" input that classifier-free guidance needs: dropping a caption in training and asking for the
-unconditional prediction in sampling both mean "encode the empty string". It also means no row of
-the cross-attention mask is ever all False.
+Every caption starts with a [BOS] token. The empty caption is therefore one real token, and it is
+the "no text" input that classifier-free guidance needs: dropping a caption in training and asking
+for the unconditional prediction in sampling both mean "encode the empty string". It also means no
+row of the cross-attention mask is ever all False.
 
 Deviations from the paper: a 2-4 layer encoder trained with the generator instead of a frozen T5-XXL
 (4.6B parameters); captions are lower-cased; at most `max_len` tokens are kept.
@@ -33,7 +34,8 @@ from transformer import Transformer
 
 # Legend: B batch, L text length, D width.
 
-PAD, BOS = 0, 1  # ids of the two special tokens, fixed by the order they are given to the trainer
+# ids of the two special tokens, fixed by the order they are given to the trainer
+PAD, BOS = 0, 1
 
 
 def words_of(text: str) -> list[str]:
@@ -46,7 +48,8 @@ class CaptionTokenizer:
 
     def __init__(self, bpe: Tokenizer, words: list[str]):
         self.bpe, self.words = bpe, set(words)
-        self.bpe.encode_special_tokens = True  # "[PAD]" typed in a caption is text, never the special token
+        # "[PAD]" typed in a caption is text, never the special token
+        self.bpe.encode_special_tokens = True
 
     @classmethod
     def train(cls, captions: list[str], vocab_size: int) -> "CaptionTokenizer":
@@ -93,12 +96,18 @@ class CaptionTokenizer:
 
 @dataclass
 class TextEncoderConfig:
-    vocab_size: int = 512  # BPE vocabulary, special tokens included; the tokenizer may use fewer
-    dim: int = 128  # D, width of the text states
-    depth: int = 2  # transformer blocks
-    heads: int = 4  # attention heads
-    mlp: int = 512  # hidden width of the feed-forward
-    max_len: int = 32  # tokens kept per caption, [BOS] included
+    # BPE vocabulary, special tokens included; the tokenizer may use fewer
+    vocab_size: int = 512
+    # D, width of the text states
+    dim: int = 128
+    # transformer blocks
+    depth: int = 2
+    # attention heads
+    heads: int = 4
+    # hidden width of the feed-forward
+    mlp: int = 512
+    # tokens kept per caption, [BOS] included
+    max_len: int = 32
 
 
 class TextEncoder(nn.Module):

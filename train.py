@@ -29,10 +29,11 @@ Stage 2 trains the MaskGIT generator (maskgit.py) behind the frozen tokenizer (P
 Each loop shows one step on one screen. What both share (per-step seeding, the lr schedule, the
 guarded update with clipping and EMA, progress, log) is steps.Steps; the rest is one import away:
 config.py (presets, --set), checkpoint.py (saving, resuming, loading), distributed.py (DDP, FSDP,
-leaving together), faults.py (signals, non-finite steps, exit codes), data.py, evaluate.py. Resume is
-exact: a step's draws are seeded from (seed, rank, step) and the data stream is indexed by step.
+leaving together), faults.py (signals, non-finite steps, exit codes), data.py, evaluate.py. Resume
+is exact: a step's draws are seeded from (seed, rank, step) and the data stream is indexed by step.
 
-Legend: B batch, T frames, H W pixels, t h w latent grid, N codes per clip, K codebook size, L text length.
+Legend: B batch, T frames, H W pixels, t h w latent grid, N codes per clip, K codebook size, L text
+length.
 """
 
 import argparse
@@ -75,103 +76,150 @@ from worlds import WORLDS
 
 def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world: int, device: torch.device) -> None:
     master, ddp, (source, val_source) = rank == 0, world > 1, sources
-    torch.manual_seed(cfg.seed)  # the same init on every rank
+    # the same init on every rank
+    torch.manual_seed(cfg.seed)
     model, disc = TOKENIZERS[args.tokenizer](model_cfg).to(device), Discriminator().to(device)
     if args.compile:
-        compile_blocks(model)  # in place: checkpoint keys do not change
+        # in place: checkpoint keys do not change
+        compile_blocks(model)
     perceptual = None
-    if args.perceptual_weights:  # ImageNet VGG16 features, from a local file: nothing is downloaded
+    if args.perceptual_weights:
+        # ImageNet VGG16 features, from a local file: nothing is downloaded
         perceptual = VGGPerceptual()
         perceptual.load_state_dict(load_file(args.perceptual_weights))
         perceptual = perceptual.to(device)
-    opt, opt_d = adamw(model, cfg), adamw(disc, cfg, beta1=0.5)  # β1 0.5 for the discriminator, as GANs do
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None  # the weights that are sampled
-    modules = {"model": model, "disc": disc} | ({"ema": ema} if ema is not None else {})  # what a checkpoint holds
-    opts, step = {"opt": opt, "opt_d": opt_d}, 0  # step: optimizer steps taken so far
-    resume = load_train_state(getattr(args, "resume_from", None))  # None: start afresh
+    # β1 0.5 for the discriminator, as GANs do
+    opt, opt_d = adamw(model, cfg), adamw(disc, cfg, beta1=0.5)
+    # the weights that are sampled
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
+    # what a checkpoint holds
+    modules = {"model": model, "disc": disc} | ({"ema": ema} if ema is not None else {})
+    # step: optimizer steps taken so far
+    opts, step = {"opt": opt, "opt_d": opt_d}, 0
+    # None: start afresh
+    resume = load_train_state(getattr(args, "resume_from", None))
     if resume:
         _, tensors, meta = resume
         restore_modules(tensors, modules, resume[0])
         step = restore_optimizers(tensors, meta, opts, resume[0])
         if master:
             print(f"resumed from {resume[0]} at step {step}")
-    # the quantizer's buffers hold per-rank usage counts: keep DDP from overwriting them with rank 0's
+    # the quantizer's buffers hold per-rank usage counts: keep DDP from overwriting them with rank
+    # 0's
     model_d = DDP(model, forward_sync_buffers=False) if ddp else model
     disc_d = DDP(disc, forward_sync_buffers=False) if ddp else disc
-    if resume and rank > 0:  # the saved counts are all ranks' sum (summed_counts): rank 0 carries it on.
-        model.quantizer.counts.zero_()  # After the wrap: DDP's first broadcast copies rank 0's buffers to all
-    # a fixed batch of held-out clips for val_psnr, val_ssim and recon.png (data.train_and_val); None: none loads
+    if resume and rank > 0:
+        # the saved counts are all ranks' sum (summed_counts): rank 0 carries it on.
+        # After the wrap: DDP's first broadcast copies rank 0's buffers to all
+        model.quantizer.counts.zero_()
+    # a fixed batch of held-out clips for val_psnr, val_ssim and recon.png (data.train_and_val);
+    # None: none loads
     val_video = held_out(lambda: ClipStream(val_source, 8).batch(0)["video"].to(device), master)
-    # the stream starts after the clips all ranks consumed (on any number of ranks), each batch a function of its
-    # place. Clips decode in `workers` processes, each keeping 4 batches ready, into pinned memory on CUDA
+    # the stream starts after the clips all ranks consumed (on any number of ranks), each batch a
+    # function of its place. Clips decode in `workers` processes, each keeping 4 batches ready, into
+    # pinned memory on CUDA
     first, start = step, int(resume[2].get("clips_seen", step * cfg.grad_accum * cfg.batch_size * world)) if resume else 0
     stream = ClipStream(source, cfg.batch_size, rank, world, start=start)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                               pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
                                               prefetch_factor=4 if cfg.workers else None, worker_init_fn=quiet_worker))
-    steps = Steps(cfg, args.out, rank, world, device, step, skipped_files=getattr(source, "dropped", 0))
-    kmeans = not bool(model.quantizer.initialised)  # a fresh book: k-means runs in the first forward
+    steps = Steps(cfg, args.out, rank, world, device, step,
+                  skipped_files=getattr(source, "dropped", 0))
+    # a fresh book: k-means runs in the first forward
+    kmeans = not bool(model.quantizer.initialised)
 
-    with steps.guard as guard:  # SIGTERM / Ctrl-C: finish the step, save, leave
+    with steps.guard as guard:
+        # SIGTERM / Ctrl-C: finish the step, save, leave
         while steps.step < cfg.max_steps:
-            steps.begin([opt, opt_d])  # seed from (seed, rank, step); set the lr
-            use_gan, n = steps.step >= cfg.gan_start, cfg.grad_accum  # the GAN joins late, once x̂ is decent
-            logs = dict.fromkeys(("rec", "vq", "gan", "disc"), 0.0)  # each the mean over the micro-steps
-            for micro in range(n):  # gradient accumulation: n micro-batches make one step
+            # seed from (seed, rank, step); set the lr
+            steps.begin([opt, opt_d])
+            # the GAN joins late, once x̂ is decent
+            use_gan, n = steps.step >= cfg.gan_start, cfg.grad_accum
+            # each the mean over the micro-steps
+            logs = dict.fromkeys(("rec", "vq", "gan", "disc"), 0.0)
+            for micro in range(n):
+                # gradient accumulation: n micro-batches make one step
                 batch = next(loader)
-                video = batch["video"].to(device, non_blocking=True)  # x: (B, 3, T, H, W) in [-1, 1]
-                steps.skipped_files += batch["skipped"]  # bad files the stream replaced
-                last = micro == n - 1  # DDP averages the gradients on the last micro-step only
-                with grad_sync(model_d, last), steps.autocast:  # L_tok
-                    out = model_d(video)  # out.recon: x̂ (B, 3, T, H, W); out.vq_loss: L_VQ
-                    rec = F.mse_loss(out.recon.float(), video)  # ||x - x̂||²
+                # x: (B, 3, T, H, W) in [-1, 1]
+                video = batch["video"].to(device, non_blocking=True)
+                # bad files the stream replaced
+                steps.skipped_files += batch["skipped"]
+                # DDP averages the gradients on the last micro-step only
+                last = micro == n - 1
+                with grad_sync(model_d, last), steps.autocast:
+                    # L_tok
+                    # out.recon: x̂ (B, 3, T, H, W); out.vq_loss: L_VQ
+                    out = model_d(video)
+                    # ||x - x̂||²
+                    rec = F.mse_loss(out.recon.float(), video)
                     loss = rec + out.vq_loss
-                    if perceptual is not None:  # w_p·L_p
+                    if perceptual is not None:
+                        # w_p·L_p
                         loss = loss + cfg.perceptual_weight * perceptual(out.recon.float(), video)
-                    if use_gan:  # λ·w_gan·L_G
-                        disc.requires_grad_(False)  # the generator's GAN loss must not train the discriminator
-                        gan = -disc(out.recon).float().mean()  # L_G = -D(x̂): look real to D
+                    if use_gan:
+                        # λ·w_gan·L_G
+                        # the generator's GAN loss must not train the discriminator
+                        disc.requires_grad_(False)
+                        # L_G = -D(x̂): look real to D
+                        gan = -disc(out.recon).float().mean()
                         disc.requires_grad_(True)
                         loss = loss + cfg.gan_weight * adaptive_gan_weight(rec, gan, model.last_layer) * gan
                         logs["gan"] += gan.item() / n
                     (loss / n).backward()
-                if use_gan:  # L_D on real clips and detached reconstructions: nothing leaks into the tokenizer
+                if use_gan:
+                    # L_D on real clips and detached reconstructions: nothing leaks into the
+                    # tokenizer
                     with grad_sync(disc_d, last), steps.autocast:
                         logits = disc_d(torch.cat([video, out.recon.detach()]))  # (2B,): B real, then B fake
-                        d_loss = hinge_d_loss(logits[:len(video)].float(), logits[len(video):].float())
+                        d_loss = hinge_d_loss(logits[:len(video)].float(),
+                                              logits[len(video):].float())
                         (d_loss / n).backward()
                     logs["disc"] += d_loss.item() / n
                 logs["rec"] += rec.item() / n
                 logs["vq"] += out.vq_loss.item() / n
             # clip, skip a non-finite step, AdamW (the discriminator's only once it trains), EMA
             steps.update(logs, model, [opt, opt_d], [opt, opt_d] if use_gan else [opt], ema)
-            figures, moved = {}, torch.arange(model_cfg.codebook_size) if kmeans else None  # what this step measured
-            if steps.step % cfg.restart_every == 0:  # dead codes take recent encoder outputs (all ranks' counts)
+            # what this step measured
+            figures, moved = {}, torch.arange(model_cfg.codebook_size) if kmeans else None
+            if steps.step % cfg.restart_every == 0:
+                # dead codes take recent encoder outputs (all ranks' counts)
                 moved = model.quantizer.restart_dead_codes()
                 figures["restarted"] = len(moved)
-            if ema is not None and moved is not None:  # codes placed anew enter the EMA as they are, not averaged
-                ema.quantizer.codebook.data[moved] = model.quantizer.codebook.data[moved]  # with the init they replace
+            if ema is not None and moved is not None:
+                # codes placed anew enter the EMA as they are, not averaged
+                # with the init they replace
+                ema.quantizer.codebook.data[moved] = model.quantizer.codebook.data[moved]
             kmeans = False
             if master and (steps.due(cfg.log_every) or steps.due(cfg.image_every)):
-                if steps.due(cfg.image_every) and val_video is not None:  # reconstruct the fixed batch
+                if steps.due(cfg.image_every) and val_video is not None:
+                    # reconstruct the fixed batch
                     recon = reconstruction(model, val_video, steps.autocast)  # (8, 3, T, H, W)
-                    figures["val_psnr"] = psnr(recon, val_video).mean().item()  # dB, mean over the 8 clips
+                    # dB, mean over the 8 clips
+                    figures["val_psnr"] = psnr(recon, val_video).mean().item()
                     figures["val_ssim"] = ssim(recon, val_video).mean().item()
                 steps.write_log(logs, figures)
-                if "val_psnr" in figures:  # real clips above their reconstructions, 4 pairs
+                if "val_psnr" in figures:
+                    # real clips above their reconstructions, 4 pairs
                     pairs = torch.stack([val_video[:4], recon[:4]], dim=1).flatten(0, 1)  # (8, 3, T, H, W)
                     steps.log.grid(pairs, "recon.png")
-            if steps.due(cfg.save_every) or guard.stop:  # a signal saves before the run leaves
-                with summed_counts(model.quantizer, ddp):  # every rank joins the sum, rank 0 writes
+            if steps.due(cfg.save_every) or guard.stop:
+                # a signal saves before the run leaves
+                with summed_counts(model.quantizer, ddp):
+                    # every rank joins the sum, rank 0 writes
                     if master:
                         seen = {"clips_seen": str(start + (steps.step - first) * cfg.grad_accum * cfg.batch_size * world)}
-                        save_run(args.out, tokenizer_meta(args.tokenizer, model_cfg, steps.step) | seen, cfg, modules, opts)
-                        steps.log.plot(("rec", "vq", "val_psnr"))  # the curves so far, beside each checkpoint
-            guard.leave_if_signalled(steps.step, world, master, args.out)  # exit 128 + the signal
+                        save_run(args.out,
+                                 tokenizer_meta(args.tokenizer, model_cfg, steps.step) | seen, cfg,
+                                 modules, opts)
+                        # the curves so far, beside each checkpoint
+                        steps.log.plot(("rec", "vq", "val_psnr"))
+            # exit 128 + the signal
+            guard.leave_if_signalled(steps.step, world, master, args.out)
     steps.progress.close()
     finish(model, world, master, f"done: {steps.step} steps in {steps.progress.elapsed():.0f} s; "
                                  f"weights in {os.path.join(args.out, 'model.safetensors')}")
-    if master and cfg.fold_cosine:  # model.safetensors only: train_state keeps the raw book for --resume
+    if master and cfg.fold_cosine:
+        # model.safetensors only: train_state keeps the raw book for --resume
         sampled = ema if ema is not None else model
         print(f"folding codes within cosine {cfg.fold_cosine} of a more used one (counting them on 512 clips)", flush=True)
         left = fold_codes(sampled, source, cfg.fold_cosine, cfg.batch_size, device)
@@ -184,7 +232,8 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
 def reconstruction(model: nn.Module, video: torch.Tensor, autocast) -> torch.Tensor:
     """video (B, 3, T, H, W) -> its reconstruction in eval mode, clamped to [-1, 1]."""
     training = model.training
-    model.eval()  # the quantizer neither counts codes nor runs k-means in eval mode
+    # the quantizer neither counts codes nor runs k-means in eval mode
+    model.eval()
     with autocast:
         recon = model(video).recon.float().clamp(-1, 1)  # (B, 3, T, H, W)
     model.train(training)
@@ -195,41 +244,53 @@ def reconstruction(model: nn.Module, video: torch.Tensor, autocast) -> torch.Ten
 
 def cache_codes(out: str, tokenizer: nn.Module, digest: str, cfg: TrainConfig, source, rank: int, world: int,
                 device: torch.device) -> tuple[torch.Tensor, list[str], int]:
-    """Every clip through the frozen encoder once, each rank its share -> (codes (N, t, h, w), N captions,
-    files skipped). A cache made by the same tokenizer (`digest`), data (data.content_digest: the files and
-    captions, or the world's code) and sizes is reused. A world gives cache_clips clips; real data a few
-    windows per second of each file (data.CLIPS_PER_SECOND), at most that."""
-    key = [digest, cfg.data, cfg.frames, cfg.image_size, cfg.fps, cfg.cache_clips, cfg.seed, content_digest(source)]
+    """Every clip through the frozen encoder once, each rank its share -> (codes (N, t, h, w), N
+    captions, files skipped). A cache made by the same tokenizer (`digest`), data
+    (data.content_digest: the files and captions, or the world's code) and sizes is reused. A world
+    gives cache_clips clips; real data a few windows per second of each file
+    (data.CLIPS_PER_SECOND), at most that."""
+    key = [digest, cfg.data, cfg.frames, cfg.image_size, cfg.fps, cfg.cache_clips, cfg.seed,
+           content_digest(source)]
     clips = cfg.cache_clips
-    if cfg.data not in WORLDS:  # real data: fixed windows; the key names the files' split and the crop too
+    if cfg.data not in WORLDS:
+        # real data: fixed windows; the key names the files' split and the crop too
         source = source.windows(cfg.cache_clips)
         key, clips = key + [cfg.val_data, cfg.crop, len(source)], len(source)
     key = json.dumps(key)
 
     @torch.no_grad()
     def encode(video: torch.Tensor) -> torch.Tensor:  # (B, 3, T, H, W) -> (B, t, h, w)
-        # fp32, as validation, story contexts and evaluation encode: under bf16 0.4 to 0.75% of codes differ
+        # fp32, as validation, story contexts and evaluation encode: under bf16 0.4 to 0.75% of
+        # codes differ
         return tokenizer.encode(video.to(device))
 
-    progress = Progress(math.ceil(clips / world / 32), "token cache batch")  # batches of 32 clips
-    folder = os.path.join(out, "token_cache")  # one shard per rank
+    # batches of 32 clips
+    progress = Progress(math.ceil(clips / world / 32), "token cache batch")
+    # one shard per rank
+    folder = os.path.join(out, "token_cache")
     build_token_cache(encode, source, clips, folder, 32, rank, world, key,
                       on_batch=(lambda b, total: progress.update(b)) if rank == 0 else None)
     progress.close()
     if world > 1:
-        dist.barrier()  # every rank's shard is written before any rank reads them all
-    codes, captions, skipped = load_token_cache(folder, world, key)  # every rank holds the whole cache
+        # every rank's shard is written before any rank reads them all
+        dist.barrier()
+    # every rank holds the whole cache
+    codes, captions, skipped = load_token_cache(folder, world, key)
     return codes, captions, skipped + getattr(source, "dropped", 0)
 
 
 def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, rank: int, world: int,
                     device: torch.device) -> None:
     master, ddp, fsdp, (source, val_source) = rank == 0, world > 1, args.fsdp, sources
-    tokenizer = load_tokenizer(args.tokenizer_checkpoint)[0].to(device)  # frozen, in eval mode
-    digest, t = file_digest(args.tokenizer_checkpoint), model_cfg.latent_frames  # the pairing; the window
-    codes, captions, skipped_files = cache_codes(args.out, tokenizer, digest, cfg, source, rank, world, device)
-    # the caption tokenizer: restored on resume, else trained on the cached captions by rank 0 and sent to all
-    resume = load_train_state(getattr(args, "resume_from", None))  # None: start afresh
+    # frozen, in eval mode
+    tokenizer = load_tokenizer(args.tokenizer_checkpoint)[0].to(device)
+    # the pairing; the window
+    digest, t = file_digest(args.tokenizer_checkpoint), model_cfg.latent_frames
+    codes, captions, skipped_files = cache_codes(args.out, tokenizer, digest, cfg, source, rank,
+                                                 world, device)
+    # the caption tokenizer: restored on resume, else trained on the cached captions by rank 0 and
+    # sent to all None: start afresh
+    resume = load_train_state(getattr(args, "resume_from", None))
     if resume:
         text_json = resume[2]["text_tokenizer"]
     else:
@@ -237,86 +298,121 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
         if ddp:
             dist.broadcast_object_list(text_json)
         text_json = text_json[0]
-    text = CaptionTokenizer.from_json(text_json)  # byte-level BPE, saved in every checkpoint
+    # byte-level BPE, saved in every checkpoint
+    text = CaptionTokenizer.from_json(text_json)
     all_ids, all_masks = text.encode(captions, model_cfg.text.max_len)  # (N, L) each, tokenized once
 
-    # the generator: the same init on every rank, restored whole, then sharded (FSDP) or replicated (DDP)
+    # the generator: the same init on every rank, restored whole, then sharded (FSDP) or replicated
+    # (DDP)
     torch.manual_seed(cfg.seed)
     model = MaskGIT(model_cfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None  # the weights that are sampled
-    modules = {"model": model} | ({"ema": ema} if ema is not None else {})  # what a checkpoint holds
+    # the weights that are sampled
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
+    # what a checkpoint holds
+    modules = {"model": model} | ({"ema": ema} if ema is not None else {})
     if resume:
         restore_modules(resume[1], modules, resume[0])
     if master:
         print(f"generator: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; cache: {len(codes)} "
               f"clips of {tuple(codes.shape[1:])} codes; captions: {text.vocab_size} BPE tokens")
     if args.compile:
-        compile_blocks(model)  # each transformer block
-    run = Run(model)  # the loss and sampling through forward, where DDP's and FSDP's hooks see them
-    sampler = Run(ema) if ema is not None else run  # what samples the validation grid
+        # each transformer block
+        compile_blocks(model)
+    # the loss and sampling through forward, where DDP's and FSDP's hooks see them
+    run = Run(model)
+    # what samples the validation grid
+    sampler = Run(ema) if ema is not None else run
     if fsdp:
         shard(run, device)
         if ema is not None:
             shard(sampler, device)
-    loss_d = DDP(run) if ddp and not fsdp else run  # what the loss runs through
-    opts, step = {"opt": adamw(model, cfg)}, 0  # after sharding: under FSDP the optimizer holds each rank's shards
+    # what the loss runs through
+    loss_d = DDP(run) if ddp and not fsdp else run
+    # after sharding: under FSDP the optimizer holds each rank's shards
+    opts, step = {"opt": adamw(model, cfg)}, 0
     if resume:
         step = restore_optimizers(resume[1], resume[2], opts, resume[0])
         if master:
             print(f"resumed from {resume[0]} at step {step}")
-    # 64 held-out clips for val_loss, encoded once; the watch grid's 8 prompts (a world's are judged)
+    # 64 held-out clips for val_loss, encoded once; the watch grid's 8 prompts (a world's are
+    # judged)
     held = held_out(lambda: encode_clips(tokenizer, val_source, 64, device), master)  # (64, t, h, w) codes
-    val_codes, val_captions = (held[0], held[1]) if held else (None, captions)  # none loads: watch training captions
+    # none loads: watch training captions
+    val_codes, val_captions = (held[0], held[1]) if held else (None, captions)
     val_ids, val_mask = text.encode(val_captions[:64], model_cfg.text.max_len)  # (64, L) each
-    watched = watch_list(cfg.data, val_captions, args.watch_prompts, seed=cfg.seed)  # fixed for the run
+    # fixed for the run
+    watched = watch_list(cfg.data, val_captions, args.watch_prompts, seed=cfg.seed)
     if master:
         print("samples.png shows: " + " | ".join(watched[2]))
     steps = Steps(cfg, args.out, rank, world, device, step, skipped_files)
 
-    with steps.guard as guard:  # SIGTERM / Ctrl-C: finish the step, save, leave
+    with steps.guard as guard:
+        # SIGTERM / Ctrl-C: finish the step, save, leave
         while steps.step < cfg.max_steps:
-            pick = steps.begin(list(opts.values()))  # seed from (seed, rank, step); set the lr
-            total = 0.0  # L_gen, the mean over the micro-steps
-            for micro in range(cfg.grad_accum):  # gradient accumulation: micro-batches make one step
+            # seed from (seed, rank, step); set the lr
+            pick = steps.begin(list(opts.values()))
+            # L_gen, the mean over the micro-steps
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                # gradient accumulation: micro-batches make one step
                 idx = torch.randint(len(codes), (cfg.batch_size,), generator=pick)  # (B,), with replacement
-                width = int(all_masks[idx].sum(1).max())  # trim the padding this batch does not need
+                # trim the padding this batch does not need
+                width = int(all_masks[idx].sum(1).max())
                 ids, mask = all_ids[idx, :width].to(device), all_masks[idx, :width].to(device)  # (B, L)
-                frames = None  # all t latent frames are real
-                if cfg.image_ratio > 0:  # by causality an image's codes are its clip's first latent frame
+                # all t latent frames are real
+                frames = None
+                if cfg.image_ratio > 0:
+                    # by causality an image's codes are its clip's first latent frame
                     image = torch.rand(cfg.batch_size, generator=pick) < cfg.image_ratio  # (B,)
                     frames = torch.where(image, 1, t).to(device)  # (B,) real latent frames
                 with grad_sync(loss_d, micro == cfg.grad_accum - 1), steps.autocast:
-                    # L_gen: mask ⌈cos(πr/2)·N⌉ codes (after a prefix of latent frames in a prefix_masks share),
-                    # drop 10% of captions, cross-entropy on the masked ones
-                    loss = loss_d("loss", codes[idx].to(device), ids, mask, frames, cfg.motion_weight, cfg.prefix_masks)
+                    # L_gen: mask ⌈cos(πr/2)·N⌉ codes (after a prefix of latent frames in a
+                    # prefix_masks share), drop 10% of captions, cross-entropy on the masked ones
+                    loss = loss_d("loss", codes[idx].to(device), ids, mask, frames,
+                                  cfg.motion_weight, cfg.prefix_masks)
                     (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
-            steps.update({"loss": total}, model, list(opts.values()), list(opts.values()), ema)  # clip, AdamW, EMA
-            figures = {}  # what this step measured beside the loss
-            if steps.due(cfg.image_every) and (master or fsdp):  # under FSDP every rank joins the all-gathers
+            # clip, AdamW, EMA
+            steps.update({"loss": total}, model, list(opts.values()), list(opts.values()), ema)
+            # what this step measured beside the loss
+            figures = {}
+            if steps.due(cfg.image_every) and (master or fsdp):
+                # under FSDP every rank joins the all-gathers
                 model.eval()
                 if val_codes is not None:
-                    figures["val_loss"] = validation_loss(sampler, val_codes, val_ids, val_mask, cfg.seed)
-                # one clip for each watched prompt; in a world, its attributes read back by the judge
+                    figures["val_loss"] = validation_loss(sampler, val_codes, val_ids, val_mask,
+                                                          cfg.seed)
+                # one clip for each watched prompt; in a world, its attributes read back by the
+                # judge
                 videos, verdicts = watch(sampler, text, tokenizer, watched, device, steps=cfg.sample_steps,
                                          generator=torch.Generator(device).manual_seed(cfg.seed))
                 verdicts |= {} if val_codes is None else watch_motion(
-                    sampler, text, tokenizer, (val_codes, val_ids.to(device), val_mask.to(device)), cfg.data, device,
-                    cfg.seed, steps=cfg.sample_steps, generator=torch.Generator(device).manual_seed(cfg.seed))  # motion
+                    sampler, text, tokenizer, (val_codes, val_ids.to(device),
+                                               val_mask.to(device)), cfg.data, device,
+                    # motion
+                    cfg.seed, steps=cfg.sample_steps, generator=torch.Generator(device).manual_seed(cfg.seed))
                 model.train()
-                figures |= {f"val_{k}": v for k, v in verdicts.items()}  # shares of clips that agree; the probe
-                if fsdp:  # FSDP keeps a root unit gathered after its forward: shard it again before updates
+                # shares of clips that agree; the probe
+                figures |= {f"val_{k}": v for k, v in verdicts.items()}
+                if fsdp:
+                    # FSDP keeps a root unit gathered after its forward: shard it again before
+                    # updates
                     sampler.reshard()
-            if master and (steps.due(cfg.log_every) or figures):  # what is measured is logged
+            if master and (steps.due(cfg.log_every) or figures):
+                # what is measured is logged
                 steps.write_log({"loss": total}, figures)
                 if figures:
                     steps.log.grid(videos, "samples.png", watched[2])  # (8, 3, T, H, W): a clip under each prompt
-            if (master or fsdp) and (steps.due(cfg.save_every) or guard.stop):  # FSDP: all ranks gather, one writes
-                meta = generator_meta(model_cfg, steps.step, text, digest) | {"tokenizer_checkpoint": args.tokenizer_checkpoint}
+            if (master or fsdp) and (steps.due(cfg.save_every) or guard.stop):
+                # FSDP: all ranks gather, one writes
+                meta = generator_meta(model_cfg, steps.step, text,
+                                      digest) | {"tokenizer_checkpoint": args.tokenizer_checkpoint}
                 save_run(args.out, meta, cfg, modules, opts, write=master)
                 if master:
-                    steps.log.plot(("loss", "val_loss"))  # the curves so far, beside each checkpoint
-            guard.leave_if_signalled(steps.step, world, master, args.out)  # exit 128 + the signal
+                    # the curves so far, beside each checkpoint
+                    steps.log.plot(("loss", "val_loss"))
+            # exit 128 + the signal
+            guard.leave_if_signalled(steps.step, world, master, args.out)
     steps.progress.close()
     finish(model, world, master, f"done: {steps.step} steps in {steps.progress.elapsed():.0f} s; "
                                  f"weights in {os.path.join(args.out, 'model.safetensors')}", compare=not fsdp)
@@ -328,9 +424,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a Phenaki stage: 1 = video tokenizer, 2 = MaskGIT generator.",
                                 formatter_class=HelpWithDefaults)
     p.add_argument("--stage", type=int, choices=(1, 2), required=True)
-    p.add_argument("--tokenizer", default="vqgan", help="stage 1: vqgan (the shipped one) or cvivit (the paper's)")
+    p.add_argument("--tokenizer", default="vqgan",
+                   help="stage 1: vqgan (the shipped one) or cvivit (the paper's)")
     p.add_argument("--tokenizer-checkpoint", help="stage 2: the frozen stage-1 model.safetensors")
-    p.add_argument("--data", help="shapes (the preset's), a video folder, tar shards, or an image folder")
+    p.add_argument("--data",
+                   help="shapes (the preset's), a video folder, tar shards, or an image folder")
     p.add_argument("--val-data", help="held-out data for the val_ figures (default: a share of --data's files by name hash)")
     p.add_argument("--watch-prompts", metavar="FILE", help="stage 2: captions to sample in samples.png, one a line "
                    "(default: the held-out captions; a world's random prompts)")
@@ -339,11 +437,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, help="optimizer steps in all (default: the preset's)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out with its saved config (--set may change lr, steps and logging)")
-    p.add_argument("--force", action="store_true", help="start a new run in an --out that holds one (its files go)")
+    p.add_argument("--force", action="store_true",
+                   help="start a new run in an --out that holds one (its files go)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field: model.<field>=... or train.<field>=... (config.py)")
     p.add_argument("--image-ratio", type=float, help="stage 2: share of samples trained as images")
-    p.add_argument("--perceptual-weights", help="stage 1: VGG16 weights (.safetensors) to switch on the perceptual loss")
+    p.add_argument("--perceptual-weights",
+                   help="stage 1: VGG16 weights (.safetensors) to switch on the perceptual loss")
     p.add_argument("--fsdp", action="store_true",
                    help="stage 2 under torchrun: shard the generator across ranks (FSDP2) instead of replicating it (DDP)")
     p.add_argument("--compile", action="store_true",
@@ -360,11 +460,13 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
     check_device(args.device)
-    saved = resumed_run(args)  # the saved configs when this command continues a run
+    # the saved configs when this command continues a run
+    saved = resumed_run(args)
     check_inputs_outside(args.out, {"--tokenizer-checkpoint": args.tokenizer_checkpoint,
                                     "--perceptual-weights": args.perceptual_weights,
                                     "--watch-prompts": args.watch_prompts})
-    model_cfg, cfg = configure(args.stage, args.preset, args.tokenizer, args.set + image_ratio, args.max_steps)
+    model_cfg, cfg = configure(args.stage, args.preset, args.tokenizer, args.set + image_ratio,
+                               args.max_steps)
     if saved:
         (model_cfg, cfg), asked = saved, args.set + image_ratio
         model_cfg, cfg = override(model_cfg, asked, "model"), override(cfg, asked, "train")
@@ -382,7 +484,8 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     if args.stage == 2:
         if not args.tokenizer_checkpoint:
             raise UsageError("stage 2 needs --tokenizer-checkpoint PATH (a stage-1 model.safetensors)")
-        model_cfg = generator_config_for(args.tokenizer_checkpoint, model_cfg, cfg, same_data=not (saved or args.data))
+        model_cfg = generator_config_for(args.tokenizer_checkpoint, model_cfg, cfg,
+                                         same_data=not (saved or args.data))
     check_model_config(model_cfg, args.tokenizer if args.stage == 1 else "maskgit")
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -390,9 +493,11 @@ def setup(args) -> tuple[object, TrainConfig, object]:
         raise UsageError(f"cannot write to --out {args.out}: {err.strerror}") from None
     if not os.access(args.out, os.W_OK):
         raise UsageError(f"cannot write to --out {args.out}: not a writable folder")
-    source, val_source, summary = train_and_val(cfg, args.stage)  # held out: --val-data, or a share by name hash
+    # held out: --val-data, or a share by name hash
+    source, val_source, summary = train_and_val(cfg, args.stage)
     if getattr(args, "replace", False) and int(os.environ.get("RANK", "0")) == 0:
-        clear_run(args.out)  # --force: the old checkpoints and log go, now that the new run is accepted
+        # --force: the old checkpoints and log go, now that the new run is accepted
+        clear_run(args.out)
     if summary and int(os.environ.get("RANK", "0")) == 0:
         print("\n".join(summary), flush=True)
     return model_cfg, cfg, (source, val_source)
@@ -401,37 +506,48 @@ def setup(args) -> tuple[object, TrainConfig, object]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        model_cfg, cfg, sources = setup(args)  # fails early on bad flags or data
+        # fails early on bad flags or data
+        model_cfg, cfg, sources = setup(args)
     except (UsageError, ValueError) as err:
         exit_usage(err)
-    # torchrun --max-restarts re-runs this command after a worker dies: go on from the last checkpoint
+    # torchrun --max-restarts re-runs this command after a worker dies: go on from the last
+    # checkpoint
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     args.resume = args.resume or restarts > 0
 
     # DDP: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process
     ddp = "RANK" in os.environ
-    rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])) if ddp else (0, 1, 0)
+    rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                          int(os.environ["LOCAL_RANK"])) if ddp else (0, 1, 0)
     device = torch.device(args.device)
     if ddp:
         try:
             check_gpus(device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-        except UsageError as err:  # every rank leaves; one of each node says why
+        except UsageError as err:
+            # every rank leaves; one of each node says why
             exit_usage(err) if local == 0 else sys.exit(2)
-        if device.type == "cuda":  # one GPU per process
+        if device.type == "cuda":
+            # one GPU per process
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **process_group_store(restarts))
-    if device.type == "cuda":  # TF32 tensor cores for the fp32 matmuls autocast leaves
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                **process_group_store(restarts))
+    if device.type == "cuda":
+        # TF32 tensor cores for the fp32 matmuls autocast leaves
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    code = 0  # the exit code
+    # the exit code
+    code = 0
     try:
-        (train_tokenizer if args.stage == 1 else train_generator)(args, model_cfg, cfg, sources, rank, world, device)
+        (train_tokenizer if args.stage == 1 else train_generator)(args, model_cfg, cfg, sources,
+                                                                  rank, world, device)
     except (UsageError, UnusableData, TrainingStopped, SystemExit) as err:
-        code = exit_code(err)  # one line on stderr; 1 failed, 2 bad input, 128 + N a signal
+        # one line on stderr; 1 failed, 2 bad input, 128 + N a signal
+        code = exit_code(err)
     finally:
         if ddp:
             dist.destroy_process_group()
-    if ddp:  # leave before C++ teardown, where torch 2.13's distributed threads can abort a finished run
+    if ddp:
+        # leave before C++ teardown, where torch 2.13's distributed threads can abort a finished run
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(code)
     if code:

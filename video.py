@@ -2,23 +2,26 @@
 Real video in and out through PyAV (FFmpeg): decoding files to clips, encoding .mp4 and .gif, and the
 limits on what one file may ask of a loader.
 
-`read_video` decodes a video or an image (a path or a binary file object) to RGB frames. It resamples
-by timestamp to a fixed fps, so variable frame rates work and a frame repeats when fps is above the
-video's rate; resizes the short side with swscale's area filter (no aliasing) and centre-crops; undoes
-phone rotation and mirroring (the display matrix) and non-square pixels; and turns any pixel format (gray, 10-bit, alpha) into 8-bit RGB.
-With `rng`, a clip's start is drawn uniformly over where a full clip fits. `write_video` writes .mp4
-(H.264) and .gif, and `VideoWriter` does so a few frames at a time; `to_uint8_frames` takes the layouts that models and scripts hand it.
+`read_video` decodes a video or an image (a path or a binary file object) to RGB frames. It
+resamples by timestamp to a fixed fps, so variable frame rates work and a frame repeats when fps is
+above the video's rate; resizes the short side with swscale's area filter (no aliasing) and
+centre-crops; undoes phone rotation and mirroring (the display matrix) and non-square pixels; and
+turns any pixel format (gray, 10-bit, alpha) into 8-bit RGB. With `rng`, a clip's start is drawn
+uniformly over where a full clip fits. `write_video` writes .mp4 (H.264) and .gif, and `VideoWriter`
+does so a few frames at a time; `to_uint8_frames` takes the layouts that models and scripts hand it.
 
 read_video:       a file FFmpeg decodes (VIDEO_EXTS, IMAGE_EXTS)  ->  (T, H, W, 3) uint8 RGB
 write_video:      (T, H, W, 3) uint8, or what to_uint8_frames takes  ->  .mp4 or .gif
-to_uint8_frames:  (3, T, H, W) tensor in [-1, 1], or (T, H, W, 3) float in [0, 1]  ->  (T, H, W, 3) uint8
-save_output, Outputs:  what sample.py writes: .mp4 / .gif, or a .png grid of frames, scaled up if asked
+to_uint8_frames:  (3, T, H, W) tensor in [-1, 1], or (T, H, W, 3) float in [0, 1]  ->  (T, H, W, 3)
+uint8 save_output, Outputs:  what sample.py writes: .mp4 / .gif, or a .png grid of frames, scaled up
+if asked
 
-Real files break (corrupt, truncated, empty, audio only, too short): every failure of read_video is a
-ValueError naming the file, so that a loader can skip it (data.py). Guards bound the time and memory
-of one load: MAX_PIXELS (4096 x 4096: 4K passes, 8K is refused, from the header, before decoding),
-MAX_LEAD (decoded frames before the clip's first), MAX_FRAMES (a whole-video read), MAX_SECONDS (the
-duration a header may claim) and MAX_BYTES (a video read into memory whole, as a tar member is).
+Real files break (corrupt, truncated, empty, audio only, too short): every failure of read_video is
+a ValueError naming the file, so that a loader can skip it (data.py). Guards bound the time and
+memory of one load: MAX_PIXELS (4096 x 4096: 4K passes, 8K is refused, from the header, before
+decoding), MAX_LEAD (decoded frames before the clip's first), MAX_FRAMES (a whole-video read),
+MAX_SECONDS (the duration a header may claim) and MAX_BYTES (a video read into memory whole, as a
+tar member is).
 
 Deviations: a video shorter than the clip asked for is refused (ValueError), rather than padded or
 looped. For .mp4, odd sides are padded by repeating the last row or column (H.264's 4:2:0 chroma).
@@ -41,11 +44,16 @@ VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-MAX_PIXELS = 4096 * 4096  # a bigger frame (8K) decodes too slowly for a loader, or a strip resizes too large
-MAX_LEAD = 2000  # decoded frames before the clip's first: more means key frames too sparse to seek to
-MAX_FRAMES = 10_000  # a whole-video read: a timestamp jump would otherwise repeat one frame without end
-MAX_SECONDS = 24 * 3600  # the longest duration a header may claim; a longer one reads as unknown
-MAX_BYTES = 1 << 30  # the largest video read into memory whole (a tar shard's member)
+# a bigger frame (8K) decodes too slowly for a loader, or a strip resizes too large
+MAX_PIXELS = 4096 * 4096
+# decoded frames before the clip's first: more means key frames too sparse to seek to
+MAX_LEAD = 2000
+# a whole-video read: a timestamp jump would otherwise repeat one frame without end
+MAX_FRAMES = 10_000
+# the longest duration a header may claim; a longer one reads as unknown
+MAX_SECONDS = 24 * 3600
+# the largest video read into memory whole (a tar shard's member)
+MAX_BYTES = 1 << 30
 
 
 def to_uint8_frames(video) -> np.ndarray:
@@ -58,18 +66,20 @@ def to_uint8_frames(video) -> np.ndarray:
     return video  # (T, H, W, 3)
 
 
-CROPS = ("center", "pad")  # how a frame becomes a square: cut the long side's ends, or letterbox the whole
+# how a frame becomes a square: cut the long side's ends, or letterbox the whole
+CROPS = ("center", "pad")
 
 
 def _fit(width: int, height: int, size: int | None, crop: str = "center") -> tuple[int, int]:
-    """(w, h) with the short side resized to `size` (crop "center") or the long side ("pad"); ValueError
-    if the frame, before or after, is too big."""
+    """(w, h) with the short side resized to `size` (crop "center") or the long side ("pad");
+    ValueError if the frame, before or after, is too big."""
     w, h = width, height
     if size is not None and crop == "pad":
         scale = size / max(width, height, 1)
         w, h = max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale)))
     elif size is not None:
-        scale = size / max(min(width, height), 1)  # a header may not know the size yet: 0 x 0
+        # a header may not know the size yet: 0 x 0
+        scale = size / max(min(width, height), 1)
         w, h = max(size, round(width * scale)), max(size, round(height * scale))
     if max(width * height, w * h) > MAX_PIXELS:
         raise ValueError(f"{width} x {height} frames (resized {w} x {h}) are above MAX_PIXELS = {MAX_PIXELS}")
@@ -77,16 +87,18 @@ def _fit(width: int, height: int, size: int | None, crop: str = "center") -> tup
 
 
 def _orientation(frame: av.VideoFrame) -> tuple[bool, int]:
-    """How a frame is shown -> (mirrored left to right first, then clockwise quarter turns), from its display
-    matrix [[a, b], [c, d]], which maps a stored pixel (x, y) to (a x + c y, b x + d y) on screen. Phones
-    store a rotation there; a mirror (a d - b c < 0) is a left-right flip followed by a rotation."""
-    # Not frame.side_data: the frame caches that container, which points back at the frame, and the cycle
-    # leaves the frame to the garbage collector; collected after a fork, it crashed DataLoader workers.
-    # A container of our own is freed with the frame, by reference counting.
+    """How a frame is shown -> (mirrored left to right first, then clockwise quarter turns), from
+    its display matrix [[a, b], [c, d]], which maps a stored pixel (x, y) to (a x + c y, b x + d y)
+    on screen. Phones store a rotation there; a mirror (a d - b c < 0) is a left-right flip followed
+    by a rotation."""
+    # Not frame.side_data: the frame caches that container, which points back at the frame, and the
+    # cycle leaves the frame to the garbage collector; collected after a fork, it crashed DataLoader
+    # workers. A container of our own is freed with the frame, by reference counting.
     matrix = SideDataContainer(frame).get(SideDataType.DISPLAYMATRIX)
     if matrix is None or matrix.buffer_size != 36:
         return False, 0
-    a, b, _, c, d = np.frombuffer(bytes(matrix), "=i4")[:5].astype(float)  # 16.16 fixed point: the scale cancels
+    # 16.16 fixed point: the scale cancels
+    a, b, _, c, d = np.frombuffer(bytes(matrix), "=i4")[:5].astype(float)
     mirrored = a * d - b * c < 0
     if mirrored:  # (x, y) -> (-x, y) first: what is left is a rotation
         a, b = -a, -b
@@ -94,19 +106,23 @@ def _orientation(frame: av.VideoFrame) -> tuple[bool, int]:
 
 
 def _rgb(frame: av.VideoFrame, size: int | None, crop: str = "center", aspect: float = 1.0) -> np.ndarray:
-    """One decoded frame as (H, W, 3) uint8, upright, made a `size` square: short side resized and the
-    centre cut out (crop "center"), or long side resized and black bars added (crop "pad"). `aspect` is
-    the pixels' width over their height (the sample aspect ratio): non-square pixels are resized to the
-    picture's displayed proportions."""
-    mirrored, turns = _orientation(frame)  # read before reformat, whose new frame lacks the side data
-    shown = round(frame.width * aspect) if size is not None else frame.width  # the displayed width
-    w, h = _fit(shown, frame.height, size, crop)  # the size can change mid-stream
+    """One decoded frame as (H, W, 3) uint8, upright, made a `size` square: short side resized and
+    the centre cut out (crop "center"), or long side resized and black bars added (crop "pad").
+    `aspect` is the pixels' width over their height (the sample aspect ratio): non-square pixels are
+    resized to the picture's displayed proportions."""
+    # read before reformat, whose new frame lacks the side data
+    mirrored, turns = _orientation(frame)
+    # the displayed width
+    shown = round(frame.width * aspect) if size is not None else frame.width
+    # the size can change mid-stream
+    w, h = _fit(shown, frame.height, size, crop)
     if size is not None:
         # swscale's area filter averages the pixels it drops, so downscaling does not alias; it also
         # drops alpha and converts gray, 10-bit and any other pixel format to 8-bit RGB
         frame = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA")
     img = frame.to_ndarray(format="rgb24")  # (H, W, 3) from any pixel format
-    img = np.rot90(img[:, ::-1] if mirrored else img, k=-turns)  # upright
+    # upright
+    img = np.rot90(img[:, ::-1] if mirrored else img, k=-turns)
     if size is not None and crop == "pad":
         canvas = np.zeros((size, size, 3), np.uint8)
         top, left = (size - img.shape[0]) // 2, (size - img.shape[1]) // 2
@@ -119,51 +135,63 @@ def _rgb(frame: av.VideoFrame, size: int | None, crop: str = "center", aspect: f
 
 
 def _pick(container, stream, fps: float | None, start: float):
-    """Yield the frames on screen at start + i / fps, i = 0, 1, ... (every frame from `start` if fps is
-    None). Picking by timestamp rather than index is what makes variable frame rates work; a frame
-    comes twice when fps is above the video's rate."""
+    """Yield the frames on screen at start + i / fps, i = 0, 1, ... (every frame from `start` if fps
+    is None). Picking by timestamp rather than index is what makes variable frame rates work; a
+    frame comes twice when fps is above the video's rate."""
     t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    if start > 0:  # jump to the key frame before `start` instead of decoding everything up to it
+    if start > 0:
+        # jump to the key frame before `start` instead of decoding everything up to it
         container.seek(int((t0 + start) / stream.time_base), stream=stream)
     rate = float(stream.average_rate or 25)
-    eps = 0.1 / fps if fps else 1e-6  # GIF times are in 1/100 s: 0.125 s reads back as 0.13 s
-    prev, prev_t, gap, i = None, 0.0, 1 / (fps or rate), 0  # i: frames yielded so far
+    # GIF times are in 1/100 s: 0.125 s reads back as 0.13 s
+    eps = 0.1 / fps if fps else 1e-6
+    # i: frames yielded so far
+    prev, prev_t, gap, i = None, 0.0, 1 / (fps or rate), 0
     for n, frame in enumerate(container.decode(stream)):
-        if n == MAX_LEAD and i == 0:  # bound the time a load takes, whatever the file
+        if n == MAX_LEAD and i == 0:
+            # bound the time a load takes, whatever the file
             raise ValueError(f"no frame at {start:.2f} s within {MAX_LEAD} decoded frames (MAX_LEAD)")
-        t = (frame.time if frame.time is not None else n / rate) - t0 - start  # seconds into the clip
+        # seconds into the clip
+        t = (frame.time if frame.time is not None else n / rate) - t0 - start
         if fps is None:
             if t >= -eps:
                 i += 1
                 yield frame
             continue
-        while prev is not None and t > i / fps + eps:  # prev is the last frame at or before i / fps
+        while prev is not None and t > i / fps + eps:
+            # prev is the last frame at or before i / fps
             yield prev
             i += 1
         gap = t - prev_t if prev is not None and t > prev_t else gap
         prev, prev_t = frame, t
-    while prev is not None and fps and i / fps < prev_t + gap - eps:  # the last frame lasts one gap
+    while prev is not None and fps and i / fps < prev_t + gap - eps:
+        # the last frame lasts one gap
         yield prev
         i += 1
 
 
 def _seconds(container, stream) -> float:
-    """The video stream's duration in seconds: its header's, else where its last frame ends (MKV and WebM
-    give no stream duration, and the container's counts the audio too, which may run on for longer). The
-    packets after a seek near the end are read, none decoded, and the container is rewound. 0: unknown."""
+    """The video stream's duration in seconds: its header's, else where its last frame ends (MKV and
+    WebM give no stream duration, and the container's counts the audio too, which may run on for
+    longer). The packets after a seek near the end are read, none decoded, and the container is
+    rewound. 0: unknown."""
     if stream.duration:
         return float(stream.duration * stream.time_base)
-    if not container.duration:  # an image, or a stream that says nothing
+    if not container.duration:
+        # an image, or a stream that says nothing
         return 0.0
     start, end = stream.start_time or 0, None
     try:
-        container.seek(container.duration, backward=True)  # the key frame before the end, then the packets after it
+        # the key frame before the end, then the packets after it
+        container.seek(container.duration, backward=True)
         for packet in container.demux(stream):
             if packet.pts is not None:
                 end = max(end or 0, packet.pts + (packet.duration or 0))
-        container.seek(0)  # read_video decodes from the start next
+        # read_video decodes from the start next
+        container.seek(0)
     except av.error.FFmpegError:
-        return (container.duration or 0) / 1e6  # container.duration is in microseconds
+        # container.duration is in microseconds
+        return (container.duration or 0) / 1e6
     return float((end - start) * stream.time_base) if end is not None else 0.0
 
 
@@ -186,12 +214,13 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, si
     """Decode a video or image (a path or a binary file object) to (T, H, W, 3) uint8 RGB.
 
     frames: exactly this many (ValueError if the video is shorter), else all, up to MAX_FRAMES.
-    size: made a size x size square, by `crop` ("center": short side resized, the centre cut out; "pad":
-    long side resized, black bars above and below or at the sides).  fps: resample by timestamp.
-    start: seconds to skip; with `rng`, the start is drawn uniformly over where a full clip fits.
-    Every failure is a ValueError naming the file (a file object by its `name`, if it has one):
-    unreadable, truncated, empty, video-less or too short files, frames above MAX_PIXELS, a first frame
-    beyond MAX_LEAD. PyAV's errors are converted, since not all derive from OSError or ValueError."""
+    size: made a size x size square, by `crop` ("center": short side resized, the centre cut out;
+    "pad": long side resized, black bars above and below or at the sides).  fps: resample by
+    timestamp. start: seconds to skip; with `rng`, the start is drawn uniformly over where a full
+    clip fits. Every failure is a ValueError naming the file (a file object by its `name`, if it has
+    one): unreadable, truncated, empty, video-less or too short files, frames above MAX_PIXELS, a
+    first frame beyond MAX_LEAD. PyAV's errors are converted, since not all derive from OSError or
+    ValueError."""
     name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "a file object")
     limit = frames or MAX_FRAMES + 1
     try:
@@ -199,7 +228,8 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, si
             if not container.streams.video:
                 raise ValueError("no video stream")
             stream = container.streams.video[0]
-            _fit(stream.codec_context.width, stream.codec_context.height, size, crop)  # before decoding a clip
+            # before decoding a clip
+            _fit(stream.codec_context.width, stream.codec_context.height, size, crop)
             if rng is not None and frames is not None:
                 duration = _seconds(container, stream)
                 clip = frames / (fps or float(stream.average_rate or 25))
@@ -207,12 +237,14 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, si
             out, last, img = [], None, None
             aspect = float(stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio or 1) or 1.0
             for frame in _pick(container, stream, fps, start):
-                if frame is not last:  # convert a repeated frame once
+                if frame is not last:
+                    # convert a repeated frame once
                     last, img = frame, _rgb(frame, size, crop, aspect)
                 out.append(img)
                 if len(out) == limit:
                     break
-    except (av.error.FFmpegError, ValueError) as err:  # FFmpeg's message without the path again
+    except (av.error.FFmpegError, ValueError) as err:
+        # FFmpeg's message without the path again
         raise ValueError(f"cannot decode {name}: {getattr(err, 'strerror', None) or err}") from err
     if len(out) > MAX_FRAMES:
         raise ValueError(f"{name} has more than MAX_FRAMES = {MAX_FRAMES} frames: read clips with `frames`")
@@ -222,14 +254,15 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, si
 
 
 class VideoWriter:
-    """.mp4 (H.264) or .gif written a few frames at a time, so a long video never has to be held whole:
-    `write` takes (T, H, W, 3) uint8 frames, or what to_uint8_frames takes. The file grows beside its
-    target (`<path>.part`) and replaces it on `close`; an error or Ctrl-C on the way removes the part
-    and leaves an earlier file at `path` untouched. Use it as a context manager."""
+    """.mp4 (H.264) or .gif written a few frames at a time, so a long video never has to be held
+    whole: `write` takes (T, H, W, 3) uint8 frames, or what to_uint8_frames takes. The file grows
+    beside its target (`<path>.part`) and replaces it on `close`; an error or Ctrl-C on the way
+    removes the part and leaves an earlier file at `path` untouched. Use it as a context manager."""
 
     def __init__(self, path: str, fps: float = 8):
         self.ext = os.path.splitext(path)[1].lower()
-        if self.ext not in (".mp4", ".gif"):  # .png frame grids are drawn elsewhere, with matplotlib
+        if self.ext not in (".mp4", ".gif"):
+            # .png frame grids are drawn elsewhere, with matplotlib
             raise ValueError(f"write_video writes .mp4 or .gif, not {self.ext or 'no extension'!r} ({path})")
         self.path, self.part, self.fps = path, path + ".part", fps
         self.container, self.stream = None, None
@@ -237,28 +270,35 @@ class VideoWriter:
     def write(self, video) -> None:
         video = to_uint8_frames(video)
         mp4 = self.ext == ".mp4"
-        if mp4:  # 4:2:0 halves the chroma grid, so H.264 needs even sides: repeat the last row / column
-            video = np.pad(video, ((0, 0), (0, video.shape[1] % 2), (0, video.shape[2] % 2), (0, 0)), mode="edge")
+        if mp4:
+            # 4:2:0 halves the chroma grid, so H.264 needs even sides: repeat the last row / column
+            video = np.pad(video,
+                           ((0, 0), (0, video.shape[1] % 2), (0, video.shape[2] % 2), (0, 0)),
+                           mode="edge")
         if self.container is None:
             self.container = av.open(self.part, "w", format="mp4" if mp4 else "gif")
             self.stream = self.container.add_stream("libx264" if mp4 else "gif",
                                                     rate=Fraction(self.fps).limit_denominator(1001))
             self.stream.height, self.stream.width = video.shape[1:3]
-            # the GIF encoder wants 8-bit colour: rgb8 is a fixed 3-3-2 palette that keeps the Shapes
-            # colours exact, where pal8 would need a palette computed first
+            # the GIF encoder wants 8-bit colour: rgb8 is a fixed 3-3-2 palette that keeps the
+            # Shapes colours exact, where pal8 would need a palette computed first
             self.stream.pix_fmt = "yuv420p" if mp4 else "rgb8"
-            self.stream.options = {"crf": "18"} if mp4 else {}  # near lossless; the default 23 smears small clips
+            # near lossless; the default 23 smears small clips
+            self.stream.options = {"crf": "18"} if mp4 else {}
         for img in video:
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=self.stream.pix_fmt)
+            frame = av.VideoFrame.from_ndarray(img,
+                                               format="rgb24").reformat(format=self.stream.pix_fmt)
             self.container.mux(self.stream.encode(frame))
 
     def close(self) -> None:
         if self.container is None:
             raise ValueError(f"no frames were written to {self.path}")
         try:
-            self.container.mux(self.stream.encode())  # flush the frames the encoder still holds
+            # flush the frames the encoder still holds
+            self.container.mux(self.stream.encode())
             self.container.close()
-        except BaseException:  # a full disk: keep what was at `path`
+        except BaseException:
+            # a full disk: keep what was at `path`
             self.abort()
             raise
         self.container = None
@@ -270,7 +310,8 @@ class VideoWriter:
             try:
                 container.close()
             except av.FFmpegError:
-                pass  # the part is removed either way
+                # the part is removed either way
+                pass
         if os.path.exists(self.part):
             os.remove(self.part)
 
@@ -288,8 +329,8 @@ def write_video(path: str, video: np.ndarray | torch.Tensor, fps: float = 8) -> 
 
 
 def scaled_frames(video: torch.Tensor, scale: int = 1) -> np.ndarray:
-    """(3, T, H, W) in [-1, 1] -> (T, scale H, scale W, 3) uint8: each pixel a `scale` x `scale` block
-    (nearest neighbour: 64 x 64 is small on a screen)."""
+    """(3, T, H, W) in [-1, 1] -> (T, scale H, scale W, 3) uint8: each pixel a `scale` x `scale`
+    block (nearest neighbour: 64 x 64 is small on a screen)."""
     return to_uint8_frames(video).repeat(scale, axis=1).repeat(scale, axis=2)
 
 
@@ -308,21 +349,23 @@ def save_grid(path: str, frames: np.ndarray, columns: int = 11) -> None:
 
 
 def save_output(path: str, video: torch.Tensor, fps: float = 8, scale: int = 1) -> None:
-    """Write a whole video (3, T, H, W) in [-1, 1] as .mp4 / .gif, or as a .png grid of its frames."""
+    """Write a whole video (3, T, H, W) in [-1, 1] as .mp4 / .gif, or as a .png grid of its
+    frames."""
     frames = scaled_frames(video, scale)
     save_grid(path, frames) if path.lower().endswith(".png") else write_video(path, frames, fps)
 
 
 class Outputs:
-    """Where the frames of N videos go as they are made: `out` itself for one video, <stem>-<i><ext> for
-    several. Each .mp4 / .gif grows on disk (VideoWriter), so only the current window's frames are in
-    memory; a .png grid needs them all, as uint8. A context manager: an error or Ctrl-C on the way
-    removes the unfinished files and keeps what was there before."""
+    """Where the frames of N videos go as they are made: `out` itself for one video, <stem>-<i><ext>
+    for several. Each .mp4 / .gif grows on disk (VideoWriter), so only the current window's frames
+    are in memory; a .png grid needs them all, as uint8. A context manager: an error or Ctrl-C on
+    the way removes the unfinished files and keeps what was there before."""
 
     def __init__(self, out: str, n: int, fps: float, scale: int):
         self.paths = self.named(out, n)
         self.scale, self.grid, self.stack = scale, out.lower().endswith(".png"), contextlib.ExitStack()
-        self.frames = [[] for _ in self.paths]  # .png only
+        # .png only
+        self.frames = [[] for _ in self.paths]
         self.writers = [] if self.grid else [self.stack.enter_context(VideoWriter(p, fps)) for p in self.paths]
 
     @staticmethod
@@ -341,6 +384,7 @@ class Outputs:
         return self
 
     def __exit__(self, kind, error, trace) -> None:
-        self.stack.__exit__(kind, error, trace)  # each VideoWriter closes, or removes its part
+        # each VideoWriter closes, or removes its part
+        self.stack.__exit__(kind, error, trace)
         for path, frames in zip(self.paths, self.frames if self.grid and kind is None else []):
             save_grid(path, np.concatenate(frames))

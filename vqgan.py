@@ -9,30 +9,31 @@ or 32), l2-normalise both sides, pick the nearest code by cosine, project back c
 skips the non-differentiable lookup (straight-through). Two fixes keep the codebook alive: k-means
 initialisation from the first batch, and restarting codes nobody used from recent encoder outputs.
 Restarts leave a finished book full of near-copies of its commonest content (on the Shapes world,
-black); `merge_near_duplicates` folds each group into one code, so that stage 2 sees one word per thing.
+black); `merge_near_duplicates` folds each group into one code, so that stage 2 sees one word per
+thing.
 
 The VQGAN compresses a video (B, 3, T, H, W), T = 1 + 2n, to codes (B, 1 + n, H/8, W/8):
   prepend a learned frame -> (B, 3, 2 + 2n, H, W)   so that the first real frame is encoded alone
   fold 2x2x2 cubes into channels, convs, /2 twice  -> (B, D, 1 + n, H/8, W/8)
   quantize                                           -> codes (B, 1 + n, H/8, W/8) in [0, K)
-and the decoder mirrors it, turning each latent frame into two and dropping the learned frame's twin.
-Above the latent grid the convs are spatial only (1 x 3 x 3, each latent frame on its own); on the
-H/8 grid they are full 3 x 3 x 3 and mix a latent frame with its two predecessors. Every temporal
-kernel pads on the past side only and every norm is per frame, so the codes of the first k latent
-frames depend on the first 1 + 2(k - 1) frames alone: an image is a one-frame video, and long videos
-can be made a window at a time (tests/test_tokenizers.py checks this).
+and the decoder mirrors it, turning each latent frame into two and dropping the learned frame's
+twin. Above the latent grid the convs are spatial only (1 x 3 x 3, each latent frame on its own); on
+the H/8 grid they are full 3 x 3 x 3 and mix a latent frame with its two predecessors. Every
+temporal kernel pads on the past side only and every norm is per frame, so the codes of the first k
+latent frames depend on the first 1 + 2(k - 1) frames alone: an image is a one-frame video, and long
+videos can be made a window at a time (tests/test_tokenizers.py checks this).
 
 Why temporal mixing only on the latent grid: with 3 x 3 x 3 kernels at every resolution, the tiny
-VQGAN on the Shapes world reconstructs colourless grey objects for its first ~2000 steps (at learning
-rates 3e-4 and 1e-3 alike), while the same network with spatial kernels above the latent grid has
-the right colour within 400 steps and runs twice as fast. The temporal taps on the fine grids are
-where the slow start comes from; we measured it, we did not explain it.
+VQGAN on the Shapes world reconstructs colourless grey objects for its first ~2000 steps (at
+learning rates 3e-4 and 1e-3 alike), while the same network with spatial kernels above the latent
+grid has the right colour within 400 steps and runs twice as fast. The temporal taps on the fine
+grids are where the slow start comes from; we measured it, we did not explain it.
 
 Deviations: the 3D-conv VQGAN is the seed's tokenizer, kept beside the paper's C-ViViT (cvivit.py),
 and it is the one that ships: its local codes, folded, are what the tiny generator learns best from
-(README, Results). The paper's perceptual losses use ImageNet VGG and Kinetics I3D weights, which we cannot
-download at run time: `VGGPerceptual` is a hand-written VGG16 feature net that loads such weights
-from a local safetensors file when the user provides one, and is off otherwise. No I3D loss.
+(README, Results). The paper's perceptual losses use ImageNet VGG and Kinetics I3D weights, which we
+cannot download at run time: `VGGPerceptual` is a hand-written VGG16 feature net that loads such
+weights from a local safetensors file when the user provides one, and is off otherwise. No I3D loss.
 """
 
 import contextlib
@@ -68,7 +69,8 @@ def exact_fp32():
 class Quantized(NamedTuple):
     z: torch.Tensor  # (..., D) quantized vectors, straight-through to the encoder
     codes: torch.Tensor  # (...) long in [0, K)
-    loss: torch.Tensor  # scalar: codebook loss + beta * commitment loss
+    # scalar: codebook loss + beta * commitment loss
+    loss: torch.Tensor
 
 
 class VectorQuantizer(nn.Module):
@@ -81,25 +83,31 @@ class VectorQuantizer(nn.Module):
         self.proj_out = nn.Linear(code_dim, dim)
         self.codebook = nn.Parameter(torch.randn(codebook_size, code_dim))
         self.register_buffer("initialised", torch.tensor(False))
-        self.register_buffer("counts", torch.zeros(codebook_size))  # uses since the last restart
-        self.register_buffer("pool", torch.zeros(pool_size, code_dim))  # recent encoder outputs
+        # uses since the last restart
+        self.register_buffer("counts", torch.zeros(codebook_size))
+        # recent encoder outputs
+        self.register_buffer("pool", torch.zeros(pool_size, code_dim))
         self.register_buffer("pool_filled", torch.tensor(0))
-        self.register_buffer("alias", torch.arange(codebook_size))  # the code each index stands for (see merge)
+        # the code each index stands for (see merge)
+        self.register_buffer("alias", torch.arange(codebook_size))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a checkpoint without the alias buffer (an unfolded book from an older phenaki): each code stands for itself
+        # a checkpoint without the alias buffer (an unfolded book from an older phenaki): each code
+        # stands for itself
         state_dict.setdefault(prefix + "alias", torch.arange(self.codebook.shape[0]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
-        """Nearest code for each unit vector z (N, c) -> (N,). Distances in true fp32, even under autocast
-        and where TF32 is on for the rest of the model."""
+        """Nearest code for each unit vector z (N, c) -> (N,). Distances in true fp32, even under
+        autocast and where TF32 is on for the rest of the model."""
         codebook = F.normalize(self.codebook.float(), dim=-1)  # (K, c)
         with exact_fp32():
-            return self.alias[(z @ codebook.t()).argmax(dim=-1)]  # max cosine = min l2 distance between unit vectors
+            # max cosine = min l2 distance between unit vectors
+            return self.alias[(z @ codebook.t()).argmax(dim=-1)]
 
     def forward(self, x: torch.Tensor) -> Quantized:
-        """x (..., D), e.g. a latent grid (B, t, h, w, D) -> Quantized(z (..., D), codes (...), loss)."""
+        """x (..., D), e.g. a latent grid (B, t, h, w, D) -> Quantized(z (..., D), codes (...),
+        loss)."""
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
             z = F.normalize(self.proj_in(x.float()), dim=-1).reshape(-1, self.codebook.shape[1])  # (N, c)
@@ -110,7 +118,8 @@ class VectorQuantizer(nn.Module):
             # VQ-VAE eq. 3: the codebook term pulls codes to the encoder, beta * the commitment term
             # pulls the encoder to its code; stop-gradients decide which side each term moves
             loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())
-            q = z + (q - z).detach()  # straight-through: forward uses q, backward copies the gradient to z
+            # straight-through: forward uses q, backward copies the gradient to z
+            q = z + (q - z).detach()
             if self.training:
                 self.remember(z.detach(), codes)
             out = self.proj_out(q).view(*lead, -1)  # (..., D)
@@ -125,7 +134,8 @@ class VectorQuantizer(nn.Module):
         """Count code uses and keep a ring of recent encoder outputs to restart dead codes from."""
         self.counts += torch.bincount(codes, minlength=self.counts.numel()).float()
         P = self.pool.shape[0]
-        take = z[torch.randperm(z.shape[0], device=z.device)[: P // 4]]  # a random slice of this batch
+        # a random slice of this batch
+        take = z[torch.randperm(z.shape[0], device=z.device)[: P // 4]]
         start = int(self.pool_filled) % P
         idx = (start + torch.arange(take.shape[0], device=z.device)) % P
         self.pool[idx] = take
@@ -142,7 +152,8 @@ class VectorQuantizer(nn.Module):
                 assign = (z @ centres.t()).argmax(dim=-1)  # (N,)
             sums = torch.zeros_like(centres).index_add_(0, assign, z)
             used = torch.bincount(assign, minlength=K) > 0
-            centres[used] = F.normalize(sums[used], dim=-1)  # empty clusters keep their sample
+            # empty clusters keep their sample
+            centres[used] = F.normalize(sums[used], dim=-1)
         self.codebook.data.copy_(centres)
         if distributed():
             dist.broadcast(self.codebook.data, src=0)
@@ -150,18 +161,20 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def merge_near_duplicates(self, usage: torch.Tensor, threshold: float) -> int:
-        """Fold every code within cosine `threshold` of a more used code into that code; -> codes left.
+        """Fold every code within cosine `threshold` of a more used code into that code; -> codes
+        left.
 
         Dead-code restarts refill the book from recent encoder outputs, and most of those are
         background: on the Shapes world 878 of the tiny VQGAN's 1024 codes turned up at black
-        positions (the 50 commonest at mean cosine 0.995 to each other). They decode alike, but to the
-        generator they are different words for one thing, and it would spend its capacity guessing
-        between them. After the merge a folded code keeps its index, takes its owner's vector (so it
-        still decodes the same) and `lookup` returns the owner in its place. usage (K,) decides who
-        owns a group."""
+        positions (the 50 commonest at mean cosine 0.995 to each other). They decode alike, but to
+        the generator they are different words for one thing, and it would spend its capacity
+        guessing between them. After the merge a folded code keeps its index, takes its owner's
+        vector (so it still decodes the same) and `lookup` returns the owner in its place. usage
+        (K,) decides who owns a group."""
         unit = F.normalize(self.codebook.float(), dim=-1)  # (K, c)
         owner = torch.full_like(self.alias, -1)
-        for k in usage.argsort(descending=True).tolist():  # the most used code of a group owns it
+        for k in usage.argsort(descending=True).tolist():
+            # the most used code of a group owns it
             if owner[k] < 0:
                 owner[((unit @ unit[k] >= threshold) & (owner < 0)).nonzero().squeeze(1)] = k
         self.codebook.data.copy_(self.codebook.data[owner])
@@ -180,7 +193,8 @@ class VectorQuantizer(nn.Module):
         if len(dead) and filled:
             src = self.pool[torch.randint(filled, (len(dead),), device=dead.device)]
             self.codebook.data[dead] = F.normalize(src + 0.01 * torch.randn_like(src), dim=-1)
-            self.alias[dead] = dead  # a restarted code stands for itself again
+            # a restarted code stands for itself again
+            self.alias[dead] = dead
             if distributed():
                 dist.broadcast(self.codebook.data, src=0)
         self.counts.zero_()
@@ -190,20 +204,28 @@ class VectorQuantizer(nn.Module):
 class TokenizerOutput(NamedTuple):
     recon: torch.Tensor  # (B, 3, T, H, W) reconstruction in about [-1, 1]
     codes: torch.Tensor  # (B, t, h, w) long
-    vq_loss: torch.Tensor  # scalar
+    # scalar
+    vq_loss: torch.Tensor
 
 
 @dataclass
 class VQGANConfig:
-    widths: tuple[int, ...] = (64, 128, 256)  # channels at H/2, H/4 and H/8 (the latent grid)
-    res_blocks: int = 1  # residual blocks per resolution, in the encoder and the decoder
-    codebook_size: int = 1024  # K, the generator's vocabulary
-    code_dim: int = 16  # c, the factorised lookup space
-    beta: float = 0.25  # commitment weight (VQ-VAE eq. 3)
-    norm: str = "frame"  # "frame": GroupNorm over each frame; "position": LayerNorm over the channels at each pixel
+    # channels at H/2, H/4 and H/8 (the latent grid)
+    widths: tuple[int, ...] = (64, 128, 256)
+    # residual blocks per resolution, in the encoder and the decoder
+    res_blocks: int = 1
+    # K, the generator's vocabulary
+    codebook_size: int = 1024
+    # c, the factorised lookup space
+    code_dim: int = 16
+    # commitment weight (VQ-VAE eq. 3)
+    beta: float = 0.25
+    # "frame": GroupNorm over each frame; "position": LayerNorm over the channels at each pixel
+    norm: str = "frame"
 
 
-NORMS = ("frame", "position")  # FrameNorm's kinds; "frame" is what the files shipped so far hold
+# FrameNorm's kinds; "frame" is what the files shipped so far hold
+NORMS = ("frame", "position")
 
 
 class CausalConv3d(nn.Module):
@@ -215,13 +237,16 @@ class CausalConv3d(nn.Module):
         kt, kh, kw = kernel
         self.pad = (kw // 2, kw // 2, kh // 2, kh // 2, kt - stride[0], 0)  # (W, W, H, H, T_past, T_future)
         self.conv = nn.Conv3d(cin, cout, kernel, stride)
-        self.past: torch.Tensor | None = None  # streaming only: the last input frames of the previous chunk
+        # streaming only: the last input frames of the previous chunk
+        self.past: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.pad[4]  # past frames the kernel reaches back to
+        # past frames the kernel reaches back to
+        n = self.pad[4]
         if self.past is None or n == 0:
             return self.conv(F.pad(x, self.pad))
-        # streaming: the previous chunk's last n frames stand where a full pass has them (zeros at first)
+        # streaming: the previous chunk's last n frames stand where a full pass has them (zeros at
+        # first)
         past = self.past if self.past.numel() else torch.zeros_like(x[:, :, :1]).expand(-1, -1, n, -1, -1)
         x = torch.cat([past, x], dim=2)  # (B, C, n + T, H, W)
         self.past = x[:, :, -n:]
@@ -229,23 +254,27 @@ class CausalConv3d(nn.Module):
 
 
 class FrameNorm(nn.Module):
-    """A norm that never mixes frames (over time it would leak the future). "frame": GroupNorm over each frame, whose
-    statistics tie each code to the whole frame (motion.code_following); "position": LayerNorm per pixel, local codes."""
+    """A norm that never mixes frames (over time it would leak the future). "frame": GroupNorm over
+    each frame, whose statistics tie each code to the whole frame (motion.code_following);
+    "position": LayerNorm per pixel, local codes."""
 
     def __init__(self, channels: int, kind: str = "frame"):
         super().__init__()
         self.kind = kind
-        self.norm = nn.GroupNorm(min(32, channels // 4), channels) if kind == "frame" else nn.LayerNorm(channels)
+        self.norm = nn.GroupNorm(min(32, channels // 4),
+                                 channels) if kind == "frame" else nn.LayerNorm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "position":
-            return self.norm(x.movedim(1, -1)).movedim(-1, 1)  # over C at each (B, T, H, W)
+            # over C at each (B, T, H, W)
+            return self.norm(x.movedim(1, -1)).movedim(-1, 1)
         B, C, T, H, W = x.shape
         y = self.norm(x.transpose(1, 2).reshape(B * T, C, H, W))  # (BT, C, H, W)
         return y.view(B, T, C, H, W).transpose(1, 2)  # (B, C, T, H, W)
 
 
-SPATIAL = (1, 3, 3)  # a kernel that sees one latent frame only
+# a kernel that sees one latent frame only
+SPATIAL = (1, 3, 3)
 
 
 class ResBlock(nn.Module):
@@ -262,7 +291,8 @@ class ResBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour, then a spatial conv (avoids transposed-conv checkerboards)."""
+    """Double H and W: nearest-neighbour, then a spatial conv (avoids transposed-conv
+    checkerboards)."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
@@ -273,8 +303,9 @@ class Upsample(nn.Module):
 
 
 def to_depth(x: torch.Tensor) -> torch.Tensor:
-    """Fold each 2 x 2 x 2 (time, row, column) cube into channels: (B, C, T, H, W) -> (B, 8C, T/2, H/2, W/2).
-    Frames pair as (0, 1), (2, 3), ...: a latent frame sees its own two frames and nothing later."""
+    """Fold each 2 x 2 x 2 (time, row, column) cube into channels: (B, C, T, H, W) -> (B, 8C, T/2,
+    H/2, W/2). Frames pair as (0, 1), (2, 3), ...: a latent frame sees its own two frames and
+    nothing later."""
     B, C, T, H, W = x.shape
     x = x.view(B, C, T // 2, 2, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, C, 2, 2, 2, t, h, w)
     return x.reshape(B, 8 * C, T // 2, H // 2, W // 2)
@@ -295,14 +326,18 @@ class VQGAN(nn.Module):
         self.config = config
         w, n = config.widths, config.res_blocks
         assert len(w) == 3, "widths at H/2, H/4 and H/8 give the f8 spatial compression"
-        self.first_frame = nn.Parameter(torch.zeros(1, 3, 1, 1, 1))  # the learned frame, as one colour
-        kernels = (SPATIAL, SPATIAL, (3, 3, 3))  # at H/2, H/4, H/8: time is mixed on the latent grid only
+        # the learned frame, as one colour
+        self.first_frame = nn.Parameter(torch.zeros(1, 3, 1, 1, 1))
+        # at H/2, H/4, H/8: time is mixed on the latent grid only
+        kernels = (SPATIAL, SPATIAL, (3, 3, 3))
         # encoder: fold 2 x 2 x 2 cubes into channels (f2 in time, the first /2 in space), then two
         # strided convs for /4 and /8
         self.stem = CausalConv3d(24, w[0], SPATIAL)
         self.enc_blocks = nn.ModuleList(nn.Sequential(*[ResBlock(c, c, k, config.norm) for _ in range(n)]) for c, k in zip(w, kernels))
-        self.downs = nn.ModuleList(CausalConv3d(w[i], w[i + 1], SPATIAL, (1, 2, 2)) for i in range(2))
-        self.enc_out = nn.Sequential(FrameNorm(w[2], config.norm), nn.SiLU(), nn.Conv3d(w[2], w[2], 1))
+        self.downs = nn.ModuleList(CausalConv3d(w[i], w[i + 1], SPATIAL,
+                                                (1, 2, 2)) for i in range(2))
+        self.enc_out = nn.Sequential(FrameNorm(w[2], config.norm), nn.SiLU(),
+                                     nn.Conv3d(w[2], w[2], 1))
         self.quantizer = VectorQuantizer(w[2], config.codebook_size, config.code_dim, config.beta)
         # decoder: the mirror image, ending in a conv to 2 x 2 x 2 cubes of pixels
         self.dec_in = CausalConv3d(w[2], w[2])
@@ -326,7 +361,8 @@ class VQGAN(nn.Module):
         for i, blocks in enumerate(self.enc_blocks):
             x = blocks(x)
             if i < 2:
-                x = self.downs[i](x)  # halves H and W
+                # halves H and W
+                x = self.downs[i](x)
         x = self.enc_out(x)  # (B, D, t, h, w)
         return x.permute(0, 2, 3, 4, 1)  # (B, t, h, w, D)
 
@@ -336,15 +372,18 @@ class VQGAN(nn.Module):
         for i, blocks in enumerate(self.dec_blocks):
             x = blocks(x)
             if i < 2:
-                x = self.ups[i](x)  # doubles H and W
+                # doubles H and W
+                x = self.ups[i](x)
         return from_depth(self.dec_out(F.silu(self.dec_norm(x))))  # (B, 3, 2t, H, W)
 
     def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, t, h, w, D) -> video (B, 3, 2t - 1, 8h, 8w)."""
-        return self.decode_pairs(z)[:, :, 1:]  # drop the twin of the learned frame
+        # drop the twin of the learned frame
+        return self.decode_pairs(z)[:, :, 1:]
 
     def forward(self, video: torch.Tensor) -> TokenizerOutput:
-        q = self.quantizer(self.encode_latent(video))  # codes (B, t, h, w)
+        # codes (B, t, h, w)
+        q = self.quantizer(self.encode_latent(video))
         return TokenizerOutput(self.decode_latent(q.z), q.codes, q.loss)
 
     @torch.no_grad()
@@ -359,12 +398,14 @@ class VQGAN(nn.Module):
 
     @torch.no_grad()
     def decode_stream(self, codes: torch.Tensor, chunk: int = 6) -> Iterator[torch.Tensor]:
-        """codes (B, t, h, w) of any length -> the frames of decode(codes), `chunk` latent frames at a time.
-        Every causal conv keeps the last input frames it saw and starts the next chunk from them, so
-        nothing is computed twice: the cost grows linearly with t and memory stays that of one chunk."""
+        """codes (B, t, h, w) of any length -> the frames of decode(codes), `chunk` latent frames at
+        a time. Every causal conv keeps the last input frames it saw and starts the next chunk from
+        them, so nothing is computed twice: the cost grows linearly with t and memory stays that of
+        one chunk."""
         convs = [m for m in self.modules() if isinstance(m, CausalConv3d)]
         for conv in convs:
-            conv.past = torch.empty(0)  # streaming on, nothing seen yet
+            # streaming on, nothing seen yet
+            conv.past = torch.empty(0)
         try:
             for start in range(0, codes.shape[1], chunk):
                 video = self.decode_pairs(self.quantizer.code_vectors(codes[:, start:start + chunk])).clamp(-1, 1)
@@ -394,7 +435,8 @@ class Discriminator(nn.Module):
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         x = F.leaky_relu(self.stem(video), 0.2)
         for conv, skip in zip(self.convs, self.skips):
-            x = (F.leaky_relu(conv(x), 0.2) + skip(x)) / math.sqrt(2)  # halves H and W
+            # halves H and W
+            x = (F.leaky_relu(conv(x), 0.2) + skip(x)) / math.sqrt(2)
         return self.head(x)
 
 
@@ -404,22 +446,23 @@ def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """Taming Transformers eq. 7: scale the GAN loss so its gradient at the decoder's last layer is as
-    large as the reconstruction loss's there; neither loss then drowns the other."""
+    """Taming Transformers eq. 7: scale the GAN loss so its gradient at the decoder's last layer is
+    as large as the reconstruction loss's there; neither loss then drowns the other."""
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
     return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
 VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
-VGG16_TAPS = (3, 8, 15, 22, 29)  # ReLU outputs relu1_2 ... relu5_3, as indices into `features`
+# ReLU outputs relu1_2 ... relu5_3, as indices into `features`
+VGG16_TAPS = (3, 8, 15, 22, 29)
 
 
 class VGGPerceptual(nn.Module):
     """Image perceptual loss from VGG16 features (the LPIPS idea with uniform layer weights). The
-    weights are not downloaded: load ImageNet VGG16 weights from a safetensors file whose keys follow
-    the common layout `features.{i}.weight` / `features.{i}.bias` (index i into VGG16_LAYERS with a
-    ReLU after each conv). Applied to each frame: video (B, 3, T, H, W) pairs -> scalar."""
+    weights are not downloaded: load ImageNet VGG16 weights from a safetensors file whose keys
+    follow the common layout `features.{i}.weight` / `features.{i}.bias` (index i into VGG16_LAYERS
+    with a ReLU after each conv). Applied to each frame: video (B, 3, T, H, W) pairs -> scalar."""
 
     def __init__(self):
         super().__init__()
@@ -431,19 +474,23 @@ class VGGPerceptual(nn.Module):
                 layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
                 c = v
         self.features = nn.ModuleList(layers)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+                             persistent=False)
         self.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         B, C, T, H, W = x.shape
-        both = torch.cat([x, y]).transpose(1, 2).reshape(2 * B * T, C, H, W)  # frames as images
+        # frames as images
+        both = torch.cat([x, y]).transpose(1, 2).reshape(2 * B * T, C, H, W)
         h = ((both + 1) / 2 - self.mean) / self.std
         loss = both.new_zeros(())
         for i, layer in enumerate(self.features):
             h = layer(h)
             if i in VGG16_TAPS:
-                f = F.normalize(h, dim=1)  # unit length over channels at each position, as LPIPS
+                # unit length over channels at each position, as LPIPS
+                f = F.normalize(h, dim=1)
                 loss = loss + (f[: B * T] - f[B * T:]).pow(2).sum(1).mean()
             if i == VGG16_TAPS[-1]:
                 break
