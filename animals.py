@@ -37,14 +37,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from shapes import _components, _grow, _solid
+import sprites
+from sprites import OUTLINE, RIM, capsule_distance, draw_subject
 from video import read_video, to_uint8_frames
 
 # Legend: T frames, H W pixels, k clip index, q pixels per unit (a pixel at 64 x 64); points are
 # complex x + iy, y down.
 
 SPECIES = ("dog", "cat", "horse", "bird")
-COLORS = {"brown": (125, 80, 45), "black": (30, 30, 30), "white": (245, 245, 245), "grey": (135, 135, 135),
-          "orange": (235, 135, 40)}
+COLORS = {"brown": (125, 80, 45), "black": (30, 30, 30), "white": (245, 245, 245),
+          "grey": (135, 135, 135), "orange": (235, 135, 40)}
 ACTIONS = {s: ("running", "walking", "jumping",
                "sitting") for s in SPECIES[:3]} | {"bird": ("flying", "sitting")}
 DIRECTIONS = ("left", "right")
@@ -55,34 +57,23 @@ SCENES = {"on the grass": ((100, 160, 225), (165, 205, 240), (85, 155, 60), (60,
           "in the snow": ((150, 160, 180), (200, 205, 218), (222, 230, 242), (190, 200, 225)),
           "at night": ((12, 16, 48), (40, 55, 110), (42, 58, 82), (70, 92, 118))}
 # horizon row, top of the sea, feet line, top of the scroll band
-HORIZON, SEA, GROUND, BAND = 40, 34, 54, 57
+HORIZON = 40
+SEA = 34
+GROUND = 54
+BAND = 57
 # travel (pixels a frame), gait (cycles a frame), leg swing (radians)
 MOTION = {"running": (3.5, 0.25, 0.6), "walking": (1.2, 0.125, 0.35), "jumping": (2.0, 0.0, 0.1),
           "sitting": (0.0, 0.0, 0.0), "flying": (2.5, 0.25, 0.0)}
 # hop cycles a frame; share of a hop in the air; flying altitude; a bird's climb and landing, pixels
 # a frame: 7 frames up, 3 down (landing as slowly, "the bird lands" still flew through most of its
 # segment)
-HOP, AIR, ALT, CLIMB, LAND = 1 / 7, 0.75, 34.0, 5.0, 12.0
-# sprite sizes: about 31, 22, 16, 10 long
-SCALE = {"horse": 1.05, "dog": 1.05, "cat": 0.85, "bird": 0.75}
+HOP = 1 / 7
+AIR = 0.75
+ALT = 34.0
+CLIMB = 5.0
+LAND = 12.0
 # the judge's area cuts bird | cat | dog | horse, in the gaps measured clean and blurred
 AREAS = (107, 222, 390)
-# the dark outline; the moonlit rim that replaces it at night
-OUTLINE, RIM = (35, 28, 22), (150, 165, 210)
-# a quadruped: body half-length, body radius, leg length, leg radius at the hip and at the foot
-BODY = {"horse": (7.0, 4.0, 12.0, 1.6, 1.1), "dog": (4.5, 3.0, 6.5, 1.3, 0.9),
-        "cat": (3.2, 2.1, 4.4, 1.0, 0.7)}
-# capsules (start, end, radius at start, at end) relative to the front of the body, facing right:
-# the head; then the marks in the detail colour (eye, mane); then the tail from the rear, standing
-# and sitting
-HEAD = {"horse": [(0 - 1j, 3.5 - 9j, 2.8, 2.0), (3.5 - 9.5j, 8.5 - 5.5j, 2.2, 1.4), (3 - 11j, 2.4 - 14j, 1.0, 0.3)],
-        "dog": [(0 - 1j, 2.5 - 5j, 2.5, 2.5), (3 - 5.5j, 6.5 - 4.8j, 2.2, 1.4), (1.6 - 7.5j, 0.5 - 4.5j, 1.4, 1.0)],
-        "cat": [(0.5 - 2j, 2 - 5j, 1.8, 2.7), (1 - 7j, 0.6 - 10j, 1.2, 0.15), (3.3 - 7j, 3.9 - 10j, 1.2, 0.15)]}
-MARKS = {"horse": [(4.6 - 9.6j, 4.6 - 9.6j, 0.7, 0.7), (-2.2 - 2j, 1.6 - 11.5j, 1.2, 1.0)],
-         "dog": [(3.4 - 6.3j, 3.4 - 6.3j, 0.6, 0.6)], "cat": [(3.3 - 5.6j, 3.3 - 5.6j, 0.55, 0.55)]}
-TAIL = {"horse": ((-1 - 2j, -4 + 6j, 1.7, 1.2), (-1 + 0j, -7 + 3j)),
-        "dog": ((-1.5 - 1j, -5 - 3.5j, 1.1, 0.6), (-1 + 1j, -6 + 2.5j)),
-        "cat": ((-1 - 1j, -3.5 - 8j, 0.8, 0.7), (-0.5 + 1j, -6 + 1.5j))}
 
 
 @dataclass
@@ -107,20 +98,21 @@ def random_spec(rng: np.random.Generator) -> AnimalSpec:
 
 VERBS = {"running": "runs", "walking": "walks", "jumping": "jumps", "sitting": "sits",
          "flying": "flies"}
-ACROSS = {"on the grass": "across the grass", "on the beach": "along the beach", "in the snow": "through the snow",
-          "at night": "in the dark"}
-STORY = {"running": "the {} starts running", "walking": "the {} starts walking", "jumping": "the {} jumps",
-         "sitting": "the {} sits down", "flying": "the {} flies away"}
+ACROSS = {"on the grass": "across the grass", "on the beach": "along the beach",
+          "in the snow": "through the snow", "at night": "in the dark"}
+STORY = {"running": "the {} starts running", "walking": "the {} starts walking",
+         "jumping": "the {} jumps", "sitting": "the {} sits down", "flying": "the {} flies away"}
 # Story clips switch action mid-clip, so a generator of this world has seen an action change after
 # the frames before it: at a cut to the next prompt it keeps the whole context
 # (maskgit.plan_windows). The last frame alone read the new action in 43% of story segments against
 # 60% (50 three-prompt stories).
 KEEP_AT_CUT = None
 # the words a caption may use for an attribute's value, beside the value itself
-WORDS = {"run": "running", "runs": "running", "walk": "walking", "walks": "walking", "jump": "jumping",
-         "jumps": "jumping", "sit": "sitting", "sits": "sitting", "lands": "sitting", "fly": "flying",
-         "flies": "flying", "grass": "on the grass", "beach": "on the beach", "sand": "on the beach",
-         "snow": "in the snow", "night": "at night", "dark": "at night", "gray": "grey"}
+WORDS = {"run": "running", "runs": "running", "walk": "walking", "walks": "walking",
+         "jump": "jumping", "jumps": "jumping", "sit": "sitting", "sits": "sitting",
+         "lands": "sitting", "fly": "flying", "flies": "flying", "grass": "on the grass",
+         "beach": "on the beach", "sand": "on the beach", "snow": "in the snow",
+         "night": "at night", "dark": "at night", "gray": "grey"}
 
 
 def _phrase(obj: str, action: str, direction: str | None, scene: str | None) -> str:
@@ -152,8 +144,8 @@ def training_caption(spec: AnimalSpec, rng: np.random.Generator) -> str:
     side = f", facing {spec.direction}" if spec.action == "sitting" else f" {spec.direction}"
     # 'a dog running'
     short = _phrase(obj, spec.action, None, None)
-    forms = [short.replace(spec.action, VERBS[spec.action]), f"the {obj} is {spec.action} {ACROSS[spec.scene]}",
-             short + side]
+    forms = [short.replace(spec.action, VERBS[spec.action]),
+             f"the {obj} is {spec.action} {ACROSS[spec.scene]}", short + side]
     return forms[int(rng.integers(len(forms)))]
 
 
@@ -167,19 +159,28 @@ def parse(text: str) -> dict[str, str]:
     """The attributes a caption states: {species, color, action, direction, scene}, missing ones
     absent."""
     words = [WORDS.get(w, w) for w in re.findall(r"[a-z]+", text.lower())]
-    found = {key: next((w for w in words if w in values), None) for key, values in zip(
-        ("species", "color", "action", "direction", "scene"), (SPECIES, COLORS, MOTION, DIRECTIONS, SCENES))}
+    found = {key: next((w for w in words if w in values), None) for key,
+             values in zip(("species", "color", "action", "direction", "scene"),
+                           (SPECIES, COLORS, MOTION, DIRECTIONS, SCENES))}
     return {key: value for key, value in found.items() if value}
 
 
-def _track(spec: AnimalSpec, frames: int, rng: np.random.Generator, start_action, switch_at) -> dict:
+def _track(spec: AnimalSpec, frames: int, rng: np.random.Generator, start_action,
+           switch_at) -> dict:
     """The subject's state (T,) each: camera x in the world, gait phase, leg swing, gallop, hop
     height and leg stretch, sit, altitude, tail wag. A hop lands first; sitting, rising or landing
     takes 3 frames, climbing 7."""
     sign, pace = (1 if spec.direction == "right" else -1), rng.uniform(0.9, 1.1)
-    cam, phase, u, height, wag = rng.uniform(1e4, 1e5), rng.random(), rng.random(), rng.uniform(8, 10), rng.random()
+    cam = rng.uniform(1e4, 1e5)
+    phase = rng.random()
+    u = rng.random()
+    height = rng.uniform(8, 10)
+    wag = rng.random()
     prev, bird = start_action or spec.action, spec.species == "bird"
-    u, sit, alt, rows = u * (prev == "jumping"), float(prev == "sitting"), ALT * (prev == "flying"), []
+    u = u * (prev == "jumping")
+    sit = float(prev == "sitting")
+    alt = ALT * (prev == "flying")
+    rows = []
     for t in range(frames):
         a = start_action if start_action and t < switch_at else spec.action
         if (a == "jumping" and prev != "jumping") or (a != "jumping" and u >= AIR):
@@ -187,9 +188,8 @@ def _track(spec: AnimalSpec, frames: int, rng: np.random.Generator, start_action
             # a hop starts from the ground; a subject that stops jumping stays there
             u = 0.0
         if a != "jumping" and prev == "jumping" and u < AIR / 2:
-            # one still rising turns down at once (u -> AIR - u,
-            # the same height): after "the dog starts running" it lands and runs, and never leaps
-            # again
+            # one still rising turns down at once (u -> AIR - u, the same height): after "the dog
+            # starts running" it lands and runs, and never leaps again
             u = AIR - u
         air = np.sin(np.pi * u / AIR) if u < AIR else 0.0
         sit += 0.0 if bird else np.clip(float(a == "sitting") - sit, -0.34, 0.34)
@@ -202,107 +202,6 @@ def _track(spec: AnimalSpec, frames: int, rng: np.random.Generator, start_action
         wag, prev = wag + 0.15 + 0.1 * sit, a
     return dict(zip(("cam", "phase", "swing", "run", "hop", "air", "sit", "alt", "wag"),
                     np.array(rows, float).T))
-
-
-def _quadruped(species: str, tr: dict) -> tuple[list, list]:
-    """Capsules (start, end, r0, r1) of a four-legged subject facing right, origin on the ground
-    under the body, y down, with ends (T,) over frames; and its marks (eye, mane) in the same
-    form."""
-    (L, R, leg, r_hip, r_foot), s = BODY[species], tr["sit"]
-
-    def mix(stand, sitting):
-        # the pose between standing (s = 0) and sitting (s = 1)
-        return stand + s * (sitting - stand)
-    # leg phases near hind, far hind, near fore, far fore: a gallop pairs them, a walk is four-beat
-    offsets = np.where(tr["run"][:, None] > 0, [0, 0.1, 0.5, 0.6], [0, 0.5, 0.25, 0.75])  # (T, 4)
-    swing = tr["swing"][:, None] * np.sin(2 * np.pi * (tr["phase"][:, None] + offsets))
-    # the lowest foot touches the ground
-    body_y = -leg * np.cos(swing).max(axis=1)
-    # a leap stretches the legs out
-    swing = swing + 0.9 * tr["air"][:, None] * np.array([-1, -1, 1, 1])
-    # sitting: the rump on the ground, the back raised 40 degrees
-    seat = -0.3 * L - 1j * R
-    rear, front = mix(-L + 1j * body_y, seat), mix(L + 1j * body_y, seat + 2 * L * np.exp(-0.7j))
-    caps = [(rear, front, R, R * 0.95)] + [(front + a, front + b, r0, r1) for a, b, r0,
-                                           r1 in HEAD[species]]
-    for i in range(4):
-        top = rear + 0.15 * L if i < 2 else front - 0.15 * L
-        foot = top + leg * (np.sin(swing[:, i]) + 1j * np.cos(swing[:, i]))
-        # hind legs lie flat
-        folded = rear + 1.3 * L - 1j * r_foot if i < 2 else front.real + 0.6 + 0.3 * (i % 2)
-        caps.append((top, mix(foot, folded), r_hip, r_foot))
-    (a0, b0, r0, r1), (a1, b1) = TAIL[species]
-    # a sitting subject wags harder
-    wag = np.exp(1j * 0.25 * np.sin(2 * np.pi * tr["wag"]) * (1 + s))
-    caps.append((rear + mix(a0, a1), rear + mix(a0, a1) + mix(b0 - a0, b1 - a1) * wag, r0, r1))
-    return caps, [(front + a, front + b, r0, r1) for a, b, r0, r1 in MARKS[species]]
-
-
-def _bird(tr: dict) -> tuple[list, list]:
-    """The bird's capsules and eye, as _quadruped: the wing flaps in the air, the legs show when
-    perched."""
-    # 1 once off the ground
-    fly = np.clip(tr["alt"] / 10, 0, 1)
-    flap = np.cos(2 * np.pi * tr["phase"]) * fly
-    caps = [(-2.5 - 4.5j, 2 - 5j, 2.2, 2.0), (3 - 7j, 3.2 - 7j, 1.9, 1.9), (4.5 - 7j, 6.4 - 6.5j, 0.7, 0.15),
-            # the tail droops when perched
-            (-3 - 4.3j, -6 - 4.3j + 2.5j * (1 - fly), 1.2, 0.6),
-            # the wing, folded when perched
-            (0 - 5.5j, -3 - 4.5j + fly * (0.5 - 7.5j * flap), 1.8, 0.6),
-            # the legs, tucked in flight
-            (0.5 - 3j, 0.7 - 3j + 3j * (1 - fly), 0.45, 0.4)]
-    return caps, [(3.6 - 7.3j, 3.6 - 7.3j, 0.55, 0.55)]
-
-
-def _sdf(p: np.ndarray, caps: list) -> np.ndarray:
-    """Signed distance from points p (complex) to a union of tapered capsules: a pixel's coverage is
-    0.5 - it."""
-    out = np.full(p.shape, np.inf, dtype=np.float32)
-    for a, b, r0, r1 in caps:
-        d, e = p - a, b - a
-        t = np.clip((d.real * e.real + d.imag * e.imag) / np.maximum(np.abs(e) ** 2, 1e-6), 0, 1)
-        np.minimum(out, np.abs(d - t * e) - (r0 + (r1 - r0) * t), out=out)
-    return out
-
-
-def _draw_subject(video: np.ndarray, spec: AnimalSpec, tr: dict) -> None:
-    """Draw the subject into video (T, H, W, 3) float, in place, centred; only a box around it is
-    computed."""
-    (T, H, W, _), flip = video.shape, -1 if spec.direction == "left" else 1
-    q = W / 64 * SCALE[spec.species]
-
-    def place(parts):
-        # mirrored (x -> -x) to face left, in pixels, ends (T or 1, 1, 1) against pixels (T, h, w)
-        return [(*(np.reshape((z.real * flip + 1j * z.imag) * q, (-1, 1, 1)) for z in (a, b)), r0 * q, r1 * q)
-                for a, b, r0, r1 in parts]
-    caps, marks = map(place, _bird(tr) if spec.species == "bird" else _quadruped(spec.species, tr))
-    ends = np.concatenate([z.ravel() for a, b, _, _ in caps for z in (a, b)])
-    pad = 3 + max(max(r0, r1) for _, _, r0, r1 in caps)
-    x0, x1 = int(np.floor(W / 2 + ends.real.min() - pad)), int(np.ceil(W / 2 + ends.real.max() + pad))
-    y0, y1 = int(np.floor(ends.imag.min() - pad)), int(np.ceil(ends.imag.max() + pad))
-    origin = (GROUND - tr["hop"] - tr["alt"]) * W / 64  # (T,) the row of the local origin
-    row, frac = np.floor(origin).astype(int), origin - np.floor(origin)
-    xs, ys = np.arange(x0, x1) + 0.5 - W / 2, np.arange(y0, y1)[None, :, None] + 0.5 - frac[:, None, None]
-    p = (xs + 1j * ys).astype(np.complex64)  # (T, h, w) pixel centres in the subject's frame
-    sdf = _sdf(p, caps)
-    # coverage (T, h, w, 1)
-    body = np.clip(0.5 - sdf, 0, 1)[..., None]
-    # the body and its outline
-    outer = np.clip(0.5 + max(1, W / 64) - sdf, 0, 1)[..., None]
-    detail = np.clip(0.5 - _sdf(p, marks), 0, 1)[..., None] * outer
-    color, dark = np.array(COLORS[spec.color],
-                           np.float32), np.array(RIM if spec.scene == "at night" else OUTLINE)
-    # eyes and mane
-    ink = np.array((200, 200, 170) if spec.color == "black" else OUTLINE, np.float32)
-    c0, c1 = max(x0, 0), min(x1, W)
-    for t in range(T):
-        # paste each frame's box where the subject stands in it, clipped to the frame
-        top, bottom = max(row[t] + y0, 0), min(row[t] + y1, H)
-        if top < bottom:
-            box = (t, slice(top - row[t] - y0, bottom - row[t] - y0), slice(c0 - x0, c1 - x0))
-            b, o, e, region = body[box], outer[box], detail[box], video[t, top:bottom, c0:c1]
-            video[t, top:bottom,
-                  c0:c1] = (region * (1 - o) + dark * (o - b) + color * b) * (1 - e) + ink * e
 
 
 def _hash(seed: int, cells: np.ndarray, salt: int) -> np.ndarray:
@@ -335,17 +234,19 @@ def _ground(scene: str, seed: int, cam: np.ndarray, size: int, sway: float) -> n
     p, cell = xw[None, :] + 1j * yw[:, None], np.floor(xw / 8).astype(np.int64)  # (Hg, Ws), (Ws,)
     # two blades leaning apart; elsewhere a pebble
     tuft = scene in ("on the grass", "at night")
-    shape = [(-1 - 2.5j, 0.5, 0.2), (1 - 2.5j, 0.5, 0.2)] if tuft else [(-0.9, 0.8, 0.6), (0.9, 0.8, 0.6)]
+    shape = [(-1 - 2.5j, 0.5, 0.2), (1 - 2.5j, 0.5, 0.2)] if tuft else [(-0.9, 0.8, 0.6),
+                                                                        (0.9, 0.8, 0.6)]
     strip = np.zeros(p.shape, np.float32)
     # the band's marks: 2.2 times as thick and 2.5 times the contrast of the faint ones above, so
     # that a tokenizer keeps them (at the faint ones' size and contrast a 64 x 64 VQGAN reconstructs
     # a flat ground)
-    for m, (y_lo, y_hi, weight, lean) in enumerate(((BAND + 4, 62, 2.5, 0.0), (HORIZON + 3, BAND - 1, 0.5, sway))):
+    for m, (y_lo, y_hi, weight,
+            lean) in enumerate(((BAND + 4, 62, 2.5, 0.0), (HORIZON + 3, BAND - 1, 0.5, sway))):
         x, y = (cell * 8 + 2 + 4 * _hash(seed, cell, 3 * m + 1)), y_lo + (y_hi - y_lo) * _hash(seed, cell, 3 * m + 2)
         base = x + 1j * np.where(_hash(seed, cell, 3 * m) < 0.8, y, -99)  # (Ws,); absent marks lie far away
         k = 2.2 if m == 0 else 1.0
         caps = [(base, base + dx + lean * tuft, k * r0, k * r1) for dx, r0, r1 in shape]
-        strip = np.maximum(strip, weight * np.clip(0.5 - _sdf(p, caps) * q, 0, 1))
+        strip = np.maximum(strip, weight * np.clip(0.5 - capsule_distance(p, caps) * q, 0, 1))
     # strip column under screen column 0, per frame
     c = (cam - lo) * q - size / 2 - 0.5
     cols = c[:, None] + np.arange(size)[None, :]  # (T, W)
@@ -383,14 +284,14 @@ def _scenery(scene: str, frames: int, size: int, seed: int, cam: np.ndarray) -> 
     return video
 
 
-def render(spec: AnimalSpec, frames: int, size: int, rng: np.random.Generator, start_action: str | None = None,
-           switch_at: int | None = None) -> np.ndarray:
+def render(spec: AnimalSpec, frames: int, size: int, rng: np.random.Generator,
+           start_action: str | None = None, switch_at: int | None = None) -> np.ndarray:
     """One clip (T, H, W, 3) uint8, a fixed function of spec and rng; frames a:b of a longer one
     continue its frames 0:a. A story starts in `start_action`, switches to spec.action at frame
     `switch_at`, keeps the rest."""
     tr = _track(spec, frames, rng, start_action, switch_at)
     video = _scenery(spec.scene, frames, size, int(rng.integers(2 ** 31)), tr["cam"])
-    _draw_subject(video, spec, tr)
+    draw_subject(video, spec, tr, COLORS[spec.color], GROUND)
     return np.clip(np.round(video), 0, 255).astype(np.uint8)
 
 
@@ -399,7 +300,9 @@ def _scroll(frames: np.ndarray) -> np.ndarray:
     below the feet, to a fraction of a pixel; NaN where the band has no marks. s = 2: a tokenizer
     coding frames in pairs may move the ground once per pair (0, then 7 pixels, for a run of 3.5 a
     frame), which two frames average out."""
-    T, W, q = len(frames), frames.shape[2], frames.shape[2] / 64
+    T = len(frames)
+    W = frames.shape[2]
+    q = frames.shape[2] / 64
     s = 2 if T >= 3 else 1
     band, m = frames[:, int(np.ceil((BAND + 1) * q)):].mean(axis=-1), int(np.ceil(5 * s * q))  # (T, hb, W); m > travel
     err = np.stack([np.abs(band[s:, :, max(d, 0):W + min(d, 0)] - band[:-s, :, max(-d, 0):W - max(d, 0)]).mean(
@@ -427,7 +330,11 @@ def judge(video) -> dict:
     far[:, int(BAND * q):] = False
     # joins the outline to the body where blur mixed them into a background-like colour
     far = _grow(far)
-    one, areas, bottoms, leans, inside = [], [], [], [], []
+    one = []
+    areas = []
+    bottoms = []
+    leans = []
+    inside = []
     for t in range(T):
         # smaller: stars, flakes, crests
         blobs = [c for c in _components(far[t]) if len(c) >= 30 * q * q]
@@ -462,11 +369,20 @@ def judge(video) -> dict:
     rise = float(np.max(np.maximum.accumulate(bottoms)[:-1] - np.array(bottoms[1:]), initial=0.0))
     # in the sky it flies; without travel it sits; taking off (its feet rising above where they
     # were: a hop that only lands, begun before a switch to running, is none) it jumps; fast it runs
-    action = ("flying" if np.median(bottoms) < HORIZON - 6 else "sitting" if abs(travel) < 0.5 else
-              "jumping" if rise > 4 else "running" if abs(travel) > 2.3 else "walking")
+    if np.median(bottoms) < HORIZON - 6:
+        action = "flying"
+    elif abs(travel) < 0.5:
+        action = "sitting"
+    elif rise > 4:
+        action = "jumping"
+    elif abs(travel) > 2.3:
+        action = "running"
+    else:
+        action = "walking"
     facing = travel if abs(travel) >= 0.5 else np.mean(leans)
-    return {"species": species, "color": color, "action": action, "direction": "right" if facing > 0 else "left",
-            "scene": scene, "one_subject": all(one), "one_share": float(np.mean(one)), "area": area, "travel": travel}
+    return {"species": species, "color": color, "action": action,
+            "direction": "right" if facing > 0 else "left", "scene": scene, "one_subject": all(one),
+            "one_share": float(np.mean(one)), "area": area, "travel": travel}
 
 
 def agreement(video, spec: AnimalSpec) -> dict[str, bool]:
@@ -477,13 +393,21 @@ def agreement(video, spec: AnimalSpec) -> dict[str, bool]:
         "one_subject": seen["one_subject"]}
 
 
+# what makes this world's clips, for stage 2's cache key (stream.content_digest)
+CODE_FILES = (__file__, sprites.__file__)
+
+
 class AnimalsSource:
     """Clip k of the Animals world, from a generator seeded by (seed, k), like ShapesSource. A share
     `stories` switches action early and is captioned with the story form of its last action ('the
     dog jumps')."""
 
     def __init__(self, frames: int = 11, size: int = 64, seed: int = 0, stories: float = 0.25):
-        self.frames, self.size, self.seed, self.stories, self.name = frames, size, seed, stories, "animals"
+        self.frames = frames
+        self.size = size
+        self.seed = seed
+        self.stories = stories
+        self.name = "animals"
 
     def __len__(self) -> int:
         # the world has no end

@@ -75,8 +75,9 @@ from vqgan import VQGAN
 LONG_VIDEOS = {"long_video_11": 11, "long_video_101": 101, "long_video_1025": 1025}
 # too large for a CPU's memory or patience: run when named with --only
 GPU_ONLY = ("maskgit_base", "maskgit_paper")
-CONFIGS = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", "encode", "decode", "stream_short",
-           "stream_long", "sample", "sample_batch8", "data", *LONG_VIDEOS, *GPU_ONLY)
+CONFIGS = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", "encode", "decode",
+           "stream_short", "stream_long", "sample", "sample_batch8", "data", *LONG_VIDEOS,
+           *GPU_ONLY)
 PEER_CONFIGS = ("cvivit_train", "maskgit_train")
 # what --compile applies to
 TRAINING = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", *GPU_ONLY)
@@ -153,8 +154,8 @@ def build(name: str, device: torch.device) -> tuple:
     if name.startswith("maskgit_"):
         if name == "maskgit_train":
             # text states come ready-made, as from a frozen text encoder
-            config = MaskGITConfig(codebook_size=1024, latent_frames=5, grid=8, dim=256, depth=4, heads=8, head_dim=64,
-                                   mlp=1024, text=TextEncoderConfig(dim=768))
+            config = MaskGITConfig(codebook_size=1024, latent_frames=5, grid=8, dim=256, depth=4,
+                                   heads=8, head_dim=64, mlp=1024, text=TextEncoderConfig(dim=768))
             B, L = 2, 16
         else:
             # a preset's generator as train.py runs it, its own text encoder included
@@ -217,7 +218,8 @@ def import_peer():
             return Anything(name, (), {})
 
     for name in ("torchvision", "torchvision.transforms", "torchvision.models", "torchvision.utils",
-                 "torchvision.datasets", "transformers", "accelerate", "torchtyping", "cv2", "sentencepiece"):
+                 "torchvision.datasets", "transformers", "accelerate", "torchtyping", "cv2",
+                 "sentencepiece"):
         if name not in sys.modules:
             module = Stub(name)
             module.__path__, module.__spec__ = [], importlib.machinery.ModuleSpec(name, None)
@@ -233,14 +235,15 @@ def build_peer(name: str, device: torch.device) -> tuple:
     peer_cvivit, peer_phenaki = import_peer()
     torch.manual_seed(0)
     if name == "cvivit_train":
-        model = peer_cvivit.CViViT(dim=256, codebook_size=1024, image_size=64, patch_size=8, temporal_patch_size=2,
-                                   spatial_depth=2, temporal_depth=2, heads=8, dim_head=32, use_vgg_and_gan=False,
+        model = peer_cvivit.CViViT(dim=256, codebook_size=1024, image_size=64, patch_size=8,
+                                   temporal_patch_size=2, spatial_depth=2, temporal_depth=2,
+                                   heads=8, dim_head=32, use_vgg_and_gan=False,
                                    lookup_free_quantization=False).to(device)
         video = torch.rand(2, 3, 9, 64, 64, device=device) * 2 - 1
         return train_step(model, lambda: model(video), device), 2, 2 * 5 * 64, model
     if name == "maskgit_train":
-        model = peer_phenaki.MaskGit(dim=256, num_tokens=1024, max_seq_len=320, depth=4, heads=8, dim_head=64,
-                                     dim_context=768).to(device)
+        model = peer_phenaki.MaskGit(dim=256, num_tokens=1024, max_seq_len=320, depth=4, heads=8,
+                                     dim_head=64, dim_context=768).to(device)
         B, shape = 2, (5, 8, 8)
         codes = torch.randint(1024, (B, *shape), device=device).flatten(1)  # (B, N)
         text = torch.randn(B, 16, 768, device=device)
@@ -252,8 +255,8 @@ def build_peer(name: str, device: torch.device) -> tuple:
             masked = peer_phenaki.get_mask_subset_with_prob(everything,
                                                             torch.cos(step * math.pi * 0.5 / 18))
             tokens = torch.where(masked, model.mask_id, codes).view(B, *shape)
-            logits = model(tokens, video_mask=everything, cond_drop_prob=0.1, text_mask=everything[:, :16],
-                           context=text)
+            logits = model(tokens, video_mask=everything, cond_drop_prob=0.1,
+                           text_mask=everything[:, :16], context=text)
             return F.cross_entropy(logits[masked], codes[masked])
 
         return train_step(model, loss, device), B, codes.numel(), model
@@ -291,7 +294,8 @@ def bench_long_video(frames: int, device: torch.device) -> dict:
     prompt = tuple(x.to(device) for x in text.encode(["a large red circle moving right"],
                                                      model.config.text.max_len))
     start = time.perf_counter()
-    for _ in stream_video(model, tokenizer, [prompt], [frames], generator=torch.Generator(device).manual_seed(0)):
+    for _ in stream_video(model, tokenizer, [prompt], [frames],
+                          generator=torch.Generator(device).manual_seed(0)):
         # sample.py writes each piece out here
         pass
     sync(device)
@@ -301,8 +305,8 @@ def bench_long_video(frames: int, device: torch.device) -> dict:
     return {"seconds": seconds, "frames/s": frames / seconds, "peak_mb": peak}
 
 
-def run_one(name: str, device: torch.device, repeats: int, peer: bool = False, compile: bool = False,
-            channels_last: bool = False) -> dict:
+def run_one(name: str, device: torch.device, repeats: int, peer: bool = False,
+            compile: bool = False, channels_last: bool = False) -> dict:
     """Measure one configuration in this process (through the peer's models if `peer`), optionally
     with the model's forward under torch.compile or its conv weights in channels-last layout."""
     if name == "data":
@@ -327,9 +331,9 @@ def run_one(name: str, device: torch.device, repeats: int, peer: bool = False, c
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024)
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("text."))
     peak_flops = matmul_peak(device)
-    return {"ms": seconds * 1e3, "clips/s": clips / seconds, "tokens/s": tokens / seconds, "peak_mb": peak,
-            "gflop": flops / 1e9, "mfu": flops / seconds / peak_flops, "params_m": params / 1e6,
-            "matmul_tflops": peak_flops / 1e12}
+    return {"ms": seconds * 1e3, "clips/s": clips / seconds, "tokens/s": tokens / seconds,
+            "peak_mb": peak, "gflop": flops / 1e9, "mfu": flops / seconds / peak_flops,
+            "params_m": params / 1e6, "matmul_tflops": peak_flops / 1e12}
 
 
 def profile(name: str, device: torch.device, peer: bool, rows: int = 20) -> None:

@@ -42,6 +42,7 @@ from config import TOKENIZER_CONFIGS, TrainConfig, UsageError, exit_usage
 from cvivit import CViViT
 from maskgit import MaskGITConfig
 from text_encoder import CaptionTokenizer
+from video import check_destination
 from vqgan import VQGAN
 
 # stage 1: vqgan, cvivit
@@ -128,23 +129,6 @@ def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         raise UsageError(f"{path} is not a safetensors checkpoint ({err})") from None
 
 
-def same_file(a: str, b: str) -> bool:
-    """Whether two paths name one file: the same path, or (where both exist) the same inode."""
-    if os.path.abspath(a) == os.path.abspath(b):
-        return True
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-
-
-def check_destination(dst: str, sources: list[str]) -> None:
-    """Refuse to write `dst` when it is a folder or one of the `sources`: writing would replace what
-    was read."""
-    if os.path.isdir(dst):
-        raise UsageError(f"{dst} is a folder: give the path of the file to write")
-    for source in sources:
-        if same_file(source, dst):
-            raise UsageError(f"{dst} is the input {source}: writing it would destroy it; choose another path")
-
-
 def file_digest(path: str) -> str:
     """sha256 of a file: ties a generator to the exact tokenizer it was trained on."""
     h = hashlib.sha256()
@@ -191,13 +175,15 @@ def export_half(src: str, dst: str, tokenizer: str | None = None) -> None:
 # model
 
 def tokenizer_meta(kind: str, config, step: int) -> dict[str, str]:
-    return {"format": "phenaki", "stage": "1", "kind": kind, "config": json.dumps(dataclasses.asdict(config)),
-            "step": str(step)}
+    return {"format": "phenaki", "stage": "1", "kind": kind,
+            "config": json.dumps(dataclasses.asdict(config)), "step": str(step)}
 
 
-def generator_meta(config: MaskGITConfig, step: int, text: CaptionTokenizer, tokenizer_sha256: str) -> dict[str, str]:
-    return {"format": "phenaki", "stage": "2", "kind": "maskgit", "config": json.dumps(dataclasses.asdict(config)),
-            "step": str(step), "text_tokenizer": text.to_json(), "tokenizer_sha256": tokenizer_sha256}
+def generator_meta(config: MaskGITConfig, step: int, text: CaptionTokenizer,
+                   tokenizer_sha256: str) -> dict[str, str]:
+    return {"format": "phenaki", "stage": "2", "kind": "maskgit",
+            "config": json.dumps(dataclasses.asdict(config)), "step": str(step),
+            "text_tokenizer": text.to_json(), "tokenizer_sha256": tokenizer_sha256}
 
 
 def tokenizer_config(kind: str, config_json: str, where: str = "the tokenizer"):
@@ -301,8 +287,7 @@ def generator_config_for(tokenizer_path: str, model_cfg: MaskGITConfig, cfg: Tra
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Checkpoint tools. export: an fp16 copy of a model.safetensors.")
     commands = p.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export",
-                                 help="copy a model.safetensors with its float tensors in fp16")
+    export = commands.add_parser("export", help="copy a model.safetensors, float tensors in fp16")
     export.add_argument("src", help="a model.safetensors written by train.py")
     export.add_argument("dst", help="where the fp16 copy goes")
     export.add_argument("--tokenizer",

@@ -46,8 +46,9 @@ def preset_bounds(configs: list) -> dict[str, float]:
             value = getattr(config, f.name)
             if dataclasses.is_dataclass(value):
                 nested = preset_bounds([value])
-                bounds |= {f"{f.name}.{k}": max(v, bounds.get(f"{f.name}.{k}", 0)) for k,
-                           v in nested.items()}
+                for k, v in nested.items():
+                    key = f"{f.name}.{k}"
+                    bounds[key] = max(v, bounds.get(key, 0))
             elif isinstance(value, (int, float, tuple)) and not isinstance(value, bool) and value != ():
                 bounds[f.name] = max(bounds.get(f.name, 0), PRESET_SCALE * (max(value) if isinstance(value, tuple) else value))
     return bounds
@@ -68,8 +69,9 @@ def checked_value(value, default, name: str, bounds: dict[str, float] | None, wh
     def refuse(why: str):
         raise UsageError(f"{where}: {name} {why}, not {str(value)[:40]!r}")
     if dataclasses.is_dataclass(default):
-        sub = None if bounds is None else {k.split(".", 1)[1]: v for k,
-                                           v in bounds.items() if k.startswith(name + ".")}
+        sub = None
+        if bounds is not None:
+            sub = {k.split(".", 1)[1]: v for k, v in bounds.items() if k.startswith(name + ".")}
         return checked_config(type(default), value, f"{where}: {name}", sub)
     if isinstance(default, bool) or isinstance(default, str):
         if type(value) is not type(default):
@@ -85,7 +87,9 @@ def checked_value(value, default, name: str, bounds: dict[str, float] | None, wh
         refuse("must be a list of up to 16 numbers")
     whole = isinstance(default, int) or isinstance(default, tuple) or default is None
     for v in items:
-        if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v,
+                                                 int if whole else (int,
+                                                                    float)) or not math.isfinite(v):
             refuse("must be a whole number" if whole else "must be a number")
         if v < 0 or (bounds is not None and whole and v == 0):
             # a model's sizes are positive
@@ -116,8 +120,9 @@ def checked_config(cls, text, where: str, bounds: dict[str, float] | None = None
     unknown = [k for k in fields if k not in {f.name for f in dataclasses.fields(cls)}]
     if unknown:
         raise UsageError(f"{where}: unknown field {unknown[0][:40]!r}")
-    return cls(**{k: checked_value(v, getattr(defaults, k), k, bounds, where) for k,
-                  v in fields.items()})
+    checked = {k: checked_value(v, getattr(defaults, k), k, bounds, where) for k,
+               v in fields.items()}
+    return cls(**checked)
 
 
 # what a train config may ask for, field by field: (least, most). Each bound keeps a number from

@@ -133,9 +133,9 @@ class TrainConfig:
 
 
 # the fields that one stage alone reads: setting one for the other stage is a mistake, not a no-op
-STAGE_OF_FIELD = {"restart_every": 1, "fold_cosine": 1, "gan_weight": 1, "gan_start": 1, "perceptual_weight": 1,
-                  "cache_clips": 2, "image_ratio": 2, "sample_steps": 2, "motion_weight": 2,
-                  "prefix_masks": 2}
+STAGE_OF_FIELD = {"restart_every": 1, "fold_cosine": 1, "gan_weight": 1, "gan_start": 1,
+                  "perceptual_weight": 1, "cache_clips": 2, "image_ratio": 2, "sample_steps": 2,
+                  "motion_weight": 2, "prefix_masks": 2}
 
 
 def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTConfig, TrainConfig]:
@@ -146,8 +146,11 @@ def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTCon
         raise UsageError(f"unknown tokenizer {tokenizer!r}; choose one of {sorted(TOKENIZER_CONFIGS)}")
     vqgan = tokenizer == "vqgan"
     if name == "tiny":
-        model = (VQGANConfig(widths=(32, 64, 128), codebook_size=1024, code_dim=16) if vqgan else
-                 CViViTConfig(dim=128, spatial_depth=2, temporal_depth=2, heads=4, mlp=512, codebook_size=1024, code_dim=16))
+        model = (VQGANConfig(widths=(32, 64, 128), codebook_size=1024,
+                             code_dim=16) if vqgan else CViViTConfig(dim=128, spatial_depth=2,
+                                                                     temporal_depth=2, heads=4,
+                                                                     mlp=512, codebook_size=1024,
+                                                                     code_dim=16))
         # the VQGAN is stable at 3e-4 but not at 1e-3 (its reconstructions fall back to grey). At
         # the end, near-copies of a code are folded into it: most of the VQGAN's 1024 codes are
         # black
@@ -155,15 +158,22 @@ def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTCon
         return model, TrainConfig(max_steps=8000, lr=lr, min_lr=min_lr, save_every=250,
                                   fold_cosine=0.95)
     if name == "base":
-        model = (VQGANConfig(widths=(64, 128, 256), res_blocks=2, codebook_size=4096, code_dim=32) if vqgan else
-                 CViViTConfig(dim=256, spatial_depth=4, temporal_depth=4, heads=8, mlp=1024, codebook_size=4096, code_dim=32))
-        return model, TrainConfig(image_size=128, batch_size=16, max_steps=100_000, lr=3e-4, min_lr=3e-5,
-                                  warmup=2000, ema=0.999, gan_start=20_000, workers=8)
+        model = (VQGANConfig(widths=(64, 128, 256), res_blocks=2, codebook_size=4096,
+                             code_dim=32) if vqgan else CViViTConfig(dim=256, spatial_depth=4,
+                                                                     temporal_depth=4, heads=8,
+                                                                     mlp=1024, codebook_size=4096,
+                                                                     code_dim=32))
+        return model, TrainConfig(image_size=128, batch_size=16, max_steps=100_000, lr=3e-4,
+                                  min_lr=3e-5, warmup=2000, ema=0.999, gan_start=20_000, workers=8)
     if name == "paper":
-        model = (VQGANConfig(widths=(128, 256, 512), res_blocks=2, codebook_size=8192, code_dim=32) if vqgan else
-                 CViViTConfig(dim=512, spatial_depth=4, temporal_depth=4, heads=8, mlp=2048, codebook_size=8192, code_dim=32))
-        return model, TrainConfig(image_size=128, batch_size=8, max_steps=100_000, lr=1e-4, min_lr=1e-5, warmup=5000,
-                                  grad_clip=10.0, ema=0.999, gan_start=10_000, workers=8)
+        model = (VQGANConfig(widths=(128, 256, 512), res_blocks=2, codebook_size=8192,
+                             code_dim=32) if vqgan else CViViTConfig(dim=512, spatial_depth=4,
+                                                                     temporal_depth=4, heads=8,
+                                                                     mlp=2048, codebook_size=8192,
+                                                                     code_dim=32))
+        return model, TrainConfig(image_size=128, batch_size=8, max_steps=100_000, lr=1e-4,
+                                  min_lr=1e-5, warmup=5000, grad_clip=10.0, ema=0.999,
+                                  gan_start=10_000, workers=8)
     raise UsageError(f"unknown preset {name!r}; choose tiny, base or paper")
 
 
@@ -174,19 +184,23 @@ def generator_preset(name: str) -> tuple[MaskGITConfig, TrainConfig]:
         # 384 codes a clip make every step costly on a CPU: a narrow model and many cheap steps
         text = TextEncoderConfig(vocab_size=512, dim=128, depth=2, heads=4, mlp=512)
         return (MaskGITConfig(dim=128, depth=4, heads=4, mlp=512, text=text),
-                TrainConfig(batch_size=32, max_steps=3500, lr=1e-3, min_lr=5e-5, warmup=200, weight_decay=0.01,
-                            cache_clips=10_000, save_every=250, image_every=250))
+                TrainConfig(batch_size=32, max_steps=3500, lr=1e-3, min_lr=5e-5, warmup=200,
+                            weight_decay=0.01, cache_clips=10_000, save_every=250, image_every=250))
     if name == "base":
         text = TextEncoderConfig(vocab_size=8192, dim=512, depth=6, heads=8, mlp=2048, max_len=64)
-        return (MaskGITConfig(codebook_size=4096, grid=16, dim=768, depth=12, heads=12, mlp=3072, text=text),
-                TrainConfig(image_size=128, batch_size=32, max_steps=200_000, lr=4e-4, min_lr=4e-5, warmup=5000,
-                            weight_decay=0.045, ema=0.9999, cache_clips=1_000_000, image_ratio=0.2, workers=8))
+        return (MaskGITConfig(codebook_size=4096, grid=16, dim=768, depth=12, heads=12, mlp=3072,
+                              text=text),
+                TrainConfig(image_size=128, batch_size=32, max_steps=200_000, lr=4e-4, min_lr=4e-5,
+                            warmup=5000, weight_decay=0.045, ema=0.9999, cache_clips=1_000_000,
+                            image_ratio=0.2, workers=8))
     if name == "paper":
         text = TextEncoderConfig(vocab_size=32_000, dim=1024, depth=12, heads=16, mlp=4096,
                                  max_len=64)
-        return (MaskGITConfig(codebook_size=8192, grid=16, dim=2048, depth=24, heads=32, mlp=8192, text=text),
-                TrainConfig(image_size=128, batch_size=16, max_steps=1_000_000, lr=1e-4, min_lr=1e-5, warmup=10_000,
-                            weight_decay=0.045, ema=0.9999, cache_clips=10_000_000, image_ratio=0.2, workers=8))
+        return (MaskGITConfig(codebook_size=8192, grid=16, dim=2048, depth=24, heads=32, mlp=8192,
+                              text=text),
+                TrainConfig(image_size=128, batch_size=16, max_steps=1_000_000, lr=1e-4,
+                            min_lr=1e-5, warmup=10_000, weight_decay=0.045, ema=0.9999,
+                            cache_clips=10_000_000, image_ratio=0.2, workers=8))
     raise UsageError(f"unknown preset {name!r}; choose tiny, base or paper")
 
 
@@ -237,8 +251,8 @@ def override(config, assignments: list[str], prefix: str):
 
 
 # what --set may change when a run resumes: the schedule's length and peak, and how often it reports
-RESUMABLE = {"max_steps", "lr", "min_lr", "log_every", "image_every", "save_every", "sample_steps", "grad_clip",
-             "motion_weight", "prefix_masks"}
+RESUMABLE = {"max_steps", "lr", "min_lr", "log_every", "image_every", "save_every", "sample_steps",
+             "grad_clip", "motion_weight", "prefix_masks"}
 
 
 def resume_changes(saved: tuple, asked: tuple) -> list[str]:
@@ -272,12 +286,16 @@ def configure(stage: int, preset: str, tokenizer: str, assignments: list[str],
         field = key.removeprefix("train.")
         if key.startswith("train.") and STAGE_OF_FIELD.get(field, stage) != stage:
             raise UsageError(f"{key} is read by stage {STAGE_OF_FIELD[field]} only, and this is stage {stage}")
-    model_cfg, base = tokenizer_preset(preset,
-                                       tokenizer) if stage == 1 else generator_preset(preset)
+    if stage == 1:
+        model_cfg, base = tokenizer_preset(preset, tokenizer)
+    else:
+        model_cfg, base = generator_preset(preset)
     model_cfg, cfg = override(model_cfg, assignments, "model"), override(base, assignments, "train")
     cfg = dataclasses.replace(cfg, max_steps=max_steps or cfg.max_steps)
     if cfg.max_steps < base.max_steps and not any(a.startswith("train.warmup=") for a in assignments):
-        cfg = dataclasses.replace(cfg, warmup=max(1, round(base.warmup * cfg.max_steps / base.max_steps)))
+        cfg = dataclasses.replace(cfg,
+                                  warmup=max(1,
+                                             round(base.warmup * cfg.max_steps / base.max_steps)))
     for name, choices in CHOICES.items():
         if getattr(model_cfg, name, choices[0]) not in choices:
             raise UsageError(f"model.{name} must be one of {', '.join(choices)}, got {getattr(model_cfg, name)!r}")

@@ -10,7 +10,7 @@ length 1 + 2n becomes 1 + n latent frames and an image is simply a video of one 
   + learned position embeddings for (row, column) and for time
   spatial transformer: each latent frame's h*w patches attend to each other   (B*t, h*w, D)
   causal temporal transformer: each patch position attends to its own past     (B*h*w, t, D)
-  vector quantizer (vqgan.VectorQuantizer)                 -> codes (B, t, h, w) in [0, K)
+  vector quantizer (quantizer.VectorQuantizer)              -> codes (B, t, h, w) in [0, K)
 
 The decoder mirrors it: code vectors, causal temporal transformer, spatial transformer, and a linear
 layer from each token back to its 8 x 8 patch (first frame) or 2 x 8 x 8 tubelet of pixels. Because
@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 
 from transformer import Transformer
-from vqgan import VQGAN, VectorQuantizer
+from quantizer import VectorQuantizer
+from vqgan import VQGAN
 
 # Legend: B batch, T frames, H W pixels, t h w latent grid, p patch size, D width, K codebook size.
 
@@ -81,7 +82,9 @@ class CViViT(nn.Module):
     def __init__(self, config: CViViTConfig):
         super().__init__()
         self.config = config
-        D, p, g = config.dim, config.patch, config.image_size // config.patch
+        D = config.dim
+        p = config.patch
+        g = config.image_size // config.patch
         # the first frame alone, as an image
         self.embed_first = nn.Linear(3 * p * p, D)
         # later frames in pairs (tubelets)
@@ -105,7 +108,8 @@ class CViViT(nn.Module):
         here."""
         return self.to_rest.weight
 
-    def space_then_time(self, x: torch.Tensor, space: Transformer, time: Transformer) -> torch.Tensor:
+    def space_then_time(self, x: torch.Tensor, space: Transformer,
+                        time: Transformer) -> torch.Tensor:
         """Factorised attention over (B, t, h, w, D): first within frames, then causally across
         them."""
         B, t, h, w, D = x.shape
@@ -144,4 +148,6 @@ class CViViT(nn.Module):
     # around its own encode_latent and decode_latent, C-ViViT tokenizes exactly as the VQGAN does:
     # forward (training: reconstruction, codes, VQ loss), encode (video -> codes), decode (codes ->
     # video)
-    forward, encode, decode = VQGAN.forward, VQGAN.encode, VQGAN.decode
+    forward = VQGAN.forward
+    encode = VQGAN.encode
+    decode = VQGAN.decode

@@ -32,11 +32,9 @@ or looped.
 import glob
 import hashlib
 import io
-import json
 import math
 import os
 import re
-import sys
 import tarfile
 from pathlib import Path
 
@@ -82,9 +80,14 @@ class VideoFolderSource:
     file."""
     exts = VIDEO_EXTS
 
-    def __init__(self, root: str, frames: int = 11, size: int = 128, fps: float | None = 8.0, seed: int = 0,
-                 split: str = "all", crop: str = "center"):
-        self.name, self.frames, self.size, self.fps, self.seed, self.crop = str(root), frames, size, fps, seed, crop
+    def __init__(self, root: str, frames: int = 11, size: int = 128, fps: float | None = 8.0,
+                 seed: int = 0, split: str = "all", crop: str = "center"):
+        self.name = str(root)
+        self.frames = frames
+        self.size = size
+        self.fps = fps
+        self.seed = seed
+        self.crop = crop
         # `name` is what messages call the data; files are named relative to `root`
         self.root = str(root)
         # [(file, caption)], and how many entries indexing dropped (each said on one stderr line);
@@ -147,8 +150,8 @@ class VideoFolderSource:
         if self.dropped:
             line += f", {self.dropped} entries skipped"
         if split == "train":
-            names = ", ".join(self.entry_name(e) for e,
-                              _ in self.held_out[:3]) + (", ..." if len(self.held_out) > 3 else "")
+            names = ", ".join(self.entry_name(e) for e, _ in self.held_out[:3])
+            names += ", ..." if len(self.held_out) > 3 else ""
             line += (f", {len(self.held_out)} held out for validation by name hash ({names})" if self.held_out else
                      ", nothing held out (one file): validation reads the training file; name one with --val-data")
         if kind == "videos":
@@ -187,7 +190,10 @@ class WindowSource:
     start)."""
 
     def __init__(self, files: VideoFolderSource, spots: list[tuple[int, float]]):
-        self.files, self.spots, self.name, self.dropped = files, spots, files.name, files.dropped
+        self.files = files
+        self.spots = spots
+        self.name = files.name
+        self.dropped = files.dropped
 
     def __len__(self) -> int:
         return len(self.spots)
@@ -204,7 +210,8 @@ class ImageFolderSource(VideoFolderSource):
     training (Phenaki §3.2: an image is a video with T = 1). Captions as for VideoFolderSource."""
     exts = IMAGE_EXTS
 
-    def __init__(self, root: str, size: int = 128, seed: int = 0, split: str = "all", crop: str = "center"):
+    def __init__(self, root: str, size: int = 128, seed: int = 0, split: str = "all",
+                 crop: str = "center"):
         super().__init__(root, 1, size, None, seed, split, crop)
 
 
@@ -219,7 +226,10 @@ def expand_braces(pattern: str) -> list[str]:
         # a numeric range keeps the zero padding of its lower end
         options = ",".join(str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1))
     head, tail = pattern[:match.start()], pattern[match.end():]
-    return [p for option in options.split(",") for p in expand_braces(head + option + tail)]
+    expanded = []
+    for option in options.split(","):
+        expanded += expand_braces(head + option + tail)
+    return expanded
 
 
 class TarShardSource(VideoFolderSource):
@@ -231,8 +241,13 @@ class TarShardSource(VideoFolderSource):
     def index_files(self, pattern: str) -> tuple[list, int]:
         self.layout = "tar shards"
         # [((shard, offset, length, member), caption)]
-        items, dropped, why = [], 0, "no file matches it"
-        for shard in sorted({path for p in expand_braces(pattern) for path in glob.glob(p)}):
+        items = []
+        dropped = 0
+        why = "no file matches it"
+        shards = set()
+        for p in expand_braces(pattern):
+            shards.update(glob.glob(p))
+        for shard in sorted(shards):
             # [(key, entry)], {key: caption}
             videos, texts = [], {}
             try:
@@ -274,7 +289,8 @@ class TarShardSource(VideoFolderSource):
         return data
 
 
-def make_source(spec: str, frames: int, size: int, seed: int = 0, fps: float = 8.0, split: str = "all",
+def make_source(spec: str, frames: int, size: int, seed: int = 0, fps: float = 8.0,
+                split: str = "all",
                 crop: str = "center") -> ShapesSource | AnimalsSource | VideoFolderSource:
     """The source for a --data spec: a world ('shapes' or 'animals'), tar shards (a '.tar' path,
     braces or a glob), a folder of videos, or a folder of images (one with no videos, or any folder
@@ -290,8 +306,7 @@ def make_source(spec: str, frames: int, size: int, seed: int = 0, fps: float = 8
     if spec.startswith("images:"):
         return ImageFolderSource(spec[len("images:"):], size, seed, split, crop)
     if not os.path.isdir(spec) and (".tar" in spec or any(c in spec for c in "{*?[")):
-        # a folder is a folder,
-        # whatever its name holds
+        # a folder is a folder, whatever its name holds
         return TarShardSource(spec, frames, size, fps, seed, split, crop)
     if not os.path.exists(spec):
         raise ValueError(f"--data {spec}: no such folder or file; expected 'shapes', 'animals', a folder of videos "
@@ -305,34 +320,6 @@ def make_source(spec: str, frames: int, size: int, seed: int = 0, fps: float = 8
             return VideoFolderSource(spec, frames, size, fps, seed, split, crop)
         return ImageFolderSource(spec, size, seed, split, crop)
     raise ValueError(f"unknown data {spec!r}: expected 'shapes', 'animals', a folder, 'images:FOLDER' or tar shards")
-
-
-def file_stamp(entry) -> list[int]:
-    """[size, modification time in ns] of the file an entry reads (a tar member: its shard); [] if
-    it is gone."""
-    path = entry[0] if isinstance(entry, tuple) else entry
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return []
-    return [stat.st_size, stat.st_mtime_ns]
-
-
-def content_digest(source) -> str:
-    """sha256 of what a source's clips and captions are made from, for stage 2's cache key: a
-    world's module (its renderer, captions and settings: shapes.EDGES, the Animals story share), or
-    a real data set's entries and their captions (captions.csv, label folders, tar .txt). An edit to
-    any changes the key."""
-    h = hashlib.sha256()
-    if hasattr(source, "items"):
-        # each file's size and modification time too: a video re-encoded under its old name makes
-        # other codes
-        stamped = [[str(entry), text, *file_stamp(entry)] for entry, text in source.items]
-        h.update(json.dumps(stamped).encode("utf-8", "replace"))
-    else:
-        with open(sys.modules[type(source).__module__].__file__, "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()
 
 
 def train_and_val(cfg, stage: int) -> tuple[object, object, list[str]]:

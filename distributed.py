@@ -26,6 +26,7 @@ Legend: none of the tensors here have shapes worth naming; everything is a modul
 import contextlib
 import hashlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import UsageError
+from config import UsageError, exit_usage
 from maskgit import MaskGIT
 from transformer import Block
 
@@ -45,8 +46,37 @@ def process_group_store(restarts: int) -> dict:
         return {}
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           is_master=False)
-    return {"store": dist.PrefixStore(f"restart-{restarts}", store), "rank": int(os.environ["RANK"]),
-            "world_size": int(os.environ["WORLD_SIZE"])}
+    return {"store": dist.PrefixStore(f"restart-{restarts}", store),
+            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
+
+
+def start(device_name: str, restarts: int) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), or run alone ->
+    (rank, world size, this process's device). One GPU per process; TF32 for the fp32 matmuls that
+    autocast leaves. A node with fewer GPUs than processes: every rank leaves, one says why."""
+    device = torch.device(device_name)
+    if "RANK" in os.environ:
+        rank = int(os.environ["RANK"])
+        world = int(os.environ["WORLD_SIZE"])
+        local = int(os.environ["LOCAL_RANK"])
+        try:
+            check_gpus(device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        except UsageError as err:
+            if local == 0:
+                exit_usage(err)
+            sys.exit(2)
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, **process_group_store(restarts))
+    else:
+        rank = 0
+        world = 1
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return rank, world, device
 
 
 def check_device(name: str) -> torch.device:

@@ -45,7 +45,6 @@ and val_* in stage 2.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 
@@ -54,14 +53,14 @@ import torch
 import torch.nn.functional as F
 
 import animals
-import shapes
 from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, read_header, shipped
 from config import HelpWithDefaults, UsageError, exit_usage
 from data import make_source
-from maskgit import CFG, STEPS, TEMPERATURE, make_video
+from maskgit import CFG, STEPS, TEMPERATURE
 from motion import code_following, motion_extras
 from progress import write_grid
-from shapes import DIRECTIONS, ShapeSpec, oracle
+from stories import (animals_extras, animals_stories, judged_in_batches, sample_and_judge,
+                     shapes_long, shapes_stories, shares)
 from stream import ClipStream, encode_clips
 from worlds import WORLDS
 
@@ -94,9 +93,38 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     c1, c2 = 0.01**2, 0.03**2
     mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    vx = blur(x * x) - mx**2
+    vy = blur(y * y) - my**2
+    cov = blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return s.view(B, -1).mean(dim=1)
+
+
+@torch.no_grad()
+def reconstruction(model: torch.nn.Module, video: torch.Tensor, autocast) -> torch.Tensor:
+    """video (B, 3, T, H, W) -> its reconstruction in eval mode, clamped to [-1, 1]."""
+    training = model.training
+    # the quantizer neither counts codes nor runs k-means in eval mode
+    model.eval()
+    with autocast:
+        recon = model(video).recon.float().clamp(-1, 1)  # (B, 3, T, H, W)
+    model.train(training)
+    return recon
+
+
+@torch.no_grad()
+def reconstruct(model, video: torch.Tensor, window: int) -> torch.Tensor:
+    """video (3, T, H, W), any T -> its reconstruction, window by window through encode and decode.
+    A tokenizer takes 1 + 2n frames: a last window of even length is padded with a copy of its last
+    frame, whose reconstruction is dropped, so every frame comes back and no other is added."""
+    pieces = []
+    for start in range(0, video.shape[1], window):
+        clip = video[None, :, start:start + window]  # (1, 3, <=window, H, W)
+        n = clip.shape[2]
+        if n % 2 == 0:
+            clip = torch.cat([clip, clip[:, :, -1:]], dim=2)
+        pieces.append(model.decode(model.encode(clip))[0, :, :n])
+    return torch.cat(pieces, dim=1)
 
 
 def held_out_source(data: str | None, trained: dict):
@@ -127,9 +155,11 @@ def evaluate_tokenizer(model, source, clips: int, batch_size: int = 16) -> dict:
     owners = model.quantizer.alias.unique()
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return {"psnr": torch.cat(psnrs)[:clips].mean().item(), "ssim": torch.cat(ssims)[:clips].mean().item(),
+    return {"psnr": torch.cat(psnrs)[:clips].mean().item(),
+            "ssim": torch.cat(ssims)[:clips].mean().item(),
             "codebook_use": (counts > 0).float().mean().item(), "perplexity": entropy.exp().item(),
-            "distinct_codes": len(owners), "distinct_use": (counts[owners] > 0).float().mean().item(), "clips": clips}
+            "distinct_codes": len(owners),
+            "distinct_use": (counts[owners] > 0).float().mean().item(), "clips": clips}
 
 
 @torch.no_grad()
@@ -147,31 +177,13 @@ def judge_round_trip(model, clips: int, frames: int, size: int, batch_size: int 
             for v, s in zip(videos, specs):
                 for k, ok in animals.agreement(v, s).items():
                     totals[k] = totals.get(k, 0) + ok / clips
-    return {f"judge_{k}": v for k, v in clean.items()} | {f"round_trip_{k}": v for k,
-                                                          v in trip.items()}
+    judged = {f"judge_{k}": v for k, v in clean.items()}
+    return judged | {f"round_trip_{k}": v for k, v in trip.items()}
 
 
 @torch.no_grad()
-def sample_and_judge(model, text, tokenizer, world, specs: list, device: torch.device, prompts: list[str] | None = None,
-                     **sampling) -> tuple[torch.Tensor, list[dict[str, bool]]]:
-    """One clip per spec of `world` (shapes or animals), from `prompts` or else the specs' canonical
-    captions -> (videos (B, 3, T, H, W), the judge's verdict per clip and attribute: does it agree).
-    `model` is a MaskGIT, or distributed.Run around one."""
-    prompts = prompts or [world.caption(s) for s in specs]
-    ids, mask = text.encode(prompts, model.config.text.max_len)  # (B, L) each
-    codes = model.generate(ids.to(device), mask.to(device), **sampling)  # (B, t, h, w)
-    videos = tokenizer.decode(codes).float().cpu()
-    return videos, [world.agreement(v, s) for v, s in zip(videos, specs)]
-
-
-def shares(verdicts: list[dict[str, bool]]) -> dict[str, float]:
-    """Per-clip verdicts -> the share of clips that agree, per attribute."""
-    return {k: float(np.mean([v[k] for v in verdicts])) for k in verdicts[0]}
-
-
-@torch.no_grad()
-def validation_loss(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, seed: int = 0,
-                    batch_size: int = 32) -> float:
+def validation_loss(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                    seed: int = 0, batch_size: int = 32) -> float:
     """The generator's masked-code loss on held-out codes (N, t, h, w) and captions (N, L): every
     call draws the same masks and caption drops (from `seed`), so its changes are the model's.
     `model` is a MaskGIT or distributed.Run around one."""
@@ -202,7 +214,8 @@ def watch_list(data: str, captions: list[str], path: str | None = None, n: int =
 
 
 @torch.no_grad()
-def watch(model, text, tokenizer, watched: tuple, device: torch.device, **sampling) -> tuple[torch.Tensor, dict]:
+def watch(model, text, tokenizer, watched: tuple, device: torch.device,
+          **sampling) -> tuple[torch.Tensor, dict]:
     """One clip per prompt of watch_list -> (videos (B, 3, T, H, W), the judge's shares; {} on real
     data)."""
     world, specs, prompts = watched
@@ -215,72 +228,9 @@ def watch(model, text, tokenizer, watched: tuple, device: torch.device, **sampli
                                            **sampling)).float().cpu(), {}
 
 
-def judged_in_batches(model, text, tokenizer, world, specs: list, prompts: list[str] | None, batch_size: int,
-                      **sampling) -> dict[str, float]:
-    """sample_and_judge over many specs, `batch_size` clips at a time -> the share of clips that
-    agree, per attribute; in the Animals world also action_<action>: among the specs of each action,
-    the share whose action is judged right."""
-    verdicts = []
-    for i in range(0, len(specs), batch_size):
-        chunk = slice(i, i + batch_size)
-        verdicts += sample_and_judge(model, text, tokenizer, world, specs[chunk], torch.device("cpu"),
-                                     prompts[chunk] if prompts else None, **sampling)[1]
-    # action -> its specs' verdicts on the action
-    actions = {}
-    for verdict, spec in zip(verdicts, specs if world is animals else []):
-        actions.setdefault(spec.action, []).append(verdict["action"])
-    return shares(verdicts) | {f"action_{a}": float(np.mean(hits)) for a, hits in actions.items()}
-
-
-def shapes_stories(model, text, tokenizer, rng, stories: int, batch_size: int, **sampling) -> dict[str, float]:
-    """Two-prompt Shapes stories: the same object, a new direction after the cut."""
-    window = 1 + 2 * (model.config.latent_frames - 1)
-    right, continuous = [], []
-    for i in range(0, stories, batch_size):
-        first = [shapes.random_spec(rng) for _ in range(min(batch_size, stories - i))]
-        second = [ShapeSpec(s.color, s.shape, s.size, str(rng.choice([d for d in DIRECTIONS if d != s.direction])))
-                  for s in first]
-        prompts = [text.encode([shapes.caption(s) for s in seg],
-                               model.config.text.max_len) for seg in (first, second)]
-        videos = make_video(model, tokenizer, prompts, [window, window], **sampling).float()  # (B, 3, 2 window, H, W)
-        for video, a, b in zip(videos, first, second):
-            one, two = oracle(video[:, :window]), oracle(video[:, window:])
-            right += [one["direction"] == a.direction, two["direction"] == b.direction]
-            jump = np.inf if one["end"] is None or two["start"] is None else np.hypot(*np.subtract(one["end"], two["start"]))
-            continuous.append(jump <= 6 and two["color"] == a.color and two["shape"] == a.shape)
-    return {"story_direction": float(np.mean(right)),
-            "story_continuity": float(np.mean(continuous))}
-
-
-def animals_stories(model, text, tokenizer, rng, stories: int, batch_size: int, **sampling) -> dict[str, float]:
-    """Three-prompt Animals stories: a canonical first prompt, then two story prompts ("the dog
-    jumps", "the dog sits down") that change the action and keep the subject and the scene."""
-    window = 1 + 2 * (model.config.latent_frames - 1)
-    acted, kept = [], []
-    for i in range(0, stories, batch_size):
-        first = [animals.random_spec(rng) for _ in range(min(batch_size, stories - i))]
-        segments = [first]
-        for _ in range(2):
-            # each cut changes the action to another one the species has
-            segments.append([dataclasses.replace(s, action=str(rng.choice(
-                [a for a in animals.ACTIONS[s.species] if a != s.action]))) for s in segments[-1]])
-        prompts = [text.encode([animals.caption(s) for s in segments[0]], model.config.text.max_len)] + [
-            text.encode([animals.story_caption(s) for s in seg], model.config.text.max_len) for seg in segments[1:]]
-        videos = make_video(model, tokenizer, prompts, [window, window - 1, window - 1],
-                            **sampling).float()
-        for b, video in enumerate(videos):
-            # segments of 11, 10 and 10 frames
-            seen = [animals.judge(video[:, start:start + length]) for start, length in ((0, window), (window, window - 1),
-                                                                                       (2 * window - 1, window - 1))]
-            acted += [s["action"] == seg[b].action for s, seg in zip(seen, segments)]
-            kept += [all(s[k] == getattr(first[b], k) for k in ("species", "color",
-                                                                "scene")) for s in seen[1:]]
-    return {"story_action": float(np.mean(acted)), "story_kept": float(np.mean(kept))}
-
-
 @torch.no_grad()
-def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int, batch_size: int = 20,
-                       **sampling) -> dict:
+def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int,
+                       batch_size: int = 20, **sampling) -> dict:
     """The judge's agreement on clips made from `prompts` random canonical prompts, and on `stories`
     stories; in the Animals world also on short prompts (species and action only), "a dog running"
     over 20 seeds, and a 241-frame video from one prompt."""
@@ -301,78 +251,9 @@ def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int
     return results | {"prompts": prompts, "stories": stories}
 
 
-def shapes_long(model, text, tokenizer, rng, videos: int, frames: int = 101, **sampling) -> dict[str, float]:
-    """101-frame Shapes videos, `videos` of each kind (one batch): one prompt moving right, which
-    has to meet the edge (long_two_objects and long_partial: the share of frames with two or more
-    objects, and with less than the whole object lit: cut by the edge, or fragments; long_direction:
-    of the 11-frame windows that show a whole object, the share whose path reads right), and a
-    ten-segment story alternating left and right (long_story_direction per segment,
-    long_story_one_object per frame, long_story_kept: the last segment's colour and shape are the
-    first's)."""
-    window = 1 + 2 * (model.config.latent_frames - 1)
-    specs = [dataclasses.replace(shapes.random_spec(rng), direction="right") for _ in range(videos)]
-    prompt = text.encode([shapes.caption(s) for s in specs], model.config.text.max_len)
-    videos_ = make_video(model, tokenizer, [prompt], [frames], **sampling).float()  # (B, 3, 101, H, W)
-    seen = [oracle(v) for v in videos_]
-    cuts = [oracle(v[:, i:i + window]) for v in videos_ for i in range(0, frames - window + 1, window - 1)]
-    whole = [np.median(oracle(shapes.render_shapes(dataclasses.replace(s, direction="still"), 1, 64, rng))["areas"])
-             # each object's area when whole
-             for s in specs]
-    # partial: something lit that is not the whole object (cut by the edge, or fragments left of it)
-    cut = [(0 < a < 0.7 * w or p) for j, w in zip(seen, whole) for a,
-           p in zip(j["areas"], j["partial"])]
-    results = {"long_two_objects": float(np.mean([n >= 2 for j in seen for n in j["objects"]])),
-               "long_partial": float(np.mean(cut)),
-               "long_direction": float(np.mean([c["direction"] == "right" for c in cuts if c["shape"]] or [0.0]))}
-    # 11 + 9 x 10 = 101 frames
-    segments = [window] + [window - 1] * 9
-    first = [dataclasses.replace(shapes.random_spec(rng), direction=str(rng.choice(["left", "right"])))
-             for _ in range(videos)]
-    back = {"left": "right", "right": "left"}
-    turns = [[dataclasses.replace(s, direction=s.direction if i % 2 == 0 else back[s.direction]) for s in first]
-             # ten segments, the direction turning at each cut
-             for i in range(10)]
-    prompts = [text.encode([shapes.caption(s) for s in seg],
-                           model.config.text.max_len) for seg in turns]
-    story = make_video(model, tokenizer, prompts, segments, **sampling).float()  # (B, 3, 101, H, W)
-    starts = np.cumsum([0] + segments[:-1])
-    right, one, kept = [], [], []
-    for b, video in enumerate(story):
-        parts = [oracle(video[:, a:a + n]) for a, n in zip(starts, segments)]
-        right += [p["direction"] == seg[b].direction for p, seg in zip(parts, turns)]
-        one += [n == 1 for p in parts for n in p["objects"]]
-        kept.append(parts[-1]["color"] == first[b].color and parts[-1]["shape"] == first[b].shape)
-    return results | {"long_story_direction": float(np.mean(right)), "long_story_one_object": float(np.mean(one)),
-                      "long_story_kept": float(np.mean(kept))}
-
-
-def animals_extras(model, text, tokenizer, rng, short: int, batch_size: int, **sampling) -> dict[str, float]:
-    """What people type and what long videos must hold (the Animals world only)."""
-    specs = [animals.random_spec(rng) for _ in range(short)]
-    # "a dog running": the rest drawn by the model
-    prompts = [f"a {s.species} {s.action}" for s in specs]
-    seen = judged_in_batches(model, text, tokenizer, animals, specs, prompts, batch_size,
-                             **sampling)
-    results = {"short_species": seen["species"], "short_action": seen["action"]}
-    # 20 samples of one prompt
-    ids, mask = text.encode(["a dog running"] * 20, model.config.text.max_len)
-    seen = [animals.judge(v) for v in tokenizer.decode(model.generate(ids, mask,
-                                                                      **sampling)).float()]
-    results["dog_running"] = float(np.mean([j["species"] == "dog" and j["action"] == "running" for j in seen]))
-    # 30 s at 8 fps from one canonical prompt
-    spec = animals.random_spec(rng)
-    long = make_video(model, tokenizer, [text.encode([animals.caption(spec)], model.config.text.max_len)], [241],
-                      **sampling)[0].float()  # (3, 241, H, W)
-    # 23 windows of 11 frames
-    windows = [animals.judge(long[:, i:i + 11]) for i in range(0, 231, 10)]
-    results |= {"long_one_subject": float(np.mean([animals.judge(long[:, i:i + 1])["one_subject"] for i in range(241)])),
-                "long_action": float(np.mean([w["action"] == spec.action for w in windows])),
-                "long_direction": float(np.mean([w["direction"] == spec.direction for w in windows]))}
-    return results
-
-
 @torch.no_grad()
-def evaluate_on_real_data(model, text, tokenizer, source, clips: int, grid: str, rows: int = 8, **sampling) -> dict:
+def evaluate_on_real_data(model, text, tokenizer, source, clips: int, grid: str, rows: int = 8,
+                          **sampling) -> dict:
     """A generator on held-out real clips: val_loss over `clips` of them, and `grid`, a PNG where
     each of up to `rows` different captions has its (first) real clip above the generator's sample
     of it."""
@@ -384,7 +265,9 @@ def evaluate_on_real_data(model, text, tokenizer, source, clips: int, grid: str,
     shown = [captions[i] for i in picks]
     samples, _ = watch(model, text, tokenizer, (None, [], shown), torch.device("cpu"), **sampling)
     pairs = torch.stack([videos[picks], samples], dim=1).flatten(0, 1)  # (2 rows, 3, T, H, W): real, sample
-    labels = [f"{kind}: {c}" for c in shown for kind in ("real", "sample")]
+    labels = []
+    for c in shown:
+        labels += [f"real: {c}", f"sample: {c}"]
     write_grid(grid, pairs, labels)
     return results | {"grid": grid}
 
@@ -427,8 +310,8 @@ def main(argv: list[str] | None = None) -> None:
         if meta.get("stage") == "2" and args.motion is not None:
             if data != "animals":
                 raise UsageError("--motion measures an Animals generator")
-            model, text, tokenizer, meta = load_generator(args.checkpoint,
-                                                          args.tokenizer_checkpoint)
+            loaded = load_generator(args.checkpoint, args.tokenizer_checkpoint)
+            model, text, tokenizer, meta = loaded
             sampling = dict(steps=args.steps, cfg=args.cfg, temperature=args.temperature,
                             generator=torch.Generator().manual_seed(args.seed))
             rng = np.random.default_rng(args.motion)
@@ -437,15 +320,15 @@ def main(argv: list[str] | None = None) -> None:
                 model, text, tokenizer, animals, specs, None, 20, **sampling) | motion_extras(
                 model, text, tokenizer, args.motion, **sampling)
         elif meta.get("stage") == "2" and data in WORLDS:
-            model, text, tokenizer, meta = load_generator(args.checkpoint,
-                                                          args.tokenizer_checkpoint)
+            loaded = load_generator(args.checkpoint, args.tokenizer_checkpoint)
+            model, text, tokenizer, meta = loaded
             results = {"generator": args.checkpoint, "step": int(meta["step"])} | evaluate_generator(
                 model, text, tokenizer, WORLDS[data], args.prompts, args.stories, steps=args.steps, cfg=args.cfg,
                 temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
         elif meta.get("stage") == "2":
             # real data: no judge, but a held-out loss and samples to look at
-            model, text, tokenizer, meta = load_generator(args.checkpoint,
-                                                          args.tokenizer_checkpoint)
+            loaded = load_generator(args.checkpoint, args.tokenizer_checkpoint)
+            model, text, tokenizer, meta = loaded
             grid = args.grid or os.path.join(os.path.dirname(args.checkpoint), "eval_samples.png")
             results = {"generator": args.checkpoint, "step": int(meta["step"])} | evaluate_on_real_data(
                 model, text, tokenizer, held_out_source(args.data, trained), args.clips, grid, steps=args.steps,

@@ -43,7 +43,10 @@ class StepGuard:
     norm, and a signal on any rank. Use as a context manager: it installs the signal handlers."""
 
     def __init__(self, device: torch.device):
-        self.device, self.bad_in_a_row, self.skipped, self.stop = device, 0, 0, False
+        self.device = device
+        self.bad_in_a_row = 0
+        self.skipped = 0
+        self.stop = False
         # signalled: the first signal's number
         self.signalled, self.previous = 0, {}
 

@@ -26,11 +26,12 @@ import math
 import torch
 import torch.nn as nn
 
-from checkpoint import check_destination, file_digest, load_checkpoint, load_tokenizer, save_checkpoint
+from checkpoint import file_digest, load_checkpoint, load_tokenizer, save_checkpoint
 from checks import train_record
 from config import UsageError, exit_usage
 from data import make_source
 from stream import ClipStream
+from video import check_destination
 
 
 @torch.no_grad()

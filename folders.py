@@ -80,8 +80,8 @@ def folder_items(root: Path, exts: tuple[str, ...]) -> tuple[list[tuple[Path, st
             raise UnusableData(f"no videos found in {root}: {why}")
         labels = [re.sub("[_-]", " ", p.parent.name) if p.parent != root else "" for p in files]
         layout = "label folders" if any(labels) else "no captions.csv, no label folders"
-        return [(p, f"a video of {label}" if label else "") for p,
-                label in zip(files, labels)], 0, layout
+        captioned = [(p, f"a video of {label}" if label else "") for p, label in zip(files, labels)]
+        return captioned, 0, layout
     rows = table_rows(root, table)
     found = []
     for row in rows:

@@ -82,14 +82,16 @@ class MaskGITConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
 
 
-# How positions enter: "absolute" tables only (what the files shipped before the motion study hold),
-# or "rotary": the tables and 3D rotary angles in every self-attention
+# How positions enter: "absolute" tables only (the shipped generators), or "rotary": the tables
+# and 3D rotary angles in every self-attention
 POSITIONS = ("absolute", "rotary")
 
 # Sampling defaults, chosen with the oracle on 100 prompts the reported evaluation never draws (the
 # tiny generator behind the folded VQGAN): guidance 3 gave colour 0.95 / shape 0.82 / one object
 # 0.93, guidance 1.5 gave 1.00 / 0.92 / 1.00, and 24 steps instead of 12 took shape to 0.96.
-STEPS, CFG, TEMPERATURE = 24, 1.5, 4.5
+STEPS = 24
+CFG = 1.5
+TEMPERATURE = 4.5
 # A window that continues frames is mostly decided by them: it takes less noise on the confidence.
 # Chosen on ten 101-frame Shapes videos "moving right" of a seed the evaluation never draws (the
 # edge-trained generator), the frames showing part of an object (fragments at the edge once the
@@ -136,8 +138,8 @@ class MaskGIT(nn.Module):
             raise ValueError(f"unknown position scheme {config.position!r}; choose one of {', '.join(POSITIONS)}")
         self.text = TextEncoder(config.text)
         # cross attention reads the text states at their own width, as Phenaki reads T5's
-        self.transformer = Transformer(D, config.depth, config.heads, config.mlp, cross=True, head_dim=config.head_dim,
-                                       context_dim=config.text.dim)
+        self.transformer = Transformer(D, config.depth, config.heads, config.mlp, cross=True,
+                                       head_dim=config.head_dim, context_dim=config.text.dim)
         self.head = nn.Linear(D, K)
         self.head_dim = config.head_dim or D // config.heads
 
@@ -160,7 +162,8 @@ class MaskGIT(nn.Module):
         x = self.transformer(x, states, text_mask, mask, angles)  # (B, N, D)
         return self.head(x).view(B, t, h, w, -1)  # (B, t, h, w, K)
 
-    def predict(self, tokens: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def predict(self, tokens: torch.Tensor, ids: torch.Tensor,
+                text_mask: torch.Tensor) -> torch.Tensor:
         """Logits for tokens (B, t, h, w) under captions ids, text_mask (B, L) -> (B, t, h, w,
         K)."""
         return self(tokens, self.encode_text(ids, text_mask), text_mask)
@@ -171,14 +174,16 @@ class MaskGIT(nn.Module):
         time = torch.arange(t, device=frames.device).repeat_interleave(h * w)  # (N,) time index of each position
         return time[None] < frames[:, None]  # (B, N)
 
-    def drop_captions(self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None):
+    def drop_captions(self, ids: torch.Tensor, mask: torch.Tensor,
+                      generator: torch.Generator | None = None):
         """Replace a `text_drop` share of the captions with the empty caption ([BOS] alone)."""
         drop = torch.rand(ids.shape[0], generator=generator, device=ids.device) < self.config.text_drop  # (B,)
         # keep only [BOS] in dropped rows
         mask = mask & ~(drop[:, None] & (ids != BOS))
         return torch.where(mask, ids, PAD), mask
 
-    def mask_positions(self, codes: torch.Tensor, frames: torch.Tensor | None = None, prefix: float = 0.0):
+    def mask_positions(self, codes: torch.Tensor, frames: torch.Tensor | None = None,
+                       prefix: float = 0.0):
         """Draw the training mask: codes (B, t, h, w) -> tokens (B, t, h, w) with [MASK] where
         hidden, and masked (B, N), the positions to score. Each sample hides ⌈γ(r)·N_open⌉ of its
         open positions, r ~ U(0, 1). Open are the real ones, less, in a `prefix` share of the
@@ -206,7 +211,8 @@ class MaskGIT(nn.Module):
         return tokens.view(B, t, h, w), masked
 
     def loss(self, codes: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor,
-             frames: torch.Tensor | None = None, motion_weight: float = 1.0, prefix: float = 0.0) -> torch.Tensor:
+             frames: torch.Tensor | None = None, motion_weight: float = 1.0,
+             prefix: float = 0.0) -> torch.Tensor:
         """codes (B, t, h, w) long; ids, text_mask (B, L); frames (B,) real latent frames or None
         (all); prefix: the share of samples masked as continuations (mask_positions). Returns the
         mean cross-entropy over the masked positions only. With motion_weight > 1 a code that
@@ -226,7 +232,8 @@ class MaskGIT(nn.Module):
         weight = 1 + (motion_weight - 1) * moved.flatten()[scored].float()
         return (ce * weight).sum() / weight.sum()
 
-    def guided_logits(self, tokens: torch.Tensor, cond: tuple, uncond: tuple, scale: float) -> torch.Tensor:
+    def guided_logits(self, tokens: torch.Tensor, cond: tuple, uncond: tuple,
+                      scale: float) -> torch.Tensor:
         """Classifier-free guidance: uncond + scale·(cond − uncond). 1 is plain conditional, 0
         ignores the text. cond and uncond are (states, mask) pairs; both halves run as one batch."""
         if scale == 1.0:
@@ -239,9 +246,9 @@ class MaskGIT(nn.Module):
         return u + scale * (c - u)
 
     @torch.no_grad()
-    def generate(self, ids: torch.Tensor, text_mask: torch.Tensor, given: torch.Tensor | None = None,
-                 steps: int = STEPS, cfg: float = CFG, temperature: float = TEMPERATURE,
-                 generator: torch.Generator | None = None,
+    def generate(self, ids: torch.Tensor, text_mask: torch.Tensor,
+                 given: torch.Tensor | None = None, steps: int = STEPS, cfg: float = CFG,
+                 temperature: float = TEMPERATURE, generator: torch.Generator | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Captions ids, text_mask (B, L) -> codes (B, t, h, w). `given` (B, t', h, w) holds known
         codes and -1 where a code is to be generated; t' may be shorter than the window. None:
@@ -316,7 +323,7 @@ def plan_windows(t: int, keep: int | None, frames: list[int], have: int = 0,
     the paper). One, the last frame alone, tells where things are and how they look but not how they
     moved, and the new prompt's motion starts from there. That suits a generator whose training
     clips never change their motion (Shapes: shapes.KEEP_AT_CUT): given the old motion it has to
-    turn it around within one latent frame, and drew two objects at most cuts. One trained on such
+    turn it around within one latent frame, and draws two objects at most cuts. One trained on such
     changes (Animals' story clips) does better with the whole context."""
     # default half the window; at least one new latent frame
     keep = max(1, min(keep or t // 2, t - 1))
@@ -335,9 +342,11 @@ def plan_windows(t: int, keep: int | None, frames: list[int], have: int = 0,
 
 
 @torch.no_grad()
-def stream_video(model: MaskGIT, tokenizer: nn.Module, prompts: list[tuple[torch.Tensor, torch.Tensor]],
-                 frames: list[int], init: torch.Tensor | None = None, keep: int | None = None,
-                 keep_at_cut: int | None = None, context_temperature: float | None = CONTEXT_TEMPERATURE,
+def stream_video(model: MaskGIT, tokenizer: nn.Module,
+                 prompts: list[tuple[torch.Tensor, torch.Tensor]], frames: list[int],
+                 init: torch.Tensor | None = None, keep: int | None = None,
+                 keep_at_cut: int | None = None,
+                 context_temperature: float | None = CONTEXT_TEMPERATURE,
                  **sampling) -> Iterator[torch.Tensor]:
     """A video of any length, a window at a time: segment i has `frames[i]` new frames under prompt
     i (ids, mask each (B, L)). `init` (B, 3, T0, H, W) is an image or video to continue (not yielded
@@ -350,7 +359,8 @@ def stream_video(model: MaskGIT, tokenizer: nn.Module, prompts: list[tuple[torch
     window = 1 + 2 * (t - 1)
     # the latest frames, at most one window: where the next context comes from
     tail = init
-    for segment, context, new in plan_windows(t, keep, frames, 0 if init is None else init.shape[2], keep_at_cut):
+    for segment, context, new in plan_windows(t, keep, frames, 0 if init is None else init.shape[2],
+                                              keep_at_cut):
         ids, mask = prompts[segment]
         # nothing to continue: a fresh window
         given, settings = None, sampling
@@ -365,11 +375,12 @@ def stream_video(model: MaskGIT, tokenizer: nn.Module, prompts: list[tuple[torch
         yield piece  # (B, 3, new, H, W) after the context
 
 
-def make_video(model: MaskGIT, tokenizer: nn.Module, prompts: list[tuple[torch.Tensor, torch.Tensor]],
-               frames: list[int], init: torch.Tensor | None = None, keep: int | None = None,
-               keep_at_cut: int | None = None, context_temperature: float | None = CONTEXT_TEMPERATURE,
-               **sampling) -> torch.Tensor:
+def make_video(model: MaskGIT, tokenizer: nn.Module,
+               prompts: list[tuple[torch.Tensor, torch.Tensor]], frames: list[int],
+               init: torch.Tensor | None = None, keep: int | None = None,
+               keep_at_cut: int | None = None,
+               context_temperature: float | None = CONTEXT_TEMPERATURE, **sampling) -> torch.Tensor:
     """stream_video, gathered: -> video (B, 3, T0 + sum(frames), H, W), `init` first."""
-    pieces = list(stream_video(model, tokenizer, prompts, frames, init, keep, keep_at_cut, context_temperature,
-                               **sampling))
+    pieces = list(stream_video(model, tokenizer, prompts, frames, init, keep, keep_at_cut,
+                               context_temperature, **sampling))
     return torch.cat(([] if init is None else [init]) + pieces, dim=2)

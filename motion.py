@@ -1,5 +1,5 @@
 """
-What a generator has learned of motion, measured two ways (the motion issue's probe; README, the motion study).
+What a generator has learned of motion, measured two ways (docs/motion.md reports both).
 
 The probe (`motion_probe`) reads the generator's predictions on held-out codes. In a video most
 codes repeat the code at their place one latent frame before; those that do not are where things
@@ -85,8 +85,9 @@ CONTINUE_SEED = 1_000_033
 
 
 @torch.no_grad()
-def continuation(model, text, tokenizer, clips_per_action: int = 2, windows: int = 3, seed: int = CONTINUE_SEED,
-                 device: torch.device = torch.device("cpu"), **sampling) -> dict[str, float]:
+def continuation(model, text, tokenizer, clips_per_action: int = 2, windows: int = 3,
+                 seed: int = CONTINUE_SEED, device: torch.device = torch.device("cpu"),
+                 **sampling) -> dict[str, float]:
     """Real Animals clips as context, the generator goes on: for each action, `clips_per_action`
     rendered 11-frame clips (random species that has it, colour, direction, scene) are continued
     under their canonical caption by `windows` windows of 10 new frames, and each window is judged.
@@ -98,7 +99,8 @@ def continuation(model, text, tokenizer, clips_per_action: int = 2, windows: int
         for _ in range(clips_per_action):
             species = str(rng.choice([s for s in animals.SPECIES if action in animals.ACTIONS[s]]))
             specs.append(animals.AnimalSpec(species, str(rng.choice(list(animals.COLORS))), action,
-                                            str(rng.choice(animals.DIRECTIONS)), str(rng.choice(list(animals.SCENES)))))
+                                            str(rng.choice(animals.DIRECTIONS)),
+                                            str(rng.choice(list(animals.SCENES)))))
     real = np.stack([animals.render(s, 11, 64, rng) for s in specs])  # (B, 11, H, W, 3) uint8
     init = torch.from_numpy(real).permute(0, 4, 1, 2, 3).to(device).float() / 127.5 - 1  # (B, 3, 11, H, W)
     prompt = [x.to(device) for x in text.encode([animals.caption(s) for s in specs],
@@ -164,13 +166,18 @@ def code_following(tokenizer, clips: int = 64, seed: int = CONTINUE_SEED) -> dic
     # code places moved in a latent frame
     run, grid = (round(v * 10 / (t - 1) / (64 // w)) for v in (speed, 4.0))
     return {"follow_real": _following(a, run),
-            "follow_slid": _following(_codes(tokenizer, np.stack([_slide(v[0], speed, 11) for v in real])), run),
-            "follow_grid": _following(_codes(tokenizer, np.stack([_slide(v[0], 4.0, 11) for v in real])), grid),
-            "nonlocal": (a[:, 2:, h // 2:, w // 2:] != b[:, 2:, h // 2:, w // 2:]).float().mean().item()}
+            "follow_slid": _following(_codes(tokenizer,
+                                             np.stack([_slide(v[0], speed, 11) for v in real])),
+                                      run),
+            "follow_grid": _following(_codes(tokenizer,
+                                             np.stack([_slide(v[0], 4.0, 11) for v in real])),
+                                      grid),
+            "nonlocal": (a[:, 2:, h // 2:, w // 2:] != b[:, 2:, h // 2:,
+                                                         w // 2:]).float().mean().item()}
 
 
-def watch_motion(model, text, tokenizer, held_out: tuple, data: str, device: torch.device, seed: int,
-                 **sampling) -> dict[str, float]:
+def watch_motion(model, text, tokenizer, held_out: tuple, data: str, device: torch.device,
+                 seed: int, **sampling) -> dict[str, float]:
     """What a run logs of motion at each image_every: the probe on its held-out (codes, ids, mask)
     and, in the Animals world, one real clip of each action continued by two windows."""
     figures = motion_probe(model, *held_out, seed=seed)

@@ -35,7 +35,10 @@ class Progress:
     each unit; `start` is where a resumed job begins."""
 
     def __init__(self, total: int, label: str, start: int = 0, stream=None, every: float = 30.0):
-        self.total, self.label, self.start, self.t0 = total, label, start, time.time()
+        self.total = total
+        self.label = label
+        self.start = start
+        self.t0 = time.time()
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         # the last tenth reported in a pipe

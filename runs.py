@@ -1,5 +1,6 @@
 """
-A training run's folder: what train.py saves there, what --resume continues from, and what --force
+A training run: what a train.py command asks for, checked before any process group exists (`setup`),
+and the run's folder: what train.py saves there, what --resume continues from, and what --force
 replaces.
 
 A run writes model.safetensors (the weights to sample with, checkpoint.py's format) and
@@ -17,6 +18,7 @@ import json
 import os
 import shutil
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -24,11 +26,15 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from checkpoint import (TOKENIZERS, file_digest, load_checkpoint, read_header, same_file, save_checkpoint,
-                        tokenizer_config)
-from checks import check_indices, check_tensors, checked_config, checked_train, model_bounds
-from config import TrainConfig, UsageError
+from checkpoint import (TOKENIZERS, file_digest, generator_config_for, load_checkpoint, read_header,
+                        save_checkpoint, tokenizer_config)
+from checks import (check_indices, check_model_config, check_tensors, checked_config, checked_train,
+                    model_bounds, train_limits)
+from config import TrainConfig, UsageError, configure, override, resume_changes
+from data import train_and_val
+from distributed import check_device
 from maskgit import MaskGITConfig
+from video import same_file
 
 
 def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
@@ -47,8 +53,10 @@ def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torc
 def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str, keep: bool = True) -> tuple[dict, str]:
     """Flatten an optimizer state into safetensors-friendly tensors plus JSON for the rest."""
     state = opt.state_dict()
-    tensors = whole({f"{prefix}.{i}.{k}": v for i, s in state["state"].items() for k,
-                     v in s.items()}, keep)
+    flat = {}
+    for i, moments in state["state"].items():
+        flat |= {f"{prefix}.{i}.{k}": v for k, v in moments.items()}
+    tensors = whole(flat, keep)
     return tensors, json.dumps(state["param_groups"])
 
 
@@ -56,12 +64,15 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups_json: st
                       path: str = "the train state") -> None:
     """The inverse of optimizer_tensors, each moment and group checked against the optimizer first.
     Under FSDP each rank keeps its shard of a parameter's moments."""
-    params = [p for group in opt.param_groups for p in group["params"]]
+    params = []
+    for group in opt.param_groups:
+        params += group["params"]
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith(prefix + "."):
             i, _, name = key[len(prefix) + 1:].partition(".")
-            if not i.isdigit() or int(i) >= len(params) or name not in ("step", "exp_avg", "exp_avg_sq"):
+            if not i.isdigit() or int(i) >= len(params) or name not in ("step", "exp_avg",
+                                                                        "exp_avg_sq"):
                 raise UsageError(f"{path}: {key[:60]} is no state of the {prefix} optimizer")
             p = params[int(i)]
             if name != "step" and list(value.shape) != list(p.shape):
@@ -86,7 +97,8 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups_json: st
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_weights(out: str, meta: dict[str, str], cfg: TrainConfig, weights: dict[str, torch.Tensor]) -> None:
+def save_weights(out: str, meta: dict[str, str], cfg: TrainConfig,
+                 weights: dict[str, torch.Tensor]) -> None:
     """<out>/model.safetensors: the weights with the model and train configs in the metadata."""
     save_checkpoint(os.path.join(out, "model.safetensors"), weights,
                     meta | {"train_config": json.dumps(dataclasses.asdict(cfg))})
@@ -99,7 +111,9 @@ def save_run(out: str, meta: dict[str, str], cfg: TrainConfig, modules: dict[str
     this (the shards are gathered first) and only the one with `write` writes. A failed write (a
     full disk) keeps the previous checkpoint and says so: the next save tries again."""
     states = {name: whole(m.state_dict(), write) for name, m in modules.items()}
-    tensors = {f"{name}.{k}": v for name, state in states.items() for k, v in state.items()}
+    tensors = {}
+    for name, state in states.items():
+        tensors |= {f"{name}.{k}": v for k, v in state.items()}
     groups = {}
     for name, opt in opts.items():
         opt_tensors, groups[f"{name}_groups"] = optimizer_tensors(opt, name, write)
@@ -193,8 +207,9 @@ def resumed_run(args) -> tuple | None:
         args.tokenizer = meta["kind"]
     else:
         args.tokenizer_checkpoint = args.tokenizer_checkpoint or meta.get("tokenizer_checkpoint")
-        if os.path.isfile(args.tokenizer_checkpoint or "") and file_digest(args.tokenizer_checkpoint) != meta.get(
-                "tokenizer_sha256"):  # other codes: the cache and the generator would no longer mean the same
+        given = args.tokenizer_checkpoint or ""
+        # other codes: the cache and the generator would no longer mean the same
+        if os.path.isfile(given) and file_digest(given) != meta.get("tokenizer_sha256"):
             raise UsageError(f"{args.tokenizer_checkpoint} is not the tokenizer this run trained behind (sha256 "
                              f"differs from the one saved in {args.resume_from}); resume with that tokenizer")
     return saved_configs(meta, args.resume_from)
@@ -236,21 +251,32 @@ def clear_run(out: str) -> None:
     shutil.rmtree(os.path.join(out, "token_cache"), ignore_errors=True)
 
 
-def load_train_state(path: str | None) -> tuple[str, dict, dict[str, str]] | None:
-    """The train state resumed_run chose (resume_point) -> (its path, tensors, metadata); None:
-    start afresh."""
-    return None if path is None else (path, *load_checkpoint(path))
+class TrainState(NamedTuple):
+    """A train state read for --resume: where it was read from, its tensors and its metadata."""
+    path: str
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str]
 
 
-def restore_modules(tensors: dict, modules: dict[str, nn.Module], path: str = "the train state") -> None:
+def load_train_state(path: str | None) -> TrainState | None:
+    """The train state resumed_run chose (resume_point); None: start afresh."""
+    if path is None:
+        return None
+    tensors, meta = load_checkpoint(path)
+    return TrainState(path, tensors, meta)
+
+
+def restore_modules(tensors: dict, modules: dict[str, nn.Module],
+                    path: str = "the train state") -> None:
     """The weights of save_run's train state, into modules not yet sharded, each checked first."""
-    shapes = {k: (list(v.shape), "F32" if v.is_floating_point() else "I64") for k,
-              v in tensors.items()}
+    shapes = {}
+    for k, v in tensors.items():
+        shapes[k] = (list(v.shape), "F32" if v.is_floating_point() else "I64")
     check_indices(path, tensors)
     for name, m in modules.items():
         check_tensors(path, m, shapes, name + ".")
-        m.load_state_dict({k[len(name) + 1:]: v for k,
-                           v in tensors.items() if k.startswith(name + ".")})
+        prefix = name + "."
+        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
 def restore_optimizers(tensors: dict, meta: dict[str, str], opts: dict[str, torch.optim.Optimizer],
@@ -262,3 +288,55 @@ def restore_optimizers(tensors: dict, meta: dict[str, str], opts: dict[str, torc
             raise UsageError(f"{path}: the {name} optimizer's groups are missing")
         restore_optimizer(opt, tensors, meta[f"{name}_groups"], name, path)
     return int(meta["step"])
+
+
+def setup(args) -> tuple[object, TrainConfig, object]:
+    """Everything that can be refused before a process group exists -> (model config, train config,
+    data source). A mistake raises UsageError or ValueError."""
+    image_ratio = [f"train.image_ratio={args.image_ratio}"] if args.image_ratio is not None else []
+    args.out = args.out or f"runs/stage{args.stage}-{args.tokenizer if args.stage == 1 else 'maskgit'}-{args.preset}"
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
+    check_device(args.device)
+    # the saved configs when this command continues a run
+    saved = resumed_run(args)
+    check_inputs_outside(args.out, {"--tokenizer-checkpoint": args.tokenizer_checkpoint,
+                                    "--perceptual-weights": args.perceptual_weights,
+                                    "--watch-prompts": args.watch_prompts})
+    model_cfg, cfg = configure(args.stage, args.preset, args.tokenizer, args.set + image_ratio,
+                               args.max_steps)
+    if saved:
+        (model_cfg, cfg), asked = saved, args.set + image_ratio
+        model_cfg, cfg = override(model_cfg, asked, "model"), override(cfg, asked, "train")
+    cfg = dataclasses.replace(cfg, data=args.data or cfg.data,
+                              max_steps=args.max_steps or cfg.max_steps,
+                              val_data=args.val_data or cfg.val_data)
+    if saved:
+        for note in resume_changes(saved, (model_cfg, cfg)):
+            print(note)
+    train_limits(cfg, "train config")
+    if args.fsdp and (args.stage != 2 or "RANK" not in os.environ):
+        raise UsageError("--fsdp shards the stage-2 generator across the processes of torchrun; "
+                         "stage 1 and single-process runs use DDP or nothing")
+    if args.watch_prompts and (args.stage == 1 or not os.path.isfile(args.watch_prompts)):
+        raise UsageError(f"--watch-prompts {args.watch_prompts}: " + ("stage 2 only" if args.stage == 1 else "no such file"))
+    if args.stage == 2:
+        if not args.tokenizer_checkpoint:
+            raise UsageError("stage 2 needs --tokenizer-checkpoint PATH (a stage-1 model.safetensors)")
+        model_cfg = generator_config_for(args.tokenizer_checkpoint, model_cfg, cfg,
+                                         same_data=not (saved or args.data))
+    check_model_config(model_cfg, args.tokenizer if args.stage == 1 else "maskgit")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot write to --out {args.out}: {err.strerror}") from None
+    if not os.access(args.out, os.W_OK):
+        raise UsageError(f"cannot write to --out {args.out}: not a writable folder")
+    # held out: --val-data, or a share by name hash
+    source, val_source, summary = train_and_val(cfg, args.stage)
+    if getattr(args, "replace", False) and int(os.environ.get("RANK", "0")) == 0:
+        # --force: the old checkpoints and log go, now that the new run is accepted
+        clear_run(args.out)
+    if summary and int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(summary), flush=True)
+    return model_cfg, cfg, (source, val_source)

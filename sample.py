@@ -18,13 +18,10 @@ A video of any length is made a window at a time (maskgit.stream_video), and eac
 are written to the .mp4 or .gif as soon as they exist: memory stays that of one window however long
 the video, and Ctrl-C leaves no half-written file behind.
 
-Reconstruction cuts a video of any length into windows of the trained clip length and sends each
-through encode and decode (a last window of even length is padded by repeating its last frame, and
-the copy dropped again). Output goes where --out says: .mp4 (H.264), .gif, or .png (a grid of
-frames, 11 a row).
-
-Exit codes: 0 on success, 2 on a usage or input error (one line on stderr, no traceback), 1
-otherwise.
+Reconstruction sends a video of any length through encode and decode, a trained clip length at a
+time (a last window of even length is padded with its last frame, dropped again). --out is .mp4
+(H.264), .gif, or .png (a grid of frames, 11 a row). Exit codes: 0 done, 2 a usage or input error
+(one line on stderr, no traceback), 1 otherwise.
 """
 
 import argparse
@@ -36,61 +33,22 @@ import time
 
 import torch
 
-from checkpoint import DEFAULT_WORLD, check_destination, load_generator, load_tokenizer, shipped
+from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, shipped
 from config import HelpWithDefaults, UsageError, exit_usage
 from distributed import check_device
-from evaluate import psnr, ssim
+from evaluate import psnr, reconstruct, ssim
 from maskgit import CFG, STEPS, TEMPERATURE, plan_windows, stream_video, window_steps
 from progress import Progress
-from video import Outputs, read_video, save_output
+from video import Outputs, check_outputs, read_clip, save_output
 from worlds import WORLDS
 
 # Legend: T frames, H W pixels, t latent frames, L text length.
 
 
-@torch.no_grad()
-def reconstruct(model, video: torch.Tensor, window: int) -> torch.Tensor:
-    """video (3, T, H, W), any T -> its reconstruction, window by window through encode and decode.
-    A tokenizer takes 1 + 2n frames: a last window of even length is padded with a copy of its last
-    frame, whose reconstruction is dropped, so every frame comes back and no other is added."""
-    pieces = []
-    for start in range(0, video.shape[1], window):
-        clip = video[None, :, start:start + window]  # (1, 3, <=window, H, W)
-        n = clip.shape[2]
-        if n % 2 == 0:
-            clip = torch.cat([clip, clip[:, :, -1:]], dim=2)
-        pieces.append(model.decode(model.encode(clip))[0, :, :n])
-    return torch.cat(pieces, dim=1)
-
-
-def check_out(path: str, n: int, sources: list[str]) -> None:
-    """Refuse an --out we cannot write, or one of whose n files is a folder or an input (by path or
-    inode), before any work."""
-    for out in Outputs.named(path, n):
-        check_destination(out, sources)
-    if not path.lower().endswith((".mp4", ".gif", ".png")):
-        raise UsageError(f"--out must end in .mp4, .gif or .png, got {path}")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot write {path}: {err.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"cannot write {path}: {folder} is not a writable folder")
-
-
-def load_video(path: str, size: int, fps: float, frames: int | None = None) -> torch.Tensor:
-    """An image or a video file -> (3, T, H, W) in [-1, 1] at the model's size and frame rate."""
-    clip = read_video(path, size=size, fps=fps)  # (T, H, W, 3) uint8
-    if frames:
-        clip = clip[:frames]
-    return torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1
-
-
 def run_reconstruct(args) -> None:
     model, meta = load_tokenizer(args.tokenizer_checkpoint)
     cfg = json.loads(meta.get("train_config", "{}"))
-    video = load_video(args.reconstruct, cfg.get("image_size", 64), cfg.get("fps", 8.0),
+    video = read_clip(args.reconstruct, cfg.get("image_size", 64), cfg.get("fps", 8.0),
                        args.frames)
     recon = reconstruct(model, video, cfg.get("frames", 11))
     save_output(args.out, recon, cfg.get("fps", 8.0), scale=args.scale)
@@ -114,7 +72,7 @@ def run_generate(args) -> None:
     for unseen in filter(None, map(text.unseen, args.prompts)):
         print(f"warning: the model never saw these words in training: {', '.join(unseen)}",
               file=sys.stderr)
-    init = (load_video(args.init, cfg.get("image_size", 64), cfg.get("fps", 8.0))[None]  # (1, 3, T0, H, W)
+    init = (read_clip(args.init, cfg.get("image_size", 64), cfg.get("fps", 8.0))[None]  # (1, 3, T0, H, W)
             if args.init else None)
     new = frames - (0 if init is None else init.shape[2])
     if new < 1:
@@ -139,24 +97,28 @@ def run_generate(args) -> None:
     plan = plan_windows(t, args.keep, shares, 0 if init is None else init.shape[2], cut)
     # k = (context + 1) / 2
     total = sum(window_steps(args.steps, t - (context + 1) // 2, t) for _, context, _ in plan)
-    progress, done, made, windows = Progress(total, "decoding step"), [0], [0], [0]
+    progress = Progress(total, "decoding step")
+    # decoding steps, frames and windows made so far, for the progress line
+    count = {"steps": 0, "frames": 0, "windows": 0}
 
     def on_step(step: int, steps: int) -> None:
-        # decoding steps of all windows so far
-        done[0] += 1
-        rate = made[0] * n / max(progress.elapsed(), 1e-9)
-        progress.update(done[0], f"window {windows[0] + 1}/{len(plan)} | {rate:.1f} frames/s")
+        count["steps"] += 1
+        rate = count["frames"] * n / max(progress.elapsed(), 1e-9)
+        where = f"window {count['windows'] + 1}/{len(plan)}"
+        progress.update(count["steps"], f"{where} | {rate:.1f} frames/s")
 
     with Outputs(args.out, n, cfg.get("fps", 8.0), args.scale) as outputs:
         # <out>-0.mp4 ... for several
         if init is not None:
             init = init.to(device).expand(n, -1, -1, -1, -1)
             outputs.write(init)
-        for piece in stream_video(model, tokenizer, prompts, shares, init, args.keep, cut, steps=args.steps, cfg=args.cfg,
-                                  temperature=args.temperature, on_step=on_step,
-                                  generator=torch.Generator(device).manual_seed(args.seed)):
+        generator = torch.Generator(device).manual_seed(args.seed)
+        for piece in stream_video(model, tokenizer, prompts, shares, init, args.keep, cut,
+                                  steps=args.steps, cfg=args.cfg, temperature=args.temperature,
+                                  on_step=on_step, generator=generator):
             outputs.write(piece)  # (n, 3, new, H, W)
-            made[0], windows[0] = made[0] + piece.shape[2], windows[0] + 1
+            count["frames"] += piece.shape[2]
+            count["windows"] += 1
     progress.close()
     print(f"frames: {frames}" + (f" in each of {n} videos" if n > 1 else ""))
     print(f"seconds: {time.time() - t0:.1f}")
@@ -187,8 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer-checkpoint",
                    help="the stage-1 tokenizer it was trained on (default: the world's)")
     p.add_argument("--reconstruct", metavar="VIDEO", help="send this video through stage 1 only")
-    p.add_argument("--scale", type=int, default=1,
-                   help="draw each pixel as a scale x scale block in the output")
+    p.add_argument("--scale", type=int, default=1, help="draw each pixel as a scale x scale block")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     args.checkpoint = args.checkpoint or shipped(args.world, "generator")
@@ -215,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         slug = re.sub(r"[^a-z0-9]+", "-",
                       (args.prompts[0] if args.prompts else "reconstruction").lower()).strip("-")
         args.out = args.out or os.path.join("samples", f"{slug[:60] or 'video'}.mp4")
-        check_out(args.out, args.samples, [p for p in (args.reconstruct, args.init) if p])
+        check_outputs(args.out, args.samples, [p for p in (args.reconstruct, args.init) if p])
         check_device(args.device)
         run_reconstruct(args) if args.reconstruct else run_generate(args)
     except (UsageError, ValueError) as err:

@@ -202,7 +202,15 @@ def oracle(video) -> dict:
     min_area = 8 * scale * scale
     names = list(COLORS)
     palette = np.array([COLORS[n] for n in names], dtype=np.float32)
-    one_object, centres, colours, extents, fills, tops, objects, partial, areas = True, [], [], [], [], [], [], [], []
+    one_object = True
+    centres = []
+    colours = []
+    extents = []
+    fills = []
+    tops = []
+    objects = []
+    partial = []
+    areas = []
     for f in frames:
         # anything clearly brighter than the black background
         lit = f.max(axis=-1) >= 96
@@ -242,7 +250,12 @@ def oracle(video) -> dict:
     shape = size = None
     if extents:
         # an upright triangle fills half its box and is top-light; a square fills it; a circle pi/4
-        shape = "triangle" if np.median(tops) < 0.6 else "square" if np.median(fills) > 0.9 else "circle"
+        if np.median(tops) < 0.6:
+            shape = "triangle"
+        elif np.median(fills) > 0.9:
+            shape = "square"
+        else:
+            shape = "circle"
         size = "small" if np.median(extents) < 14 else "large"
     (x0, y0), (x1, y1) = centres[0], centres[-1]
     dx, dy = (x1 - x0) / scale, (y1 - y0) / scale
@@ -273,8 +286,13 @@ class ShapesSource:
     videos have things come and go, and it teaches a long video what happens at the edge (README,
     any length)."""
 
-    def __init__(self, frames: int = 11, size: int = 64, seed: int = 0, paraphrases: bool = True, edges: float = EDGES):
-        self.frames, self.size, self.seed, self.paraphrases, self.edges = frames, size, seed, paraphrases, edges
+    def __init__(self, frames: int = 11, size: int = 64, seed: int = 0, paraphrases: bool = True,
+                 edges: float = EDGES):
+        self.frames = frames
+        self.size = size
+        self.seed = seed
+        self.paraphrases = paraphrases
+        self.edges = edges
         self.name = "shapes"
 
     def __len__(self) -> int:

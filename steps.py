@@ -85,9 +85,12 @@ class Steps:
     """What both loops do around their loss, written once: the step counter, its seed and learning
     rate, the guarded update, the progress line and the log. `guard` is entered by the loop."""
 
-    def __init__(self, cfg: TrainConfig, out: str, rank: int, world: int, device: torch.device, step: int,
-                 skipped_files: int):
-        self.cfg, self.rank, self.world, self.master = cfg, rank, world, rank == 0
+    def __init__(self, cfg: TrainConfig, out: str, rank: int, world: int, device: torch.device,
+                 step: int, skipped_files: int):
+        self.cfg = cfg
+        self.rank = rank
+        self.world = world
+        self.master = rank == 0
         # files the data set dropped or skipped so far
         self.step, self.skipped_files = step, skipped_files
         # bf16 autocast on CUDA; fp32 on the CPU, where bf16 matmuls are far slower
@@ -100,11 +103,13 @@ class Steps:
         picks."""
         seed = step_seed(self.cfg.seed, self.rank, self.step)
         torch.manual_seed(seed)
-        for group in (g for opt in opts for g in opt.param_groups):
-            group["lr"] = lr_at(self.step, self.cfg)
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(self.step, self.cfg)
         return torch.Generator().manual_seed(seed)
 
-    def update(self, losses: dict[str, float], model: nn.Module, opts: list, stepped: list, ema: nn.Module | None) -> None:
+    def update(self, losses: dict[str, float], model: nn.Module, opts: list, stepped: list,
+               ema: nn.Module | None) -> None:
         """Clip; unless the loss or the gradient norm is non-finite on a rank, step the optimizers
         in `stepped` and the EMA; clear every gradient; count the step and show it."""
         # an inf gradient under a finite loss is caught too

@@ -24,6 +24,7 @@ sizes): an interrupted build is redone, and a cache of other data or another tok
 never read.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -31,12 +32,15 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import IterableDataset, get_worker_info
 
-from config import UsageError
+from config import TrainConfig, UsageError
 from folders import UnusableData, say_skipped
+from progress import Progress
+from worlds import WORLDS
 
 # Legend: B batch, T frames, H W pixels, t h w latent grid, N clips, k global clip index, j clip
 # index within one rank.
@@ -50,7 +54,10 @@ class ClipStream(IterableDataset):
 
     def __init__(self, source, batch_size: int, rank: int = 0, world: int = 1, start: int = 0,
                  max_batches: int | None = None):
-        self.source, self.batch_size, self.rank, self.world = source, batch_size, rank, world
+        self.source = source
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world = world
         self.start, self.max_batches = start, max_batches
         # per process; each DataLoader worker counts its own
         self.skipped = 0
@@ -100,7 +107,10 @@ class ClipStream(IterableDataset):
 def encode_clips(tokenizer, source, clips: int, device: torch.device, batch_size: int = 32):
     """The first `clips` clips of a source through the tokenizer -> (codes (N, t, h, w), N captions,
     videos (N, 3, T, H, W) on the CPU)."""
-    stream, codes, captions, videos = ClipStream(source, batch_size), [], [], []
+    stream = ClipStream(source, batch_size)
+    codes = []
+    captions = []
+    videos = []
     for b in range((clips + batch_size - 1) // batch_size):
         batch = stream.batch(b)
         codes.append(tokenizer.encode(batch["video"].to(device)))
@@ -127,8 +137,8 @@ def cache_shard(folder: str, rank: int, world: int) -> str:
     return os.path.join(folder, f"tokens-{rank:03d}-of-{world:03d}.safetensors")
 
 
-def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, rank: int, world: int,
-                      key: str, on_batch=None) -> None:
+def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, rank: int,
+                      world: int, key: str, on_batch=None) -> None:
     """Encode this rank's share of `clips` clips with `encode` (video (B, 3, T, H, W) -> codes (B,
     t, h, w)) into one shard. `key` names what made the cache (tokenizer hash, data, sizes); a shard
     whose key differs is rebuilt. Written atomically, so an interrupted build is redone, never
@@ -162,7 +172,9 @@ def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, 
 def load_token_cache(folder: str, world: int, key: str) -> tuple[torch.Tensor, list[str], int]:
     """All shards of a cache -> codes (N, t, h, w) long, N captions, and the files skipped building
     it."""
-    codes, captions, skipped = [], [], 0
+    codes = []
+    captions = []
+    skipped = 0
     for rank in range(world):
         path = cache_shard(folder, rank, world)
         try:
@@ -178,3 +190,71 @@ def load_token_cache(folder: str, world: int, key: str) -> tuple[torch.Tensor, l
             raise UsageError(f"{path} is not a readable token cache ({why}): remove {folder} "
                              "and run again") from None
     return torch.cat(codes), captions, skipped
+
+
+def file_stamp(entry) -> list[int]:
+    """[size, modification time in ns] of the file an entry reads (a tar member: its shard); [] if
+    it is gone."""
+    path = entry[0] if isinstance(entry, tuple) else entry
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return []
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def content_digest(source) -> str:
+    """sha256 of what a source's clips and captions are made from, for stage 2's cache key: a
+    world's module (its renderer, captions and settings: shapes.EDGES, the Animals story share), or
+    a real data set's entries and their captions (captions.csv, label folders, tar .txt). An edit to
+    any changes the key."""
+    h = hashlib.sha256()
+    if hasattr(source, "items"):
+        # each file's size and modification time too: a video re-encoded under its old name makes
+        # other codes
+        stamped = [[str(entry), text, *file_stamp(entry)] for entry, text in source.items]
+        h.update(json.dumps(stamped).encode("utf-8", "replace"))
+    else:
+        # the world's module, and the modules it draws with (animals.CODE_FILES: its sprites)
+        module = sys.modules[type(source).__module__]
+        for path in getattr(module, "CODE_FILES", (module.__file__,)):
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def cache_codes(out: str, tokenizer: torch.nn.Module, digest: str, cfg: TrainConfig, source,
+                rank: int, world: int, device: torch.device) -> tuple[torch.Tensor, list[str], int]:
+    """Every clip through the frozen encoder once, each rank its share -> (codes (N, t, h, w), N
+    captions, files skipped). A cache made by the same tokenizer (`digest`), data
+    (content_digest: the files and captions, or the world's code) and sizes is reused. A world
+    gives cache_clips clips; real data a few windows per second of each file
+    (data.CLIPS_PER_SECOND), at most that."""
+    key = [digest, cfg.data, cfg.frames, cfg.image_size, cfg.fps, cfg.cache_clips, cfg.seed,
+           content_digest(source)]
+    clips = cfg.cache_clips
+    if cfg.data not in WORLDS:
+        # real data: fixed windows; the key names the files' split and the crop too
+        source = source.windows(cfg.cache_clips)
+        key, clips = key + [cfg.val_data, cfg.crop, len(source)], len(source)
+    key = json.dumps(key)
+
+    @torch.no_grad()
+    def encode(video: torch.Tensor) -> torch.Tensor:  # (B, 3, T, H, W) -> (B, t, h, w)
+        # fp32, as validation, story contexts and evaluation encode: under bf16 0.4 to 0.75% of
+        # codes differ
+        return tokenizer.encode(video.to(device))
+
+    # batches of 32 clips
+    progress = Progress(math.ceil(clips / world / 32), "token cache batch")
+    # one shard per rank
+    folder = os.path.join(out, "token_cache")
+    build_token_cache(encode, source, clips, folder, 32, rank, world, key,
+                      on_batch=(lambda b, total: progress.update(b)) if rank == 0 else None)
+    progress.close()
+    if world > 1:
+        # every rank's shard is written before any rank reads them all
+        dist.barrier()
+    # every rank holds the whole cache
+    codes, captions, skipped = load_token_cache(folder, world, key)
+    return codes, captions, skipped + getattr(source, "dropped", 0)

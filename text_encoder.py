@@ -58,9 +58,13 @@ class CaptionTokenizer:
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         bpe.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[BOS]"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
         bpe.train_from_iterator(captions, trainer)
-        return cls(bpe, sorted({w for c in captions for w in words_of(c)}))
+        words = set()
+        for c in captions:
+            words.update(words_of(c))
+        return cls(bpe, sorted(words))
 
     def to_json(self) -> str:
         return json.dumps({"bpe": self.bpe.to_str(), "words": sorted(self.words)})

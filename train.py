@@ -38,44 +38,38 @@ length.
 
 import argparse
 import copy
-import dataclasses
-import json
-import math
 import os
 import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import TOKENIZERS, file_digest, generator_config_for, generator_meta, load_tokenizer, tokenizer_meta
-from checks import check_model_config, train_limits
-from config import HelpWithDefaults, TrainConfig, UsageError, configure, exit_usage, override, resume_changes
-from data import content_digest, train_and_val
-from distributed import Run, check_device, check_gpus, compile_blocks, finish, grad_sync, process_group_store, shard, summed_counts
-from evaluate import psnr, ssim, validation_loss, watch, watch_list
+from checkpoint import TOKENIZERS, file_digest, generator_meta, load_tokenizer, tokenizer_meta
+from config import HelpWithDefaults, TrainConfig, UsageError, exit_usage
+from distributed import Run, compile_blocks, finish, grad_sync, shard, start, summed_counts
+from evaluate import psnr, reconstruction, ssim, validation_loss, watch, watch_list
 from faults import TrainingStopped, exit_code, quiet_worker
 from folders import UnusableData
 from fold import fold_codes
 from maskgit import MaskGIT, MaskGITConfig
 from motion import watch_motion
-from progress import Progress
-from runs import (check_inputs_outside, clear_run, load_train_state, restore_modules, restore_optimizers, resumed_run,
-                  save_run, save_weights)
+from runs import load_train_state, restore_modules, restore_optimizers, save_run, save_weights, setup
 from steps import Steps, adamw
-from stream import ClipStream, build_token_cache, encode_clips, held_out, load_token_cache
+from stream import ClipStream, cache_codes, encode_clips, held_out
 from text_encoder import CaptionTokenizer
 from vqgan import Discriminator, VGGPerceptual, adaptive_gan_weight, hinge_d_loss
-from worlds import WORLDS
 
 
 # ----------------------------------------------------------------------------- stage 1
 
-def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world: int, device: torch.device) -> None:
-    master, ddp, (source, val_source) = rank == 0, world > 1, sources
+def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world: int,
+                    device: torch.device) -> None:
+    master = rank == 0
+    ddp = world > 1
+    source, val_source = sources
     # the same init on every rank
     torch.manual_seed(cfg.seed)
     model, disc = TOKENIZERS[args.tokenizer](model_cfg).to(device), Discriminator().to(device)
@@ -99,11 +93,10 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
     # None: start afresh
     resume = load_train_state(getattr(args, "resume_from", None))
     if resume:
-        _, tensors, meta = resume
-        restore_modules(tensors, modules, resume[0])
-        step = restore_optimizers(tensors, meta, opts, resume[0])
+        restore_modules(resume.tensors, modules, resume.path)
+        step = restore_optimizers(resume.tensors, resume.meta, opts, resume.path)
         if master:
-            print(f"resumed from {resume[0]} at step {step}")
+            print(f"resumed from {resume.path} at step {step}")
     # the quantizer's buffers hold per-rank usage counts: keep DDP from overwriting them with rank
     # 0's
     model_d = DDP(model, forward_sync_buffers=False) if ddp else model
@@ -118,11 +111,16 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
     # the stream starts after the clips all ranks consumed (on any number of ranks), each batch a
     # function of its place. Clips decode in `workers` processes, each keeping 4 batches ready, into
     # pinned memory on CUDA
-    first, start = step, int(resume[2].get("clips_seen", step * cfg.grad_accum * cfg.batch_size * world)) if resume else 0
+    first = step
+    start = 0
+    if resume:
+        start = int(resume.meta.get("clips_seen", step * cfg.grad_accum * cfg.batch_size * world))
     stream = ClipStream(source, cfg.batch_size, rank, world, start=start)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
-                                              pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-                                              prefetch_factor=4 if cfg.workers else None, worker_init_fn=quiet_worker))
+                                              pin_memory=device.type == "cuda",
+                                              persistent_workers=cfg.workers > 0,
+                                              prefetch_factor=4 if cfg.workers else None,
+                                              worker_init_fn=quiet_worker))
     steps = Steps(cfg, args.out, rank, world, device, step,
                   skipped_files=getattr(source, "dropped", 0))
     # a fresh book: k-means runs in the first forward
@@ -186,8 +184,7 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
                 moved = model.quantizer.restart_dead_codes()
                 figures["restarted"] = len(moved)
             if ema is not None and moved is not None:
-                # codes placed anew enter the EMA as they are, not averaged
-                # with the init they replace
+                # codes placed anew enter the EMA as they are, not averaged with the init they replace
                 ema.quantizer.codebook.data[moved] = model.quantizer.codebook.data[moved]
             kmeans = False
             if master and (steps.due(cfg.log_every) or steps.due(cfg.image_every)):
@@ -223,76 +220,31 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
         sampled = ema if ema is not None else model
         print(f"folding codes within cosine {cfg.fold_cosine} of a more used one (counting them on 512 clips)", flush=True)
         left = fold_codes(sampled, source, cfg.fold_cosine, cfg.batch_size, device)
-        save_weights(args.out, tokenizer_meta(args.tokenizer, model_cfg, steps.step) | {"codes_left": str(left)}, cfg,
-                     sampled.state_dict())
+        meta = tokenizer_meta(args.tokenizer, model_cfg, steps.step) | {"codes_left": str(left)}
+        save_weights(args.out, meta, cfg, sampled.state_dict())
         print(f"folded near-duplicate codes (cosine >= {cfg.fold_cosine}): {left} of {model_cfg.codebook_size} left")
-
-
-@torch.no_grad()
-def reconstruction(model: nn.Module, video: torch.Tensor, autocast) -> torch.Tensor:
-    """video (B, 3, T, H, W) -> its reconstruction in eval mode, clamped to [-1, 1]."""
-    training = model.training
-    # the quantizer neither counts codes nor runs k-means in eval mode
-    model.eval()
-    with autocast:
-        recon = model(video).recon.float().clamp(-1, 1)  # (B, 3, T, H, W)
-    model.train(training)
-    return recon
 
 
 # ----------------------------------------------------------------------------- stage 2
 
-def cache_codes(out: str, tokenizer: nn.Module, digest: str, cfg: TrainConfig, source, rank: int, world: int,
-                device: torch.device) -> tuple[torch.Tensor, list[str], int]:
-    """Every clip through the frozen encoder once, each rank its share -> (codes (N, t, h, w), N
-    captions, files skipped). A cache made by the same tokenizer (`digest`), data
-    (data.content_digest: the files and captions, or the world's code) and sizes is reused. A world
-    gives cache_clips clips; real data a few windows per second of each file
-    (data.CLIPS_PER_SECOND), at most that."""
-    key = [digest, cfg.data, cfg.frames, cfg.image_size, cfg.fps, cfg.cache_clips, cfg.seed,
-           content_digest(source)]
-    clips = cfg.cache_clips
-    if cfg.data not in WORLDS:
-        # real data: fixed windows; the key names the files' split and the crop too
-        source = source.windows(cfg.cache_clips)
-        key, clips = key + [cfg.val_data, cfg.crop, len(source)], len(source)
-    key = json.dumps(key)
-
-    @torch.no_grad()
-    def encode(video: torch.Tensor) -> torch.Tensor:  # (B, 3, T, H, W) -> (B, t, h, w)
-        # fp32, as validation, story contexts and evaluation encode: under bf16 0.4 to 0.75% of
-        # codes differ
-        return tokenizer.encode(video.to(device))
-
-    # batches of 32 clips
-    progress = Progress(math.ceil(clips / world / 32), "token cache batch")
-    # one shard per rank
-    folder = os.path.join(out, "token_cache")
-    build_token_cache(encode, source, clips, folder, 32, rank, world, key,
-                      on_batch=(lambda b, total: progress.update(b)) if rank == 0 else None)
-    progress.close()
-    if world > 1:
-        # every rank's shard is written before any rank reads them all
-        dist.barrier()
-    # every rank holds the whole cache
-    codes, captions, skipped = load_token_cache(folder, world, key)
-    return codes, captions, skipped + getattr(source, "dropped", 0)
-
-
-def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, rank: int, world: int,
-                    device: torch.device) -> None:
-    master, ddp, fsdp, (source, val_source) = rank == 0, world > 1, args.fsdp, sources
+def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, rank: int,
+                    world: int, device: torch.device) -> None:
+    master = rank == 0
+    ddp = world > 1
+    fsdp = args.fsdp
+    source, val_source = sources
     # frozen, in eval mode
     tokenizer = load_tokenizer(args.tokenizer_checkpoint)[0].to(device)
     # the pairing; the window
     digest, t = file_digest(args.tokenizer_checkpoint), model_cfg.latent_frames
     codes, captions, skipped_files = cache_codes(args.out, tokenizer, digest, cfg, source, rank,
                                                  world, device)
-    # the caption tokenizer: restored on resume, else trained on the cached captions by rank 0 and
-    # sent to all None: start afresh
+    # None: start afresh
     resume = load_train_state(getattr(args, "resume_from", None))
+    # the caption tokenizer: restored on resume, else trained on the cached captions by rank 0 and
+    # sent to all
     if resume:
-        text_json = resume[2]["text_tokenizer"]
+        text_json = resume.meta["text_tokenizer"]
     else:
         text_json = [CaptionTokenizer.train(captions, model_cfg.text.vocab_size).to_json() if master else None]
         if ddp:
@@ -311,29 +263,30 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
     # what a checkpoint holds
     modules = {"model": model} | ({"ema": ema} if ema is not None else {})
     if resume:
-        restore_modules(resume[1], modules, resume[0])
+        restore_modules(resume.tensors, modules, resume.path)
     if master:
         print(f"generator: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; cache: {len(codes)} "
               f"clips of {tuple(codes.shape[1:])} codes; captions: {text.vocab_size} BPE tokens")
     if args.compile:
         # each transformer block
         compile_blocks(model)
-    # the loss and sampling through forward, where DDP's and FSDP's hooks see them
+    # One network, four handles: `model` holds the weights (the optimizer and checkpoints read it);
+    # `run` calls its loss and sampling through forward, where DDP's and FSDP's hooks see them;
+    # `sampler` is what samples the validation grid (the EMA's run when there is one); `loss_d` is
+    # `run` under DDP, the handle the loss goes through.
     run = Run(model)
-    # what samples the validation grid
     sampler = Run(ema) if ema is not None else run
     if fsdp:
         shard(run, device)
         if ema is not None:
             shard(sampler, device)
-    # what the loss runs through
     loss_d = DDP(run) if ddp and not fsdp else run
     # after sharding: under FSDP the optimizer holds each rank's shards
     opts, step = {"opt": adamw(model, cfg)}, 0
     if resume:
-        step = restore_optimizers(resume[1], resume[2], opts, resume[0])
+        step = restore_optimizers(resume.tensors, resume.meta, opts, resume.path)
         if master:
-            print(f"resumed from {resume[0]} at step {step}")
+            print(f"resumed from {resume.path} at step {step}")
     # 64 held-out clips for val_loss, encoded once; the watch grid's 8 prompts (a world's are
     # judged)
     held = held_out(lambda: encode_clips(tokenizer, val_source, 64, device), master)  # (64, t, h, w) codes
@@ -384,13 +337,15 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
                                                           cfg.seed)
                 # one clip for each watched prompt; in a world, its attributes read back by the
                 # judge
-                videos, verdicts = watch(sampler, text, tokenizer, watched, device, steps=cfg.sample_steps,
+                videos, verdicts = watch(sampler, text, tokenizer, watched, device,
+                                         steps=cfg.sample_steps,
                                          generator=torch.Generator(device).manual_seed(cfg.seed))
-                verdicts |= {} if val_codes is None else watch_motion(
-                    sampler, text, tokenizer, (val_codes, val_ids.to(device),
-                                               val_mask.to(device)), cfg.data, device,
-                    # motion
-                    cfg.seed, steps=cfg.sample_steps, generator=torch.Generator(device).manual_seed(cfg.seed))
+                if val_codes is not None:
+                    # the motion probe on the held-out clips
+                    held_clips = (val_codes, val_ids.to(device), val_mask.to(device))
+                    verdicts |= watch_motion(sampler, text, tokenizer, held_clips, cfg.data, device,
+                                             cfg.seed, steps=cfg.sample_steps,
+                                             generator=torch.Generator(device).manual_seed(cfg.seed))
                 model.train()
                 # shares of clips that agree; the probe
                 figures |= {f"val_{k}": v for k, v in verdicts.items()}
@@ -405,8 +360,8 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
                     steps.log.grid(videos, "samples.png", watched[2])  # (8, 3, T, H, W): a clip under each prompt
             if (master or fsdp) and (steps.due(cfg.save_every) or guard.stop):
                 # FSDP: all ranks gather, one writes
-                meta = generator_meta(model_cfg, steps.step, text,
-                                      digest) | {"tokenizer_checkpoint": args.tokenizer_checkpoint}
+                meta = generator_meta(model_cfg, steps.step, text, digest)
+                meta["tokenizer_checkpoint"] = args.tokenizer_checkpoint
                 save_run(args.out, meta, cfg, modules, opts, write=master)
                 if master:
                     # the curves so far, beside each checkpoint
@@ -452,57 +407,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def setup(args) -> tuple[object, TrainConfig, object]:
-    """Everything that can be refused before a process group exists -> (model config, train config,
-    data source). A mistake raises UsageError or ValueError."""
-    image_ratio = [f"train.image_ratio={args.image_ratio}"] if args.image_ratio is not None else []
-    args.out = args.out or f"runs/stage{args.stage}-{args.tokenizer if args.stage == 1 else 'maskgit'}-{args.preset}"
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
-    check_device(args.device)
-    # the saved configs when this command continues a run
-    saved = resumed_run(args)
-    check_inputs_outside(args.out, {"--tokenizer-checkpoint": args.tokenizer_checkpoint,
-                                    "--perceptual-weights": args.perceptual_weights,
-                                    "--watch-prompts": args.watch_prompts})
-    model_cfg, cfg = configure(args.stage, args.preset, args.tokenizer, args.set + image_ratio,
-                               args.max_steps)
-    if saved:
-        (model_cfg, cfg), asked = saved, args.set + image_ratio
-        model_cfg, cfg = override(model_cfg, asked, "model"), override(cfg, asked, "train")
-    cfg = dataclasses.replace(cfg, data=args.data or cfg.data, max_steps=args.max_steps or cfg.max_steps,
-                              val_data=args.val_data or cfg.val_data)
-    if saved:
-        for note in resume_changes(saved, (model_cfg, cfg)):
-            print(note)
-    train_limits(cfg, "train config")
-    if args.fsdp and (args.stage != 2 or "RANK" not in os.environ):
-        raise UsageError("--fsdp shards the stage-2 generator across the processes of torchrun; "
-                         "stage 1 and single-process runs use DDP or nothing")
-    if args.watch_prompts and (args.stage == 1 or not os.path.isfile(args.watch_prompts)):
-        raise UsageError(f"--watch-prompts {args.watch_prompts}: " + ("stage 2 only" if args.stage == 1 else "no such file"))
-    if args.stage == 2:
-        if not args.tokenizer_checkpoint:
-            raise UsageError("stage 2 needs --tokenizer-checkpoint PATH (a stage-1 model.safetensors)")
-        model_cfg = generator_config_for(args.tokenizer_checkpoint, model_cfg, cfg,
-                                         same_data=not (saved or args.data))
-    check_model_config(model_cfg, args.tokenizer if args.stage == 1 else "maskgit")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot write to --out {args.out}: {err.strerror}") from None
-    if not os.access(args.out, os.W_OK):
-        raise UsageError(f"cannot write to --out {args.out}: not a writable folder")
-    # held out: --val-data, or a share by name hash
-    source, val_source, summary = train_and_val(cfg, args.stage)
-    if getattr(args, "replace", False) and int(os.environ.get("RANK", "0")) == 0:
-        # --force: the old checkpoints and log go, now that the new run is accepted
-        clear_run(args.out)
-    if summary and int(os.environ.get("RANK", "0")) == 0:
-        print("\n".join(summary), flush=True)
-    return model_cfg, cfg, (source, val_source)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -517,24 +421,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # DDP: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process
     ddp = "RANK" in os.environ
-    rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                          int(os.environ["LOCAL_RANK"])) if ddp else (0, 1, 0)
-    device = torch.device(args.device)
-    if ddp:
-        try:
-            check_gpus(device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-        except UsageError as err:
-            # every rank leaves; one of each node says why
-            exit_usage(err) if local == 0 else sys.exit(2)
-        if device.type == "cuda":
-            # one GPU per process
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                **process_group_store(restarts))
-    if device.type == "cuda":
-        # TF32 tensor cores for the fp32 matmuls autocast leaves
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    rank, world, device = start(args.device, restarts)
     # the exit code
     code = 0
     try:

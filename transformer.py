@@ -66,7 +66,8 @@ class Attention(nn.Module):
         B, N, inner = x.shape
         return x.view(B, N, self.heads, inner // self.heads).transpose(1, 2)  # (B, nh, N, hd)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None,
                 angles: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, D); context (B, L, Dc) or None for self attention; mask (B, L) bool, True =
         attend; angles (N, hd/2): rotary positions of x, for self attention."""
@@ -135,8 +136,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of `depth` blocks and a final LayerNorm: (B, N, D) -> (B, N, D)."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp: int, causal: bool = False, cross: bool = False,
-                 head_dim: int | None = None, context_dim: int | None = None):
+    def __init__(self, dim: int, depth: int, heads: int, mlp: int, causal: bool = False,
+                 cross: bool = False, head_dim: int | None = None, context_dim: int | None = None):
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, mlp, causal, cross, head_dim,
                                           context_dim) for _ in range(depth))

@@ -38,6 +38,8 @@ from av.sidedata.sidedata import SideDataContainer, Type as SideDataType
 import numpy as np
 import torch
 
+from config import UsageError
+
 # Legend: T frames, H W pixels.
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
@@ -105,7 +107,8 @@ def _orientation(frame: av.VideoFrame) -> tuple[bool, int]:
     return bool(mirrored), round(math.degrees(math.atan2(b, a)) / 90) % 4
 
 
-def _rgb(frame: av.VideoFrame, size: int | None, crop: str = "center", aspect: float = 1.0) -> np.ndarray:
+def _rgb(frame: av.VideoFrame, size: int | None, crop: str = "center",
+         aspect: float = 1.0) -> np.ndarray:
     """One decoded frame as (H, W, 3) uint8, upright, made a `size` square: short side resized and
     the centre cut out (crop "center"), or long side resized and black bars added (crop "pad").
     `aspect` is the pixels' width over their height (the sample aspect ratio): non-square pixels are
@@ -146,7 +149,10 @@ def _pick(container, stream, fps: float | None, start: float):
     # GIF times are in 1/100 s: 0.125 s reads back as 0.13 s
     eps = 0.1 / fps if fps else 1e-6
     # i: frames yielded so far
-    prev, prev_t, gap, i = None, 0.0, 1 / (fps or rate), 0
+    prev = None
+    prev_t = 0.0
+    gap = 1 / (fps or rate)
+    i = 0
     for n, frame in enumerate(container.decode(stream)):
         if n == MAX_LEAD and i == 0:
             # bound the time a load takes, whatever the file
@@ -208,9 +214,9 @@ def video_seconds(src: str | os.PathLike | io.IOBase) -> float:
         return 0.0
 
 
-def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, size: int | None = None,
-               fps: float | None = None, start: float = 0.0, rng: np.random.Generator | None = None,
-               crop: str = "center") -> np.ndarray:
+def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None,
+               size: int | None = None, fps: float | None = None, start: float = 0.0,
+               rng: np.random.Generator | None = None, crop: str = "center") -> np.ndarray:
     """Decode a video or image (a path or a binary file object) to (T, H, W, 3) uint8 RGB.
 
     frames: exactly this many (ValueError if the video is shorter), else all, up to MAX_FRAMES.
@@ -221,7 +227,8 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, si
     one): unreadable, truncated, empty, video-less or too short files, frames above MAX_PIXELS, a
     first frame beyond MAX_LEAD. PyAV's errors are converted, since not all derive from OSError or
     ValueError."""
-    name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "a file object")
+    name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name",
+                                                                        "a file object")
     limit = frames or MAX_FRAMES + 1
     try:
         with av.open(src) as container:
@@ -234,7 +241,9 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None, si
                 duration = _seconds(container, stream)
                 clip = frames / (fps or float(stream.average_rate or 25))
                 start = float(rng.uniform(0, duration - clip)) if duration > clip else 0.0
-            out, last, img = [], None, None
+            out = []
+            last = None
+            img = None
             aspect = float(stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio or 1) or 1.0
             for frame in _pick(container, stream, fps, start):
                 if frame is not last:
@@ -264,7 +273,9 @@ class VideoWriter:
         if self.ext not in (".mp4", ".gif"):
             # .png frame grids are drawn elsewhere, with matplotlib
             raise ValueError(f"write_video writes .mp4 or .gif, not {self.ext or 'no extension'!r} ({path})")
-        self.path, self.part, self.fps = path, path + ".part", fps
+        self.path = path
+        self.part = path + ".part"
+        self.fps = fps
         self.container, self.stream = None, None
 
     def write(self, video) -> None:
@@ -363,7 +374,9 @@ class Outputs:
 
     def __init__(self, out: str, n: int, fps: float, scale: int):
         self.paths = self.named(out, n)
-        self.scale, self.grid, self.stack = scale, out.lower().endswith(".png"), contextlib.ExitStack()
+        self.scale = scale
+        self.grid = out.lower().endswith(".png")
+        self.stack = contextlib.ExitStack()
         # .png only
         self.frames = [[] for _ in self.paths]
         self.writers = [] if self.grid else [self.stack.enter_context(VideoWriter(p, fps)) for p in self.paths]
@@ -388,3 +401,44 @@ class Outputs:
         self.stack.__exit__(kind, error, trace)
         for path, frames in zip(self.paths, self.frames if self.grid and kind is None else []):
             save_grid(path, np.concatenate(frames))
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: the same path, or (where both exist) the same inode."""
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def check_destination(dst: str, sources: list[str]) -> None:
+    """Refuse to write `dst` when it is a folder or one of the `sources`: writing would replace what
+    was read."""
+    if os.path.isdir(dst):
+        raise UsageError(f"{dst} is a folder: give the path of the file to write")
+    for source in sources:
+        if same_file(source, dst):
+            raise UsageError(f"{dst} is the input {source}: writing it would destroy it; choose another path")
+
+
+def check_outputs(path: str, n: int, sources: list[str]) -> None:
+    """Refuse an --out we cannot write, or one of whose n files (Outputs.named) is a folder or an
+    input (by path or inode), before any work."""
+    for out in Outputs.named(path, n):
+        check_destination(out, sources)
+    if not path.lower().endswith((".mp4", ".gif", ".png")):
+        raise UsageError(f"--out must end in .mp4, .gif or .png, got {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write {path}: {folder} is not a writable folder")
+
+
+def read_clip(path: str, size: int, fps: float, frames: int | None = None) -> torch.Tensor:
+    """An image or a video file -> (3, T, H, W) in [-1, 1] at the model's size and frame rate."""
+    clip = read_video(path, size=size, fps=fps)  # (T, H, W, 3) uint8
+    if frames:
+        clip = clip[:frames]
+    return torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1

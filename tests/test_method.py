@@ -14,7 +14,8 @@ from config import TrainConfig
 from maskgit import MaskGIT, MaskGITConfig, mask_ratio
 from steps import lr_at, update_ema
 from text_encoder import BOS, PAD, TextEncoderConfig
-from vqgan import VectorQuantizer, adaptive_gan_weight, hinge_d_loss
+from quantizer import VectorQuantizer
+from vqgan import adaptive_gan_weight, hinge_d_loss
 
 
 def quantizer(beta: float) -> VectorQuantizer:

@@ -107,7 +107,8 @@ def test_captions_keep_their_commas():
 
 
 def test_an_edited_caption_file_reaches_the_token_cache_and_force_clears_it(tokenizers, tmp_path):
-    from data import content_digest, make_source
+    from data import make_source
+    from stream import content_digest
     root = caption_folder(tmp_path / "clips", [f"a cat number {i}" for i in range(4)])
     before = content_digest(make_source(root, 3, 32))
     out = str(tmp_path / "gen")

@@ -24,10 +24,11 @@ import sample
 import train
 from checkpoint import file_digest, generator_meta, save_checkpoint, shipped, tokenizer_meta
 from config import TrainConfig
-from data import content_digest, make_source
+from data import make_source
+from stream import content_digest
 from maskgit import MaskGIT, MaskGITConfig
 from runs import STATE
-from stream import build_token_cache, load_token_cache
+from stream import build_token_cache, cache_codes, load_token_cache
 from tests.test_nothing_lost import caption_folder
 from tests.test_own_videos import write_clip
 from tests.test_train import ROOT, TINY, TINY_GENERATOR, run_cli
@@ -349,7 +350,7 @@ def test_videos_re_encoded_under_the_same_names_make_a_new_token_cache(tmp_path)
 
     def codes_of(root: str, out: str) -> torch.Tensor:
         config = dataclasses.replace(cfg, data=root)
-        return train.cache_codes(out, tokenizer, "tok", config, make_source(root, 3, 32), 0, 1, torch.device("cpu"))[0]
+        return cache_codes(out, tokenizer, "tok", config, make_source(root, 3, 32), 0, 1, torch.device("cpu"))[0]
 
     root = str(tmp_path / "clips")
     for i in range(4):

@@ -6,7 +6,8 @@ from cvivit import CViViT, CViViTConfig
 from stream import ClipStream
 from evaluate import psnr
 from shapes import ShapesSource
-from vqgan import VQGAN, VectorQuantizer, VQGANConfig
+from quantizer import VectorQuantizer
+from vqgan import VQGAN, VQGANConfig
 
 
 def tiny(kind: str):
