@@ -234,8 +234,7 @@ def _ground(scene: str, seed: int, cam: np.ndarray, size: int, sway: float) -> n
     p, cell = xw[None, :] + 1j * yw[:, None], np.floor(xw / 8).astype(np.int64)  # (Hg, Ws), (Ws,)
     # two blades leaning apart; elsewhere a pebble
     tuft = scene in ("on the grass", "at night")
-    shape = [(-1 - 2.5j, 0.5, 0.2), (1 - 2.5j, 0.5, 0.2)] if tuft else [(-0.9, 0.8, 0.6),
-                                                                        (0.9, 0.8, 0.6)]
+    shape = [(-1 - 2.5j, 0.5, 0.2), (1 - 2.5j, 0.5, 0.2)] if tuft else [(-0.9, 0.8, 0.6), (0.9, 0.8, 0.6)]
     strip = np.zeros(p.shape, np.float32)
     # the band's marks: 2.2 times as thick and 2.5 times the contrast of the faint ones above, so
     # that a tokenizer keeps them (at the faint ones' size and contrast a 64 x 64 VQGAN reconstructs

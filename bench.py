@@ -87,8 +87,7 @@ def matmul_peak(device: torch.device) -> float:
     """FLOP/s of a large square matmul: the roof MFU is measured against."""
     n = 4096 if device.type == "cuda" else 2048
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device,
-                                                                      dtype=dtype)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     seconds = timed(lambda: a @ b, device, repeats=10)
     return 2 * n**3 / seconds
 
@@ -252,8 +251,7 @@ def build_peer(name: str, device: torch.device) -> tuple:
             # the masking and loss of the peer's Phenaki.forward
             step = torch.randint(0, 18, (B,), device=device)
             everything = torch.ones_like(codes, dtype=torch.bool)
-            masked = peer_phenaki.get_mask_subset_with_prob(everything,
-                                                            torch.cos(step * math.pi * 0.5 / 18))
+            masked = peer_phenaki.get_mask_subset_with_prob(everything, torch.cos(step * math.pi * 0.5 / 18))
             tokens = torch.where(masked, model.mask_id, codes).view(B, *shape)
             logits = model(tokens, video_mask=everything, cond_drop_prob=0.1,
                            text_mask=everything[:, :16], context=text)
@@ -291,8 +289,7 @@ def bench_long_video(frames: int, device: torch.device) -> dict:
     model, text, tokenizer, _ = load_generator(shipped("shapes", "generator"),
                                                shipped("shapes", "tokenizer"))
     model, tokenizer = model.to(device), tokenizer.to(device)
-    prompt = tuple(x.to(device) for x in text.encode(["a large red circle moving right"],
-                                                     model.config.text.max_len))
+    prompt = tuple(x.to(device) for x in text.encode(["a large red circle moving right"], model.config.text.max_len))
     start = time.perf_counter()
     for _ in stream_video(model, tokenizer, [prompt], [frames],
                           generator=torch.Generator(device).manual_seed(0)):

@@ -31,13 +31,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from checks import GRID, MODELS, caption_tokenizer, check_indices, checked_config, checked_model, model_bounds, train_record
+from checks import MODELS, Checked, Header, check_common, check_model, check_pair, checked_config, model_bounds
 from config import TOKENIZER_CONFIGS, TrainConfig, UsageError, exit_usage
 from cvivit import CViViT
 from maskgit import MaskGITConfig
@@ -94,10 +94,9 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], meta: dict[str,
             os.close(folder)
 
 
-def read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
-    """A phenaki safetensors file's header -> (metadata, {key: (shape, dtype)}), nothing allocated;
-    the fields every file has (format, stage, step, the train config) checked. A UsageError names
-    the file."""
+def header(path: str) -> Header:
+    """A safetensors file's header as it is, nothing allocated and nothing checked; a file that is
+    missing or not safetensors is a UsageError that names it."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
@@ -106,27 +105,29 @@ def read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[list[int], s
             shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise UsageError(f"{path} is not a safetensors checkpoint ({err})") from None
-    if meta.get("format") != "phenaki":
-        raise UsageError(f"{path} is not a phenaki checkpoint")
-    if meta.get("stage") not in ("1", "2"):
-        raise UsageError(f"{path}: stage must be 1 or 2, not {meta.get('stage')!r}")
-    for key in ("step", "clips_seen"):
-        # the step every file has; the clips a stage-1 train state consumed
-        # ASCII digits only: str.isdigit() passes "²", which int() refuses
-        if (key == "step" or key in meta) and not re.fullmatch(r"[0-9]{1,15}", meta.get(key, "")):
-            raise UsageError(f"{path}: {key} must be a whole number, not {str(meta.get(key))[:40]!r}")
-    if "train_config" in meta:
-        train_record(meta["train_config"], f"{path}: train_config")
-    return meta, shapes
+    return Header(path, meta, shapes)
+
+
+def read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
+    """A phenaki file's header -> (metadata, {key: (shape, dtype)}), the fields every file has
+    (format, stage, step, the train config) checked (checks.check_common)."""
+    found = header(path)
+    check_common(found)
+    return found.meta, found.shapes
+
+
+def tensors_of(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read only once its header has been checked."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise UsageError(f"{path} is not a safetensors checkpoint ({err})") from None
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A phenaki safetensors file -> (tensors, metadata), its header checked first (read_header)."""
     meta, _ = read_header(path)
-    try:
-        return load_file(path), meta
-    except (SafetensorError, OSError) as err:
-        raise UsageError(f"{path} is not a safetensors checkpoint ({err})") from None
+    return tensors_of(path), meta
 
 
 def file_digest(path: str) -> str:
@@ -153,7 +154,7 @@ def export_half(src: str, dst: str, tokenizer: str | None = None) -> None:
     elif tokenizer is None:
         raise UsageError(f"{src} is a generator: pass --tokenizer with the exported tokenizer it pairs with")
     else:
-        model_header(src, "2")
+        check_model(header(src), "2")
         # a readable stage-1 file, or a one-line error
         _, tok_meta = load_tokenizer(tokenizer)
         digest = file_digest(tokenizer)
@@ -167,8 +168,7 @@ def export_half(src: str, dst: str, tokenizer: str | None = None) -> None:
     if tokenizer is not None and meta["stage"] != "2":
         raise UsageError(f"--tokenizer pairs a generator with a tokenizer; {src} is not a stage-2 generator")
     tensors, _ = load_checkpoint(src)
-    save_checkpoint(dst, {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()},
-                    meta)
+    save_checkpoint(dst, {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, meta)
 
 
 # ----------------------------------------------------------------------------- the two kinds of
@@ -195,69 +195,33 @@ def tokenizer_config(kind: str, config_json: str, where: str = "the tokenizer"):
                           model_bounds(kind))
 
 
-def model_header(path: str, stage: str) -> tuple[dict[str, str], dict]:
-    """read_header for a model.safetensors of `stage`: a train state or the other stage's model
-    given in its place is one line, not a load_state_dict error listing hundreds of keys."""
-    meta, shapes = read_header(path)
-    if any(k.startswith("opt.") for k in shapes):
-        raise UsageError(f"{path} is a train state (for --resume); give the model.safetensors beside it")
-    if meta["stage"] != stage:
-        raise UsageError(f"{path} holds a stage-{meta['stage']} model, not a stage-{stage} "
-                         + ("tokenizer" if stage == "1" else "generator"))
-    if meta.get("kind") not in (TOKENIZERS if stage == "1" else ("maskgit",)):
-        raise UsageError(f"{path}: unknown model kind {str(meta.get('kind'))[:40]!r}")
-    if "config" not in meta:
-        raise UsageError(f"{path}: the model config is missing")
-    return meta, shapes
+def build(checked: Checked, path: str) -> nn.Module:
+    """The model a checked file describes, its weights read and loaded, in eval mode on the CPU."""
+    model = MODELS[checked.kind](checked.config)
+    model.load_state_dict({k: v.float() for k, v in tensors_of(path).items()})
+    return model.eval()
 
 
 def load_tokenizer(path: str) -> tuple[VQGAN | CViViT, dict[str, str]]:
-    """A stage-1 checkpoint -> (model in eval mode on the CPU, metadata)."""
-    meta, shapes = model_header(path, "1")
-    model = checked_model(path, meta["kind"], meta["config"], shapes)
-    size = train_record(meta.get("train_config", "{}"), path).image_size
-    if meta["kind"] == "cvivit" and model.config.image_size != size:
-        raise UsageError(f"{path}: its position grid is {model.config.image_size} pixels, its clips {size}")
-    tensors, _ = load_checkpoint(path)
-    check_indices(path, tensors)
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
-    return model.eval(), meta
-
-
-def check_window(path: str, config: MaskGITConfig, meta: dict[str, str], tokenizer_path: str,
-                 tokenizer_meta: dict[str, str]) -> None:
-    """A generator's grid of codes must be its tokenizer's, and its window the clip length it
-    trained on: a file that asks for more would sample for minutes where the pair takes seconds."""
-    size = train_record(tokenizer_meta.get("train_config", "{}"), tokenizer_path).image_size
-    if config.grid * GRID != size:
-        raise UsageError(f"{path} reads a grid of {config.grid} x {config.grid} codes, {tokenizer_path} "
-                         f"writes {size // GRID} x {size // GRID}")
-    frames = train_record(meta.get("train_config", "{}"), path).frames
-    if config.latent_frames != 1 + (frames - 1) // 2:
-        raise UsageError(f"{path}: a window of {config.latent_frames} latent frames is not the "
-                         f"{frames} frames it trained on")
+    """A stage-1 checkpoint -> (model in eval mode on the CPU, metadata): its header read, checked
+    (checks.check_model), then the model built and its tensors loaded."""
+    found = header(path)
+    return build(check_model(found, "1"), path), found.meta
 
 
 def load_generator(path: str, tokenizer_path: str):
     """A stage-2 checkpoint and the tokenizer it was trained on -> (generator, caption tokenizer,
-    stage-1 tokenizer, metadata), models in eval mode on the CPU. Both headers are read and compared
-    before either model is built."""
-    meta, shapes = model_header(path, "2")
-    tokenizer_meta, _ = model_header(tokenizer_path, "1")
-    if file_digest(tokenizer_path) != meta.get("tokenizer_sha256"):
-        raise UsageError(f"{path} was trained on another tokenizer than {tokenizer_path} (sha256 differs): pass "
-                         "--tokenizer-checkpoint with the stage-1 model.safetensors it was trained on")
-    config = checked_config(MaskGITConfig, meta["config"], f"{path}: config",
-                            model_bounds("maskgit"))
-    check_window(path, config, meta, tokenizer_path, tokenizer_meta)
-    tokenizer, _ = load_tokenizer(tokenizer_path)
-    model = checked_model(path, "maskgit", meta["config"], shapes)
-    if model.config.codebook_size != tokenizer.quantizer.codebook.shape[0]:
-        raise UsageError(f"{path} reads {model.config.codebook_size} codes, {tokenizer_path} writes "
-                         f"{tokenizer.quantizer.codebook.shape[0]}")
-    text = caption_tokenizer(path, meta, model.config.text.vocab_size)
-    model.load_state_dict({k: v.float() for k, v in load_checkpoint(path)[0].items()})
-    return model.eval(), text, tokenizer, meta
+    stage-1 tokenizer, metadata), models in eval mode on the CPU. In order: both headers read, both
+    files checked together in one call (checks.check_pair, which builds each model on the meta
+    device), the pairing's sha256 compared, and only then the models built and their tensors read."""
+    generator = header(path)
+    tokenizer = header(tokenizer_path)
+    gen, tok, text = check_pair(generator, tokenizer)
+    if file_digest(tokenizer_path) != generator.meta.get("tokenizer_sha256"):
+        raise UsageError(f"{path} was trained on another tokenizer than {tokenizer_path} (sha256 "
+                         "differs): pass --tokenizer-checkpoint with the stage-1 model.safetensors "
+                         "it was trained on")
+    return build(gen, path), text, build(tok, tokenizer_path), generator.meta
 
 
 def generator_config_for(tokenizer_path: str, model_cfg: MaskGITConfig, cfg: TrainConfig,

@@ -8,19 +8,24 @@ a million layers before any tensor is compared. So loading goes in this order:
      and at most PRESET_SCALE times the largest value any preset of config.py uses for it;
   2. the model is built on the `meta` device, which allocates nothing, and its state-dict keys,
      shapes and kinds (float or integer) are compared with the file's header (check_tensors);
-  3. only then are the tensors read and the real model built.
+  3. only then are the tensors read and the real model built (checkpoint.py).
 A disagreement is a UsageError: one line that names the file and the first field or tensor that is
-wrong, which the scripts turn into exit code 2. checkpoint.py calls these for tokenizers, generators
-and train states (whose optimizer moments are checked against their parameters there); the caption
-tokenizer is read here too (caption_tokenizer), since the tokenizers library raises bare Exceptions.
+wrong, which the scripts turn into exit code 2. checkpoint.py makes one call here per load:
+check_model for a tokenizer, check_pair for a generator and its tokenizer (their grid, window and
+vocabulary must agree). runs.py checks train states with the same pieces (their optimizer moments
+against the parameters there). The caption tokenizer is read here too (caption_tokenizer), since the
+tokenizers library raises bare Exceptions.
 """
 
 import dataclasses
 import json
 import math
+import re
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 
 from config import CHOICES, TOKENIZER_CONFIGS, TrainConfig, UsageError, generator_preset, tokenizer_preset
 from cvivit import CViViT
@@ -87,9 +92,7 @@ def checked_value(value, default, name: str, bounds: dict[str, float] | None, wh
         refuse("must be a list of up to 16 numbers")
     whole = isinstance(default, int) or isinstance(default, tuple) or default is None
     for v in items:
-        if isinstance(v, bool) or not isinstance(v,
-                                                 int if whole else (int,
-                                                                    float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)) or not math.isfinite(v):
             refuse("must be a whole number" if whole else "must be a number")
         if v < 0 or (bounds is not None and whole and v == 0):
             # a model's sizes are positive
@@ -120,8 +123,7 @@ def checked_config(cls, text, where: str, bounds: dict[str, float] | None = None
     unknown = [k for k in fields if k not in {f.name for f in dataclasses.fields(cls)}]
     if unknown:
         raise UsageError(f"{where}: unknown field {unknown[0][:40]!r}")
-    checked = {k: checked_value(v, getattr(defaults, k), k, bounds, where) for k,
-               v in fields.items()}
+    checked = {k: checked_value(v, getattr(defaults, k), k, bounds, where) for k, v in fields.items()}
     return cls(**checked)
 
 
@@ -216,16 +218,6 @@ def skeleton(cls, config, where: str) -> nn.Module:
         raise UsageError(f"{where}: the config's fields do not fit together ({err})") from None
 
 
-def checked_model(path: str, kind: str, config_json: str, shapes: dict) -> nn.Module:
-    """A model of `kind` from the config in a file, built only once its fields and the file's
-    tensors agree."""
-    cls = MODELS[kind]
-    config_cls = TOKENIZER_CONFIGS.get(kind, MaskGITConfig)
-    config = checked_config(config_cls, config_json, f"{path}: config", model_bounds(kind))
-    check_tensors(path, skeleton(cls, config, path), shapes)
-    return cls(config)
-
-
 def check_model_config(config, kind: str, where: str = "model config") -> None:
     """A model config asked for on the command line, checked as a file's is: each field within its
     bound (checked_config), then the fields together (skeleton)."""
@@ -254,3 +246,89 @@ def caption_tokenizer(path: str, meta: dict[str, str], vocab_size: int) -> Capti
     if text.vocab_size > vocab_size:
         raise UsageError(f"{path}: the caption tokenizer has {text.vocab_size} tokens, the text encoder {vocab_size}")
     return text
+
+
+# ----------------------------------------------------------------------------- a whole file, in one call
+
+class Header(NamedTuple):
+    """A safetensors file's header as read, nothing allocated: its metadata and its tensors'
+    {key: (shape, dtype)}."""
+    path: str
+    meta: dict[str, str]
+    shapes: dict[str, tuple[list[int], str]]
+
+
+class Checked(NamedTuple):
+    """A model file's header, checked: what to build from it, and what its run recorded."""
+    kind: str  # vqgan, cvivit or maskgit
+    config: object  # the model config, every field within its bound
+    record: TrainConfig  # the train config it recorded (defaults for what it does not record)
+
+
+def check_common(header: Header) -> TrainConfig:
+    """The fields every phenaki file has (format, stage, step; a stage-1 train state's clips_seen;
+    the train config) -> the recorded train config."""
+    path, meta = header.path, header.meta
+    if meta.get("format") != "phenaki":
+        raise UsageError(f"{path} is not a phenaki checkpoint")
+    if meta.get("stage") not in ("1", "2"):
+        raise UsageError(f"{path}: stage must be 1 or 2, not {meta.get('stage')!r}")
+    for key in ("step", "clips_seen"):
+        # ASCII digits only: str.isdigit() passes "²", which int() refuses
+        given = key == "step" or key in meta
+        if given and not re.fullmatch(r"[0-9]{1,15}", meta.get(key, "")):
+            raise UsageError(f"{path}: {key} must be a whole number, not {str(meta.get(key))[:40]!r}")
+    return train_record(meta.get("train_config", "{}"), f"{path}: train_config")
+
+
+def check_model(header: Header, stage: str) -> Checked:
+    """A model.safetensors of `stage`, checked before anything is built from it: its common
+    fields, its kind and config, the model's shapes on the meta device against the file's, and the
+    integer tensors that index (read alone, a few kilobytes). A train state or the other stage's
+    model given in its place is one line, not a load_state_dict error listing hundreds of keys."""
+    path, meta, shapes = header
+    record = check_common(header)
+    if any(k.startswith("opt.") for k in shapes):
+        raise UsageError(f"{path} is a train state (for --resume); give the model.safetensors beside it")
+    if meta["stage"] != stage:
+        wanted = "tokenizer" if stage == "1" else "generator"
+        raise UsageError(f"{path} holds a stage-{meta['stage']} model, not a stage-{stage} {wanted}")
+    kinds = TOKENIZER_CONFIGS if stage == "1" else ("maskgit",)
+    kind = meta.get("kind")
+    if kind not in kinds:
+        raise UsageError(f"{path}: unknown model kind {str(kind)[:40]!r}")
+    if "config" not in meta:
+        raise UsageError(f"{path}: the model config is missing")
+    config_cls = TOKENIZER_CONFIGS.get(kind, MaskGITConfig)
+    config = checked_config(config_cls, meta["config"], f"{path}: config", model_bounds(kind))
+    check_tensors(path, skeleton(MODELS[kind], config, path), shapes)
+    if kind == "cvivit" and config.image_size != record.image_size:
+        raise UsageError(f"{path}: its position grid is {config.image_size} pixels, its clips "
+                         f"{record.image_size}")
+    if "quantizer.alias" in shapes:
+        with safe_open(path, framework="pt") as f:
+            books = {k: f.get_tensor(k) for k in ("quantizer.alias", "quantizer.codebook")}
+        check_indices(path, books)
+    return Checked(kind, config, record)
+
+
+def check_pair(generator: Header, tokenizer: Header) -> tuple[Checked, Checked, CaptionTokenizer]:
+    """A generator and its tokenizer, each checked (check_model) and then together: the generator
+    reads the tokenizer's codes, on its grid, in the window it trained on (a file that asks for
+    more would sample for minutes where the pair takes seconds) -> both, and the caption
+    tokenizer the generator carries."""
+    gen = check_model(generator, "2")
+    tok = check_model(tokenizer, "1")
+    size = tok.record.image_size
+    if gen.config.grid * GRID != size:
+        raise UsageError(f"{generator.path} reads a grid of {gen.config.grid} x {gen.config.grid} "
+                         f"codes, {tokenizer.path} writes {size // GRID} x {size // GRID}")
+    frames = gen.record.frames
+    if gen.config.latent_frames != 1 + (frames - 1) // 2:
+        raise UsageError(f"{generator.path}: a window of {gen.config.latent_frames} latent frames is "
+                         f"not the {frames} frames it trained on")
+    if gen.config.codebook_size != tok.config.codebook_size:
+        raise UsageError(f"{generator.path} reads {gen.config.codebook_size} codes, {tokenizer.path} "
+                         f"writes {tok.config.codebook_size}")
+    text = caption_tokenizer(generator.path, generator.meta, gen.config.text.vocab_size)
+    return gen, tok, text

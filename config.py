@@ -146,11 +146,11 @@ def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTCon
         raise UsageError(f"unknown tokenizer {tokenizer!r}; choose one of {sorted(TOKENIZER_CONFIGS)}")
     vqgan = tokenizer == "vqgan"
     if name == "tiny":
-        model = (VQGANConfig(widths=(32, 64, 128), codebook_size=1024,
-                             code_dim=16) if vqgan else CViViTConfig(dim=128, spatial_depth=2,
-                                                                     temporal_depth=2, heads=4,
-                                                                     mlp=512, codebook_size=1024,
-                                                                     code_dim=16))
+        if vqgan:
+            model = VQGANConfig(widths=(32, 64, 128), codebook_size=1024, code_dim=16)
+        else:
+            model = CViViTConfig(dim=128, spatial_depth=2, temporal_depth=2, heads=4, mlp=512,
+                                 codebook_size=1024, code_dim=16)
         # the VQGAN is stable at 3e-4 but not at 1e-3 (its reconstructions fall back to grey). At
         # the end, near-copies of a code are folded into it: most of the VQGAN's 1024 codes are
         # black
@@ -158,19 +158,19 @@ def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTCon
         return model, TrainConfig(max_steps=8000, lr=lr, min_lr=min_lr, save_every=250,
                                   fold_cosine=0.95)
     if name == "base":
-        model = (VQGANConfig(widths=(64, 128, 256), res_blocks=2, codebook_size=4096,
-                             code_dim=32) if vqgan else CViViTConfig(dim=256, spatial_depth=4,
-                                                                     temporal_depth=4, heads=8,
-                                                                     mlp=1024, codebook_size=4096,
-                                                                     code_dim=32))
+        if vqgan:
+            model = VQGANConfig(widths=(64, 128, 256), res_blocks=2, codebook_size=4096, code_dim=32)
+        else:
+            model = CViViTConfig(dim=256, spatial_depth=4, temporal_depth=4, heads=8, mlp=1024,
+                                 codebook_size=4096, code_dim=32)
         return model, TrainConfig(image_size=128, batch_size=16, max_steps=100_000, lr=3e-4,
                                   min_lr=3e-5, warmup=2000, ema=0.999, gan_start=20_000, workers=8)
     if name == "paper":
-        model = (VQGANConfig(widths=(128, 256, 512), res_blocks=2, codebook_size=8192,
-                             code_dim=32) if vqgan else CViViTConfig(dim=512, spatial_depth=4,
-                                                                     temporal_depth=4, heads=8,
-                                                                     mlp=2048, codebook_size=8192,
-                                                                     code_dim=32))
+        if vqgan:
+            model = VQGANConfig(widths=(128, 256, 512), res_blocks=2, codebook_size=8192, code_dim=32)
+        else:
+            model = CViViTConfig(dim=512, spatial_depth=4, temporal_depth=4, heads=8, mlp=2048,
+                                 codebook_size=8192, code_dim=32)
         return model, TrainConfig(image_size=128, batch_size=8, max_steps=100_000, lr=1e-4,
                                   min_lr=1e-5, warmup=5000, grad_clip=10.0, ema=0.999,
                                   gan_start=10_000, workers=8)
@@ -194,8 +194,7 @@ def generator_preset(name: str) -> tuple[MaskGITConfig, TrainConfig]:
                             warmup=5000, weight_decay=0.045, ema=0.9999, cache_clips=1_000_000,
                             image_ratio=0.2, workers=8))
     if name == "paper":
-        text = TextEncoderConfig(vocab_size=32_000, dim=1024, depth=12, heads=16, mlp=4096,
-                                 max_len=64)
+        text = TextEncoderConfig(vocab_size=32_000, dim=1024, depth=12, heads=16, mlp=4096, max_len=64)
         return (MaskGITConfig(codebook_size=8192, grid=16, dim=2048, depth=24, heads=32, mlp=8192,
                               text=text),
                 TrainConfig(image_size=128, batch_size=16, max_steps=1_000_000, lr=1e-4,

@@ -79,14 +79,15 @@ def start(device_name: str, restarts: int) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def check_device(name: str) -> torch.device:
+def check_device(name: str, gpus: bool = True) -> torch.device:
     """--device as a torch.device this build of torch can use, or a UsageError before any work
-    starts."""
+    starts. gpus=False leaves the GPUs to check_gpus (under torchrun, one rank of each node says
+    what is missing)."""
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name}: not a device; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if gpus and device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {name}: phenaki runs on cpu or cuda")

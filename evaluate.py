@@ -220,8 +220,7 @@ def watch(model, text, tokenizer, watched: tuple, device: torch.device,
     data)."""
     world, specs, prompts = watched
     if world is not None:
-        videos, verdicts = sample_and_judge(model, text, tokenizer, world, specs, device, prompts,
-                                            **sampling)
+        videos, verdicts = sample_and_judge(model, text, tokenizer, world, specs, device, prompts, **sampling)
         return videos, shares(verdicts)
     ids, mask = text.encode(prompts, model.config.text.max_len)
     return tokenizer.decode(model.generate(ids.to(device), mask.to(device),
@@ -246,8 +245,7 @@ def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int
         # motion.py
         results |= motion_extras(model, text, tokenizer, EVAL_SEED, **sampling)
     else:
-        results |= shapes_long(model, text, tokenizer, rng, 10, keep_at_cut=world.KEEP_AT_CUT,
-                               **sampling)
+        results |= shapes_long(model, text, tokenizer, rng, 10, keep_at_cut=world.KEEP_AT_CUT, **sampling)
     return results | {"prompts": prompts, "stories": stories}
 
 

@@ -197,8 +197,7 @@ class MaskGIT(nn.Module):
             # continuation: the first k latent frames are given, as when a window is shifted
             real_frames = torch.full((B,), t, device=codes.device) if frames is None else frames  # (B,)
             keep = (torch.rand(B, device=codes.device) * (real_frames - 1)).floor().long() + 1  # (B,) in 1..t-1
-            keep = torch.where((torch.rand(B, device=codes.device) < prefix) & (real_frames > 1),
-                               keep, 0)
+            keep = torch.where((torch.rand(B, device=codes.device) < prefix) & (real_frames > 1), keep, 0)
             open_ = real & ~self.real_positions(keep, codes.shape)  # (B, N)
         ratio = mask_ratio(torch.rand(B, device=codes.device))  # (B,) share to mask, cosine schedule
         # at least one masked position per sample

@@ -74,10 +74,12 @@ def motion_probe(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tens
                     where = where & masked[:, 1:]
                     counts[kind, group] = counts.get((kind, group), 0) + where.sum().item()
                     for name, value in (("loss", ce), ("acc", hit.float())):
-                        sums[kind, group, name] = sums.get((kind, group, name),
-                                                           0.0) + value[where].sum().item()
-    return {f"probe_{kind}_{group}_{name}": v / max(counts[kind, group], 1) for (kind, group, name),
-            v in sums.items()}
+                        key = (kind, group, name)
+                        sums[key] = sums.get(key, 0.0) + value[where].sum().item()
+    figures = {}
+    for (kind, group, name), total in sums.items():
+        figures[f"probe_{kind}_{group}_{name}"] = total / max(counts[kind, group], 1)
+    return figures
 
 
 # the real clips the continuation test gives as context: never trained on
@@ -165,15 +167,15 @@ def code_following(tokenizer, clips: int = 64, seed: int = CONTINUE_SEED) -> dic
     t, h, w = a.shape[1:]
     # code places moved in a latent frame
     run, grid = (round(v * 10 / (t - 1) / (64 // w)) for v in (speed, 4.0))
+    # the first frame of each clip slid at the running speed, and at a whole code a latent frame
+    slid = _codes(tokenizer, np.stack([_slide(v[0], speed, 11) for v in real]))
+    on_grid = _codes(tokenizer, np.stack([_slide(v[0], 4.0, 11) for v in real]))
+    # codes of the far quadrant that change when only the pixels of the near corner do
+    far = a[:, 2:, h // 2:, w // 2:] != b[:, 2:, h // 2:, w // 2:]
     return {"follow_real": _following(a, run),
-            "follow_slid": _following(_codes(tokenizer,
-                                             np.stack([_slide(v[0], speed, 11) for v in real])),
-                                      run),
-            "follow_grid": _following(_codes(tokenizer,
-                                             np.stack([_slide(v[0], 4.0, 11) for v in real])),
-                                      grid),
-            "nonlocal": (a[:, 2:, h // 2:, w // 2:] != b[:, 2:, h // 2:,
-                                                         w // 2:]).float().mean().item()}
+            "follow_slid": _following(slid, run),
+            "follow_grid": _following(on_grid, grid),
+            "nonlocal": far.float().mean().item()}
 
 
 def watch_motion(model, text, tokenizer, held_out: tuple, data: str, device: torch.device,
@@ -193,5 +195,4 @@ def motion_extras(model, text, tokenizer, seed: int, clips: int = 128, **samplin
     codes, captions, _ = encode_clips(tokenizer, make_source("animals", 11, 64, seed), clips,
                                       torch.device("cpu"))
     ids, mask = text.encode(captions, model.config.text.max_len)
-    return motion_probe(model, codes, ids, mask) | continuation(model, text, tokenizer, 4, 3,
-                                                                seed + 30, **sampling)
+    return motion_probe(model, codes, ids, mask) | continuation(model, text, tokenizer, 4, 3, seed + 30, **sampling)

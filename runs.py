@@ -71,8 +71,7 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups_json: st
     for key, value in tensors.items():
         if key.startswith(prefix + "."):
             i, _, name = key[len(prefix) + 1:].partition(".")
-            if not i.isdigit() or int(i) >= len(params) or name not in ("step", "exp_avg",
-                                                                        "exp_avg_sq"):
+            if not i.isdigit() or int(i) >= len(params) or name not in ("step", "exp_avg", "exp_avg_sq"):
                 raise UsageError(f"{path}: {key[:60]} is no state of the {prefix} optimizer")
             p = params[int(i)]
             if name != "step" and list(value.shape) != list(p.shape):
@@ -297,7 +296,7 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     args.out = args.out or f"runs/stage{args.stage}-{args.tokenizer if args.stage == 1 else 'maskgit'}-{args.preset}"
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
-    check_device(args.device)
+    check_device(args.device, gpus="RANK" not in os.environ)
     # the saved configs when this command continues a run
     saved = resumed_run(args)
     check_inputs_outside(args.out, {"--tokenizer-checkpoint": args.tokenizer_checkpoint,

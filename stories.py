@@ -96,8 +96,7 @@ def animals_stories(model, text, tokenizer, rng, stories: int, batch_size: int,
             seen = [animals.judge(video[:, start:start + length]) for start,
                     length in ((0, window), (window, window - 1), (2 * window - 1, window - 1))]
             acted += [s["action"] == seg[b].action for s, seg in zip(seen, segments)]
-            kept += [all(s[k] == getattr(first[b], k) for k in ("species", "color",
-                                                                "scene")) for s in seen[1:]]
+            kept += [all(s[k] == getattr(first[b], k) for k in ("species", "color", "scene")) for s in seen[1:]]
     return {"story_action": float(np.mean(acted)), "story_kept": float(np.mean(kept))}
 
 
@@ -137,9 +136,10 @@ def shapes_long(model, text, tokenizer, rng, videos: int, frames: int = 101,
                "long_direction": float(np.mean(read or [0.0]))}
     # 11 + 9 x 10 = 101 frames
     segments = [window] + [window - 1] * 9
-    first = [dataclasses.replace(shapes.random_spec(rng),
-                                 direction=str(rng.choice(["left",
-                                                           "right"]))) for _ in range(videos)]
+    first = []
+    for _ in range(videos):
+        spec = shapes.random_spec(rng)
+        first.append(dataclasses.replace(spec, direction=str(rng.choice(["left", "right"]))))
     back = {"left": "right", "right": "left"}
     # ten segments, the direction turning at each cut
     turns = []
@@ -170,13 +170,11 @@ def animals_extras(model, text, tokenizer, rng, short: int, batch_size: int,
     specs = [animals.random_spec(rng) for _ in range(short)]
     # "a dog running": the rest drawn by the model
     prompts = [f"a {s.species} {s.action}" for s in specs]
-    seen = judged_in_batches(model, text, tokenizer, animals, specs, prompts, batch_size,
-                             **sampling)
+    seen = judged_in_batches(model, text, tokenizer, animals, specs, prompts, batch_size, **sampling)
     results = {"short_species": seen["species"], "short_action": seen["action"]}
     # 20 samples of one prompt
     ids, mask = text.encode(["a dog running"] * 20, model.config.text.max_len)
-    seen = [animals.judge(v) for v in tokenizer.decode(model.generate(ids, mask,
-                                                                      **sampling)).float()]
+    seen = [animals.judge(v) for v in tokenizer.decode(model.generate(ids, mask, **sampling)).float()]
     results["dog_running"] = float(np.mean([j["species"] == "dog" and j["action"] == "running" for j in seen]))
     # 30 s at 8 fps from one canonical prompt
     spec = animals.random_spec(rng)

@@ -237,8 +237,8 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
     tokenizer = load_tokenizer(args.tokenizer_checkpoint)[0].to(device)
     # the pairing; the window
     digest, t = file_digest(args.tokenizer_checkpoint), model_cfg.latent_frames
-    codes, captions, skipped_files = cache_codes(args.out, tokenizer, digest, cfg, source, rank,
-                                                 world, device)
+    cached = cache_codes(args.out, tokenizer, digest, cfg, source, rank, world, device)
+    codes, captions, skipped_files = cached
     # None: start afresh
     resume = load_train_state(getattr(args, "resume_from", None))
     # the caption tokenizer: restored on resume, else trained on the cached captions by rank 0 and
@@ -333,8 +333,7 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
                 # under FSDP every rank joins the all-gathers
                 model.eval()
                 if val_codes is not None:
-                    figures["val_loss"] = validation_loss(sampler, val_codes, val_ids, val_mask,
-                                                          cfg.seed)
+                    figures["val_loss"] = validation_loss(sampler, val_codes, val_ids, val_mask, cfg.seed)
                 # one clip for each watched prompt; in a world, its attributes read back by the
                 # judge
                 videos, verdicts = watch(sampler, text, tokenizer, watched, device,
@@ -425,8 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     # the exit code
     code = 0
     try:
-        (train_tokenizer if args.stage == 1 else train_generator)(args, model_cfg, cfg, sources,
-                                                                  rank, world, device)
+        (train_tokenizer if args.stage == 1 else train_generator)(args, model_cfg, cfg, sources, rank, world, device)
     except (UsageError, UnusableData, TrainingStopped, SystemExit) as err:
         # one line on stderr; 1 failed, 2 bad input, 128 + N a signal
         code = exit_code(err)

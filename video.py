@@ -227,8 +227,7 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None,
     one): unreadable, truncated, empty, video-less or too short files, frames above MAX_PIXELS, a
     first frame beyond MAX_LEAD. PyAV's errors are converted, since not all derive from OSError or
     ValueError."""
-    name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name",
-                                                                        "a file object")
+    name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "a file object")
     limit = frames or MAX_FRAMES + 1
     try:
         with av.open(src) as container:
@@ -288,8 +287,8 @@ class VideoWriter:
                            mode="edge")
         if self.container is None:
             self.container = av.open(self.part, "w", format="mp4" if mp4 else "gif")
-            self.stream = self.container.add_stream("libx264" if mp4 else "gif",
-                                                    rate=Fraction(self.fps).limit_denominator(1001))
+            rate = Fraction(self.fps).limit_denominator(1001)
+            self.stream = self.container.add_stream("libx264" if mp4 else "gif", rate=rate)
             self.stream.height, self.stream.width = video.shape[1:3]
             # the GIF encoder wants 8-bit colour: rgb8 is a fixed 3-3-2 palette that keeps the
             # Shapes colours exact, where pal8 would need a palette computed first
