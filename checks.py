@@ -312,13 +312,18 @@ def check_model(header: Header, stage: str) -> Checked:
     return Checked(kind, config, record)
 
 
-def check_pair(generator: Header, tokenizer: Header) -> tuple[Checked, Checked, CaptionTokenizer]:
-    """A generator and its tokenizer, each checked (check_model) and then together: the generator
-    reads the tokenizer's codes, on its grid, in the window it trained on (a file that asks for
-    more would sample for minutes where the pair takes seconds) -> both, and the caption
-    tokenizer the generator carries."""
+def check_pair(generator: Header, tokenizer: Header,
+               digest: str) -> tuple[Checked, Checked, CaptionTokenizer]:
+    """A generator and its tokenizer (whose file's sha256 is `digest`), each checked (check_model)
+    and then together: the generator was trained on that tokenizer, and reads its codes, on its
+    grid, in the window it trained on (a file that asks for more would sample for minutes where the
+    pair takes seconds) -> both, and the caption tokenizer the generator carries."""
     gen = check_model(generator, "2")
     tok = check_model(tokenizer, "1")
+    if digest != generator.meta.get("tokenizer_sha256"):
+        raise UsageError(f"{generator.path} was trained on another tokenizer than {tokenizer.path} "
+                         "(sha256 differs): pass --tokenizer-checkpoint with the stage-1 "
+                         "model.safetensors it was trained on")
     size = tok.record.image_size
     if gen.config.grid * GRID != size:
         raise UsageError(f"{generator.path} reads a grid of {gen.config.grid} x {gen.config.grid} "

@@ -129,6 +129,7 @@ def test_a_sparse_8_gb_caption_in_a_tar_shard_is_read_only_as_far_as_it_is_kept(
         assert os.path.getsize(folder / "shard-000.tar") < 1 << 20
         shards[name] = capped(f"from data import make_source\nsource = make_source({str(folder / 'shard-000.tar')!r}, "
                               "3, 32)\nresult['caption'] = source.items[0][1]")
+    print({name: run["peak_kb"] for name, run in shards.items()})  # for the record (pytest -s)
     assert shards["sparse"]["caption"].startswith("a dog running") and len(shards["sparse"]["caption"]) <= 1000
     assert shards["sparse"]["peak_kb"] <= 1.5 * shards["clean"]["peak_kb"]
 
@@ -163,6 +164,7 @@ def test_a_header_claiming_2_to_the_32_frames_reads_as_unknown_and_its_windows_s
                             f"source = make_source({str(folder)!r}, 3, 32)\n"
                             f"result['seconds'] = video_seconds({str(folder / 'clip.avi')!r})\n"
                             "result['windows'] = len(source.windows(1000))")
+    print({name: run["peak_kb"] for name, run in runs.items()})  # for the record (pytest -s)
     assert runs["claims"]["seconds"] == 0.0 and runs["clean"]["seconds"] > 0
     assert runs["claims"]["windows"] == 1
     assert runs["claims"]["peak_kb"] <= 1.5 * runs["clean"]["peak_kb"]
@@ -198,6 +200,7 @@ def test_a_tokenizer_recording_an_impossible_clip_is_refused_before_reconstructi
         runs[name] = capped(f"import sample\ntry:\n    sample.main(['--reconstruct', {clip!r}, '--out', {out!r}, "
                             f"'--tokenizer-checkpoint', {tokenizer!r}])\n    result['code'] = 0\n"
                             "except SystemExit as leave:\n    result['code'] = leave.code")
+    print({name: run["peak_kb"] for name, run in runs.items()})  # for the record (pytest -s)
     assert runs["clean"]["code"] == 0 and os.path.exists(tmp_path / "clean.png")
     crafted = runs["crafted"]
     assert crafted["code"] == 2 and crafted["stderr"].count("\n") == 1 and message in crafted["stderr"]
