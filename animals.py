@@ -116,8 +116,8 @@ WORDS = {"run": "running", "runs": "running", "walk": "walking", "walks": "walki
 
 
 def _phrase(obj: str, action: str, direction: str | None, scene: str | None) -> str:
-    """'a dog running to the right on the grass', 'an orange cat sitting, facing left' (the facing
-    last)."""
+    """'a dog running to the right on the grass', 'an orange cat sitting,
+    facing left' (the facing last)."""
     obj, where = f"an {obj}" if obj[0] in "aeiou" else f"a {obj}", f" {scene}" if scene else ""
     if action == "sitting":
         return f"{obj} sitting{where}" + (f", facing {direction}" if direction else "")
@@ -125,15 +125,15 @@ def _phrase(obj: str, action: str, direction: str | None, scene: str | None) -> 
 
 
 def caption(spec: AnimalSpec) -> str:
-    """The canonical caption: 'a brown dog running to the right on the grass', 'a cat sitting at
-    night, facing left'."""
+    """The canonical caption: 'a brown dog running to the right on the grass', 'a cat
+    sitting at night, facing left'."""
     return _phrase(f"{spec.color} {spec.species}", spec.action, spec.direction, spec.scene)
 
 
 def training_caption(spec: AnimalSpec, rng: np.random.Generator) -> str:
-    """Full (30%), short (45%: what people type, each optional attribute stated a third of the time)
-    or a paraphrase (25%), so that the text encoder reads the words and the renderer fills in the
-    rest."""
+    """Full (30%), short (45%: what people type, each optional attribute stated a third of
+    the time) or a paraphrase (25%), so that the text encoder reads the words and the
+    renderer fills in the rest."""
     u, keep = rng.random(), rng.random(3) < 1 / 3
     if u < 0.3:
         return caption(spec)
@@ -150,18 +150,18 @@ def training_caption(spec: AnimalSpec, rng: np.random.Generator) -> str:
 
 
 def story_caption(spec: AnimalSpec) -> str:
-    """How a story goes on into spec.action: 'the dog jumps', 'the bird flies away', 'the bird
-    lands'."""
+    """How a story goes on into spec.action: 'the dog jumps', 'the bird
+    flies away', 'the bird lands'."""
     return STORY[spec.action].format(spec.species).replace("bird sits down", "bird lands")
 
 
 def parse(text: str) -> dict[str, str]:
-    """The attributes a caption states: {species, color, action, direction, scene}, missing ones
-    absent."""
+    """The attributes a caption states: {species, color, action, direction,
+    scene}, missing ones absent."""
     words = [WORDS.get(w, w) for w in re.findall(r"[a-z]+", text.lower())]
-    found = {key: next((w for w in words if w in values), None) for key,
-             values in zip(("species", "color", "action", "direction", "scene"),
-                           (SPECIES, COLORS, MOTION, DIRECTIONS, SCENES))}
+    vocabulary = {"species": SPECIES, "color": COLORS, "action": MOTION, "direction": DIRECTIONS,
+                  "scene": SCENES}
+    found = {key: next((w for w in words if w in values), None) for key, values in vocabulary.items()}
     return {key: value for key, value in found.items() if value}
 
 
@@ -205,8 +205,8 @@ def _track(spec: AnimalSpec, frames: int, rng: np.random.Generator, start_action
 
 
 def _hash(seed: int, cells: np.ndarray, salt: int) -> np.ndarray:
-    """Uniform [0, 1), a fixed function of (seed, cell, salt), by splitmix64: the scenery at a world
-    position."""
+    """Uniform [0, 1), a fixed function of (seed, cell, salt), by splitmix64: the
+    scenery at a world position."""
     h = cells.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64((seed * 1000003 + salt) % 2 ** 63)
     for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
         h = (h ^ (h >> np.uint64(shift))) * np.uint64(mul)
@@ -214,8 +214,8 @@ def _hash(seed: int, cells: np.ndarray, salt: int) -> np.ndarray:
 
 
 def _backdrop(scene: str, size: int) -> np.ndarray:
-    """The still scene (H, W, 3) float: a sky graded to the horizon over a flat ground, on the beach
-    a sea between."""
+    """The still scene (H, W, 3) float: a sky graded to the horizon over a flat ground,
+    on the beach a sea between."""
     top, low, ground, _ = (np.array(c, np.float32) for c in SCENES[scene])
     y = (np.arange(size) + 0.5) / size * 64
     rows = np.where((y < HORIZON)[:, None], top + y[:, None] / HORIZON * (low - top), ground)  # (H, 3)
@@ -267,14 +267,20 @@ def _scenery(scene: str, frames: int, size: int, seed: int, cam: np.ndarray) -> 
     x0, y0, ph, v = (_hash(seed, n, 20 + j) for j in range(4))  # (12,) each
     twinkle = 0.3 + 0.4 * np.sin(2 * np.pi * (t / (4 + 6 * v) + ph)) ** 2  # (T, 12); dim, to be cheap to encode
     crest = 0.8 * np.clip(np.sin(2 * np.pi * (t / 10 + ph)), 0, 1)
-    dots = {  # (x, y, colour, opacity), each broadcast to (T, 12): stars one to a cell of a 6 x 2 grid, so
-        # that no two blur into one; flakes that fall and drift; wave crests, too faint for the
-        # judge
-        "at night": [((n % 6 * 64 / 6 + 2 + 6 * x0) * q, (2 + n // 6 * 14 + 11 * y0) * q, (255, 245, 200), twinkle)],
-        "in the snow": [(x0 * size + q * np.sin(t / 2 + 6 * ph), (y0 * BAND + (0.5 + 0.6 * v) * t) % BAND * q,
-                         (255, 255, 255), 0.9)],
-        "on the beach": [((x0 * 64 + 0.3 * t + dx) * q, (SEA + 1 + y0 * (HORIZON - SEA - 2)) * q, (70, 140, 205),
-                          crest) for dx in range(3)]}.get(scene, [])
+    # (x, y, colour, opacity), each broadcast to (T, 12): stars one to a cell of a 6 x 2 grid, so
+    # that no two blur into one; flakes that fall and drift; wave crests, too faint for the judge
+    dots = []
+    if scene == "at night":
+        xs = (n % 6 * 64 / 6 + 2 + 6 * x0) * q
+        ys = (2 + n // 6 * 14 + 11 * y0) * q
+        dots = [(xs, ys, (255, 245, 200), twinkle)]
+    elif scene == "in the snow":
+        xs = x0 * size + q * np.sin(t / 2 + 6 * ph)
+        ys = (y0 * BAND + (0.5 + 0.6 * v) * t) % BAND * q
+        dots = [(xs, ys, (255, 255, 255), 0.9)]
+    elif scene == "on the beach":
+        ys = (SEA + 1 + y0 * (HORIZON - SEA - 2)) * q
+        dots = [((x0 * 64 + 0.3 * t + dx) * q, ys, (70, 140, 205), crest) for dx in range(3)]
     for xs, ys, color, alpha in dots:
         # one-pixel dots at (T, N) positions, blended in
         xs, ys, alpha, tt = np.broadcast_arrays(xs, ys, alpha, t)
@@ -385,8 +391,8 @@ def judge(video) -> dict:
 
 
 def agreement(video, spec: AnimalSpec) -> dict[str, bool]:
-    """Does the video show what `spec` says? One verdict per attribute, by the judge, and
-    one_subject."""
+    """Does the video show what `spec` says? One verdict per attribute, by
+    the judge, and one_subject."""
     seen = judge(video)
     return {a: seen[a] == getattr(spec, a) for a in ("species", "color", "action", "direction", "scene")} | {
         "one_subject": seen["one_subject"]}
@@ -397,9 +403,9 @@ CODE_FILES = (__file__, sprites.__file__)
 
 
 class AnimalsSource:
-    """Clip k of the Animals world, from a generator seeded by (seed, k), like ShapesSource. A share
-    `stories` switches action early and is captioned with the story form of its last action ('the
-    dog jumps')."""
+    """Clip k of the Animals world, from a generator seeded by (seed, k), like ShapesSource. A
+    share `stories` switches action early and is captioned with the story form of its last
+    action ('the dog jumps')."""
 
     def __init__(self, frames: int = 11, size: int = 64, seed: int = 0, stories: float = 0.25):
         self.frames = frames

@@ -197,8 +197,8 @@ def build(name: str, device: torch.device) -> tuple:
 
 
 def import_peer():
-    """-> phenaki-pytorch's (cvivit module, phenaki module), with its unused heavy imports
-    stubbed."""
+    """-> phenaki-pytorch's (cvivit module, phenaki module), with its
+    unused heavy imports stubbed."""
     import importlib.machinery
     import types
 
@@ -229,8 +229,8 @@ def import_peer():
 
 
 def build_peer(name: str, device: torch.device) -> tuple:
-    """The peer's models on the same work as build(name): -> (function to time, clips, codes,
-    model)."""
+    """The peer's models on the same work as build(name): -> (function to
+    time, clips, codes, model)."""
     peer_cvivit, peer_phenaki = import_peer()
     torch.manual_seed(0)
     if name == "cvivit_train":
@@ -282,8 +282,8 @@ def bench_data(repeats: int) -> dict:
 
 
 def bench_long_video(frames: int, device: torch.device) -> dict:
-    """Frames per second of one streamed video from the shipped Shapes pair, and the process's peak
-    memory."""
+    """Frames per second of one streamed video from the shipped Shapes pair, and
+    the process's peak memory."""
     from checkpoint import load_generator, shipped
     from maskgit import stream_video
     model, text, tokenizer, _ = load_generator(shipped("shapes", "generator"),

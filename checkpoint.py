@@ -56,8 +56,8 @@ DEFAULT_WORLD = "animals"
 
 
 def shipped(world: str, kind: str) -> str:
-    """The shipped model of a world: checkpoints/<world>/<kind>.safetensors, kind tokenizer or
-    generator."""
+    """The shipped model of a world: checkpoints/<world>/<kind>.safetensors,
+    kind tokenizer or generator."""
     return os.path.join(SHIPPED, world, f"{kind}.safetensors")
 
 
@@ -140,11 +140,11 @@ def file_digest(path: str) -> str:
 
 
 def export_half(src: str, dst: str, tokenizer: str | None = None) -> None:
-    """Copy a model.safetensors with its floating-point tensors in fp16: how checkpoints/<world>/ is
-    made. A tokenizer's copy records the sha256 of the file it came from (exported_from_sha256). For
-    a generator, `tokenizer` names the exported tokenizer it will be paired with: the file it was
-    trained on, or that file's copy; its sha256 replaces the recorded one, which is kept as
-    `trained_on_sha256`."""
+    """Copy a model.safetensors with its floating-point tensors in fp16: how checkpoints/<world>/
+    is made. A tokenizer's copy records the sha256 of the file it came from
+    (exported_from_sha256). For a generator, `tokenizer` names the exported tokenizer it will be
+    paired with: the file it was trained on, or that file's copy; its sha256 replaces the recorded
+    one, which is kept as `trained_on_sha256`."""
     check_destination(dst, [src] + ([tokenizer] if tokenizer else []))
     meta, _ = read_header(src)
     if meta["stage"] == "1":
@@ -187,8 +187,8 @@ def generator_meta(config: MaskGITConfig, step: int, text: CaptionTokenizer,
 
 
 def tokenizer_config(kind: str, config_json: str, where: str = "the tokenizer"):
-    """A tokenizer's config of `kind` from its JSON, checked (JSON lists become the config's
-    tuples)."""
+    """A tokenizer's config of `kind` from its JSON, checked (JSON lists
+    become the config's tuples)."""
     if kind not in TOKENIZER_CONFIGS:
         raise UsageError(f"{where}: unknown tokenizer kind {str(kind)[:40]!r}")
     return checked_config(TOKENIZER_CONFIGS[kind], config_json, f"{where}: config",
@@ -223,10 +223,10 @@ def load_generator(path: str, tokenizer_path: str):
 
 def generator_config_for(tokenizer_path: str, model_cfg: MaskGITConfig, cfg: TrainConfig,
                          same_data: bool = False) -> MaskGITConfig:
-    """The generator's config fitted to the stage-1 checkpoint it will train behind: its vocabulary
-    must equal the codebook, and its window is the clip length and image size of stage 2. same_data:
-    refuse data other than the tokenizer's (stage 2 without --data would quietly train on the
-    preset's)."""
+    """The generator's config fitted to the stage-1 checkpoint it will train behind: its
+    vocabulary must equal the codebook, and its window is the clip length and image size of
+    stage 2. same_data: refuse data other than the tokenizer's (stage 2 without --data would
+    quietly train on the preset's)."""
     tokenizer, meta = load_tokenizer(tokenizer_path)
     K = tokenizer.quantizer.codebook.shape[0]
     if model_cfg.codebook_size != K:

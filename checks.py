@@ -42,9 +42,9 @@ PRESET_SCALE = 4
 
 
 def preset_bounds(configs: list) -> dict[str, float]:
-    """The bound of each numeric field of a config class: PRESET_SCALE times its largest value over
-    the presets `configs` (a tuple's largest element); a nested config's fields as
-    `text.<field>`."""
+    """The bound of each numeric field of a config class: PRESET_SCALE times its largest
+    value over the presets `configs` (a tuple's largest element); a nested config's
+    fields as `text.<field>`."""
     bounds: dict[str, float] = {}
     for config in configs:
         for f in dataclasses.fields(config):
@@ -69,8 +69,8 @@ def model_bounds(kind: str) -> dict[str, float]:
 
 
 def checked_value(value, default, name: str, bounds: dict[str, float] | None, where: str):
-    """One config field read from a file, checked against its dataclass default's type and its
-    bound."""
+    """One config field read from a file, checked against its dataclass
+    default's type and its bound."""
     def refuse(why: str):
         raise UsageError(f"{where}: {name} {why}, not {str(value)[:40]!r}")
     if dataclasses.is_dataclass(default):
@@ -103,8 +103,8 @@ def checked_value(value, default, name: str, bounds: dict[str, float] | None, wh
 
 
 def json_fields(text, where: str) -> dict:
-    """A config's fields from its JSON (or the dict already parsed): a JSON object, or a
-    UsageError."""
+    """A config's fields from its JSON (or the dict already parsed): a
+    JSON object, or a UsageError."""
     try:
         fields = json.loads(text) if isinstance(text, str) else text
     except (json.JSONDecodeError, RecursionError):
@@ -116,9 +116,9 @@ def json_fields(text, where: str) -> dict:
 
 
 def checked_config(cls, text, where: str, bounds: dict[str, float] | None = None):
-    """A config dataclass from its JSON (or the parsed dict), every field checked (checked_value):
-    known, of its type, positive, within `bounds` (None: the train config, whose sizes allocate
-    nothing)."""
+    """A config dataclass from its JSON (or the parsed dict), every field checked
+    (checked_value): known, of its type, positive, within `bounds` (None: the train config,
+    whose sizes allocate nothing)."""
     fields, defaults = json_fields(text, where), cls()
     unknown = [k for k in fields if k not in {f.name for f in dataclasses.fields(cls)}]
     if unknown:
@@ -171,9 +171,9 @@ def checked_train(text, where: str) -> TrainConfig:
 
 
 def train_record(text, where: str) -> TrainConfig:
-    """The train config a model file records, checked as checked_train does but for the fields this
-    version no longer has, which are left out: the record is read for the run's data, sizes and fps,
-    not resumed."""
+    """The train config a model file records, checked as checked_train does but for the fields
+    this version no longer has, which are left out: the record is read for the run's data,
+    sizes and fps, not resumed."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return checked_train({k: v for k, v in json_fields(text, where).items() if k in known}, where)
 
@@ -185,8 +185,8 @@ OPTIONAL = ("quantizer.alias",)
 
 
 def check_tensors(path: str, model: nn.Module, shapes: dict, prefix: str = "") -> None:
-    """The file's tensors (under `prefix`) must be the model's state dict: the same keys, shapes and
-    kinds."""
+    """The file's tensors (under `prefix`) must be the model's state dict: the
+    same keys, shapes and kinds."""
     expected = {prefix + k: v for k, v in model.state_dict().items()}
     mine = {k: v for k, v in shapes.items() if k.startswith(prefix)}
     for key in sorted(set(expected) | set(mine)):
@@ -226,8 +226,8 @@ def check_model_config(config, kind: str, where: str = "model config") -> None:
 
 
 def check_indices(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Integer tensors that index another must point inside it: a quantizer's alias names codes of
-    its book."""
+    """Integer tensors that index another must point inside it: a quantizer's
+    alias names codes of its book."""
     for key, value in tensors.items():
         if key.endswith("quantizer.alias"):
             size = tensors[key.removesuffix("alias") + "codebook"].shape[0]
@@ -236,8 +236,8 @@ def check_indices(path: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def caption_tokenizer(path: str, meta: dict[str, str], vocab_size: int) -> CaptionTokenizer:
-    """The caption tokenizer a generator file carries, read and checked against its text
-    vocabulary."""
+    """The caption tokenizer a generator file carries, read and checked
+    against its text vocabulary."""
     try:
         text = CaptionTokenizer.from_json(meta["text_tokenizer"])
     except Exception as err:

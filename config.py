@@ -46,8 +46,8 @@ EXIT_USAGE = 2
 
 
 class HelpWithDefaults(argparse.HelpFormatter):
-    """--help that shows each flag's default, where it has one and its help does not already say
-    it."""
+    """--help that shows each flag's default, where it has one and its
+    help does not already say it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -57,8 +57,8 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
 
 def exit_usage(err: Exception) -> None:
-    """Leave a script after a mistake in its command line or input: one line on stderr, no
-    traceback."""
+    """Leave a script after a mistake in its command line or input: one
+    line on stderr, no traceback."""
     print(f"error: {err}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
 
@@ -139,9 +139,9 @@ STAGE_OF_FIELD = {"restart_every": 1, "fold_cosine": 1, "gan_weight": 1, "gan_st
 
 
 def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTConfig, TrainConfig]:
-    """Stage-1 sizes. tiny: two CPU cores in under 45 minutes. base: one GPU. paper: the paper's
-    C-ViViT (4 + 4 layers, width 512, 8 heads, MLP 2048, 8192 codes of dim 32) and the seed's 43M
-    VQGAN."""
+    """Stage-1 sizes. tiny: two CPU cores in under 45 minutes. base: one GPU. paper: the
+    paper's C-ViViT (4 + 4 layers, width 512, 8 heads, MLP 2048, 8192 codes of dim 32)
+    and the seed's 43M VQGAN."""
     if tokenizer not in TOKENIZER_CONFIGS:
         raise UsageError(f"unknown tokenizer {tokenizer!r}; choose one of {sorted(TOKENIZER_CONFIGS)}")
     vqgan = tokenizer == "vqgan"
@@ -204,8 +204,8 @@ def generator_preset(name: str) -> tuple[MaskGITConfig, TrainConfig]:
 
 
 def parse_value(key: str, value: str, current: object) -> object:
-    """`value` as the type of the field's `current` value: a tuple from commas, a bool from
-    1/true/yes."""
+    """`value` as the type of the field's `current` value: a tuple from
+    commas, a bool from 1/true/yes."""
     if dataclasses.is_dataclass(current):
         raise UsageError(f"{key} is a group of fields: set {key}.<field>=... one at a time")
     try:
@@ -255,9 +255,9 @@ RESUMABLE = {"max_steps", "lr", "min_lr", "log_every", "image_every", "save_ever
 
 
 def resume_changes(saved: tuple, asked: tuple) -> list[str]:
-    """(model config, TrainConfig) as saved and as the resuming command asks -> a note for each
-    resumable train key that changes; any other change is a UsageError (the weights or the data
-    would not fit)."""
+    """(model config, TrainConfig) as saved and as the resuming command asks -> a note for
+    each resumable train key that changes; any other change is a UsageError (the weights
+    or the data would not fit)."""
     notes = []
     for prefix, old, new in (("model", saved[0], asked[0]), ("train", saved[1], asked[1])):
         for f in dataclasses.fields(old):

@@ -61,8 +61,8 @@ class CViViTConfig:
 
 
 def patchify(video: torch.Tensor, tt: int, p: int) -> torch.Tensor:
-    """(B, 3, T, H, W) -> (B, T/tt, H/p, W/p, 3*tt*p*p): non-overlapping tt x p x p cubes as
-    vectors."""
+    """(B, 3, T, H, W) -> (B, T/tt, H/p, W/p, 3*tt*p*p): non-overlapping tt
+    x p x p cubes as vectors."""
     B, C, T, H, W = video.shape
     x = video.reshape(B, C, T // tt, tt, H // p, p, W // p, p)
     x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # (B, t, h, w, C, tt, p, p)
@@ -104,14 +104,14 @@ class CViViT(nn.Module):
 
     @property
     def last_layer(self) -> torch.Tensor:
-        """The weight that makes most pixels: the adaptive GAN weight compares gradient norms
-        here."""
+        """The weight that makes most pixels: the adaptive GAN weight
+        compares gradient norms here."""
         return self.to_rest.weight
 
     def space_then_time(self, x: torch.Tensor, space: Transformer,
                         time: Transformer) -> torch.Tensor:
-        """Factorised attention over (B, t, h, w, D): first within frames, then causally across
-        them."""
+        """Factorised attention over (B, t, h, w, D): first within frames,
+        then causally across them."""
         B, t, h, w, D = x.shape
         # patches of one frame
         x = space(x.reshape(B * t, h * w, D)).view(B, t, h, w, D)

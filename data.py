@@ -54,8 +54,8 @@ CLIPS_PER_SECOND = 2
 
 
 def name_position(name: str) -> float:
-    """A file's place in [0, 1), from the sha1 of its name: the same on every machine, rank and
-    run."""
+    """A file's place in [0, 1), from the sha1 of its name: the same on
+    every machine, rank and run."""
     return int.from_bytes(hashlib.sha1(name.encode("utf-8", "replace")).digest()[:8], "big") / 2**64
 
 
@@ -72,12 +72,12 @@ def held_out(names: list[str]) -> list[bool]:
 
 
 class VideoFolderSource:
-    """A folder of videos, searched recursively; captions from captions.csv or label sub-folders
-    (root/label/clip.mp4, the Moments in Time layout). Clip k is position k % len of epoch k // len,
-    and each epoch visits every file once, shuffled by (seed, epoch); the clip's start time is drawn
-    from (seed, k), so the same k gives the same clip in any worker and after any resume. split:
-    "train" leaves out the held-out files (`held_out`), "val" keeps only them, "all" keeps every
-    file."""
+    """A folder of videos, searched recursively; captions from captions.csv or label
+    sub-folders (root/label/clip.mp4, the Moments in Time layout). Clip k is position k % len
+    of epoch k // len, and each epoch visits every file once, shuffled by (seed, epoch); the
+    clip's start time is drawn from (seed, k), so the same k gives the same clip in any worker
+    and after any resume. split: "train" leaves out the held-out files (`held_out`), "val"
+    keeps only them, "all" keeps every file."""
     exts = VIDEO_EXTS
 
     def __init__(self, root: str, frames: int = 11, size: int = 128, fps: float | None = 8.0,
@@ -103,14 +103,14 @@ class VideoFolderSource:
         self._epoch, self._order = -1, np.arange(0)
 
     def index_files(self, root: str) -> tuple[list, int]:
-        """[(file, caption)] of the data set and the entries dropped; subclasses index other
-        containers."""
+        """[(file, caption)] of the data set and the entries dropped;
+        subclasses index other containers."""
         items, dropped, self.layout = folder_items(Path(root), self.exts)
         return items, dropped
 
     def entry_name(self, entry) -> str:
-        """The name an entry is held out by: its path from the folder (../ or absolute rows of a
-        captions.csv too)."""
+        """The name an entry is held out by: its path from the folder (../ or absolute
+        rows of a captions.csv too)."""
         return Path(os.path.relpath(entry, self.root)).as_posix()
 
     def __len__(self) -> int:
@@ -137,13 +137,13 @@ class VideoFolderSource:
                           crop=self.crop), text
 
     def seconds(self, limit: int | None = None) -> list[float]:
-        """Each file's duration from its header (0 where unknown), of the first `limit` files or
-        all."""
+        """Each file's duration from its header (0 where unknown), of the
+        first `limit` files or all."""
         return [video_seconds(self.fetch(entry)) for entry, _ in self.items[:limit]]
 
     def summary(self, split: str) -> str:
-        """One line: what was found, how it is captioned, what is held out, and how long it
-        lasts."""
+        """One line: what was found, how it is captioned, what is held
+        out, and how long it lasts."""
         n, empty = len(self.items), sum(not text for _, text in self.items)
         kind = "images" if self.frames == 1 else "videos"
         line = f"data {self.name}: {n} {kind} for {split} ({self.layout}: {n - empty} captioned, {empty} empty)"
@@ -186,8 +186,8 @@ class VideoFolderSource:
 
 
 class WindowSource:
-    """Fixed windows of a VideoFolderSource's files: clip k is the window spots[k % len] (file,
-    start)."""
+    """Fixed windows of a VideoFolderSource's files: clip k is the window
+    spots[k % len] (file, start)."""
 
     def __init__(self, files: VideoFolderSource, spots: list[tuple[int, float]]):
         self.files = files
@@ -216,8 +216,8 @@ class ImageFolderSource(VideoFolderSource):
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """'shard-{000..002}.tar' -> ['shard-000.tar', 'shard-001.tar', 'shard-002.tar']; '{a,b}'
-    too."""
+    """'shard-{000..002}.tar' -> ['shard-000.tar', 'shard-001.tar',
+    'shard-002.tar']; '{a,b}' too."""
     match = re.search(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}", pattern)
     if match is None:
         return [pattern]

@@ -80,9 +80,9 @@ def start(device_name: str, restarts: int) -> tuple[int, int, torch.device]:
 
 
 def check_device(name: str, gpus: bool = True) -> torch.device:
-    """--device as a torch.device this build of torch can use, or a UsageError before any work
-    starts. gpus=False leaves the GPUs to check_gpus (under torchrun, one rank of each node says
-    what is missing)."""
+    """--device as a torch.device this build of torch can use, or a UsageError before any
+    work starts. gpus=False leaves the GPUs to check_gpus (under torchrun, one rank of each
+    node says what is missing)."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -116,18 +116,18 @@ def shard(root: nn.Module, device: torch.device) -> None:
 
 
 def compile_blocks(model: nn.Module) -> None:
-    """torch.compile where the work is: each transformer block of a generator (the unit FSDP shards
-    too), or a tokenizer's whole forward. In place: parameter names and checkpoints do not
-    change."""
+    """torch.compile where the work is: each transformer block of a generator (the unit
+    FSDP shards too), or a tokenizer's whole forward. In place: parameter names and
+    checkpoints do not change."""
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks if isinstance(model, MaskGIT) else [model]:
         block.compile()
 
 
 def grad_sync(module: nn.Module, last: bool):
-    """Gradient accumulation: DDP and FSDP average gradients across ranks on the `last` micro-step
-    of an optimizer step only; the earlier ones accumulate locally. -> a context for the
-    backward."""
+    """Gradient accumulation: DDP and FSDP average gradients across ranks on the `last`
+    micro-step of an optimizer step only; the earlier ones accumulate locally. -> a
+    context for the backward."""
     if isinstance(module, DDP):
         return contextlib.nullcontext() if last else module.no_sync()
     if hasattr(module, "set_requires_gradient_sync"):

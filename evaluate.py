@@ -130,8 +130,8 @@ def reconstruct(model, video: torch.Tensor, window: int) -> torch.Tensor:
 def held_out_source(data: str | None, trained: dict):
     """What a checkpoint is measured on: --data whole if given; else the run's held-out data (its
     --val-data, or the share of its files it never trained on, data.held_out), or its world at
-    EVAL_SEED. Read at the run's own clip length, size, fps and crop (`trained`, the checkpoint's
-    train_config)."""
+    EVAL_SEED. Read at the run's own clip length, size, fps and crop (`trained`, the
+    checkpoint's train_config)."""
     spec = data or trained.get("val_data") or trained.get("data", "shapes")
     split = "val" if not data and not trained.get("val_data") else "all"
     return make_source(spec, trained.get("frames", 11), trained.get("image_size", 64), EVAL_SEED,
@@ -196,9 +196,9 @@ def validation_loss(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.T
 
 
 def watch_list(data: str, captions: list[str], path: str | None = None, n: int = 8, seed: int = 0):
-    """What a run watches -> (world or None, specs, prompts): in a world, n random specs (judged);
-    on real data the lines of `path` (--watch-prompts), or else the first n different held-out
-    captions."""
+    """What a run watches -> (world or None, specs, prompts): in a world, n random specs
+    (judged); on real data the lines of `path` (--watch-prompts), or else the first n
+    different held-out captions."""
     if data in WORLDS:
         rng = np.random.default_rng([seed, 424242])
         specs = [WORLDS[data].random_spec(rng) for _ in range(n)]
@@ -216,8 +216,8 @@ def watch_list(data: str, captions: list[str], path: str | None = None, n: int =
 @torch.no_grad()
 def watch(model, text, tokenizer, watched: tuple, device: torch.device,
           **sampling) -> tuple[torch.Tensor, dict]:
-    """One clip per prompt of watch_list -> (videos (B, 3, T, H, W), the judge's shares; {} on real
-    data)."""
+    """One clip per prompt of watch_list -> (videos (B, 3, T, H, W), the judge's
+    shares; {} on real data)."""
     world, specs, prompts = watched
     if world is not None:
         videos, verdicts = sample_and_judge(model, text, tokenizer, world, specs, device, prompts, **sampling)
@@ -252,9 +252,9 @@ def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int
 @torch.no_grad()
 def evaluate_on_real_data(model, text, tokenizer, source, clips: int, grid: str, rows: int = 8,
                           **sampling) -> dict:
-    """A generator on held-out real clips: val_loss over `clips` of them, and `grid`, a PNG where
-    each of up to `rows` different captions has its (first) real clip above the generator's sample
-    of it."""
+    """A generator on held-out real clips: val_loss over `clips` of them, and `grid`, a PNG
+    where each of up to `rows` different captions has its (first) real clip above the
+    generator's sample of it."""
     codes, captions, videos = encode_clips(tokenizer, source, clips, torch.device("cpu"))
     ids, mask = text.encode(captions, model.config.text.max_len)
     results = {"val_loss": validation_loss(model, codes, ids, mask), "clips": len(codes)}

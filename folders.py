@@ -26,8 +26,8 @@ class UnusableData(ValueError):
 
 
 def say_skipped(what: str, why: object) -> None:
-    """One stderr line for one skipped file (warnings.warn prints two; FFmpeg messages may hold
-    newlines)."""
+    """One stderr line for one skipped file (warnings.warn prints two; FFmpeg
+    messages may hold newlines)."""
     print(f"skipped {what}: {' '.join(str(why).split())}", file=sys.stderr, flush=True)
 
 
@@ -44,9 +44,9 @@ def caption_table(root: Path) -> Path | None:
 
 
 def table_rows(root: Path, table: Path) -> list[list[str]]:
-    """The `path,caption` rows of a captions.csv, one row a line: a quote opened and never closed
-    is read to the end of its line (and said), never across the rows after it. A header row is
-    dropped."""
+    """The `path,caption` rows of a captions.csv, one row a line: a quote opened and
+    never closed is read to the end of its line (and said), never across the rows after
+    it. A header row is dropped."""
     # lift the csv module's 128 KiB field limit (process-wide), so a huge caption is cut, not fatal
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
     with open(table, newline="", encoding="utf-8-sig", errors="replace") as f:

@@ -101,8 +101,8 @@ CONTEXT_TEMPERATURE = 1.0
 
 
 def mask_ratio(r: torch.Tensor) -> torch.Tensor:
-    """MaskGIT's cosine schedule γ(r) = cos(πr/2): the share of positions still masked at progress
-    r."""
+    """MaskGIT's cosine schedule γ(r) = cos(πr/2): the share of positions
+    still masked at progress r."""
     return torch.cos(math.pi / 2 * r)
 
 
@@ -112,9 +112,9 @@ def gumbel(shape: tuple, generator: torch.Generator | None, device: torch.device
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One code from each row of probs (M, K) -> (M, 1), by inverse CDF: the first code whose
-    cumulative share passes a uniform u. The same distribution as torch.multinomial, several times
-    faster on a CPU."""
+    """One code from each row of probs (M, K) -> (M, 1), by inverse CDF: the first code
+    whose cumulative share passes a uniform u. The same distribution as torch.multinomial,
+    several times faster on a CPU."""
     cdf = probs.cumsum(-1)  # (M, K)
     # total may be 1 - ε
     u = torch.rand(len(cdf), 1, generator=generator, device=probs.device) * cdf[:, -1:]
@@ -164,8 +164,8 @@ class MaskGIT(nn.Module):
 
     def predict(self, tokens: torch.Tensor, ids: torch.Tensor,
                 text_mask: torch.Tensor) -> torch.Tensor:
-        """Logits for tokens (B, t, h, w) under captions ids, text_mask (B, L) -> (B, t, h, w,
-        K)."""
+        """Logits for tokens (B, t, h, w) under captions ids, text_mask
+        (B, L) -> (B, t, h, w, K)."""
         return self(tokens, self.encode_text(ids, text_mask), text_mask)
 
     @staticmethod
@@ -212,12 +212,12 @@ class MaskGIT(nn.Module):
     def loss(self, codes: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor,
              frames: torch.Tensor | None = None, motion_weight: float = 1.0,
              prefix: float = 0.0) -> torch.Tensor:
-        """codes (B, t, h, w) long; ids, text_mask (B, L); frames (B,) real latent frames or None
-        (all); prefix: the share of samples masked as continuations (mask_positions). Returns the
-        mean cross-entropy over the masked positions only. With motion_weight > 1 a code that
-        differs from the one at its place in the latent frame before counts that many times: in a
-        video most codes repeat the frame before, and a plain mean lets them outvote the few that
-        move."""
+        """codes (B, t, h, w) long; ids, text_mask (B, L); frames (B,) real latent frames or
+        None (all); prefix: the share of samples masked as continuations (mask_positions).
+        Returns the mean cross-entropy over the masked positions only. With motion_weight > 1 a
+        code that differs from the one at its place in the latent frame before counts that many
+        times: in a video most codes repeat the frame before, and a plain mean lets them
+        outvote the few that move."""
         tokens, masked = self.mask_positions(codes, frames, prefix)
         ids, text_mask = self.drop_captions(ids, text_mask)
         logits = self(tokens, self.encode_text(ids, text_mask), text_mask, frames)  # (B, t, h, w, K)
@@ -249,10 +249,10 @@ class MaskGIT(nn.Module):
                  given: torch.Tensor | None = None, steps: int = STEPS, cfg: float = CFG,
                  temperature: float = TEMPERATURE, generator: torch.Generator | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Captions ids, text_mask (B, L) -> codes (B, t, h, w). `given` (B, t', h, w) holds known
-        codes and -1 where a code is to be generated; t' may be shorter than the window. None:
-        generate all. `steps` is for a whole window; one with known codes takes proportionally fewer
-        (window_steps)."""
+        """Captions ids, text_mask (B, L) -> codes (B, t, h, w). `given` (B, t', h, w) holds
+        known codes and -1 where a code is to be generated; t' may be shorter than the window.
+        None: generate all. `steps` is for a whole window; one with known codes takes
+        proportionally fewer (window_steps)."""
         c = self.config
         B, device = ids.shape[0], ids.device
         if given is None:
@@ -307,9 +307,9 @@ def rotary_angles(t: int, h: int, w: int, head_dim: int, device: torch.device) -
 
 
 def window_steps(steps: int, unknown: int, positions: int) -> int:
-    """Decoding steps for a window with `unknown` of its `positions` codes to generate: `steps` for
-    a whole window, proportionally fewer for a continuation (the same number of codes decided per
-    step)."""
+    """Decoding steps for a window with `unknown` of its `positions` codes to generate:
+    `steps` for a whole window, proportionally fewer for a continuation (the same number
+    of codes decided per step)."""
     return max(1, math.ceil(steps * unknown / positions))
 
 

@@ -132,9 +132,9 @@ def _codes(tokenizer, videos: np.ndarray) -> torch.Tensor:
 
 
 def _following(codes: torch.Tensor, d: int) -> float:
-    """The share of bottom-row codes (latent frames 2.., inner columns) of codes (N, t, h, w) that
-    repeat the code d places to the right one latent frame before: where a picture moving left by d
-    codes came from."""
+    """The share of bottom-row codes (latent frames 2.., inner columns) of codes (N, t, h, w)
+    that repeat the code d places to the right one latent frame before: where a picture moving
+    left by d codes came from."""
     bottom, w = codes[:, :, -1], codes.shape[-1]  # (N, t, w): the bottom code row, below every subject's feet
     # frame 0 is coded alone, so from 2
     now, before = bottom[:, 2:, 1:w - 1 - d], bottom[:, 1:-1, 1 + d:w - 1]
@@ -189,9 +189,9 @@ def watch_motion(model, text, tokenizer, held_out: tuple, data: str, device: tor
 
 
 def motion_extras(model, text, tokenizer, seed: int, clips: int = 128, **sampling) -> dict[str, float]:
-    """The motion probe on `clips` Animals clips of `seed` and the continuation of 4 real clips per
-    action (of another seed derived from it): how things move, beside what the judge reads of single
-    prompts."""
+    """The motion probe on `clips` Animals clips of `seed` and the continuation of 4 real
+    clips per action (of another seed derived from it): how things move, beside what the
+    judge reads of single prompts."""
     codes, captions, _ = encode_clips(tokenizer, make_source("animals", 11, 64, seed), clips,
                                       torch.device("cpu"))
     ids, mask = text.encode(captions, model.config.text.max_len)

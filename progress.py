@@ -75,9 +75,9 @@ class Progress:
 
 
 class RunLog:
-    """log.jsonl, loss.png and sample grids in a run's folder; `history` holds the records so far,
-    those of the run's earlier sessions too (up to `start`, the step a resumed run continues
-    from)."""
+    """log.jsonl, loss.png and sample grids in a run's folder; `history` holds the
+    records so far, those of the run's earlier sessions too (up to `start`, the step a
+    resumed run continues from)."""
 
     def __init__(self, out: str, start: int = 0):
         self.out, self.history = out, []
@@ -100,8 +100,8 @@ class RunLog:
                   file=sys.stderr)
 
     def plot(self, keys: tuple[str, ...]) -> None:
-        """loss.png: the curves of `keys` over the whole run, losses on a log scale, PSNR on an axis
-        of its own."""
+        """loss.png: the curves of `keys` over the whole run, losses on a log scale,
+        PSNR on an axis of its own."""
         import matplotlib
         # files only, no window
         matplotlib.use("Agg")
@@ -129,8 +129,8 @@ class RunLog:
             plt.close(fig)
 
     def grid(self, videos: torch.Tensor, name: str, labels: list[str] | None = None) -> None:
-        """`name`: videos (B, 3, T, H, W) as a grid of frames, one clip a row (each under its label,
-        if given)."""
+        """`name`: videos (B, 3, T, H, W) as a grid of frames, one clip a row (each
+        under its label, if given)."""
         try:
             write_grid(os.path.join(self.out, name), videos, labels)
         except OSError as err:
@@ -139,8 +139,8 @@ class RunLog:
 
 def write_grid(path: str, videos: torch.Tensor, labels: list[str] | None = None) -> None:
     """A PNG of videos (B, 3, T, H, W) in [-1, 1], one clip a row, frames left to right; with
-    `labels`, each row under its caption, drawn by matplotlib with the frames enlarged so that the
-    text stays small."""
+    `labels`, each row under its caption, drawn by matplotlib with the frames enlarged so
+    that the text stays small."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -38,10 +38,10 @@ from video import same_file
 
 
 def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
-    """Under FSDP a state dict holds shards (DTensors): gather each into the full tensor, on the
-    CPU. A collective: every rank calls it, in the same order, but only a rank that will write
-    (`keep`) holds on to the result, one tensor at a time being gathered. Plain tensors pass
-    through."""
+    """Under FSDP a state dict holds shards (DTensors): gather each into the full tensor,
+    on the CPU. A collective: every rank calls it, in the same order, but only a rank
+    that will write (`keep`) holds on to the result, one tensor at a time being gathered.
+    Plain tensors pass through."""
     out = {}
     for k, v in tensors.items():
         full = v.full_tensor() if isinstance(v, DTensor) else v
@@ -162,18 +162,18 @@ def resume_point(out: str) -> tuple[str | None, dict[str, str], list[str]]:
 
 
 def saved_configs(meta: dict[str, str], where: str = "the saved run") -> tuple[object, TrainConfig]:
-    """The model and train configs a run saved with its checkpoint, checked -> (model config,
-    TrainConfig)."""
+    """The model and train configs a run saved with its checkpoint, checked ->
+    (model config, TrainConfig)."""
     model_cfg = (checked_config(MaskGITConfig, meta.get("config"), f"{where}: config", model_bounds("maskgit"))
                  if meta.get("stage") == "2" else tokenizer_config(meta.get("kind"), meta.get("config"), where))
     return model_cfg, checked_train(meta.get("train_config"), f"{where}: train_config")
 
 
 def resumed_run(args) -> tuple | None:
-    """Whether this command may use --out, and what it continues there: -> the saved (model config,
-    TrainConfig) when it resumes a run that saved them, None for a fresh start (or an older run,
-    whose configs come from the flags as before). A fresh start in a folder that holds a run needs
-    --force."""
+    """Whether this command may use --out, and what it continues there: -> the saved (model
+    config, TrainConfig) when it resumes a run that saved them, None for a fresh start (or an
+    older run, whose configs come from the flags as before). A fresh start in a folder that
+    holds a run needs --force."""
     meta = saved_run(args.out)
     # torchrun resumes by itself
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -219,8 +219,8 @@ RUN_FILES = ("model.safetensors", "train_state.safetensors", "log.jsonl")
 
 
 def run_paths(out: str) -> list[str]:
-    """The files a run in `out` writes and --force removes: RUN_FILES and the `.prev` copy kept
-    beside each."""
+    """The files a run in `out` writes and --force removes: RUN_FILES and the
+    `.prev` copy kept beside each."""
     paths = []
     for name in RUN_FILES:
         paths += [os.path.join(out, name), os.path.join(out, name) + ".prev"]
@@ -280,8 +280,8 @@ def restore_modules(tensors: dict, modules: dict[str, nn.Module],
 
 def restore_optimizers(tensors: dict, meta: dict[str, str], opts: dict[str, torch.optim.Optimizer],
                        path: str = "the train state") -> int:
-    """The optimizer states of save_run's train state (after sharding, if any) -> the step to
-    continue from."""
+    """The optimizer states of save_run's train state (after sharding, if any) ->
+    the step to continue from."""
     for name, opt in opts.items():
         if f"{name}_groups" not in meta:
             raise UsageError(f"{path}: the {name} optimizer's groups are missing")

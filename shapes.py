@@ -175,8 +175,8 @@ def _grow(mask: np.ndarray) -> np.ndarray:
 
 
 def _solid(blob: np.ndarray) -> np.ndarray:
-    """A grown blob (H, W) bool, holes filled, shrunk back: whole where only the outline shows
-    (white on snow)."""
+    """A grown blob (H, W) bool, holes filled, shrunk back: whole where only the
+    outline shows (white on snow)."""
     ys, xs = np.nonzero(blob)
     box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
     wall, outside = np.pad(blob[box], 1), np.pad(np.zeros_like(blob[box]), 1, constant_values=True)
@@ -280,11 +280,11 @@ def agreement(video, spec: ShapeSpec) -> dict[str, bool]:
 
 
 class ShapesSource:
-    """Clip k of the Shapes world, rendered from a generator seeded by (seed, k): the same k always
-    gives the same clip, so a resumed run can start anywhere. The world has no end. An `edges` share
-    of the moving objects enter or leave the canvas (half each), under the same captions: real
-    videos have things come and go, and it teaches a long video what happens at the edge (README,
-    any length)."""
+    """Clip k of the Shapes world, rendered from a generator seeded by (seed, k): the same k
+    always gives the same clip, so a resumed run can start anywhere. The world has no end. An
+    `edges` share of the moving objects enter or leave the canvas (half each), under the same
+    captions: real videos have things come and go, and it teaches a long video what happens at the
+    edge (README, any length)."""
 
     def __init__(self, frames: int = 11, size: int = 64, seed: int = 0, paraphrases: bool = True,
                  edges: float = EDGES):

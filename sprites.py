@@ -39,9 +39,9 @@ TAIL = {"horse": ((-1 - 2j, -4 + 6j, 1.7, 1.2), (-1 + 0j, -7 + 3j)),
 
 
 def _quadruped(species: str, tr: dict) -> tuple[list, list]:
-    """Capsules (start, end, r0, r1) of a four-legged subject facing right, origin on the ground
-    under the body, y down, with ends (T,) over frames; and its marks (eye, mane) in the same
-    form."""
+    """Capsules (start, end, r0, r1) of a four-legged subject facing right, origin on
+    the ground under the body, y down, with ends (T,) over frames; and its marks
+    (eye, mane) in the same form."""
     (L, R, leg, r_hip, r_foot), s = BODY[species], tr["sit"]
 
     def mix(stand, sitting):
@@ -73,8 +73,8 @@ def _quadruped(species: str, tr: dict) -> tuple[list, list]:
 
 
 def _bird(tr: dict) -> tuple[list, list]:
-    """The bird's capsules and eye, as _quadruped: the wing flaps in the air, the legs show when
-    perched."""
+    """The bird's capsules and eye, as _quadruped: the wing flaps in the air,
+    the legs show when perched."""
     # 1 once off the ground
     fly = np.clip(tr["alt"] / 10, 0, 1)
     flap = np.cos(2 * np.pi * tr["phase"]) * fly
@@ -89,8 +89,8 @@ def _bird(tr: dict) -> tuple[list, list]:
 
 
 def capsule_distance(p: np.ndarray, caps: list) -> np.ndarray:
-    """Signed distance from points p (complex) to a union of tapered capsules: a pixel's coverage is
-    0.5 - it."""
+    """Signed distance from points p (complex) to a union of tapered capsules: a
+    pixel's coverage is 0.5 - it."""
     out = np.full(p.shape, np.inf, dtype=np.float32)
     for a, b, r0, r1 in caps:
         d, e = p - a, b - a
@@ -100,8 +100,8 @@ def capsule_distance(p: np.ndarray, caps: list) -> np.ndarray:
 
 
 def draw_subject(video: np.ndarray, spec, tr: dict, color: tuple, ground: float) -> None:
-    """Draw the subject into video (T, H, W, 3) float, in place, centred; only a box around it is
-    computed."""
+    """Draw the subject into video (T, H, W, 3) float, in place, centred; only a
+    box around it is computed."""
     (T, H, W, _), flip = video.shape, -1 if spec.direction == "left" else 1
     q = W / 64 * SCALE[spec.species]
 

@@ -45,10 +45,10 @@ DECAYED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def adamw(model: nn.Module, cfg: TrainConfig, beta1: float = 0.9) -> torch.optim.AdamW:
-    """AdamW with weight decay on the weight matrices of linear and conv layers only (group 0), as
-    the references do: not on biases, norms, embeddings, position tables, [MASK], the learned first
-    frame or the codebook (group 1), which decay would pull toward zero for no gain in
-    generalisation."""
+    """AdamW with weight decay on the weight matrices of linear and conv layers only (group
+    0), as the references do: not on biases, norms, embeddings, position tables, [MASK],
+    the learned first frame or the codebook (group 1), which decay would pull toward zero
+    for no gain in generalisation."""
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, DECAYED)}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": cfg.weight_decay},
@@ -99,8 +99,8 @@ class Steps:
         self.progress, self.log = Progress(cfg.max_steps, "step", start=step), RunLog(out, start=step)
 
     def begin(self, opts: list[torch.optim.Optimizer]) -> torch.Generator:
-        """Seed this step's draws from (seed, rank, step) and set the lr -> a generator for batch
-        picks."""
+        """Seed this step's draws from (seed, rank, step) and set the lr -> a
+        generator for batch picks."""
         seed = step_seed(self.cfg.seed, self.rank, self.step)
         torch.manual_seed(seed)
         for opt in opts:

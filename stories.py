@@ -93,8 +93,8 @@ def animals_stories(model, text, tokenizer, rng, stories: int, batch_size: int,
                             **sampling).float()
         for b, video in enumerate(videos):
             # segments of 11, 10 and 10 frames
-            seen = [animals.judge(video[:, start:start + length]) for start,
-                    length in ((0, window), (window, window - 1), (2 * window - 1, window - 1))]
+            cuts = ((0, window), (window, window - 1), (2 * window - 1, window - 1))
+            seen = [animals.judge(video[:, start:start + length]) for start, length in cuts]
             acted += [s["action"] == seg[b].action for s, seg in zip(seen, segments)]
             kept += [all(s[k] == getattr(first[b], k) for k in ("species", "color", "scene")) for s in seen[1:]]
     return {"story_action": float(np.mean(acted)), "story_kept": float(np.mean(kept))}
@@ -102,13 +102,13 @@ def animals_stories(model, text, tokenizer, rng, stories: int, batch_size: int,
 
 def shapes_long(model, text, tokenizer, rng, videos: int, frames: int = 101,
                 **sampling) -> dict[str, float]:
-    """101-frame Shapes videos, `videos` of each kind (one batch): one prompt moving right, which
-    has to meet the edge (long_two_objects and long_partial: the share of frames with two or more
-    objects, and with less than the whole object lit: cut by the edge, or fragments; long_direction:
-    of the 11-frame windows that show a whole object, the share whose path reads right), and a
-    ten-segment story alternating left and right (long_story_direction per segment,
-    long_story_one_object per frame, long_story_kept: the last segment's colour and shape are the
-    first's)."""
+    """101-frame Shapes videos, `videos` of each kind (one batch): one prompt moving right,
+    which has to meet the edge (long_two_objects and long_partial: the share of frames with
+    two or more objects, and with less than the whole object lit: cut by the edge, or
+    fragments; long_direction: of the 11-frame windows that show a whole object, the share
+    whose path reads right), and a ten-segment story alternating left and right
+    (long_story_direction per segment, long_story_one_object per frame, long_story_kept: the
+    last segment's colour and shape are the first's)."""
     window = 1 + 2 * (model.config.latent_frames - 1)
     specs = [dataclasses.replace(shapes.random_spec(rng), direction="right") for _ in range(videos)]
     prompt = text.encode([shapes.caption(s) for s in specs], model.config.text.max_len)

@@ -85,8 +85,8 @@ class ClipStream(IterableDataset):
                            f"the last with: {last}")
 
     def batch(self, b: int) -> dict:
-        """{"video": (B, 3, T, H, W) in [-1, 1], "caption": [B str], "skipped": files skipped for
-        it}."""
+        """{"video": (B, 3, T, H, W) in [-1, 1], "caption": [B str],
+        "skipped": files skipped for it}."""
         before = self.skipped
         clips = [self.clip(j) for j in range(b * self.batch_size, (b + 1) * self.batch_size)]
         video = torch.from_numpy(np.stack([v for v, _ in clips]))  # (B, T, H, W, 3) uint8
@@ -119,9 +119,9 @@ def encode_clips(tokenizer, source, clips: int, device: torch.device, batch_size
 
 
 def held_out(read, master: bool = True):
-    """read() the held-out clips, or None with one line when none of them loads: the run trains on,
-    without the val_ figures (a folder whose held-out share is all broken files would otherwise stop
-    here)."""
+    """read() the held-out clips, or None with one line when none of them loads: the run
+    trains on, without the val_ figures (a folder whose held-out share is all broken files
+    would otherwise stop here)."""
     try:
         return read()
     except UnusableData as err:
@@ -139,10 +139,10 @@ def cache_shard(folder: str, rank: int, world: int) -> str:
 
 def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, rank: int,
                       world: int, key: str, on_batch=None) -> None:
-    """Encode this rank's share of `clips` clips with `encode` (video (B, 3, T, H, W) -> codes (B,
-    t, h, w)) into one shard. `key` names what made the cache (tokenizer hash, data, sizes); a shard
-    whose key differs is rebuilt. Written atomically, so an interrupted build is redone, never
-    half-read."""
+    """Encode this rank's share of `clips` clips with `encode` (video (B, 3, T, H, W) -> codes
+    (B, t, h, w)) into one shard. `key` names what made the cache (tokenizer hash, data,
+    sizes); a shard whose key differs is rebuilt. Written atomically, so an interrupted build
+    is redone, never half-read."""
     path = cache_shard(folder, rank, world)
     if os.path.exists(path):
         try:
@@ -170,8 +170,8 @@ def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, 
 
 
 def load_token_cache(folder: str, world: int, key: str) -> tuple[torch.Tensor, list[str], int]:
-    """All shards of a cache -> codes (N, t, h, w) long, N captions, and the files skipped building
-    it."""
+    """All shards of a cache -> codes (N, t, h, w) long, N captions, and the
+    files skipped building it."""
     codes = []
     captions = []
     skipped = 0
@@ -193,8 +193,8 @@ def load_token_cache(folder: str, world: int, key: str) -> tuple[torch.Tensor, l
 
 
 def file_stamp(entry) -> list[int]:
-    """[size, modification time in ns] of the file an entry reads (a tar member: its shard); [] if
-    it is gone."""
+    """[size, modification time in ns] of the file an entry reads (a tar member: its
+    shard); [] if it is gone."""
     path = entry[0] if isinstance(entry, tuple) else entry
     try:
         stat = os.stat(path)
@@ -205,9 +205,9 @@ def file_stamp(entry) -> list[int]:
 
 def content_digest(source) -> str:
     """sha256 of what a source's clips and captions are made from, for stage 2's cache key: a
-    world's module (its renderer, captions and settings: shapes.EDGES, the Animals story share), or
-    a real data set's entries and their captions (captions.csv, label folders, tar .txt). An edit to
-    any changes the key."""
+    world's module (its renderer, captions and settings: shapes.EDGES, the Animals story share),
+    or a real data set's entries and their captions (captions.csv, label folders, tar .txt). An
+    edit to any changes the key."""
     h = hashlib.sha256()
     if hasattr(source, "items"):
         # each file's size and modification time too: a video re-encoded under its old name makes

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 
 
 def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding: x (..., N, hd) with its halves taken as hd/2 pairs (x_i, x_{i +
-    hd/2}), each turned by its angle (N, hd/2). A pair turned by a at one position and by b at
-    another has the same dot product as one turned by a - b against one not turned: the logit sees
-    only the offset."""
+    """Rotary position embedding: x (..., N, hd) with its halves taken as hd/2 pairs (x_i, x_{i
+    + hd/2}), each turned by its angle (N, hd/2). A pair turned by a at one position and by b
+    at another has the same dot product as one turned by a - b against one not turned: the
+    logit sees only the offset."""
     x1, x2 = x.chunk(2, dim=-1)  # (..., N, hd/2) each
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (..., N, hd)
@@ -124,9 +124,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 angles: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, D) -> (B, N, D); mask (B, N) marks the real tokens of x (None: all are); angles
-        (N, hd/2) rotary positions for self attention; context (B, L, Dc) and context_mask (B, L)
-        for cross attention."""
+        """x (B, N, D) -> (B, N, D); mask (B, N) marks the real tokens of x (None: all are);
+        angles (N, hd/2) rotary positions for self attention; context (B, L, Dc) and context_mask
+        (B, L) for cross attention."""
         x = x + self.attn(self.ln_attn(x), mask=mask, angles=angles)
         if self.cross is not None:
             x = x + self.cross(self.ln_cross(x), context, context_mask)

@@ -89,10 +89,10 @@ def _fit(width: int, height: int, size: int | None, crop: str = "center") -> tup
 
 
 def _orientation(frame: av.VideoFrame) -> tuple[bool, int]:
-    """How a frame is shown -> (mirrored left to right first, then clockwise quarter turns), from
-    its display matrix [[a, b], [c, d]], which maps a stored pixel (x, y) to (a x + c y, b x + d y)
-    on screen. Phones store a rotation there; a mirror (a d - b c < 0) is a left-right flip followed
-    by a rotation."""
+    """How a frame is shown -> (mirrored left to right first, then clockwise quarter turns),
+    from its display matrix [[a, b], [c, d]], which maps a stored pixel (x, y) to (a x + c y, b
+    x + d y) on screen. Phones store a rotation there; a mirror (a d - b c < 0) is a left-right
+    flip followed by a rotation."""
     # Not frame.side_data: the frame caches that container, which points back at the frame, and the
     # cycle leaves the frame to the garbage collector; collected after a fork, it crashed DataLoader
     # workers. A container of our own is freed with the frame, by reference counting.
@@ -177,10 +177,10 @@ def _pick(container, stream, fps: float | None, start: float):
 
 
 def _seconds(container, stream) -> float:
-    """The video stream's duration in seconds: its header's, else where its last frame ends (MKV and
-    WebM give no stream duration, and the container's counts the audio too, which may run on for
-    longer). The packets after a seek near the end are read, none decoded, and the container is
-    rewound. 0: unknown."""
+    """The video stream's duration in seconds: its header's, else where its last frame ends
+    (MKV and WebM give no stream duration, and the container's counts the audio too, which may
+    run on for longer). The packets after a seek near the end are read, none decoded, and the
+    container is rewound. 0: unknown."""
     if stream.duration:
         return float(stream.duration * stream.time_base)
     if not container.duration:
@@ -223,10 +223,10 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None,
     size: made a size x size square, by `crop` ("center": short side resized, the centre cut out;
     "pad": long side resized, black bars above and below or at the sides).  fps: resample by
     timestamp. start: seconds to skip; with `rng`, the start is drawn uniformly over where a full
-    clip fits. Every failure is a ValueError naming the file (a file object by its `name`, if it has
-    one): unreadable, truncated, empty, video-less or too short files, frames above MAX_PIXELS, a
-    first frame beyond MAX_LEAD. PyAV's errors are converted, since not all derive from OSError or
-    ValueError."""
+    clip fits. Every failure is a ValueError naming the file (a file object by its `name`, if it
+    has one): unreadable, truncated, empty, video-less or too short files, frames above
+    MAX_PIXELS, a first frame beyond MAX_LEAD. PyAV's errors are converted, since not all derive
+    from OSError or ValueError."""
     name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "a file object")
     limit = frames or MAX_FRAMES + 1
     try:
@@ -359,8 +359,8 @@ def save_grid(path: str, frames: np.ndarray, columns: int = 11) -> None:
 
 
 def save_output(path: str, video: torch.Tensor, fps: float = 8, scale: int = 1) -> None:
-    """Write a whole video (3, T, H, W) in [-1, 1] as .mp4 / .gif, or as a .png grid of its
-    frames."""
+    """Write a whole video (3, T, H, W) in [-1, 1] as .mp4 / .gif, or as
+    a .png grid of its frames."""
     frames = scaled_frames(video, scale)
     save_grid(path, frames) if path.lower().endswith(".png") else write_video(path, frames, fps)
 
@@ -410,8 +410,8 @@ def same_file(a: str, b: str) -> bool:
 
 
 def check_destination(dst: str, sources: list[str]) -> None:
-    """Refuse to write `dst` when it is a folder or one of the `sources`: writing would replace what
-    was read."""
+    """Refuse to write `dst` when it is a folder or one of the `sources`: writing
+    would replace what was read."""
     if os.path.isdir(dst):
         raise UsageError(f"{dst} is a folder: give the path of the file to write")
     for source in sources:

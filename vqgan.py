@@ -134,8 +134,8 @@ class ResBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour, then a spatial conv (avoids transposed-conv
-    checkerboards)."""
+    """Double H and W: nearest-neighbour, then a spatial conv (avoids
+    transposed-conv checkerboards)."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
@@ -146,9 +146,9 @@ class Upsample(nn.Module):
 
 
 def to_depth(x: torch.Tensor) -> torch.Tensor:
-    """Fold each 2 x 2 x 2 (time, row, column) cube into channels: (B, C, T, H, W) -> (B, 8C, T/2,
-    H/2, W/2). Frames pair as (0, 1), (2, 3), ...: a latent frame sees its own two frames and
-    nothing later."""
+    """Fold each 2 x 2 x 2 (time, row, column) cube into channels: (B, C, T, H, W) -> (B, 8C,
+    T/2, H/2, W/2). Frames pair as (0, 1), (2, 3), ...: a latent frame sees its own two
+    frames and nothing later."""
     B, C, T, H, W = x.shape
     x = x.view(B, C, T // 2, 2, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, C, 2, 2, 2, t, h, w)
     return x.reshape(B, 8 * C, T // 2, H // 2, W // 2)
@@ -241,10 +241,10 @@ class VQGAN(nn.Module):
 
     @torch.no_grad()
     def decode_stream(self, codes: torch.Tensor, chunk: int = 6) -> Iterator[torch.Tensor]:
-        """codes (B, t, h, w) of any length -> the frames of decode(codes), `chunk` latent frames at
-        a time. Every causal conv keeps the last input frames it saw and starts the next chunk from
-        them, so nothing is computed twice: the cost grows linearly with t and memory stays that of
-        one chunk."""
+        """codes (B, t, h, w) of any length -> the frames of decode(codes), `chunk` latent
+        frames at a time. Every causal conv keeps the last input frames it saw and starts the
+        next chunk from them, so nothing is computed twice: the cost grows linearly with t and
+        memory stays that of one chunk."""
         convs = [m for m in self.modules() if isinstance(m, CausalConv3d)]
         for conv in convs:
             # streaming on, nothing seen yet
