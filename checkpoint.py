@@ -37,7 +37,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from checks import MODELS, Checked, Header, check_common, check_model, check_pair, checked_config, model_bounds
+from checks import (MODELS, Checked, Header, check_common, check_model, check_pair, checked_config,
+                    model_bounds)
 from config import TOKENIZER_CONFIGS, TrainConfig, UsageError, exit_usage
 from cvivit import CViViT
 from maskgit import MaskGITConfig
@@ -152,7 +153,8 @@ def export_half(src: str, dst: str, tokenizer: str | None = None) -> None:
         load_tokenizer(src)
         meta = meta | {"exported_from_sha256": file_digest(src)}
     elif tokenizer is None:
-        raise UsageError(f"{src} is a generator: pass --tokenizer with the exported tokenizer it pairs with")
+        raise UsageError(f"{src} is a generator: pass --tokenizer with the exported tokenizer "
+                         "it pairs with")
     else:
         check_model(header(src), "2")
         # a readable stage-1 file, or a one-line error
@@ -160,15 +162,18 @@ def export_half(src: str, dst: str, tokenizer: str | None = None) -> None:
         digest = file_digest(tokenizer)
         trained_on = meta.get("tokenizer_sha256")
         if trained_on is None:
-            raise UsageError(f"{src} records no tokenizer_sha256: its pairing with {tokenizer} cannot be checked")
+            raise UsageError(f"{src} records no tokenizer_sha256: its pairing with {tokenizer} "
+                             "cannot be checked")
         if trained_on not in (digest, tok_meta.get("exported_from_sha256")):
             raise UsageError(f"{tokenizer} is not the tokenizer {src} was trained on, nor its exported copy (sha256 "
                              "differs): export that tokenizer first and pass the copy")
         meta |= {"trained_on_sha256": trained_on, "tokenizer_sha256": digest}
     if tokenizer is not None and meta["stage"] != "2":
-        raise UsageError(f"--tokenizer pairs a generator with a tokenizer; {src} is not a stage-2 generator")
+        raise UsageError(f"--tokenizer pairs a generator with a tokenizer; {src} is not a stage-2 "
+                         "generator")
     tensors, _ = load_checkpoint(src)
-    save_checkpoint(dst, {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, meta)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    save_checkpoint(dst, half, meta)
 
 
 # ----------------------------------------------------------------------------- the two kinds of
@@ -237,7 +242,8 @@ def generator_config_for(tokenizer_path: str, model_cfg: MaskGITConfig, cfg: Tra
         raise UsageError(f"the tokenizer was trained on --data {trained['data']}, and stage 2 would train on "
                          f"{cfg.data}: pass --data {trained['data']} (or --data {cfg.data} if you mean it)")
     if trained.get("image_size", cfg.image_size) != cfg.image_size:
-        raise UsageError(f"the tokenizer was trained at {trained['image_size']} pixels, stage 2 asks for {cfg.image_size}")
+        raise UsageError(f"the tokenizer was trained at {trained['image_size']} pixels, stage 2 asks "
+                         f"for {cfg.image_size}")
     if not 0 <= cfg.image_ratio <= 1:
         raise UsageError(f"--image-ratio must lie in [0, 1], got {cfg.image_ratio}")
     # the window: 1 + 2n frames are 1 + n latent frames of (size / 8)^2 codes

@@ -163,15 +163,18 @@ def evaluate_tokenizer(model, source, clips: int, batch_size: int = 16) -> dict:
 
 
 @torch.no_grad()
-def judge_round_trip(model, clips: int, frames: int, size: int, batch_size: int = 16) -> dict[str, float]:
+def judge_round_trip(model, clips: int, frames: int, size: int,
+                     batch_size: int = 16) -> dict[str, float]:
     """How much of the Animals world's meaning survives the tokenizer: the judge's agreement on
     fresh renders (judge_*) and on the same clips after encode and decode (round_trip_*)."""
     rng = np.random.default_rng(EVAL_SEED)
     clean, trip = {}, {}
     for i in range(0, clips, batch_size):
         specs = [animals.random_spec(rng) for _ in range(min(batch_size, clips - i))]
-        video = np.stack([animals.render(s, frames, size, rng) for s in specs])  # (B, T, H, W, 3) uint8
-        video = torch.from_numpy(video).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B, 3, T, H, W)
+        # (B, T, H, W, 3) uint8
+        video = np.stack([animals.render(s, frames, size, rng) for s in specs])
+        # (B, 3, T, H, W)
+        video = torch.from_numpy(video).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
         recon = model.decode(model.encode(video))
         for totals, videos in ((clean, video), (trip, recon)):
             for v, s in zip(videos, specs):
@@ -220,7 +223,8 @@ def watch(model, text, tokenizer, watched: tuple, device: torch.device,
     shares; {} on real data)."""
     world, specs, prompts = watched
     if world is not None:
-        videos, verdicts = sample_and_judge(model, text, tokenizer, world, specs, device, prompts, **sampling)
+        videos, verdicts = sample_and_judge(model, text, tokenizer, world, specs, device, prompts,
+                                            **sampling)
         return videos, shares(verdicts)
     ids, mask = text.encode(prompts, model.config.text.max_len)
     return tokenizer.decode(model.generate(ids.to(device), mask.to(device),
@@ -245,7 +249,8 @@ def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int
         # motion.py
         results |= motion_extras(model, text, tokenizer, EVAL_SEED, **sampling)
     else:
-        results |= shapes_long(model, text, tokenizer, rng, 10, keep_at_cut=world.KEEP_AT_CUT, **sampling)
+        results |= shapes_long(model, text, tokenizer, rng, 10, keep_at_cut=world.KEEP_AT_CUT,
+                               **sampling)
     return results | {"prompts": prompts, "stories": stories}
 
 
@@ -262,7 +267,8 @@ def evaluate_on_real_data(model, text, tokenizer, source, clips: int, grid: str,
     picks = [i for i, c in enumerate(captions) if captions.index(c) == i][:rows]
     shown = [captions[i] for i in picks]
     samples, _ = watch(model, text, tokenizer, (None, [], shown), torch.device("cpu"), **sampling)
-    pairs = torch.stack([videos[picks], samples], dim=1).flatten(0, 1)  # (2 rows, 3, T, H, W): real, sample
+    # (2 rows, 3, T, H, W): real, sample
+    pairs = torch.stack([videos[picks], samples], dim=1).flatten(0, 1)
     labels = []
     for c in shown:
         labels += [f"real: {c}", f"sample: {c}"]
@@ -292,9 +298,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cfg", type=float, default=CFG)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--motion", type=int, metavar="SEED", help="Animals generator: the motion figures alone, on "
-                   "prompts and clips of SEED (one the evaluation never draws): action per action on --prompts "
-                   "canonical prompts, the motion probe and the continuation of real clips (the motion study)")
+    p.add_argument("--motion", type=int, metavar="SEED",
+                   help="Animals generator: the motion figures alone, on prompts and clips of SEED (one "
+                   "the evaluation never draws): action per action on --prompts canonical prompts, "
+                   "the motion probe and the continuation of real clips (docs/motion.md)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     args.checkpoint = args.checkpoint or shipped(args.world, "generator")
@@ -305,36 +312,31 @@ def main(argv: list[str] | None = None) -> None:
         # the run's data, sizes and fps
         trained = json.loads(meta.get("train_config", "{}"))
         data = args.data or trained.get("data", "shapes")
-        if meta.get("stage") == "2" and args.motion is not None:
-            if data != "animals":
+        if meta.get("stage") == "2":
+            if args.motion is not None and data != "animals":
                 raise UsageError("--motion measures an Animals generator")
-            loaded = load_generator(args.checkpoint, args.tokenizer_checkpoint)
-            model, text, tokenizer, meta = loaded
+            model, text, tokenizer, meta = load_generator(args.checkpoint, args.tokenizer_checkpoint)
             sampling = dict(steps=args.steps, cfg=args.cfg, temperature=args.temperature,
                             generator=torch.Generator().manual_seed(args.seed))
-            rng = np.random.default_rng(args.motion)
-            specs = [animals.random_spec(rng) for _ in range(args.prompts)]
-            results = {"generator": args.checkpoint, "step": int(meta["step"])} | judged_in_batches(
-                model, text, tokenizer, animals, specs, None, 20, **sampling) | motion_extras(
-                model, text, tokenizer, args.motion, **sampling)
-        elif meta.get("stage") == "2" and data in WORLDS:
-            loaded = load_generator(args.checkpoint, args.tokenizer_checkpoint)
-            model, text, tokenizer, meta = loaded
-            results = {"generator": args.checkpoint, "step": int(meta["step"])} | evaluate_generator(
-                model, text, tokenizer, WORLDS[data], args.prompts, args.stories, steps=args.steps, cfg=args.cfg,
-                temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
-        elif meta.get("stage") == "2":
-            # real data: no judge, but a held-out loss and samples to look at
-            loaded = load_generator(args.checkpoint, args.tokenizer_checkpoint)
-            model, text, tokenizer, meta = loaded
-            grid = args.grid or os.path.join(os.path.dirname(args.checkpoint), "eval_samples.png")
-            results = {"generator": args.checkpoint, "step": int(meta["step"])} | evaluate_on_real_data(
-                model, text, tokenizer, held_out_source(args.data, trained), args.clips, grid, steps=args.steps,
-                cfg=args.cfg, temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
+            results = {"generator": args.checkpoint, "step": int(meta["step"])}
+            if args.motion is not None:
+                rng = np.random.default_rng(args.motion)
+                specs = [animals.random_spec(rng) for _ in range(args.prompts)]
+                results |= judged_in_batches(model, text, tokenizer, animals, specs, None, 20, **sampling)
+                results |= motion_extras(model, text, tokenizer, args.motion, **sampling)
+            elif data in WORLDS:
+                results |= evaluate_generator(model, text, tokenizer, WORLDS[data], args.prompts,
+                                              args.stories, **sampling)
+            else:
+                # real data: no judge, but a held-out loss and samples to look at
+                grid = args.grid or os.path.join(os.path.dirname(args.checkpoint), "eval_samples.png")
+                source = held_out_source(args.data, trained)
+                results |= evaluate_on_real_data(model, text, tokenizer, source, args.clips, grid,
+                                                 **sampling)
         else:
             model, meta = load_tokenizer(args.checkpoint)
-            results = {"tokenizer": meta["kind"], "step": int(meta["step"])} | evaluate_tokenizer(
-                model, held_out_source(args.data, trained), args.clips)
+            results = {"tokenizer": meta["kind"], "step": int(meta["step"])}
+            results |= evaluate_tokenizer(model, held_out_source(args.data, trained), args.clips)
             if data == "animals":
                 # what the judge still reads after a round trip
                 results |= judge_round_trip(model, args.clips, trained.get("frames", 11),

@@ -152,7 +152,8 @@ class MaskGIT(nn.Module):
         """tokens (B, t, h, w) in [0, K] (K = [MASK]) -> logits (B, t, h, w, K). `frames` (B,) is
         the number of real latent frames of each sample (1 for an image); the rest is padding."""
         B, t, h, w = tokens.shape
-        pos = self.pos_t[:t, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]  # (t, h, w, D)
+        # (t, h, w, D)
+        pos = self.pos_t[:t, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]
         x = (self.tok_emb(tokens) + pos).view(B, t * h * w, -1)  # (B, N, D)
         mask = None
         if frames is not None:
@@ -171,13 +172,15 @@ class MaskGIT(nn.Module):
     @staticmethod
     def real_positions(frames: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         B, t, h, w = shape
-        time = torch.arange(t, device=frames.device).repeat_interleave(h * w)  # (N,) time index of each position
+        # (N,) time index of each position
+        time = torch.arange(t, device=frames.device).repeat_interleave(h * w)
         return time[None] < frames[:, None]  # (B, N)
 
     def drop_captions(self, ids: torch.Tensor, mask: torch.Tensor,
                       generator: torch.Generator | None = None):
         """Replace a `text_drop` share of the captions with the empty caption ([BOS] alone)."""
-        drop = torch.rand(ids.shape[0], generator=generator, device=ids.device) < self.config.text_drop  # (B,)
+        # (B,)
+        drop = torch.rand(ids.shape[0], generator=generator, device=ids.device) < self.config.text_drop
         # keep only [BOS] in dropped rows
         mask = mask & ~(drop[:, None] & (ids != BOS))
         return torch.where(mask, ids, PAD), mask
@@ -195,11 +198,14 @@ class MaskGIT(nn.Module):
         open_ = real
         if prefix > 0:
             # continuation: the first k latent frames are given, as when a window is shifted
-            real_frames = torch.full((B,), t, device=codes.device) if frames is None else frames  # (B,)
-            keep = (torch.rand(B, device=codes.device) * (real_frames - 1)).floor().long() + 1  # (B,) in 1..t-1
+            # (B,)
+            real_frames = torch.full((B,), t, device=codes.device) if frames is None else frames
+            # (B,) in 1..t-1
+            keep = (torch.rand(B, device=codes.device) * (real_frames - 1)).floor().long() + 1
             keep = torch.where((torch.rand(B, device=codes.device) < prefix) & (real_frames > 1), keep, 0)
             open_ = real & ~self.real_positions(keep, codes.shape)  # (B, N)
-        ratio = mask_ratio(torch.rand(B, device=codes.device))  # (B,) share to mask, cosine schedule
+        # (B,) share to mask, cosine schedule
+        ratio = mask_ratio(torch.rand(B, device=codes.device))
         # at least one masked position per sample
         n_mask = (ratio * open_.sum(1)).ceil().clamp(min=1)
         # a random order of the open positions; the first n_mask of each row are masked
@@ -220,14 +226,16 @@ class MaskGIT(nn.Module):
         outvote the few that move."""
         tokens, masked = self.mask_positions(codes, frames, prefix)
         ids, text_mask = self.drop_captions(ids, text_mask)
-        logits = self(tokens, self.encode_text(ids, text_mask), text_mask, frames)  # (B, t, h, w, K)
+        # (B, t, h, w, K)
+        logits = self(tokens, self.encode_text(ids, text_mask), text_mask, frames)
         K = logits.shape[-1]
         scored = masked.flatten()  # (B·N,) only the masked positions are scored
         ce = F.cross_entropy(logits.view(-1, K)[scored].float(), codes.flatten()[scored],
                              reduction="none")
         if motion_weight == 1.0:
             return ce.mean()
-        moved = F.pad(codes[:, 1:] != codes[:, :-1], (0, 0, 0, 0, 1, 0))  # (B, t, h, w), False in frame 0
+        # (B, t, h, w), False in frame 0
+        moved = F.pad(codes[:, 1:] != codes[:, :-1], (0, 0, 0, 0, 1, 0))
         weight = 1 + (motion_weight - 1) * moved.flatten()[scored].float()
         return (ce * weight).sum() / weight.sum()
 
@@ -239,7 +247,8 @@ class MaskGIT(nn.Module):
             return self(tokens, *cond)
         # pad the empty caption to the prompts' length
         B, pad = len(tokens), cond[0].shape[1] - uncond[0].shape[1]
-        states = torch.cat([cond[0], F.pad(uncond[0], (0, 0, 0, pad)).expand(B, -1, -1)])  # (2B, L, D)
+        # (2B, L, D)
+        states = torch.cat([cond[0], F.pad(uncond[0], (0, 0, 0, pad)).expand(B, -1, -1)])
         mask = torch.cat([cond[1], F.pad(uncond[1], (0, pad)).expand(B, -1)])  # (2B, L)
         c, u = self(torch.cat([tokens, tokens]), states, mask).float().chunk(2)
         return u + scale * (c - u)
@@ -267,14 +276,17 @@ class MaskGIT(nn.Module):
         uncond = (self.encode_text(empty_ids, empty_mask), empty_mask)
         steps = window_steps(steps, int(n_unknown.max()), tokens.shape[1])
         for s in range(steps):
-            logits = self.guided_logits(tokens.view(shape), cond, uncond, cfg).view(B, tokens.shape[1], -1)  # (B, N, K)
+            # (B, N, K)
+            logits = self.guided_logits(tokens.view(shape), cond, uncond, cfg).view(B, tokens.shape[1], -1)
             # positions still to decide
             open_ = tokens == self.mask_id
-            probs = logits[open_].float().softmax(-1)  # (M, K): only where a code is still to be chosen
+            # (M, K): only where a code is still to be chosen
+            probs = logits[open_].float().softmax(-1)
             pick = draw(probs, generator)  # (M, 1)
             sampled = tokens.masked_scatter(open_, pick.squeeze(1))  # (B, N)
             logp = torch.zeros(B, tokens.shape[1], device=device).masked_scatter(
-                open_, probs.gather(1, pick).squeeze(1).clamp_min(1e-30).log())  # (B, N), 0 where decided
+                # (B, N), 0 where decided
+                open_, probs.gather(1, pick).squeeze(1).clamp_min(1e-30).log())
             noise = temperature * (1 - (s + 1) / steps) * gumbel(logp.shape, generator, device)
             # decided codes are never re-masked
             confidence = (logp + noise).masked_fill(~open_, math.inf)
@@ -364,8 +376,10 @@ def stream_video(model: MaskGIT, tokenizer: nn.Module,
         # nothing to continue: a fresh window
         given, settings = None, sampling
         if context:
-            known = tokenizer.encode(tail[:, :, -context:])  # (B, k, h, w), causal: no future needed
-            given = F.pad(known, (0, 0, 0, 0, 0, t - known.shape[1]), value=-1)  # (B, t, h, w), -1 = generate
+            # (B, k, h, w), causal: no future needed
+            known = tokenizer.encode(tail[:, :, -context:])
+            # (B, t, h, w), -1 = generate
+            given = F.pad(known, (0, 0, 0, 0, 0, t - known.shape[1]), value=-1)
             if context_temperature is not None:
                 settings = sampling | {"temperature": context_temperature}
         piece = tokenizer.decode(model.generate(ids, mask, given=given, **settings))[:, :, context:context + new]

@@ -65,7 +65,8 @@ def motion_probe(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tens
                     masked[:, t // 2:] = True
                     # [MASK]
                     tokens = c.masked_fill(masked, model.config.codebook_size)
-                logits = model.predict(tokens, ids[rows].to(c.device), mask[rows].to(c.device)).float()  # (B, t, h, w, K)
+                # (B, t, h, w, K)
+                logits = model.predict(tokens, ids[rows].to(c.device), mask[rows].to(c.device)).float()
                 ce = F.cross_entropy(logits.flatten(0, 3), c.flatten(),
                                      reduction="none").view(c.shape)[:, 1:]
                 hit = (logits.argmax(-1) == c)[:, 1:]  # (B, t - 1, h, w)
@@ -104,10 +105,12 @@ def continuation(model, text, tokenizer, clips_per_action: int = 2, windows: int
                                             str(rng.choice(animals.DIRECTIONS)),
                                             str(rng.choice(list(animals.SCENES)))))
     real = np.stack([animals.render(s, 11, 64, rng) for s in specs])  # (B, 11, H, W, 3) uint8
-    init = torch.from_numpy(real).permute(0, 4, 1, 2, 3).to(device).float() / 127.5 - 1  # (B, 3, 11, H, W)
+    # (B, 3, 11, H, W)
+    init = torch.from_numpy(real).permute(0, 4, 1, 2, 3).to(device).float() / 127.5 - 1
     prompt = [x.to(device) for x in text.encode([animals.caption(s) for s in specs],
                                                 model.config.text.max_len)]
-    video = make_video(model, tokenizer, [prompt], [10 * windows], init=init, **sampling)  # (B, 3, 11 + 10w, H, W)
+    # (B, 3, 11 + 10w, H, W)
+    video = make_video(model, tokenizer, [prompt], [10 * windows], init=init, **sampling)
     video = video.float().cpu()
     held = {a: [] for a in animals.MOTION}
     for v, s in zip(video, specs):
@@ -135,7 +138,8 @@ def _following(codes: torch.Tensor, d: int) -> float:
     """The share of bottom-row codes (latent frames 2.., inner columns) of codes (N, t, h, w)
     that repeat the code d places to the right one latent frame before: where a picture moving
     left by d codes came from."""
-    bottom, w = codes[:, :, -1], codes.shape[-1]  # (N, t, w): the bottom code row, below every subject's feet
+    # (N, t, w): the bottom code row, below every subject's feet
+    bottom, w = codes[:, :, -1], codes.shape[-1]
     # frame 0 is coded alone, so from 2
     now, before = bottom[:, 2:, 1:w - 1 - d], bottom[:, 1:-1, 1 + d:w - 1]
     return (now == before).float().mean().item()

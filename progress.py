@@ -144,7 +144,8 @@ def write_grid(path: str, videos: torch.Tensor, labels: list[str] | None = None)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = ((videos.clamp(-1, 1) + 1) / 2).permute(0, 3, 2, 4, 1).flatten(2, 3).float().cpu().numpy()  # (B, H, T*W, 3)
+    # (B, H, T*W, 3)
+    rows = ((videos.clamp(-1, 1) + 1) / 2).permute(0, 3, 2, 4, 1).flatten(2, 3).float().cpu().numpy()
     if labels is None:
         plt.imsave(path, np.concatenate(list(rows)))  # (B*H, T*W, 3)
         return

@@ -90,7 +90,8 @@ class VectorQuantizer(nn.Module):
         (..., D), codes (...), loss)."""
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
-            z = F.normalize(self.proj_in(x.float()), dim=-1).reshape(-1, self.codebook.shape[1])  # (N, c)
+            # (N, c)
+            z = F.normalize(self.proj_in(x.float()), dim=-1).reshape(-1, self.codebook.shape[1])
             if self.training and not self.initialised:
                 self.kmeans_init(z.detach())
             codes = self.lookup(z)  # (N,)

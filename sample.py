@@ -72,7 +72,8 @@ def run_generate(args) -> None:
     for unseen in filter(None, map(text.unseen, args.prompts)):
         print(f"warning: the model never saw these words in training: {', '.join(unseen)}",
               file=sys.stderr)
-    init = (read_clip(args.init, cfg.get("image_size", 64), cfg.get("fps", 8.0))[None]  # (1, 3, T0, H, W)
+    # (1, 3, T0, H, W)
+    init = (read_clip(args.init, cfg.get("image_size", 64), cfg.get("fps", 8.0))[None]
             if args.init else None)
     new = frames - (0 if init is None else init.shape[2])
     if new < 1:
@@ -82,15 +83,19 @@ def run_generate(args) -> None:
         raise UsageError(f"--frames {frames} makes {new} new frame(s) for {len(args.prompts)} prompts"
                          + (f" after --init's {frames - new}" if init is not None else "")
                          + f"; ask for at least --frames {frames - new + len(args.prompts)}")
-    shares = [new // len(args.prompts) + (i < new % len(args.prompts)) for i in range(len(args.prompts))]
+    n_prompts = len(args.prompts)
+    shares = [new // n_prompts + (i < new % n_prompts) for i in range(n_prompts)]
     t = model.config.latent_frames
     if args.keep is not None and args.keep > t - 1:
-        print(f"note: --keep {args.keep} leaves no room for new frames in a window of {t} latent frames; keeping {t - 1}")
+        print(f"note: --keep {args.keep} leaves no room for new frames in a window of {t} latent "
+              f"frames; keeping {t - 1}")
         args.keep = t - 1
     device = torch.device(args.device)
     n = args.samples
     model, tokenizer = model.to(device), tokenizer.to(device)
-    prompts = [tuple(x.to(device) for x in text.encode([p] * n, model.config.text.max_len)) for p in args.prompts]
+    prompts = []
+    for p in args.prompts:
+        prompts.append(tuple(x.to(device) for x in text.encode([p] * n, model.config.text.max_len)))
     t0 = time.time()
     # what its world taught of cuts
     cut = WORLDS[cfg["data"]].KEEP_AT_CUT if cfg.get("data") in WORLDS else None

@@ -94,9 +94,12 @@ class Steps:
         # files the data set dropped or skipped so far
         self.step, self.skipped_files = step, skipped_files
         # bf16 autocast on CUDA; fp32 on the CPU, where bf16 matmuls are far slower
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        self.autocast = contextlib.nullcontext()
+        if device.type == "cuda":
+            self.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
         self.guard = StepGuard(device)
-        self.progress, self.log = Progress(cfg.max_steps, "step", start=step), RunLog(out, start=step)
+        self.progress = Progress(cfg.max_steps, "step", start=step)
+        self.log = RunLog(out, start=step)
 
     def begin(self, opts: list[torch.optim.Optimizer]) -> torch.Generator:
         """Seed this step's draws from (seed, rank, step) and set the lr -> a
@@ -132,5 +135,7 @@ class Steps:
         return self.step % every == 0 or self.step == self.cfg.max_steps
 
     def write_log(self, losses: dict, figures: dict) -> None:
-        self.log.write({"step": self.step, "lr": lr_at(self.step, self.cfg), "time": round(self.progress.elapsed(), 1)}
-                       | losses | figures | {"skipped_steps": self.guard.skipped, "skipped_files": self.skipped_files})
+        line = {"step": self.step, "lr": lr_at(self.step, self.cfg),
+                "time": round(self.progress.elapsed(), 1)}
+        skipped = {"skipped_steps": self.guard.skipped, "skipped_files": self.skipped_files}
+        self.log.write(line | losses | figures | skipped)

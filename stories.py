@@ -64,11 +64,14 @@ def shapes_stories(model, text, tokenizer, rng, stories: int, batch_size: int,
                   for s in first]
         prompts = [text.encode([shapes.caption(s) for s in seg],
                                model.config.text.max_len) for seg in (first, second)]
-        videos = make_video(model, tokenizer, prompts, [window, window], **sampling).float()  # (B, 3, 2 window, H, W)
+        # (B, 3, 2 window, H, W)
+        videos = make_video(model, tokenizer, prompts, [window, window], **sampling).float()
         for video, a, b in zip(videos, first, second):
             one, two = oracle(video[:, :window]), oracle(video[:, window:])
             right += [one["direction"] == a.direction, two["direction"] == b.direction]
-            jump = np.inf if one["end"] is None or two["start"] is None else np.hypot(*np.subtract(one["end"], two["start"]))
+            jump = np.inf
+            if one["end"] is not None and two["start"] is not None:
+                jump = np.hypot(*np.subtract(one["end"], two["start"]))
             continuous.append(jump <= 6 and two["color"] == a.color and two["shape"] == a.shape)
     return {"story_direction": float(np.mean(right)),
             "story_continuity": float(np.mean(continuous))}
@@ -87,8 +90,9 @@ def animals_stories(model, text, tokenizer, rng, stories: int, batch_size: int,
             # each cut changes the action to another one the species has
             segments.append([dataclasses.replace(s, action=str(rng.choice(
                 [a for a in animals.ACTIONS[s.species] if a != s.action]))) for s in segments[-1]])
-        prompts = [text.encode([animals.caption(s) for s in segments[0]], model.config.text.max_len)] + [
-            text.encode([animals.story_caption(s) for s in seg], model.config.text.max_len) for seg in segments[1:]]
+        max_len = model.config.text.max_len
+        prompts = [text.encode([animals.caption(s) for s in segments[0]], max_len)]
+        prompts += [text.encode([animals.story_caption(s) for s in seg], max_len) for seg in segments[1:]]
         videos = make_video(model, tokenizer, prompts, [window, window - 1, window - 1],
                             **sampling).float()
         for b, video in enumerate(videos):
@@ -96,7 +100,8 @@ def animals_stories(model, text, tokenizer, rng, stories: int, batch_size: int,
             cuts = ((0, window), (window, window - 1), (2 * window - 1, window - 1))
             seen = [animals.judge(video[:, start:start + length]) for start, length in cuts]
             acted += [s["action"] == seg[b].action for s, seg in zip(seen, segments)]
-            kept += [all(s[k] == getattr(first[b], k) for k in ("species", "color", "scene")) for s in seen[1:]]
+            for s in seen[1:]:
+                kept.append(all(s[k] == getattr(first[b], k) for k in ("species", "color", "scene")))
     return {"story_action": float(np.mean(acted)), "story_kept": float(np.mean(kept))}
 
 
@@ -112,7 +117,8 @@ def shapes_long(model, text, tokenizer, rng, videos: int, frames: int = 101,
     window = 1 + 2 * (model.config.latent_frames - 1)
     specs = [dataclasses.replace(shapes.random_spec(rng), direction="right") for _ in range(videos)]
     prompt = text.encode([shapes.caption(s) for s in specs], model.config.text.max_len)
-    videos_ = make_video(model, tokenizer, [prompt], [frames], **sampling).float()  # (B, 3, 101, H, W)
+    # (B, 3, 101, H, W)
+    videos_ = make_video(model, tokenizer, [prompt], [frames], **sampling).float()
     seen = [oracle(v) for v in videos_]
     # the 11-frame windows of each video, overlapping by one frame
     cuts = []
@@ -175,14 +181,16 @@ def animals_extras(model, text, tokenizer, rng, short: int, batch_size: int,
     # 20 samples of one prompt
     ids, mask = text.encode(["a dog running"] * 20, model.config.text.max_len)
     seen = [animals.judge(v) for v in tokenizer.decode(model.generate(ids, mask, **sampling)).float()]
-    results["dog_running"] = float(np.mean([j["species"] == "dog" and j["action"] == "running" for j in seen]))
+    running_dogs = [j["species"] == "dog" and j["action"] == "running" for j in seen]
+    results["dog_running"] = float(np.mean(running_dogs))
     # 30 s at 8 fps from one canonical prompt
     spec = animals.random_spec(rng)
-    long = make_video(model, tokenizer, [text.encode([animals.caption(spec)], model.config.text.max_len)], [241],
-                      **sampling)[0].float()  # (3, 241, H, W)
+    prompt = text.encode([animals.caption(spec)], model.config.text.max_len)
+    long = make_video(model, tokenizer, [prompt], [241], **sampling)[0].float()  # (3, 241, H, W)
     # 23 windows of 11 frames
     windows = [animals.judge(long[:, i:i + 11]) for i in range(0, 231, 10)]
-    results |= {"long_one_subject": float(np.mean([animals.judge(long[:, i:i + 1])["one_subject"] for i in range(241)])),
+    one = [animals.judge(long[:, i:i + 1])["one_subject"] for i in range(241)]
+    results |= {"long_one_subject": float(np.mean(one)),
                 "long_action": float(np.mean([w["action"] == spec.action for w in windows])),
                 "long_direction": float(np.mean([w["direction"] == spec.direction for w in windows]))}
     return results

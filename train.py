@@ -168,7 +168,8 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
                     # L_D on real clips and detached reconstructions: nothing leaks into the
                     # tokenizer
                     with grad_sync(disc_d, last), steps.autocast:
-                        logits = disc_d(torch.cat([video, out.recon.detach()]))  # (2B,): B real, then B fake
+                        # (2B,): B real, then B fake
+                        logits = disc_d(torch.cat([video, out.recon.detach()]))
                         d_loss = hinge_d_loss(logits[:len(video)].float(),
                                               logits[len(video):].float())
                         (d_loss / n).backward()
@@ -197,7 +198,8 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
                 steps.write_log(logs, figures)
                 if "val_psnr" in figures:
                     # real clips above their reconstructions, 4 pairs
-                    pairs = torch.stack([val_video[:4], recon[:4]], dim=1).flatten(0, 1)  # (8, 3, T, H, W)
+                    # (8, 3, T, H, W)
+                    pairs = torch.stack([val_video[:4], recon[:4]], dim=1).flatten(0, 1)
                     steps.log.grid(pairs, "recon.png")
             if steps.due(cfg.save_every) or guard.stop:
                 # a signal saves before the run leaves
@@ -252,7 +254,8 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
         text_json = text_json[0]
     # byte-level BPE, saved in every checkpoint
     text = CaptionTokenizer.from_json(text_json)
-    all_ids, all_masks = text.encode(captions, model_cfg.text.max_len)  # (N, L) each, tokenized once
+    # (N, L) each, tokenized once
+    all_ids, all_masks = text.encode(captions, model_cfg.text.max_len)
 
     # the generator: the same init on every rank, restored whole, then sharded (FSDP) or replicated
     # (DDP)
@@ -289,7 +292,8 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
             print(f"resumed from {resume.path} at step {step}")
     # 64 held-out clips for val_loss, encoded once; the watch grid's 8 prompts (a world's are
     # judged)
-    held = held_out(lambda: encode_clips(tokenizer, val_source, 64, device), master)  # (64, t, h, w) codes
+    # (64, t, h, w) codes
+    held = held_out(lambda: encode_clips(tokenizer, val_source, 64, device), master)
     # none loads: watch training captions
     val_codes, val_captions = (held[0], held[1]) if held else (None, captions)
     val_ids, val_mask = text.encode(val_captions[:64], model_cfg.text.max_len)  # (64, L) each
@@ -308,10 +312,12 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
             total = 0.0
             for micro in range(cfg.grad_accum):
                 # gradient accumulation: micro-batches make one step
-                idx = torch.randint(len(codes), (cfg.batch_size,), generator=pick)  # (B,), with replacement
+                # (B,), with replacement
+                idx = torch.randint(len(codes), (cfg.batch_size,), generator=pick)
                 # trim the padding this batch does not need
                 width = int(all_masks[idx].sum(1).max())
-                ids, mask = all_ids[idx, :width].to(device), all_masks[idx, :width].to(device)  # (B, L)
+                # (B, L)
+                ids, mask = all_ids[idx, :width].to(device), all_masks[idx, :width].to(device)
                 # all t latent frames are real
                 frames = None
                 if cfg.image_ratio > 0:
@@ -356,7 +362,8 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
                 # what is measured is logged
                 steps.write_log({"loss": total}, figures)
                 if figures:
-                    steps.log.grid(videos, "samples.png", watched[2])  # (8, 3, T, H, W): a clip under each prompt
+                    # (8, 3, T, H, W): a clip under each prompt
+                    steps.log.grid(videos, "samples.png", watched[2])
             if (master or fsdp) and (steps.due(cfg.save_every) or guard.stop):
                 # FSDP: all ranks gather, one writes
                 meta = generator_meta(model_cfg, steps.step, text, digest)
@@ -383,14 +390,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer-checkpoint", help="stage 2: the frozen stage-1 model.safetensors")
     p.add_argument("--data",
                    help="shapes (the preset's), a video folder, tar shards, or an image folder")
-    p.add_argument("--val-data", help="held-out data for the val_ figures (default: a share of --data's files by name hash)")
+    p.add_argument("--val-data", help="held-out data (default: a name-hash share of --data's files)")
     p.add_argument("--watch-prompts", metavar="FILE", help="stage 2: captions to sample in samples.png, one a line "
                    "(default: the held-out captions; a world's random prompts)")
     p.add_argument("--preset", default="tiny", help="tiny, base or paper (config.py)")
     p.add_argument("--out", help="output folder (default runs/stage<N>-<tokenizer>-<preset>)")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all (default: the preset's)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out with its saved config (--set may change lr, steps and logging)")
+                   help="continue the run in --out (--set may change lr, steps, logging)")
     p.add_argument("--force", action="store_true",
                    help="start a new run in an --out that holds one (its files go)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -399,9 +406,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--perceptual-weights",
                    help="stage 1: VGG16 weights (.safetensors) to switch on the perceptual loss")
     p.add_argument("--fsdp", action="store_true",
-                   help="stage 2 under torchrun: shard the generator across ranks (FSDP2) instead of replicating it (DDP)")
+                   help="stage 2 under torchrun: shard the generator (FSDP2) across ranks")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (bench.py --compile measures whether it pays on your device)")
+                   help="torch.compile the model (bench.py --compile says whether it pays here)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 

@@ -89,7 +89,8 @@ class Attention(nn.Module):
             attn_mask, causal = attn_mask & tri, False
         else:
             causal = self.causal
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # (B, nh, N, hd)
+        # (B, nh, N, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
         # re-join heads: (B, N, nh * hd)
         y = y.transpose(1, 2).reshape(B, N, -1)
         return self.proj(y)

@@ -77,7 +77,8 @@ class CausalConv3d(nn.Module):
                  stride: tuple[int, int, int] = (1, 1, 1)):
         super().__init__()
         kt, kh, kw = kernel
-        self.pad = (kw // 2, kw // 2, kh // 2, kh // 2, kt - stride[0], 0)  # (W, W, H, H, T_past, T_future)
+        # (W, W, H, H, T_past, T_future)
+        self.pad = (kw // 2, kw // 2, kh // 2, kh // 2, kt - stride[0], 0)
         self.conv = nn.Conv3d(cin, cout, kernel, stride)
         # streaming only: the last input frames of the previous chunk
         self.past: torch.Tensor | None = None
@@ -142,7 +143,8 @@ class Upsample(nn.Module):
         self.conv = CausalConv3d(cin, cout, SPATIAL)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"))  # (B, C', T, 2H, 2W)
+        # (B, C', T, 2H, 2W)
+        return self.conv(F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"))
 
 
 def to_depth(x: torch.Tensor) -> torch.Tensor:
@@ -150,14 +152,16 @@ def to_depth(x: torch.Tensor) -> torch.Tensor:
     T/2, H/2, W/2). Frames pair as (0, 1), (2, 3), ...: a latent frame sees its own two
     frames and nothing later."""
     B, C, T, H, W = x.shape
-    x = x.view(B, C, T // 2, 2, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, C, 2, 2, 2, t, h, w)
+    # (B, C, 2, 2, 2, t, h, w)
+    x = x.view(B, C, T // 2, 2, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
     return x.reshape(B, 8 * C, T // 2, H // 2, W // 2)
 
 
 def from_depth(x: torch.Tensor) -> torch.Tensor:
     """The inverse of to_depth: (B, 8C, t, h, w) -> (B, C, 2t, 2h, 2w)."""
     B, C8, t, h, w = x.shape
-    x = x.view(B, C8 // 8, 2, 2, 2, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, C, t, 2, h, 2, w, 2)
+    # (B, C, t, 2, h, 2, w, 2)
+    x = x.view(B, C8 // 8, 2, 2, 2, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
     return x.reshape(B, C8 // 8, 2 * t, 2 * h, 2 * w)
 
 
