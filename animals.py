@@ -11,10 +11,12 @@ white dog shows on snow, and a pale moonlit rim at night, so that a black cat sh
 
 Camera rule, which keeps a video of any length meaningful: the camera follows the subject, as in a
 tracking shot. The subject stays at the horizontal centre and the ground scrolls against its travel
-at its speed. The ground's marks are a function of world position and the clip's seed, so they
-scroll consistently, and a 241-frame "dog running to the right" shows a running dog throughout; the
-sky is at infinity and stays. A story (`start_action`, `switch_at`) changes action mid-clip and
-keeps the rest.
+at its speed. The ground's marks are a function of world position, so they scroll consistently, and
+a 241-frame "dog running to the right" shows a running dog throughout; the sky is at infinity and
+stays. The motion is on the tokenizer's grid: a mark stands every 24 pixels, and a clip starts on a
+whole 8-pixel cell, so that a running subject's ground moves by one code a latent frame
+(docs/motion.md: scattered marks at off-grid speeds left the generator's subjects standing). A
+story (`start_action`, `switch_at`) changes action mid-clip and keeps the rest.
 
 AnimalSpec  ->  render  ->  video (T, H, W, 3) uint8  ->  judge  ->  {attribute: value read back}
 Source:     clip k  ->  (video (T, H, W, 3) uint8, caption str)
@@ -61,9 +63,12 @@ HORIZON = 40
 SEA = 34
 GROUND = 54
 BAND = 57
-# travel (pixels a frame), gait (cycles a frame), leg swing (radians)
-MOTION = {"running": (3.5, 0.25, 0.6), "walking": (1.2, 0.125, 0.35), "jumping": (2.0, 0.0, 0.1),
-          "sitting": (0.0, 0.0, 0.0), "flying": (2.5, 0.25, 0.0)}
+# travel (pixels a frame), gait (cycles a frame), leg swing (radians). Two frames make a latent frame:
+# running and flying move the ground one 8-pixel code a latent frame, walking and jumping half of one
+MOTION = {"running": (4.0, 0.25, 0.6), "walking": (2.0, 0.125, 0.35), "jumping": (2.0, 0.0, 0.1),
+          "sitting": (0.0, 0.0, 0.0), "flying": (4.0, 0.25, 0.0)}
+# marks stand on every MARK_EVERY-th 8-pixel cell
+MARK_EVERY = 3
 # hop cycles a frame; share of a hop in the air; flying altitude; a bird's climb and landing, pixels
 # a frame: 7 frames up, 3 down (landing as slowly, "the bird lands" still flew through most of its
 # segment)
@@ -170,8 +175,9 @@ def _track(spec: AnimalSpec, frames: int, rng: np.random.Generator, start_action
     """The subject's state (T,) each: camera x in the world, gait phase, leg swing, gallop, hop
     height and leg stretch, sit, altitude, tail wag. A hop lands first; sitting, rising or landing
     takes 3 frames, climbing 7."""
-    sign, pace = (1 if spec.direction == "right" else -1), rng.uniform(0.9, 1.1)
-    cam = rng.uniform(1e4, 1e5)
+    sign = 1 if spec.direction == "right" else -1
+    # on a whole cell, far from the world's origin
+    cam = 8.0 * rng.integers(1250, 12500)
     phase = rng.random()
     u = rng.random()
     height = rng.uniform(8, 10)
@@ -196,7 +202,7 @@ def _track(spec: AnimalSpec, frames: int, rng: np.random.Generator, start_action
         alt += np.clip(ALT * (a == "flying") - alt, -LAND, CLIMB) if bird else 0.0
         travel, gait, swing = MOTION[a]
         rows.append((cam, phase, swing, a == "running", height * air, air, sit, alt, wag))
-        cam += sign * pace * (MOTION["flying"][0] * alt / ALT if bird else travel * (1 - sit))
+        cam += sign * (MOTION["flying"][0] * alt / ALT if bird else travel * (1 - sit))
         phase += MOTION["flying"][1] * (alt > 0) if bird else gait
         u = (u + HOP) % 1 if a == "jumping" or 0 < u < AIR else u
         wag, prev = wag + 0.15 + 0.1 * sit, a
@@ -223,10 +229,10 @@ def _backdrop(scene: str, size: int) -> np.ndarray:
     return np.repeat(rows[:, None], size, axis=1)  # (H, W, 3)
 
 
-def _ground(scene: str, seed: int, cam: np.ndarray, size: int, sway: float) -> np.ndarray:
-    """Mark coverage (T, Hg, W) of the ground rows around cam[t]. Each 8-pixel cell of the world
-    holds up to two marks: one in the scroll band, for the judge to follow; one above, faint enough
-    to touch the subject, swaying."""
+def _ground(scene: str, cam: np.ndarray, size: int, sway: float) -> np.ndarray:
+    """Mark coverage (T, Hg, W) of the ground rows around cam[t]. Every third 8-pixel cell holds a
+    mark at its centre: in the scroll band, for the judge to follow, or one cell on, above it,
+    faint enough to touch the subject, swaying."""
     q, lo = size / 64, int(np.floor(cam.min() - 40))
     # world x of each strip column
     xw = lo + (np.arange(int((cam.max() + 40 - lo) * q)) + 0.5) / q
@@ -241,8 +247,8 @@ def _ground(scene: str, seed: int, cam: np.ndarray, size: int, sway: float) -> n
     # a flat ground)
     for m, (y_lo, y_hi, weight,
             lean) in enumerate(((BAND + 4, 62, 2.5, 0.0), (HORIZON + 3, BAND - 1, 0.5, sway))):
-        x, y = (cell * 8 + 2 + 4 * _hash(seed, cell, 3 * m + 1)), y_lo + (y_hi - y_lo) * _hash(seed, cell, 3 * m + 2)
-        base = x + 1j * np.where(_hash(seed, cell, 3 * m) < 0.8, y, -99)  # (Ws,); absent marks lie far away
+        # (Ws,); absent marks lie far away
+        base = cell * 8 + 4.0 + 1j * np.where(cell % MARK_EVERY == m, (y_lo + y_hi) / 2, -99)
         k = 2.2 if m == 0 else 1.0
         caps = [(base, base + dx + lean * tuft, k * r0, k * r1) for dx, r0, r1 in shape]
         strip = np.maximum(strip, weight * np.clip(0.5 - capsule_distance(p, caps) * q, 0, 1))
@@ -259,8 +265,8 @@ def _scenery(scene: str, frames: int, size: int, seed: int, cam: np.ndarray) -> 
     # the grass sways in the wind, all of it together
     sway = 0.5 * (scene == "on the grass")
     wind = np.sin(2 * np.pi * (np.arange(frames) / 8 + _hash(seed, np.arange(1), 9)))[:, None, None] > 0
-    cover = np.where(wind, _ground(scene, seed, cam, size, sway),
-                     _ground(scene, seed, cam, size, -sway))
+    cover = np.where(wind, _ground(scene, cam, size, sway),
+                     _ground(scene, cam, size, -sway))
     ground = video[:, int(HORIZON * q):]
     ground += cover[..., None] * (np.array(SCENES[scene][3], np.float32) - ground)
     t, n = np.arange(frames)[:, None], np.arange(12)
@@ -380,7 +386,8 @@ def judge(video) -> dict:
         action = "sitting"
     elif rise > 4:
         action = "jumping"
-    elif abs(travel) > 2.3:
+    # between walking's 2 and running's 4 pixels a frame
+    elif abs(travel) > 3.0:
         action = "running"
     else:
         action = "walking"
