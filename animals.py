@@ -11,12 +11,11 @@ white dog shows on snow, and a pale moonlit rim at night, so that a black cat sh
 
 Camera rule, which keeps a video of any length meaningful: the camera follows the subject, as in a
 tracking shot. The subject stays at the horizontal centre and the ground scrolls against its travel
-at its speed. The ground's marks are a function of world position, so they scroll consistently, and
-a 241-frame "dog running to the right" shows a running dog throughout; the sky is at infinity and
-stays. The motion is on the tokenizer's grid: a mark stands every 24 pixels, and a clip starts on a
-whole 8-pixel cell, so that a running subject's ground moves by one code a latent frame
-(docs/motion.md: scattered marks at off-grid speeds left the generator's subjects standing). A
-story (`start_action`, `switch_at`) changes action mid-clip and keeps the rest.
+at its speed, so a 241-frame "dog running to the right" shows a running dog throughout; the sky is
+at infinity and stays. The motion is on the tokenizer's grid: a ground mark stands every 24 pixels
+of the world and a clip starts on a whole 8-pixel cell, so a running ground moves by one code a
+latent frame (scattered marks at off-grid speeds left the generator's subjects standing:
+docs/motion.md). A story (`start_action`, `switch_at`) changes action mid-clip and keeps the rest.
 
 AnimalSpec  ->  render  ->  video (T, H, W, 3) uint8  ->  judge  ->  {attribute: value read back}
 Source:     clip k  ->  (video (T, H, W, 3) uint8, caption str)
@@ -43,8 +42,7 @@ import sprites
 from sprites import OUTLINE, RIM, capsule_distance, draw_subject
 from video import read_video, to_uint8_frames
 
-# Legend: T frames, H W pixels, k clip index, q pixels per unit (a pixel at 64 x 64); points are
-# complex x + iy, y down.
+# Legend: T frames, H W pixels, k clip, q pixels per unit (1 at 64 x 64); points x + iy, y down.
 
 SPECIES = ("dog", "cat", "horse", "bird")
 COLORS = {"brown": (125, 80, 45), "black": (30, 30, 30), "white": (245, 245, 245),
@@ -63,15 +61,13 @@ HORIZON = 40
 SEA = 34
 GROUND = 54
 BAND = 57
-# travel (pixels a frame), gait (cycles a frame), leg swing (radians). Two frames make a latent frame:
-# running and flying move the ground one 8-pixel code a latent frame, walking and jumping half of one
+# travel (pixels a frame), gait (cycles a frame), leg swing (radians). A latent frame is two frames:
+# in one, running and flying move the ground a whole 8-pixel code, walking and jumping half of one
 MOTION = {"running": (4.0, 0.25, 0.6), "walking": (2.0, 0.125, 0.35), "jumping": (2.0, 0.0, 0.1),
           "sitting": (0.0, 0.0, 0.0), "flying": (4.0, 0.25, 0.0)}
-# marks stand on every MARK_EVERY-th 8-pixel cell
-MARK_EVERY = 3
+MARK_EVERY = 3  # marks stand on every third 8-pixel cell
 # hop cycles a frame; share of a hop in the air; flying altitude; a bird's climb and landing, pixels
-# a frame: 7 frames up, 3 down (landing as slowly, "the bird lands" still flew through most of its
-# segment)
+# a frame: 7 up, 3 down (landing as slowly, "the bird lands" still flew through most of its segment)
 HOP = 1 / 7
 AIR = 0.75
 ALT = 34.0
@@ -211,8 +207,7 @@ def _track(spec: AnimalSpec, frames: int, rng: np.random.Generator, start_action
 
 
 def _hash(seed: int, cells: np.ndarray, salt: int) -> np.ndarray:
-    """Uniform [0, 1), a fixed function of (seed, cell, salt), by splitmix64: the
-    scenery at a world position."""
+    """Uniform [0, 1), a fixed function of (seed, cell, salt) by splitmix64: scenery at a place."""
     h = cells.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64((seed * 1000003 + salt) % 2 ** 63)
     for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
         h = (h ^ (h >> np.uint64(shift))) * np.uint64(mul)
@@ -265,8 +260,7 @@ def _scenery(scene: str, frames: int, size: int, seed: int, cam: np.ndarray) -> 
     # the grass sways in the wind, all of it together
     sway = 0.5 * (scene == "on the grass")
     wind = np.sin(2 * np.pi * (np.arange(frames) / 8 + _hash(seed, np.arange(1), 9)))[:, None, None] > 0
-    cover = np.where(wind, _ground(scene, cam, size, sway),
-                     _ground(scene, cam, size, -sway))
+    cover = np.where(wind, _ground(scene, cam, size, sway), _ground(scene, cam, size, -sway))
     ground = video[:, int(HORIZON * q):]
     ground += cover[..., None] * (np.array(SCENES[scene][3], np.float32) - ground)
     t, n = np.arange(frames)[:, None], np.arange(12)
@@ -398,8 +392,7 @@ def judge(video) -> dict:
 
 
 def agreement(video, spec: AnimalSpec) -> dict[str, bool]:
-    """Does the video show what `spec` says? One verdict per attribute, by
-    the judge, and one_subject."""
+    """Does the video show what `spec` says? The judge's verdict per attribute, and one_subject."""
     seen = judge(video)
     return {a: seen[a] == getattr(spec, a) for a in ("species", "color", "action", "direction", "scene")} | {
         "one_subject": seen["one_subject"]}
