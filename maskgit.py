@@ -38,8 +38,8 @@ current prompt. Each shift adds 2(t − k) frames, so the length has no bound, a
 segment tells a story.
 
 Deviations: the paper does not say how it encodes positions; rotary positions and prefix masks are
-options, measured in the README's motion study (the shipped generators use neither). Sizes are far
-below the paper's 1.8B, and the text encoder is our own.
+options, measured in the README's motion study (the shipped Animals generator uses rotary positions,
+the Shapes one neither). Sizes are far below the paper's 1.8B, and the text encoder is our own.
 """
 
 import math
@@ -82,8 +82,8 @@ class MaskGITConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
 
 
-# How positions enter: "absolute" tables only (the shipped generators), or "rotary": the tables
-# and 3D rotary angles in every self-attention
+# How positions enter: "absolute" tables only (the shipped Shapes generator), or "rotary": the
+# tables and 3D rotary angles in every self-attention (the shipped Animals generator)
 POSITIONS = ("absolute", "rotary")
 
 # Sampling defaults, chosen with the oracle on 100 prompts the reported evaluation never draws (the
