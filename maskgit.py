@@ -39,7 +39,8 @@ segment tells a story.
 
 Deviations: the paper does not say how it encodes positions; rotary positions and prefix masks are
 options, measured in the README's motion study (the shipped Animals generator uses rotary positions,
-the Shapes one neither). Sizes are far below the paper's 1.8B, and the text encoder is our own.
+neither shipped generator prefix masks). Sizes are far below the paper's 1.8B, and the text encoder
+is our own.
 """
 
 import math
