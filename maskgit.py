@@ -38,9 +38,9 @@ current prompt. Each shift adds 2(t − k) frames, so the length has no bound, a
 segment tells a story.
 
 Deviations: the paper does not say how it encodes positions; rotary positions and prefix masks are
-options, measured in the README's motion study (the shipped Animals generator uses rotary positions,
-neither shipped generator prefix masks). Sizes are far below the paper's 1.8B, and the text encoder
-is our own.
+options, measured in the README's motion study (the shipped Animals generator uses rotary positions;
+neither shipped generator uses prefix masks). Sizes are far below the paper's 1.8B, and the text
+encoder is our own.
 """
 
 import math
