@@ -13,6 +13,7 @@ samples.
 import argparse
 import functools
 import importlib
+import importlib.util
 import inspect
 import re
 import shlex
@@ -113,8 +114,8 @@ def inline_commands(page: Path) -> list[str]:
 
 
 def script_calls(command: str) -> list[tuple[str, list[str]]]:
-    """Each (script, argv) a command line runs: `&&` splits it; pip, python -m and python -c are
-    left out; torchrun's own flags come before the script and are not the script's."""
+    """Each (script's path from the root, argv) a command line runs: `&&` splits it; pip, python -m
+    and python -c are left out; torchrun's own flags come before the script and are not the script's."""
     parts = [[]]
     for word in shlex.split(command, comments=True):
         if word == "&&":
@@ -124,15 +125,26 @@ def script_calls(command: str) -> list[tuple[str, list[str]]]:
     calls = []
     for part in parts:
         if part[:1] == ["python"] and len(part) > 1 and part[1].endswith(".py"):
-            calls.append((Path(part[1]).stem, part[2:]))
+            calls.append((part[1], part[2:]))
         elif part[:1] == ["torchrun"]:
             scripts = [i for i, word in enumerate(part) if word.endswith(".py")]
             assert scripts, f"no script in {command!r}"
-            calls.append((Path(part[scripts[0]]).stem, part[scripts[0] + 1:]))
+            calls.append((part[scripts[0]], part[scripts[0] + 1:]))
     return calls
 
 
 COMMANDS = sorted({c for page in PAGES for c in fenced_commands(page) + inline_commands(page)})
+
+
+def load_script(script: str):
+    """The module of a script given by its path from the root: a top-level one as the repo imports
+    it, one in a folder (a study kept in docs/) from its file."""
+    if "/" not in script:
+        return importlib.import_module(Path(script).stem)
+    spec = importlib.util.spec_from_file_location(Path(script).stem.replace("-", "_"), ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class Parsed(Exception):
@@ -149,7 +161,7 @@ def test_the_readme_gives_commands_to_parse():
     for command in fenced_commands(README) + inline_commands(README):
         for script, _ in script_calls(command):
             scripts.add(script)
-    assert {"train", "sample", "evaluate", "animals"} <= scripts, scripts
+    assert {"train.py", "sample.py", "evaluate.py", "animals.py"} <= scripts, scripts
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[:60])
@@ -161,12 +173,12 @@ def test_every_command_parses_with_its_script(command, monkeypatch, capsys):
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
     for script, argv in script_calls(command):
-        assert (ROOT / f"{script}.py").exists(), f"{command!r} runs {script}.py, which is not here"
-        main = importlib.import_module(script).main
+        assert (ROOT / script).exists(), f"{command!r} runs {script}, which is not here"
+        main = load_script(script).main
         if inspect.signature(main).parameters:
             run = functools.partial(main, argv)
         else:
-            monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+            monkeypatch.setattr(sys, "argv", [script, *argv])
             run = main
         try:
             run()
@@ -174,5 +186,5 @@ def test_every_command_parses_with_its_script(command, monkeypatch, capsys):
             continue
         except SystemExit as refusal:
             err = capsys.readouterr().err.strip().splitlines()
-            pytest.fail(f"{script}.py refuses {command!r} (exit {refusal.code}): {err[-1:]}")
-        pytest.fail(f"{script}.py's main returned without parsing {command!r}")
+            pytest.fail(f"{script} refuses {command!r} (exit {refusal.code}): {err[-1:]}")
+        pytest.fail(f"{script}'s main returned without parsing {command!r}")
