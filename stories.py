@@ -77,6 +77,16 @@ def shapes_stories(model, text, tokenizer, rng, stories: int, batch_size: int,
             "story_continuity": float(np.mean(continuous))}
 
 
+def story_specs(rng, n: int) -> list[list]:
+    """n three-prompt Animals stories -> the specs of their three segments: n random specs, then
+    twice the same subjects, each cut changing the action to another one the species has."""
+    segments = [[animals.random_spec(rng) for _ in range(n)]]
+    for _ in range(2):
+        segments.append([dataclasses.replace(s, action=str(rng.choice(
+            [a for a in animals.ACTIONS[s.species] if a != s.action]))) for s in segments[-1]])
+    return segments
+
+
 def animals_stories(model, text, tokenizer, rng, stories: int, batch_size: int,
                     **sampling) -> dict[str, float]:
     """Three-prompt Animals stories: a canonical first prompt, then two story prompts ("the dog
@@ -84,12 +94,8 @@ def animals_stories(model, text, tokenizer, rng, stories: int, batch_size: int,
     window = 1 + 2 * (model.config.latent_frames - 1)
     acted, kept = [], []
     for i in range(0, stories, batch_size):
-        first = [animals.random_spec(rng) for _ in range(min(batch_size, stories - i))]
-        segments = [first]
-        for _ in range(2):
-            # each cut changes the action to another one the species has
-            segments.append([dataclasses.replace(s, action=str(rng.choice(
-                [a for a in animals.ACTIONS[s.species] if a != s.action]))) for s in segments[-1]])
+        segments = story_specs(rng, min(batch_size, stories - i))
+        first = segments[0]
         max_len = model.config.text.max_len
         prompts = [text.encode([animals.caption(s) for s in segments[0]], max_len)]
         prompts += [text.encode([animals.story_caption(s) for s in seg], max_len) for seg in segments[1:]]

@@ -2,10 +2,10 @@
 The sampler study of docs/motion.md ("The sampler on the shipped pair"): the shipped Animals pair
 sampled under other settings, on seeds the evaluation never draws, and judged by animals.judge.
 
-    python docs/motion-sampler.py prompts --cfg 1.5 --temperature 4.5 --steps 24   # 64 prompts, seed 2027
-    python docs/motion-sampler.py stories --context-temperature 4.5                 # 50 stories, seed 2028
-    python docs/motion-sampler.py long --keep 2                                     # 6 videos of 241 frames, seed 2029
-    python docs/motion-sampler.py first                                             # 48 moving prompts, seed 2031
+    python docs/motion-sampler.py prompts --cfg 1.5 --temperature 4.5   # 64 prompts, seed 2027
+    python docs/motion-sampler.py stories --context-temperature 4.5     # 50 stories, seed 2028
+    python docs/motion-sampler.py long --keep 2                         # 6 videos, seed 2029
+    python docs/motion-sampler.py first                                 # 48 prompts, seed 2031
 
 prompts: canonical prompts, one clip each; the share right per attribute, and the direction per
 action (the judge reads it from the ground's travel when the subject moves, from its head at rest).
@@ -19,7 +19,6 @@ generator's own first frame kept alone and continued, the whole window at once.
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -32,9 +31,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import animals  # noqa: E402
 from checkpoint import load_generator  # noqa: E402
 from maskgit import CFG, CONTEXT_TEMPERATURE, STEPS, TEMPERATURE, make_video  # noqa: E402
-from stories import sample_and_judge  # noqa: E402
+from stories import sample_and_judge, story_specs  # noqa: E402
 
 WINDOW = 11
+
+
+def share(hits: list) -> float:
+    return round(float(np.mean(hits)), 3)
 
 
 def prompts(gen, text, tok, args) -> None:
@@ -43,14 +46,14 @@ def prompts(gen, text, tok, args) -> None:
     generator = torch.Generator().manual_seed(1)
     right, by_action = {}, {}
     for i in range(0, len(specs), 32):
-        _, verdicts = sample_and_judge(gen, text, tok, animals, specs[i:i + 32], torch.device("cpu"),
-                                       cfg=args.cfg, temperature=args.temperature, steps=args.steps,
-                                       generator=generator)
+        _, verdicts = sample_and_judge(gen, text, tok, animals, specs[i:i + 32],
+                                       torch.device("cpu"), cfg=args.cfg, steps=args.steps,
+                                       temperature=args.temperature, generator=generator)
         for spec, verdict in zip(specs[i:i + 32], verdicts):
             for key, ok in verdict.items():
                 right.setdefault(key, []).append(ok)
             by_action.setdefault(spec.action, []).append(verdict["direction"])
-    print({k: round(float(np.mean(v)), 3) for k, v in right.items()})
+    print({k: share(v) for k, v in right.items()})
     print("direction by action:", {a: f"{sum(v)}/{len(v)}" for a, v in sorted(by_action.items())})
 
 
@@ -58,15 +61,14 @@ def stories(gen, text, tok, args) -> None:
     rng = np.random.default_rng(2028)
     acted, kept, held, one = [[], [], []], [], {"species": [], "color": [], "scene": []}, []
     for i in range(0, 50, 25):
-        segments = [[animals.random_spec(rng) for _ in range(25)]]
-        for _ in range(2):
-            segments.append([dataclasses.replace(s, action=str(rng.choice(
-                [a for a in animals.ACTIONS[s.species] if a != s.action]))) for s in segments[-1]])
+        segments = story_specs(rng, 25)
         max_len = gen.config.text.max_len
         said = [text.encode([animals.caption(s) for s in segments[0]], max_len)]
-        said += [text.encode([animals.story_caption(s) for s in seg], max_len) for seg in segments[1:]]
-        videos = make_video(gen, tok, said, [WINDOW, WINDOW - 1, WINDOW - 1], keep_at_cut=args.keep_at_cut,
-                            context_temperature=args.context_temperature, cfg=args.cfg,
+        for seg in segments[1:]:
+            said.append(text.encode([animals.story_caption(s) for s in seg], max_len))
+        videos = make_video(gen, tok, said, [WINDOW, WINDOW - 1, WINDOW - 1],
+                            keep_at_cut=args.keep_at_cut, cfg=args.cfg,
+                            context_temperature=args.context_temperature,
                             generator=torch.Generator().manual_seed(i)).float()
         for b, video in enumerate(videos):
             cuts = ((0, WINDOW), (WINDOW, WINDOW - 1), (2 * WINDOW - 1, WINDOW - 1))
@@ -78,17 +80,17 @@ def stories(gen, text, tok, args) -> None:
                     held[key].append(s[key] == getattr(segments[0][b], key))
                 kept.append(all(s[key] == getattr(segments[0][b], key) for key in held))
                 one.append(s["one_subject"])
-    print("action by segment:", [round(float(np.mean(a)), 2) for a in acted],
-          "action:", round(float(np.mean(sum(acted, []))), 3), "kept:", round(float(np.mean(kept)), 3),
-          {k: round(float(np.mean(v)), 2) for k, v in held.items()}, "one subject:", round(float(np.mean(one)), 2))
+    print("action by segment:", [share(a) for a in acted], "action:", share(sum(acted, [])))
+    print("kept:", share(kept), {k: share(v) for k, v in held.items()}, "one subject:", share(one))
 
 
 def long(gen, text, tok, args) -> None:
     rng = np.random.default_rng(2029)
     specs = [animals.random_spec(rng) for _ in range(6)]
     said = text.encode([animals.caption(s) for s in specs], gen.config.text.max_len)
-    videos = make_video(gen, tok, [said], [241], keep=args.keep, context_temperature=args.context_temperature,
-                        cfg=args.cfg, generator=torch.Generator().manual_seed(5)).float()
+    videos = make_video(gen, tok, [said], [241], keep=args.keep, cfg=args.cfg,
+                        context_temperature=args.context_temperature,
+                        generator=torch.Generator().manual_seed(5)).float()
     acted, facing = [], []
     for spec, video in zip(specs, videos):
         windows = [animals.judge(video[:, i:i + WINDOW]) for i in range(0, 231, 10)]
@@ -110,16 +112,20 @@ def first(gen, text, tok, args) -> None:
     # (B, 3, 11, H, W) in [-1, 1]
     real = torch.from_numpy(np.stack([animals.render(s, WINDOW, 64, rng) for s in specs]))
     real = real.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-    settings = dict(context_temperature=args.context_temperature, cfg=args.cfg, temperature=args.temperature)
-    ways = {"rendered first frame": dict(prompts=[said], frames=[WINDOW - 1], init=real[:, :, :1]),
-            "its own first frame": dict(prompts=[said, said], frames=[1, WINDOW - 1], keep_at_cut=1),
-            "the whole window": dict(prompts=[said], frames=[WINDOW])}
+    settings = dict(context_temperature=args.context_temperature, cfg=args.cfg,
+                    temperature=args.temperature)
+    ways = {
+        "rendered first frame": dict(prompts=[said], frames=[WINDOW - 1], init=real[:, :, :1]),
+        "its own first frame": dict(prompts=[said, said], frames=[1, WINDOW - 1], keep_at_cut=1),
+        "the whole window": dict(prompts=[said], frames=[WINDOW]),
+    }
     for name, way in ways.items():
         videos = make_video(gen, tok, **way, **settings, generator=torch.Generator().manual_seed(0))
         seen = [animals.judge(v) for v in videos.float()]
-        print(f"{name}: direction {np.mean([j['direction'] == s.direction for j, s in zip(seen, specs)]):.2f} "
-              f"action {np.mean([j['action'] == s.action for j, s in zip(seen, specs)]):.2f} "
-              f"one subject {np.mean([j['one_subject'] for j in seen]):.2f}")
+        direction = share([j["direction"] == s.direction for j, s in zip(seen, specs)])
+        action = share([j["action"] == s.action for j, s in zip(seen, specs)])
+        print(f"{name}: direction {direction} action {action}",
+              f"one subject {share([j['one_subject'] for j in seen])}")
 
 
 def main() -> None:
@@ -129,13 +135,16 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--context-temperature", type=float, default=CONTEXT_TEMPERATURE)
-    p.add_argument("--keep", type=int, help="latent frames of context at a shift (default half the window)")
-    p.add_argument("--keep-at-cut", type=int, help="latent frames of context at a cut (default --keep)")
+    p.add_argument("--keep", type=int,
+                   help="latent frames of context at a shift (default half the window)")
+    p.add_argument("--keep-at-cut", type=int,
+                   help="latent frames of context at a cut (default --keep)")
     args = p.parse_args()
     gen, text, tok, _ = load_generator("checkpoints/animals/generator.safetensors",
                                        "checkpoints/animals/tokenizer.safetensors")
     t0 = time.time()
-    {"prompts": prompts, "stories": stories, "long": long, "first": first}[args.study](gen, text, tok, args)
+    studies = {"prompts": prompts, "stories": stories, "long": long, "first": first}
+    studies[args.study](gen, text, tok, args)
     print(f"({time.time() - t0:.0f} s)")
 
 

@@ -210,3 +210,13 @@ def test_the_judge_reads_the_new_action_of_every_ideal_story_segment():
 def test_the_judge_reads_at_least_99_percent_of_many_ideal_story_segments():
     shares = continuations_judged_right(clips=100, seed=32)
     assert np.mean(list(shares.values())) >= 0.99 and min(shares.values()) >= 0.95, shares
+
+
+def test_an_evaluation_story_changes_the_action_at_each_cut_and_keeps_the_rest():
+    from stories import story_specs
+    segments = story_specs(np.random.default_rng(0), 40)
+    assert [len(seg) for seg in segments] == [40, 40, 40]
+    for before, after in zip(segments, segments[1:]):
+        for a, b in zip(before, after):
+            assert b.action != a.action and b.action in ACTIONS[b.species]
+            assert (b.species, b.color, b.direction, b.scene) == (a.species, a.color, a.direction, a.scene)
