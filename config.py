@@ -130,12 +130,15 @@ class TrainConfig:
     motion_weight: float = 1.0
     # stage 2: share of samples given their first 1..t-1 latent frames, the rest masked
     prefix_masks: float = 0.0
+    # stage 2: latent frames those samples are given; 0 draws 1..t-1
+    prefix_frames: int = 0
 
 
 # the fields that one stage alone reads: setting one for the other stage is a mistake, not a no-op
 STAGE_OF_FIELD = {"restart_every": 1, "fold_cosine": 1, "gan_weight": 1, "gan_start": 1,
                   "perceptual_weight": 1, "cache_clips": 2, "image_ratio": 2, "sample_steps": 2,
-                  "motion_weight": 2, "prefix_masks": 2}
+                  "motion_weight": 2, "prefix_masks": 2,
+                  "prefix_frames": 2}
 
 
 def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTConfig, TrainConfig]:
@@ -251,7 +254,7 @@ def override(config, assignments: list[str], prefix: str):
 
 # what --set may change when a run resumes: the schedule's length and peak, and how often it reports
 RESUMABLE = {"max_steps", "lr", "min_lr", "log_every", "image_every", "save_every", "sample_steps",
-             "grad_clip", "motion_weight", "prefix_masks"}
+             "grad_clip", "motion_weight", "prefix_masks", "prefix_frames"}
 
 
 def resume_changes(saved: tuple, asked: tuple) -> list[str]:

@@ -187,12 +187,12 @@ class MaskGIT(nn.Module):
         return torch.where(mask, ids, PAD), mask
 
     def mask_positions(self, codes: torch.Tensor, frames: torch.Tensor | None = None,
-                       prefix: float = 0.0):
+                       prefix: float = 0.0, prefix_frames: int = 0):
         """Draw the training mask: codes (B, t, h, w) -> tokens (B, t, h, w) with [MASK] where
         hidden, and masked (B, N), the positions to score. Each sample hides ⌈γ(r)·N_open⌉ of its
         open positions, r ~ U(0, 1). Open are the real ones, less, in a `prefix` share of the
-        samples, their first k latent frames (k uniform in 1..t-1), which stay visible and are never
-        scored. An image's padding frames are [MASK] too but are not scored."""
+        samples, their first k latent frames (k uniform in 1..t-1, or `prefix_frames` where set),
+        which stay visible and are never scored. An image's padding frames are [MASK] too but are not scored."""
         B, t, h, w = codes.shape
         N = t * h * w
         real = torch.ones(B, N, dtype=torch.bool, device=codes.device) if frames is None else self.real_positions(frames, codes.shape)
@@ -203,6 +203,8 @@ class MaskGIT(nn.Module):
             real_frames = torch.full((B,), t, device=codes.device) if frames is None else frames
             # (B,) in 1..t-1
             keep = (torch.rand(B, device=codes.device) * (real_frames - 1)).floor().long() + 1
+            if prefix_frames:
+                keep = (real_frames - 1).clamp(max=prefix_frames)
             keep = torch.where((torch.rand(B, device=codes.device) < prefix) & (real_frames > 1), keep, 0)
             open_ = real & ~self.real_positions(keep, codes.shape)  # (B, N)
         # (B,) share to mask, cosine schedule
@@ -218,14 +220,15 @@ class MaskGIT(nn.Module):
 
     def loss(self, codes: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor,
              frames: torch.Tensor | None = None, motion_weight: float = 1.0,
-             prefix: float = 0.0) -> torch.Tensor:
+             prefix: float = 0.0, prefix_frames: int = 0) -> torch.Tensor:
         """codes (B, t, h, w) long; ids, text_mask (B, L); frames (B,) real latent frames or
-        None (all); prefix: the share of samples masked as continuations (mask_positions).
+        None (all); prefix, prefix_frames: the share of samples masked as continuations and the
+        latent frames they keep (mask_positions).
         Returns the mean cross-entropy over the masked positions only. With motion_weight > 1 a
         code that differs from the one at its place in the latent frame before counts that many
         times: in a video most codes repeat the frame before, and a plain mean lets them
         outvote the few that move."""
-        tokens, masked = self.mask_positions(codes, frames, prefix)
+        tokens, masked = self.mask_positions(codes, frames, prefix, prefix_frames)
         ids, text_mask = self.drop_captions(ids, text_mask)
         # (B, t, h, w, K)
         logits = self(tokens, self.encode_text(ids, text_mask), text_mask, frames)

@@ -328,7 +328,7 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
                     # L_gen: mask ⌈cos(πr/2)·N⌉ codes (after a prefix of latent frames in a
                     # prefix_masks share), drop 10% of captions, cross-entropy on the masked ones
                     loss = loss_d("loss", codes[idx].to(device), ids, mask, frames,
-                                  cfg.motion_weight, cfg.prefix_masks)
+                                  cfg.motion_weight, cfg.prefix_masks, cfg.prefix_frames)
                     (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
             # clip, AdamW, EMA

@@ -139,9 +139,11 @@ def main() -> None:
                    help="latent frames of context at a shift (default half the window)")
     p.add_argument("--keep-at-cut", type=int,
                    help="latent frames of context at a cut (default --keep)")
+    p.add_argument("--generator", default="checkpoints/animals/generator.safetensors",
+                   help="the generator to study: the shipped one, or a run's model.safetensors")
+    p.add_argument("--tokenizer", default="checkpoints/animals/tokenizer.safetensors")
     args = p.parse_args()
-    gen, text, tok, _ = load_generator("checkpoints/animals/generator.safetensors",
-                                       "checkpoints/animals/tokenizer.safetensors")
+    gen, text, tok, _ = load_generator(args.generator, args.tokenizer)
     t0 = time.time()
     studies = {"prompts": prompts, "stories": stories, "long": long, "first": first}
     studies[args.study](gen, text, tok, args)

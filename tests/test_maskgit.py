@@ -309,3 +309,22 @@ def test_prefix_masks_keep_the_first_latent_frames_visible_and_never_score_them(
     images = torch.ones(400, dtype=torch.long)  # an image has no frame to keep: its one frame is masked as before
     _, image_masked = model.mask_positions(codes, images, prefix=1.0)
     assert image_masked.view(400, 4, 4)[:, 0].any(1).all() and not image_masked.view(400, 4, 4)[:, 1:].any()
+
+
+def test_prefix_frames_gives_each_continuation_exactly_that_many_latent_frames():
+    """prefix_frames=1: the subject's first latent frame given, everything after it to fill (the
+    motion search's masks); a clip shorter than that keeps all but its last frame."""
+    model = tiny_generator(latent_frames=4)
+    codes = torch.randint(16, (400, 4, 2, 2))
+    time = torch.arange(4).repeat_interleave(4)  # (N,) latent frame of each position
+    torch.manual_seed(0)
+    tokens, masked = model.mask_positions(codes, prefix=1.0, prefix_frames=1)
+    assert not masked[:, time == 0].any(), "latent frame 0 is never scored, in any sample"
+    assert tokens.flatten(1)[:, time == 0].equal(codes.flatten(1)[:, time == 0]), "and always given"
+    # latent frame 1 is open in every sample: masked in most (1..3 at random: in a third at most)
+    assert masked[:, time == 1].any(1).float().mean() > 0.6
+    _, three = model.mask_positions(codes, prefix=1.0, prefix_frames=3)
+    assert not three[:, time < 3].any() and three[:, time == 3].any(1).all()
+    two = torch.full((400,), 2, dtype=torch.long)  # clips of two real latent frames: all but the last given
+    _, short = model.mask_positions(codes, two, prefix=1.0, prefix_frames=3)
+    assert not short.view(400, 4, 4)[:, 0].any() and short.view(400, 4, 4)[:, 1].any(1).all()

@@ -11,6 +11,7 @@ import train
 from checkpoint import load_tokenizer
 from config import UsageError
 from distributed import check_gpus
+from maskgit import MaskGIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a model and a run small enough for a test: 3-frame 32 x 32 clips, batches of 2. The training tests mean
@@ -254,6 +255,22 @@ def test_generator_vocabulary_must_match_the_tokenizer(tokenizer, tmp_path, caps
                     "--set", "model.codebook_size=64"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "must equal the tokenizer's codebook size (32)" in err
+
+
+def test_stage2_trains_with_the_continuation_masks_it_is_given(tokenizer, tmp_path, monkeypatch):
+    """train.prefix_masks and train.prefix_frames reach the masks of every training step."""
+    seen, draw = [], MaskGIT.mask_positions
+
+    def spy(self, codes, frames=None, prefix=0.0, prefix_frames=0):
+        seen.append((prefix, prefix_frames))
+        return draw(self, codes, frames, prefix, prefix_frames)
+
+    monkeypatch.setattr(MaskGIT, "mask_positions", spy)
+    train.main(["--stage", "2", "--tokenizer-checkpoint", tokenizer, *TINY_GENERATOR, "--max-steps", "1",
+                "--set", "train.image_every=100", "--set", "train.prefix_masks=0.5",
+                "--set", "train.prefix_frames=1", "--out", str(tmp_path)])
+    # the training step's masks (validation and the probe draw plain ones)
+    assert (0.5, 1) in seen and (0.5, 0) not in seen
 
 
 def test_stage2_resume_matches_an_uninterrupted_run(tokenizer, tmp_path):
