@@ -137,8 +137,7 @@ class TrainConfig:
 # the fields that one stage alone reads: setting one for the other stage is a mistake, not a no-op
 STAGE_OF_FIELD = {"restart_every": 1, "fold_cosine": 1, "gan_weight": 1, "gan_start": 1,
                   "perceptual_weight": 1, "cache_clips": 2, "image_ratio": 2, "sample_steps": 2,
-                  "motion_weight": 2, "prefix_masks": 2,
-                  "prefix_frames": 2}
+                  "motion_weight": 2, "prefix_masks": 2, "prefix_frames": 2}
 
 
 def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTConfig, TrainConfig]:

@@ -192,7 +192,8 @@ class MaskGIT(nn.Module):
         hidden, and masked (B, N), the positions to score. Each sample hides ⌈γ(r)·N_open⌉ of its
         open positions, r ~ U(0, 1). Open are the real ones, less, in a `prefix` share of the
         samples, their first k latent frames (k uniform in 1..t-1, or `prefix_frames` where set),
-        which stay visible and are never scored. An image's padding frames are [MASK] too but are not scored."""
+        which stay visible and are never scored. An image's padding frames are [MASK] too but are
+        not scored."""
         B, t, h, w = codes.shape
         N = t * h * w
         real = torch.ones(B, N, dtype=torch.bool, device=codes.device) if frames is None else self.real_positions(frames, codes.shape)
@@ -261,11 +262,13 @@ class MaskGIT(nn.Module):
     def generate(self, ids: torch.Tensor, text_mask: torch.Tensor,
                  given: torch.Tensor | None = None, steps: int = STEPS, cfg: float = CFG,
                  temperature: float = TEMPERATURE, generator: torch.Generator | None = None,
-                 on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                 on_step: Callable[[int, int], None] | None = None,
+                 code_temperature: float = 1.0) -> torch.Tensor:
         """Captions ids, text_mask (B, L) -> codes (B, t, h, w). `given` (B, t', h, w) holds
         known codes and -1 where a code is to be generated; t' may be shorter than the window.
         None: generate all. `steps` is for a whole window; one with known codes takes
-        proportionally fewer (window_steps)."""
+        proportionally fewer (window_steps). `temperature` is the noise on the confidence that picks
+        which codes to keep; `code_temperature` sharpens (< 1) the draw of each code."""
         c = self.config
         B, device = ids.shape[0], ids.device
         if given is None:
@@ -285,7 +288,7 @@ class MaskGIT(nn.Module):
             # positions still to decide
             open_ = tokens == self.mask_id
             # (M, K): only where a code is still to be chosen
-            probs = logits[open_].float().softmax(-1)
+            probs = (logits[open_].float() / code_temperature).softmax(-1)
             pick = draw(probs, generator)  # (M, 1)
             sampled = tokens.masked_scatter(open_, pick.squeeze(1))  # (B, N)
             logp = torch.zeros(B, tokens.shape[1], device=device).masked_scatter(

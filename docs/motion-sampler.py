@@ -6,6 +6,7 @@ sampled under other settings, on seeds the evaluation never draws, and judged by
     python docs/motion-sampler.py stories --context-temperature 4.5     # 50 stories, seed 2028
     python docs/motion-sampler.py long --keep 2                         # 6 videos, seed 2029
     python docs/motion-sampler.py first                                 # 48 prompts, seed 2031
+    python docs/motion-sampler.py scroll                                # 96 clips, seed 2032
 
 prompts: canonical prompts, one clip each; the share right per attribute, and the direction per
 action (the judge reads it from the ground's travel when the subject moves, from its head at rest).
@@ -16,9 +17,12 @@ the windows' actions (r w j s f).
 first: which way the ground goes once the subject stands drawn. Prompts of running, walking and
 jumping; the 11-frame clip made three ways: the first frame rendered by the world and given, the
 generator's own first frame kept alone and continued, the whole window at once.
+scroll: does the generator know which way the ground goes, and does its sampler keep it? The true
+and the reversed scroll under a given first frame, by likelihood and by sampling.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -128,9 +132,59 @@ def first(gen, text, tok, args) -> None:
               f"one subject {share([j['one_subject'] for j in seen])}")
 
 
+def scroll(gen, text, tok, args) -> None:
+    """Each moving spec rendered facing right and facing left from the same draws, so that frame 0's
+    ground is alike; the facing-right clip's codes with the ground band (code row 7, the judge's)
+    of latent frames 1.. from either: the true scroll and the reversed one. Likelihood: frame 0
+    given, the rest masked, the band's log-likelihood of each. Sampling: frame 0 given, the rest
+    generated; which of the two the band's codes match more, and the judge's direction."""
+    specs, clips = [], []
+    for i in range(96):
+        spec = animals.random_spec(np.random.default_rng([2032, i]))
+        # a bird does not run
+        species = "dog" if spec.species == "bird" else spec.species
+        spec = dataclasses.replace(spec, species=species, direction="right",
+                                   action=("running", "walking", "jumping")[i % 3])
+        for d in ("right", "left"):
+            flipped = dataclasses.replace(spec, direction=d)
+            clips.append(animals.render(flipped, WINDOW, 64, np.random.default_rng([2033, i])))
+        specs.append(spec)
+    # (2n, 3, 11, H, W) in [-1, 1]
+    video = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    with torch.no_grad():
+        codes = torch.cat([tok.encode(video[i:i + 32]) for i in range(0, len(video), 32)])
+    true, reversed_ = codes[0::2], codes[0::2].clone()
+    reversed_[:, 1:, 7] = codes[1::2, 1:, 7]
+    said = text.encode([animals.caption(s) for s in specs], gen.config.text.max_len)
+    empty = text.encode([""] * len(specs), gen.config.text.max_len)
+    for name, (ids, mask) in (("the caption", said), ("no caption", empty)):
+        tokens = true.clone()
+        tokens[:, 1:] = gen.config.codebook_size
+        with torch.no_grad():
+            logp = gen.predict(tokens, ids, mask).float().log_softmax(-1)  # (n, t, h, w, K)
+        # (n,) the band's log-likelihood, latent frames 1..
+        ll = [logp.gather(-1, c[..., None])[:, 1:, 7].sum((1, 2, 3)) for c in (true, reversed_)]
+        more = share((ll[0] > ll[1]).tolist())
+        print(f"likelihood, {name}: the true scroll more likely in {more},",
+              f"by {float((ll[0] - ll[1]).mean()):.1f} nats")
+    given = true.clone()
+    given[:, 1:] = -1
+    for cfg, temperature, code_temperature in ((1.5, 4.5, 1.0), (1.5, 0.0, 1.0), (1.5, 4.5, 0.3),
+                                               (1.5, 0.0, 0.05), (3.0, 4.5, 1.0)):
+        out = gen.generate(*said, given=given, cfg=cfg, temperature=temperature,
+                           code_temperature=code_temperature,
+                           generator=torch.Generator().manual_seed(0))
+        near = [(out[:, 1:, 7] == c[:, 1:, 7]).float().mean((1, 2)).numpy()
+                for c in (true, reversed_)]
+        right = [animals.judge(v)["direction"] == "right" for v in tok.decode(out).float()]
+        print(f"sampled, guidance {cfg}, temperature {temperature}, codes at {code_temperature}:",
+              f"band nearer the true scroll {share(near[0] > near[1])}, the reversed",
+              f"{share(near[0] < near[1])}; judged right {share(right)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("study", choices=("prompts", "stories", "long", "first"))
+    p.add_argument("study", choices=("prompts", "stories", "long", "first", "scroll"))
     p.add_argument("--cfg", type=float, default=CFG)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--steps", type=int, default=STEPS)
@@ -145,7 +199,8 @@ def main() -> None:
     args = p.parse_args()
     gen, text, tok, _ = load_generator(args.generator, args.tokenizer)
     t0 = time.time()
-    studies = {"prompts": prompts, "stories": stories, "long": long, "first": first}
+    studies = {"prompts": prompts, "stories": stories, "long": long, "first": first,
+               "scroll": scroll}
     studies[args.study](gen, text, tok, args)
     print(f"({time.time() - t0:.0f} s)")
 

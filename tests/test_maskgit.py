@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import load_tokenizer, shipped
-from maskgit import (CONTEXT_TEMPERATURE, TEMPERATURE, MaskGIT, MaskGITConfig, draw, make_video, mask_ratio,
+from maskgit import (CFG, CONTEXT_TEMPERATURE, TEMPERATURE, MaskGIT, MaskGITConfig, draw, make_video, mask_ratio,
                      plan_windows, stream_video)
 import animals
 import shapes
@@ -95,6 +95,27 @@ def test_schedule_is_monotone_and_decoding_leaves_nothing_masked(text):
                            on_step=lambda s, n: open_counts.append(s))
     assert codes.shape == (3, 3, 2, 2) and open_counts == [1, 2, 3, 4, 5]
     assert ((codes >= 0) & (codes < 16)).all()  # no [MASK] (id 16) left
+
+
+def test_codes_drawn_near_temperature_zero_are_the_most_likely(text):
+    """code_temperature sharpens the draw of each code: near 0 it takes the argmax; at 1 it draws."""
+    model = tiny_generator()
+    ids, mask = text.encode(CAPTIONS, 16)
+    given = torch.full((3, 3, 2, 2), -1)
+    given[:, :2] = torch.randint(16, (3, 2, 2, 2))
+    # one step decides the last latent frame's 12 codes at once, from one prediction
+    cond = (model.encode_text(ids, mask), mask)
+    empty = torch.full((1, 1), BOS)
+    uncond = (model.encode_text(empty, empty > 0), empty > 0)
+    with torch.no_grad():
+        tokens = given.masked_fill(given < 0, model.mask_id)
+        likeliest = model.guided_logits(tokens, cond, uncond, CFG).argmax(-1)[:, 2]
+    for seed in range(3):
+        sharp = model.generate(ids, mask, given=given, steps=3, code_temperature=1e-3,
+                               generator=torch.Generator().manual_seed(seed))
+        assert sharp[:, 2].equal(likeliest)
+    drawn = model.generate(ids, mask, given=given, steps=3, generator=torch.Generator().manual_seed(0))
+    assert not drawn[:, 2].equal(likeliest), "at 1 the codes are drawn, not the argmax"
 
 
 def test_given_codes_never_change(text):
