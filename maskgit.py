@@ -202,10 +202,11 @@ class MaskGIT(nn.Module):
             # continuation: the first k latent frames are given, as when a window is shifted
             # (B,)
             real_frames = torch.full((B,), t, device=codes.device) if frames is None else frames
-            # (B,) in 1..t-1
-            keep = (torch.rand(B, device=codes.device) * (real_frames - 1)).floor().long() + 1
+            # (B,) in 1..t-1: prefix_frames, or a uniform draw
             if prefix_frames:
                 keep = (real_frames - 1).clamp(max=prefix_frames)
+            else:
+                keep = (torch.rand(B, device=codes.device) * (real_frames - 1)).floor().long() + 1
             keep = torch.where((torch.rand(B, device=codes.device) < prefix) & (real_frames > 1), keep, 0)
             open_ = real & ~self.real_positions(keep, codes.shape)  # (B, N)
         # (B,) share to mask, cosine schedule
