@@ -7,6 +7,7 @@ sampled under other settings, on seeds the evaluation never draws, and judged by
     python docs/motion-sampler.py long --keep 2                         # 6 videos, seed 2029
     python docs/motion-sampler.py first                                 # 48 prompts, seed 2031
     python docs/motion-sampler.py scroll                                # 96 clips, seed 2032
+    python docs/motion-sampler.py rerank                                # 64 prompts x 4, seed 2027
 
 prompts: canonical prompts, one clip each; the share right per attribute, and the direction per
 action (the judge reads it from the ground's travel when the subject moves, from its head at rest).
@@ -19,6 +20,9 @@ jumping; the 11-frame clip made three ways: the first frame rendered by the worl
 generator's own first frame kept alone and continued, the whole window at once.
 scroll: does the generator know which way the ground goes, and does its sampler keep it? The true
 and the reversed scroll under a given first frame, by likelihood and by sampling.
+rerank: can the generator's own likelihood pick the best of four samples of a prompt? Each sample is
+scored by its codes' log-likelihood under the caption (all masked, or the first latent frame given
+and the rest masked), or by that less the same under the empty caption (what the caption adds).
 """
 
 import argparse
@@ -38,6 +42,8 @@ from maskgit import CFG, CONTEXT_TEMPERATURE, STEPS, TEMPERATURE, make_video  # 
 from stories import sample_and_judge, story_specs  # noqa: E402
 
 WINDOW = 11
+# the actions whose direction the judge reads from the ground's travel
+MOVING = ("running", "walking", "jumping")
 
 
 def share(hits: list) -> float:
@@ -110,7 +116,7 @@ def first(gen, text, tok, args) -> None:
     specs = []
     while len(specs) < 48:
         spec = animals.random_spec(rng)
-        if spec.action in ("running", "walking", "jumping"):
+        if spec.action in MOVING:
             specs.append(spec)
     said = text.encode([animals.caption(s) for s in specs], gen.config.text.max_len)
     # (B, 3, 11, H, W) in [-1, 1]
@@ -144,7 +150,7 @@ def scroll(gen, text, tok, args) -> None:
         # a bird does not run
         species = "dog" if spec.species == "bird" else spec.species
         spec = dataclasses.replace(spec, species=species, direction="right",
-                                   action=("running", "walking", "jumping")[i % 3])
+                                   action=MOVING[i % 3])
         for d in ("right", "left"):
             flipped = dataclasses.replace(spec, direction=d)
             clips.append(animals.render(flipped, WINDOW, 64, np.random.default_rng([2033, i])))
@@ -182,9 +188,58 @@ def scroll(gen, text, tok, args) -> None:
               f"{share(near[0] < near[1])}; judged right {share(right)}")
 
 
+@torch.no_grad()
+def likelihoods(gen, codes, captions: list[tuple], visible: int) -> list[torch.Tensor]:
+    """codes (B, t, h, w) with latent frames visible.. masked -> the masked codes' summed
+    log-likelihood (B,) under each of the captions, (ids, mask) pairs."""
+    tokens = codes.clone()
+    tokens[:, visible:] = gen.config.codebook_size
+    sums = []
+    for i, m in captions:
+        logp = gen.predict(tokens, i, m).float().log_softmax(-1)  # (B, t, h, w, K)
+        sums.append(logp.gather(-1, codes[..., None])[:, visible:].sum((1, 2, 3, 4)))
+    return sums
+
+
+def rerank(gen, text, tok, args, candidates: int = 4) -> None:
+    rng = np.random.default_rng(2027)
+    specs = [animals.random_spec(rng) for _ in range(64)]
+    generator = torch.Generator().manual_seed(1)
+    picked, anyone = {}, []
+    for i in range(0, len(specs), 16):
+        chunk = specs[i:i + 16]
+        ids, mask = text.encode([animals.caption(s) for s in chunk], gen.config.text.max_len)
+        ids, mask = ids.repeat_interleave(candidates, 0), mask.repeat_interleave(candidates, 0)
+        codes = gen.generate(ids, mask, cfg=args.cfg, temperature=args.temperature,
+                             steps=args.steps, generator=generator)
+        seen = [animals.agreement(v, chunk[b // candidates])
+                for b, v in enumerate(tok.decode(codes).float())]
+        scores = {"the first drawn": torch.zeros(len(codes))}
+        empty = text.encode([""] * len(codes), gen.config.text.max_len)
+        for visible in (0, 1):
+            cond, uncond = likelihoods(gen, codes, [(ids, mask), empty], visible)
+            scores[f"likelihood, {visible} given"] = cond
+            scores[f"likelihood less the empty caption's, {visible} given"] = cond - uncond
+        for name, score in scores.items():
+            # (B,) the kept candidate of each prompt
+            best = score.view(-1, candidates).argmax(1)
+            kept = [seen[b * candidates + int(k)] for b, k in enumerate(best)]
+            picked.setdefault(name, []).extend(zip(chunk, kept))
+        # the judge's pick, which no sampler has: is any of the four right?
+        anyone.extend(any(v["direction"] for v in seen[b * candidates:(b + 1) * candidates])
+                      for b, spec in enumerate(chunk) if spec.action in MOVING)
+    for name, rows in picked.items():
+        moving = [v["direction"] for s, v in rows if s.action in MOVING]
+        print(f"{name}: direction of the moving {sum(moving)} of {len(moving)},",
+              {k: share([v[k] for _, v in rows])
+               for k in ("action", "species", "color", "one_subject")},
+              "all right", share([all(v.values()) for _, v in rows]))
+    print(f"any of the four: direction of the moving {sum(anyone)} of {len(anyone)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("study", choices=("prompts", "stories", "long", "first", "scroll"))
+    p.add_argument("study", choices=("prompts", "stories", "long", "first", "scroll", "rerank"))
     p.add_argument("--cfg", type=float, default=CFG)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--steps", type=int, default=STEPS)
@@ -200,7 +255,7 @@ def main() -> None:
     gen, text, tok, _ = load_generator(args.generator, args.tokenizer)
     t0 = time.time()
     studies = {"prompts": prompts, "stories": stories, "long": long, "first": first,
-               "scroll": scroll}
+               "scroll": scroll, "rerank": rerank}
     studies[args.study](gen, text, tok, args)
     print(f"({time.time() - t0:.0f} s)")
 
