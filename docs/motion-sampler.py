@@ -138,6 +138,15 @@ def first(gen, text, tok, args) -> None:
               f"one subject {share([j['one_subject'] for j in seen])}")
 
 
+@torch.no_grad()
+def masked_log_probs(gen, codes, visible: int, ids, mask) -> torch.Tensor:
+    """codes (B, t, h, w) with latent frames visible.. masked -> the generator's log-probabilities
+    of every code at every place (B, t, h, w, K) under the captions ids, mask (B, L)."""
+    tokens = codes.clone()
+    tokens[:, visible:] = gen.config.codebook_size
+    return gen.predict(tokens, ids, mask).float().log_softmax(-1)
+
+
 def scroll(gen, text, tok, args) -> None:
     """Each moving spec rendered facing right and facing left from the same draws, so that frame 0's
     ground is alike; the facing-right clip's codes with the ground band (code row 7, the judge's)
@@ -163,11 +172,9 @@ def scroll(gen, text, tok, args) -> None:
     reversed_[:, 1:, 7] = codes[1::2, 1:, 7]
     said = text.encode([animals.caption(s) for s in specs], gen.config.text.max_len)
     empty = text.encode([""] * len(specs), gen.config.text.max_len)
-    for name, (ids, mask) in (("the caption", said), ("no caption", empty)):
-        tokens = true.clone()
-        tokens[:, 1:] = gen.config.codebook_size
-        with torch.no_grad():
-            logp = gen.predict(tokens, ids, mask).float().log_softmax(-1)  # (n, t, h, w, K)
+    for name, caption in (("the caption", said), ("no caption", empty)):
+        # frame 0 alike in both: one prediction scores the two
+        logp = masked_log_probs(gen, true, 1, *caption)
         # (n,) the band's log-likelihood, latent frames 1..
         ll = [logp.gather(-1, c[..., None])[:, 1:, 7].sum((1, 2, 3)) for c in (true, reversed_)]
         more = share((ll[0] > ll[1]).tolist())
@@ -188,17 +195,11 @@ def scroll(gen, text, tok, args) -> None:
               f"{share(near[0] < near[1])}; judged right {share(right)}")
 
 
-@torch.no_grad()
-def likelihoods(gen, codes, captions: list[tuple], visible: int) -> list[torch.Tensor]:
-    """codes (B, t, h, w) with latent frames visible.. masked -> the masked codes' summed
-    log-likelihood (B,) under each of the captions, (ids, mask) pairs."""
-    tokens = codes.clone()
-    tokens[:, visible:] = gen.config.codebook_size
-    sums = []
-    for i, m in captions:
-        logp = gen.predict(tokens, i, m).float().log_softmax(-1)  # (B, t, h, w, K)
-        sums.append(logp.gather(-1, codes[..., None])[:, visible:].sum((1, 2, 3, 4)))
-    return sums
+def log_likelihood(gen, codes, visible: int, ids, mask) -> torch.Tensor:
+    """codes (B, t, h, w) -> the summed log-likelihood (B,) of latent frames visible.., masked,
+    under the captions ids, mask (B, L)."""
+    logp = masked_log_probs(gen, codes, visible, ids, mask)
+    return logp.gather(-1, codes[..., None])[:, visible:].sum((1, 2, 3, 4))
 
 
 def rerank(gen, text, tok, args, candidates: int = 4) -> None:
@@ -217,7 +218,8 @@ def rerank(gen, text, tok, args, candidates: int = 4) -> None:
         scores = {"the first drawn": torch.zeros(len(codes))}
         empty = text.encode([""] * len(codes), gen.config.text.max_len)
         for visible in (0, 1):
-            cond, uncond = likelihoods(gen, codes, [(ids, mask), empty], visible)
+            cond = log_likelihood(gen, codes, visible, ids, mask)
+            uncond = log_likelihood(gen, codes, visible, *empty)
             scores[f"likelihood, {visible} given"] = cond
             scores[f"likelihood less the empty caption's, {visible} given"] = cond - uncond
         for name, score in scores.items():

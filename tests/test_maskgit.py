@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import load_tokenizer, shipped
-from maskgit import (CFG, CONTEXT_TEMPERATURE, TEMPERATURE, MaskGIT, MaskGITConfig, draw, make_video, mask_ratio,
-                     plan_windows, stream_video)
+from maskgit import (CFG, CONTEXT_TEMPERATURE, TEMPERATURE, MaskGIT, MaskGITConfig, draw, make_video,
+                     mask_ratio, plan_windows, stream_video)
 import animals
 import shapes
 from animals import AnimalSpec
