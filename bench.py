@@ -6,6 +6,7 @@ How fast is this Phenaki? Every hot path timed the same way, on whatever device 
     python bench.py --repeats 10 --json bench.json
     python bench.py --peer                   # also time phenaki-pytorch 0.5.0 on the same work
     python bench.py --compile                # training steps under torch.compile (or --channels-last)
+    python bench.py --bf16                   # the CPU's steps under bf16 autocast (train.precision=bf16)
     python bench.py --only cvivit_train --profile   # where its time goes, op by op
 
 Each configuration runs in a fresh subprocess (so that peak memory belongs to it alone), warms up,
@@ -16,7 +17,8 @@ then times `repeats` runs and reports the median:
   gflop         model FLOPs of one run, counted by torch.utils.flop_counter (matmuls, convolutions,
                 attention; forward and backward), not estimated by formula
   mfu           model FLOPs per second / the peak FLOP/s of a large matmul measured in the same
-                process on the same device: fp32 on the CPU, bf16 under autocast on CUDA
+                process on the same device: fp32 on the CPU, bf16 under autocast on CUDA (and on the
+                CPU with --bf16)
 
 With --peer, cvivit_train and maskgit_train also run through the earlier open implementation, the
 pip package phenaki-pytorch==0.5.0, when it is installed (it is not a dependency of ours):
@@ -83,10 +85,18 @@ PEER_CONFIGS = ("cvivit_train", "maskgit_train")
 TRAINING = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", *GPU_ONLY)
 
 
+# --bf16: the CPU's training steps and matmul roof in bf16, as on CUDA
+CPU_BF16 = False
+
+
+def bf16(device: torch.device) -> bool:
+    return device.type == "cuda" or CPU_BF16
+
+
 def matmul_peak(device: torch.device) -> float:
     """FLOP/s of a large square matmul: the roof MFU is measured against."""
     n = 4096 if device.type == "cuda" else 2048
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if bf16(device) else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     seconds = timed(lambda: a @ b, device, repeats=10)
     return 2 * n**3 / seconds
@@ -118,11 +128,12 @@ def count_flops(fn) -> float:
 
 
 def train_step(model: torch.nn.Module, loss_fn, device: torch.device):
-    """One optimizer step as train.py takes it: forward under autocast on CUDA, backward, AdamW."""
+    """One optimizer step as train.py takes it: forward under bf16 autocast (on CUDA, or with
+    --bf16), backward, AdamW."""
     opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=device.type == "cuda")
 
     def step() -> None:
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16(device)):
             loss = loss_fn()
         loss.backward()
         opt.step()
@@ -352,9 +363,10 @@ def profile(name: str, device: torch.device, peer: bool, rows: int = 20) -> None
 
 def run_child(name: str, args, peer: bool = False) -> dict | str:
     """One configuration in a fresh process: -> its results, or the reason it failed."""
+    switches = {"--peer-side": peer, "--compile": args.compile, "--channels-last": args.channels_last,
+                "--bf16": args.bf16}
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--only", name, "--repeats", str(args.repeats),
-           "--device", args.device] + (["--peer-side"] if peer else []) + (["--compile"] if args.compile else []) + (
-           ["--channels-last"] if args.channels_last else [])
+           "--device", args.device] + [flag for flag, on in switches.items() if on]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
@@ -379,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="time our training steps with each transformer block (or the tokenizer) under torch.compile")
     p.add_argument("--channels-last", action="store_true",
                    help="time the conv weights in channels-last (3D) layout")
+    p.add_argument("--bf16", action="store_true",
+                   help="on the CPU too, the training steps under bf16 autocast and a bf16 roof")
     # one configuration, JSON on stdout
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     # the child times the peer
@@ -387,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="print where the time of each --only configuration goes")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    global CPU_BF16
+    CPU_BF16 = args.bf16
     if args.profile:
         for name in args.only or CONFIGS:
             if name != "data":

@@ -35,6 +35,7 @@ from vqgan import NORMS, VQGANConfig
 
 # the strings of a model config, each a choice
 CHOICES = {"position": POSITIONS, "norm": NORMS}
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 class UsageError(Exception):
@@ -110,6 +111,9 @@ class TrainConfig:
     gan_start: int = 1_000_000
     # stage 1: weight of the VGG loss, when --perceptual-weights is given
     perceptual_weight: float = 0.1
+    # the steps' autocast: "auto" is bf16 on CUDA and fp32 on the CPU; "bf16" on the CPU too, for
+    # CPUs with AVX-512 BF16 or AMX (lscpu), where steps ran 1.3-1.5x faster (docs/speed.md)
+    precision: str = "auto"
     # seeds the model init, the data order and every step's RNG
     seed: int = 0
     # steps between log.jsonl lines
@@ -253,7 +257,7 @@ def override(config, assignments: list[str], prefix: str):
 
 # what --set may change when a run resumes: the schedule's length and peak, and how often it reports
 RESUMABLE = {"max_steps", "lr", "min_lr", "log_every", "image_every", "save_every", "sample_steps",
-             "grad_clip", "motion_weight", "prefix_masks", "prefix_frames"}
+             "grad_clip", "motion_weight", "prefix_masks", "prefix_frames", "precision"}
 
 
 def resume_changes(saved: tuple, asked: tuple) -> list[str]:
@@ -300,4 +304,6 @@ def configure(stage: int, preset: str, tokenizer: str, assignments: list[str],
     for name, choices in CHOICES.items():
         if getattr(model_cfg, name, choices[0]) not in choices:
             raise UsageError(f"model.{name} must be one of {', '.join(choices)}, got {getattr(model_cfg, name)!r}")
+    if cfg.precision not in PRECISIONS:
+        raise UsageError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     return model_cfg, cfg

@@ -45,3 +45,25 @@ def test_the_preset_generators_build_at_their_sizes():
         sizes = {name: sum(p.numel() for p in bench.build(name, torch.device("meta"))[3].parameters())
                  for name in bench.GPU_ONLY}
     assert round(sizes["maskgit_base"] / 1e6) == 138 and round(sizes["maskgit_paper"] / 1e8) == 17
+
+
+def test_bf16_puts_the_cpu_training_step_under_autocast_and_reaches_the_child(monkeypatch):
+    """--bf16 times what train.precision=bf16 trains: the CPU step's matmuls in bf16, in the child
+    process that measures each configuration."""
+    layer = torch.nn.Linear(8, 8)
+    seen = []
+
+    def loss() -> torch.Tensor:
+        out = layer(torch.randn(4, 8))
+        seen.append(out.dtype)
+        return out.float().square().mean()
+
+    for on, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(bench, "CPU_BF16", on)
+        bench.train_step(layer, loss, torch.device("cpu"))()
+        assert seen[-1] == dtype
+    commands = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: commands.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0, stdout='{"ms": 1.0}\n', stderr=""))
+    bench.main(["--only", "maskgit_tiny", "--bf16", "--repeats", "1"])
+    assert "--bf16" in commands[0]

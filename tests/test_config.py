@@ -58,3 +58,10 @@ def test_an_integer_field_takes_whole_numbers_only():
     for bad in ("3e-1", "2.5", "1e400", "nan"):
         with pytest.raises(UsageError, match="train.batch_size"):
             configure(2, "tiny", "vqgan", [f"train.batch_size={bad}"])
+
+
+def test_the_precision_is_a_checked_train_field():
+    """fp16 is no choice (its matmuls overflow without a loss scaler, which train.py has not)."""
+    assert configure(2, "tiny", "vqgan", ["train.precision=bf16"])[1].precision == "bf16"
+    with pytest.raises(UsageError, match="train.precision must be one of auto, bf16, fp32"):
+        configure(2, "tiny", "vqgan", ["train.precision=fp16"])

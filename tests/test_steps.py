@@ -2,7 +2,7 @@ import torch
 
 from config import TrainConfig
 from maskgit import MaskGIT, MaskGITConfig
-from steps import DECAYED, adamw, step_seed
+from steps import DECAYED, Steps, adamw, step_seed
 from text_encoder import TextEncoderConfig
 from vqgan import VQGAN, VQGANConfig
 
@@ -32,3 +32,14 @@ def test_weight_decay_shrinks_layer_weights_only():
         for name, p in model.named_parameters():
             factor = 1 - 0.1 * 0.5 if name in layers else 1.0
             torch.testing.assert_close(p.detach(), before[name] * factor, msg=name)
+
+
+def test_the_cpu_steps_run_in_bf16_only_when_asked(tmp_path):
+    """train.precision: "auto" and "fp32" keep the CPU in fp32 (bf16 crawls on CPUs without its
+    instructions); "bf16" puts the CPU's matmuls under bf16 autocast."""
+    cpu = torch.device("cpu")
+    a = torch.ones(4, 4)
+    for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        steps = Steps(TrainConfig(precision=precision), str(tmp_path / precision), 0, 1, cpu, 0, 0)
+        with steps.autocast:
+            assert (a @ a).dtype == dtype, precision
