@@ -89,14 +89,10 @@ TRAINING = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", *GPU
 CPU_BF16 = False
 
 
-def bf16(device: torch.device) -> bool:
-    return device.type == "cuda" or CPU_BF16
-
-
 def matmul_peak(device: torch.device) -> float:
     """FLOP/s of a large square matmul: the roof MFU is measured against."""
     n = 4096 if device.type == "cuda" else 2048
-    dtype = torch.bfloat16 if bf16(device) else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" or CPU_BF16 else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     seconds = timed(lambda: a @ b, device, repeats=10)
     return 2 * n**3 / seconds
@@ -133,7 +129,7 @@ def train_step(model: torch.nn.Module, loss_fn, device: torch.device):
     opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=device.type == "cuda")
 
     def step() -> None:
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16(device)):
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" or CPU_BF16):
             loss = loss_fn()
         loss.backward()
         opt.step()
