@@ -35,6 +35,7 @@ from vqgan import NORMS, VQGANConfig
 
 # the strings of a model config, each a choice
 CHOICES = {"position": POSITIONS, "norm": NORMS}
+# train.precision: bf16 autocast on CUDA alone, on any device, or nowhere
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -111,8 +112,8 @@ class TrainConfig:
     gan_start: int = 1_000_000
     # stage 1: weight of the VGG loss, when --perceptual-weights is given
     perceptual_weight: float = 0.1
-    # the steps' autocast: "auto" is bf16 on CUDA and fp32 on the CPU; "bf16" on the CPU too, for
-    # CPUs with AVX-512 BF16 or AMX (lscpu), where steps ran 1.3-1.5x faster (docs/speed.md)
+    # the steps' autocast: "auto" is bf16 on CUDA and fp32 on the CPU; "bf16" on the CPU too (on one
+    # with avx512_bf16 in lscpu, steps ran 1.3-1.5x faster: docs/speed.md); "fp32" everywhere
     precision: str = "auto"
     # seeds the model init, the data order and every step's RNG
     seed: int = 0
