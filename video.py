@@ -42,6 +42,12 @@ from config import UsageError
 
 # Legend: T frames, H W pixels.
 
+# swscale runs in the calling thread. PyAV (18 on) keeps one scaler a thread for the life of the
+# process, with a pool of slice threads when asked for more than one; a DataLoader worker forked
+# after the main process scaled a frame inherits that scaler without its threads and waits for them
+# forever. One thread keeps no pool, and the workers are the parallelism anyway.
+SWS_THREADS = 1
+
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -122,8 +128,10 @@ def _rgb(frame: av.VideoFrame, size: int | None, crop: str = "center",
     if size is not None:
         # swscale's area filter averages the pixels it drops, so downscaling does not alias; it also
         # drops alpha and converts gray, 10-bit and any other pixel format to 8-bit RGB
-        frame = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA")
-    img = frame.to_ndarray(format="rgb24")  # (H, W, 3) from any pixel format
+        frame = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA",
+                               threads=SWS_THREADS)
+    # (H, W, 3) from any pixel format
+    img = frame.to_ndarray(format="rgb24", threads=SWS_THREADS)
     # upright
     img = np.rot90(img[:, ::-1] if mirrored else img, k=-turns)
     if size is not None and crop == "pad":
@@ -296,8 +304,8 @@ class VideoWriter:
             # near lossless; the default 23 smears small clips
             self.stream.options = {"crf": "18"} if mp4 else {}
         for img in video:
-            frame = av.VideoFrame.from_ndarray(img,
-                                               format="rgb24").reformat(format=self.stream.pix_fmt)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame = frame.reformat(format=self.stream.pix_fmt, threads=SWS_THREADS)
             self.container.mux(self.stream.encode(frame))
 
     def close(self) -> None:

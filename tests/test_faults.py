@@ -43,7 +43,10 @@ def launched(cmd: list[str]):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        # DataLoader workers leave the group (faults.quiet_worker): one that hangs keeps the pipes
+        # open after the run is gone, and the test fails instead of waiting on it forever
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=60)
 
 
 def wait_for(ready, proc: subprocess.Popen, seconds: float = 120) -> None:
@@ -51,7 +54,7 @@ def wait_for(ready, proc: subprocess.Popen, seconds: float = 120) -> None:
     check = (lambda: os.path.exists(ready)) if isinstance(ready, str) else ready
     deadline = time.time() + seconds
     while not check():
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert proc.poll() is None, proc.communicate(timeout=60)[1][-2000:]
         assert time.time() < deadline, "the run never got there"
         time.sleep(0.02)
 

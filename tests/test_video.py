@@ -208,3 +208,25 @@ def test_a_video_written_in_pieces_equals_one_written_whole(tmp_path):
         for start in range(0, 9, 4):
             writer.write(video[start:start + 4])
     assert np.array_equal(read_video(str(tmp_path / "whole.mp4")), read_video(str(tmp_path / "pieces.mp4")))
+
+
+def _read_both_ways(path: str) -> None:
+    read_video(path, size=32)
+    read_video(path)
+
+
+def test_a_process_forked_after_a_read_reads_too(tmp_path):
+    """DataLoader workers are forked after the main process decoded its held-out clips; a scaler
+    they inherit with its threads missing hung them for good (PyAV 18's per-thread scaler)."""
+    import multiprocessing
+    path = str(tmp_path / "a.mp4")
+    encode(path, np.random.default_rng(0).integers(0, 255, (3, 48, 64, 3), dtype=np.uint8))
+    # resized, and converted to RGB as it is: both go through swscale
+    _read_both_ways(path)
+    child = multiprocessing.get_context("fork").Process(target=_read_both_ways, args=(path,))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0, "the forked reader hung or failed"
