@@ -42,10 +42,8 @@ from config import UsageError
 
 # Legend: T frames, H W pixels.
 
-# swscale runs in the calling thread. PyAV (18 on) keeps one scaler a thread for the life of the
-# process, with a pool of slice threads when asked for more than one; a DataLoader worker forked
-# after the main process scaled a frame inherits that scaler without its threads and waits for them
-# forever. One thread keeps no pool, and the workers are the parallelism anyway.
+# swscale in the calling thread: PyAV 18 keeps one scaler a thread for the process's life, and a
+# DataLoader worker forked after the main process scaled a frame waits on slice threads it lacks
 SWS_THREADS = 1
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
