@@ -58,6 +58,21 @@ def run_reconstruct(args) -> None:
     print(f"wrote: {args.out}")
 
 
+def frame_shares(frames: int, prompts: int, have: int = 0) -> list[int]:
+    """The new frames of each prompt's segment in a video of `frames` frames whose first `have`
+    are given (--init): equal shares, the first ones a frame more where they do not divide.
+    UsageError where a prompt would get none (serve.py asks the same of a page's request)."""
+    new = frames - have
+    if new < 1:
+        raise UsageError(f"--init already has {have} frames; ask for more with --frames")
+    if new < prompts:
+        # each prompt gets frames of its own
+        raise UsageError(f"--frames {frames} makes {new} new frame(s) for {prompts} prompts"
+                         + (f" after --init's {have}" if have else "")
+                         + f"; ask for at least --frames {have + prompts}")
+    return [new // prompts + (i < new % prompts) for i in range(prompts)]
+
+
 def run_generate(args) -> None:
     if any(not p.strip() for p in args.prompts):
         raise UsageError("a prompt is empty; say what the video should show")
@@ -75,16 +90,7 @@ def run_generate(args) -> None:
     # (1, 3, T0, H, W)
     init = (read_clip(args.init, cfg.get("image_size", 64), cfg.get("fps", 8.0))[None]
             if args.init else None)
-    new = frames - (0 if init is None else init.shape[2])
-    if new < 1:
-        raise UsageError(f"--init already has {init.shape[2]} frames; ask for more with --frames")
-    if new < len(args.prompts):
-        # each prompt gets frames of its own
-        raise UsageError(f"--frames {frames} makes {new} new frame(s) for {len(args.prompts)} prompts"
-                         + (f" after --init's {frames - new}" if init is not None else "")
-                         + f"; ask for at least --frames {frames - new + len(args.prompts)}")
-    n_prompts = len(args.prompts)
-    shares = [new // n_prompts + (i < new % n_prompts) for i in range(n_prompts)]
+    shares = frame_shares(frames, len(args.prompts), 0 if init is None else init.shape[2])
     t = model.config.latent_frames
     if args.keep is not None and args.keep > t - 1:
         print(f"note: --keep {args.keep} leaves no room for new frames in a window of {t} latent "
