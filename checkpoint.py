@@ -42,8 +42,8 @@ from checks import (MODELS, Checked, Header, check_common, check_model, check_pa
 from config import TOKENIZER_CONFIGS, TrainConfig, UsageError, exit_usage
 from cvivit import CViViT
 from maskgit import MaskGITConfig
+from outputs import check_destination
 from text_encoder import CaptionTokenizer
-from video import check_destination
 from vqgan import VQGAN
 
 # stage 1: vqgan, cvivit

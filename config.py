@@ -67,6 +67,26 @@ def exit_usage(err: Exception) -> None:
 
 TOKENIZER_CONFIGS = {"vqgan": VQGANConfig, "cvivit": CViViTConfig}
 
+# the largest guidance scale and temperature a sampler takes: each multiplies logits, and a larger
+# factor can overflow fp32 (3.4e38) into a one-colour video; the paper uses 0.1 to 12 and 4 to 8
+SAMPLING_MAX = 1000.0
+# the most decoding steps a window takes
+STEPS_MAX = 1000
+# seeds are signed 64-bit numbers to torch.Generator
+SEED_MAX = 2 ** 63 - 1
+
+
+def check_sampling(steps: int, guidance: float, temperature: float, seed: int) -> None:
+    """The sampling flags of sample.py and evaluate.py, each in its range, or a UsageError."""
+    if not 1 <= steps <= STEPS_MAX:
+        raise UsageError(f"--steps must lie in 1 to {STEPS_MAX}, got {steps}")
+    for flag, value in (("--cfg", guidance), ("--temperature", temperature)):
+        # NaN fails both comparisons
+        if not 0 <= value <= SAMPLING_MAX:
+            raise UsageError(f"{flag} must lie in 0 to {SAMPLING_MAX:g}, got {value}")
+    if not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"--seed must lie in 0 to 2^63 - 1, got {seed}")
+
 
 @dataclass
 class TrainConfig:
@@ -168,8 +188,9 @@ def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTCon
         if vqgan:
             model = VQGANConfig(widths=(64, 128, 256), res_blocks=2, codebook_size=4096, code_dim=32)
         else:
+            # its position grid is the clips' 128 pixels
             model = CViViTConfig(dim=256, spatial_depth=4, temporal_depth=4, heads=8, mlp=1024,
-                                 codebook_size=4096, code_dim=32)
+                                 image_size=128, codebook_size=4096, code_dim=32)
         return model, TrainConfig(image_size=128, batch_size=16, max_steps=100_000, lr=3e-4,
                                   min_lr=3e-5, warmup=2000, ema=0.999, gan_start=20_000, workers=8)
     if name == "paper":
@@ -177,7 +198,7 @@ def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTCon
             model = VQGANConfig(widths=(128, 256, 512), res_blocks=2, codebook_size=8192, code_dim=32)
         else:
             model = CViViTConfig(dim=512, spatial_depth=4, temporal_depth=4, heads=8, mlp=2048,
-                                 codebook_size=8192, code_dim=32)
+                                 image_size=128, codebook_size=8192, code_dim=32)
         return model, TrainConfig(image_size=128, batch_size=8, max_steps=100_000, lr=1e-4,
                                   min_lr=1e-5, warmup=5000, grad_clip=10.0, ema=0.999,
                                   gan_start=10_000, workers=8)

@@ -54,10 +54,11 @@ import torch.nn.functional as F
 
 import animals
 from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, read_header, shipped
-from config import HelpWithDefaults, UsageError, exit_usage
+from config import HelpWithDefaults, UsageError, check_sampling, exit_usage
 from data import make_source
 from maskgit import CFG, STEPS, TEMPERATURE
 from motion import code_following, motion_extras
+from outputs import check_destination
 from progress import write_grid
 from stories import (animals_extras, animals_stories, judged_in_batches, sample_and_judge,
                      shapes_long, shapes_stories, shares)
@@ -307,6 +308,14 @@ def main(argv: list[str] | None = None) -> None:
     args.checkpoint = args.checkpoint or shipped(args.world, "generator")
     args.tokenizer_checkpoint = args.tokenizer_checkpoint or shipped(args.world, "tokenizer")
     try:
+        # the flags, and where --json and --grid go, before any work
+        for flag, value, low in (("--clips", args.clips, 1), ("--prompts", args.prompts, 1),
+                                 ("--stories", args.stories, 0)):
+            if value < low:
+                raise UsageError(f"{flag} must be at least {low}, got {value}")
+        check_sampling(args.steps, args.cfg, args.temperature, args.seed)
+        for written in filter(None, (args.json, args.grid)):
+            check_destination(written, [args.checkpoint, args.tokenizer_checkpoint])
         # the tensors are read once, by the loader of its stage
         meta, _ = read_header(args.checkpoint)
         # the run's data, sizes and fps

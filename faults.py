@@ -20,6 +20,7 @@ goes on), a SIGKILL (--resume continues from the last checkpoint: checkpoint.py 
 a worker that dies under torchrun (distributed.process_group_store lets the restarted group meet).
 """
 
+import contextlib
 import math
 import os
 import signal
@@ -93,6 +94,21 @@ class StepGuard:
         sys.exit(128 + (self.signalled or signal.SIGTERM))
 
 
+@contextlib.contextmanager
+def signals_unwind():
+    """Within: SIGTERM and Ctrl-C leave by SystemExit(128 + the signal), which unwinds the with-blocks
+    on the way, so a script that writes a file (sample.py) removes its `.part` under either signal."""
+    def unwind(signum: int, frame) -> None:
+        print(f"\nstopped by signal {signum}; unfinished files removed", file=sys.stderr)
+        sys.exit(128 + signum)
+    previous = {sig: signal.signal(sig, unwind) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def quiet_worker(worker: int) -> None:
     """DataLoader workers leave the process group, so that Ctrl-C or a SIGTERM sent to the group (as
     schedulers do) reaches only the main process, which saves and then stops them itself."""
@@ -105,6 +121,11 @@ def exit_code(err: BaseException) -> int:
     if isinstance(err, SystemExit):
         # leave_if_signalled
         return err.code
+    if isinstance(err, KeyboardInterrupt):
+        # Ctrl-C before the guard is on (while the token cache is built), or a second one
+        print("\nstopped by Ctrl-C; what was saved stays, and --resume goes on from it",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     if isinstance(err, (UsageError, UnusableData)):
         # a --resume with nothing readable; data with nothing usable raised in a DataLoader worker,
         # the message carries the worker's traceback: its last line is the error

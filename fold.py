@@ -30,8 +30,8 @@ from checkpoint import file_digest, load_checkpoint, load_tokenizer, save_checkp
 from checks import train_record
 from config import UsageError, exit_usage
 from data import make_source
+from outputs import check_destination
 from stream import ClipStream
-from video import check_destination
 
 
 @torch.no_grad()

@@ -26,20 +26,21 @@ time (a last window of even length is padded with its last frame, dropped again)
 
 import argparse
 import json
-import os
-import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, shipped
-from config import HelpWithDefaults, UsageError, exit_usage
+from config import HelpWithDefaults, UsageError, check_sampling, exit_usage
 from distributed import check_device
 from evaluate import psnr, reconstruct, ssim
+from faults import exit_code, signals_unwind
 from maskgit import CFG, STEPS, TEMPERATURE, plan_windows, stream_video, window_steps
 from progress import Progress
-from video import Outputs, check_outputs, read_clip, save_output
+from outputs import check_outputs, default_out
+from video import MAX_FRAMES, Outputs, read_clip, save_output
 from worlds import WORLDS
 
 # Legend: T frames, H W pixels, t latent frames, L text length.
@@ -87,8 +88,8 @@ def run_generate(args) -> None:
     for unseen in filter(None, map(text.unseen, args.prompts)):
         print(f"warning: the model never saw these words in training: {', '.join(unseen)}",
               file=sys.stderr)
-    # (1, 3, T0, H, W)
-    init = (read_clip(args.init, cfg.get("image_size", 64), cfg.get("fps", 8.0))[None]
+    # (1, 3, T0, H, W), read no further than the video asked for
+    init = (read_clip(args.init, cfg.get("image_size", 64), cfg.get("fps", 8.0), frames)[None]
             if args.init else None)
     shares = frame_shares(frames, len(args.prompts), 0 if init is None else init.shape[2])
     t = model.config.latent_frames
@@ -105,17 +106,17 @@ def run_generate(args) -> None:
     t0 = time.time()
     # what its world taught of cuts
     cut = WORLDS[cfg["data"]].KEEP_AT_CUT if cfg.get("data") in WORLDS else None
-    plan = plan_windows(t, args.keep, shares, 0 if init is None else init.shape[2], cut)
-    # k = (context + 1) / 2
-    total = sum(window_steps(args.steps, t - (context + 1) // 2, t) for _, context, _ in plan)
-    progress = Progress(total, "decoding step")
+    # each window's decoding steps, counted as the windows are planned: k = (context + 1) / 2
+    per_window = [window_steps(args.steps, t - (context + 1) // 2, t)
+                  for _, context, _ in plan_windows(t, args.keep, shares, frames - sum(shares), cut)]
+    progress = Progress(sum(per_window), "decoding step")
     # decoding steps, frames and windows made so far, for the progress line
     count = {"steps": 0, "frames": 0, "windows": 0}
 
     def on_step(step: int, steps: int) -> None:
         count["steps"] += 1
         rate = count["frames"] * n / max(progress.elapsed(), 1e-9)
-        where = f"window {count['windows'] + 1}/{len(plan)}"
+        where = f"window {count['windows'] + 1}/{len(per_window)}"
         progress.update(count["steps"], f"{where} | {rate:.1f} frames/s")
 
     with Outputs(args.out, n, cfg.get("fps", 8.0), args.scale) as outputs:
@@ -172,26 +173,27 @@ def main(argv: list[str] | None = None) -> None:
             # one reconstruction is written to --out itself: no <out>-<i> files, nothing to continue
             flag = "--init" if args.init else "--samples"
             raise UsageError(f"--reconstruct makes one video; {flag} is for generation")
-        for flag, value, high, what in (("--frames", args.frames, None, "be positive"),
+        longest = f"lie in 1 to {MAX_FRAMES} (what --init and --reconstruct read back)"
+        for flag, value, high, what in (("--frames", args.frames, MAX_FRAMES, longest),
                                         ("--scale", args.scale, 16, "lie in 1 to 16"),
                                         ("--keep", args.keep, None, "be at least 1 latent frame"),
-                                        ("--samples", args.samples, 64, "lie in 1 to 64"),
-                                        ("--steps", args.steps, None, "be at least 1")):
+                                        ("--samples", args.samples, 64, "lie in 1 to 64")):
             if value is not None and not 1 <= value <= (high or value):
                 raise UsageError(f"{flag} must {what}, got {value}")
-        for flag, value in (("--cfg", args.cfg), ("--temperature", args.temperature)):
-            if not 0 <= value < float("inf"):
-                # NaN fails both comparisons
-                raise UsageError(f"{flag} must be finite and at least 0, got {value}")
+        check_sampling(args.steps, args.cfg, args.temperature, args.seed)
         args.samples = 1 if args.samples is None else args.samples
-        slug = re.sub(r"[^a-z0-9]+", "-",
-                      (args.prompts[0] if args.prompts else "reconstruction").lower()).strip("-")
-        args.out = args.out or os.path.join("samples", f"{slug[:60] or 'video'}.mp4")
+        # numbered past the videos already there: never another prompt's video replaced
+        name = args.prompts[0] if args.prompts else f"{Path(args.reconstruct).stem} reconstruction"
+        args.out = args.out or default_out(name, args.samples)
         check_outputs(args.out, args.samples, [p for p in (args.reconstruct, args.init) if p])
         check_device(args.device)
-        run_reconstruct(args) if args.reconstruct else run_generate(args)
+        with signals_unwind():
+            run_reconstruct(args) if args.reconstruct else run_generate(args)
     except (UsageError, ValueError) as err:
         exit_usage(err)
+    except OSError as err:
+        # a full disk: the video's part is removed, the file before it kept
+        sys.exit(exit_code(err))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ Real files break (corrupt, truncated, empty, audio only, too short): every failu
 a ValueError naming the file, so that a loader can skip it (data.py). Guards bound the time and
 memory of one load: MAX_PIXELS (4096 x 4096: 4K passes, 8K is refused, from the header, before
 decoding), MAX_LEAD (decoded frames before the clip's first), MAX_FRAMES (a whole-video read),
-MAX_SECONDS (the duration a header may claim) and MAX_BYTES (a video read into memory whole, as a
-tar member is).
+MAX_SECONDS (the duration a header may claim), MAX_BYTES (a video read into memory whole, as a
+tar member is) and the pixels one read may decode: DECODE_FLOOR and DECODE_PER_BYTE of the file, what
+an honest file of its size can hold (a 46 KB GIF can hold 2000 frames of 4096 x 4096).
 
 Deviations: a video shorter than the clip asked for is refused (ValueError), rather than padded or
 looped. For .mp4, odd sides are padded by repeating the last row or column (H.264's 4:2:0 chroma).
@@ -37,8 +38,6 @@ import av
 from av.sidedata.sidedata import SideDataContainer, Type as SideDataType
 import numpy as np
 import torch
-
-from config import UsageError
 
 # Legend: T frames, H W pixels.
 
@@ -60,6 +59,11 @@ MAX_FRAMES = 10_000
 MAX_SECONDS = 24 * 3600
 # the largest video read into memory whole (a tar shard's member)
 MAX_BYTES = 1 << 30
+# The pixels one read may decode: this many, plus DECODE_PER_BYTE for each byte of the file. H.264
+# of a still 4K scene spends about 2 KB a frame (4000 pixels a byte); a crafted GIF, 23 bytes for
+# each frame of 4096 x 4096 (700 000 pixels a byte), which takes 46 ms to decode
+DECODE_FLOOR = 1 << 28
+DECODE_PER_BYTE = 1 << 13
 
 
 def to_uint8_frames(video) -> np.ndarray:
@@ -143,10 +147,11 @@ def _rgb(frame: av.VideoFrame, size: int | None, crop: str = "center",
     return np.ascontiguousarray(img)
 
 
-def _pick(container, stream, fps: float | None, start: float):
+def _pick(container, stream, fps: float | None, start: float, budget: int):
     """Yield the frames on screen at start + i / fps, i = 0, 1, ... (every frame from `start` if fps
     is None). Picking by timestamp rather than index is what makes variable frame rates work; a
-    frame comes twice when fps is above the video's rate."""
+    frame comes twice when fps is above the video's rate. ValueError once the frames decoded hold
+    more than `budget` pixels."""
     t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     if start > 0:
         # jump to the key frame before `start` instead of decoding everything up to it
@@ -160,6 +165,10 @@ def _pick(container, stream, fps: float | None, start: float):
     gap = 1 / (fps or rate)
     i = 0
     for n, frame in enumerate(container.decode(stream)):
+        budget -= frame.width * frame.height
+        if budget < 0:
+            raise ValueError(f"it decodes to more pixels than a file of its size honestly holds "
+                             f"(DECODE_PER_BYTE) by frame {n}")
         if n == MAX_LEAD and i == 0:
             # bound the time a load takes, whatever the file
             raise ValueError(f"no frame at {start:.2f} s within {MAX_LEAD} decoded frames (MAX_LEAD)")
@@ -220,22 +229,35 @@ def video_seconds(src: str | os.PathLike | io.IOBase) -> float:
         return 0.0
 
 
+def _bytes(src: str | os.PathLike | io.IOBase) -> int:
+    """The size of a file, given by its path or as a binary file object (whose position stays)."""
+    if isinstance(src, (str, os.PathLike)):
+        return os.path.getsize(src)
+    here = src.tell()
+    size = src.seek(0, os.SEEK_END)
+    src.seek(here)
+    return size
+
+
 def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None,
                size: int | None = None, fps: float | None = None, start: float = 0.0,
-               rng: np.random.Generator | None = None, crop: str = "center") -> np.ndarray:
+               rng: np.random.Generator | None = None, crop: str = "center",
+               upto: int | None = None) -> np.ndarray:
     """Decode a video or image (a path or a binary file object) to (T, H, W, 3) uint8 RGB.
 
-    frames: exactly this many (ValueError if the video is shorter), else all, up to MAX_FRAMES.
+    frames: exactly this many (ValueError if the video is shorter), else all, up to MAX_FRAMES, or
+    the first `upto` of them.
     size: made a size x size square, by `crop` ("center": short side resized, the centre cut out;
     "pad": long side resized, black bars above and below or at the sides).  fps: resample by
     timestamp. start: seconds to skip; with `rng`, the start is drawn uniformly over where a full
     clip fits. Every failure is a ValueError naming the file (a file object by its `name`, if it
     has one): unreadable, truncated, empty, video-less or too short files, frames above
-    MAX_PIXELS, a first frame beyond MAX_LEAD. PyAV's errors are converted, since not all derive
-    from OSError or ValueError."""
+    MAX_PIXELS, a first frame beyond MAX_LEAD, more decoding than DECODE_PER_BYTE allows. PyAV's
+    errors are converted, since not all derive from OSError or ValueError."""
     name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "a file object")
-    limit = frames or MAX_FRAMES + 1
+    limit = frames or upto or MAX_FRAMES + 1
     try:
+        budget = DECODE_FLOOR + DECODE_PER_BYTE * _bytes(src)
         with av.open(src) as container:
             if not container.streams.video:
                 raise ValueError("no video stream")
@@ -250,14 +272,14 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None,
             last = None
             img = None
             aspect = float(stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio or 1) or 1.0
-            for frame in _pick(container, stream, fps, start):
+            for frame in _pick(container, stream, fps, start, budget):
                 if frame is not last:
                     # convert a repeated frame once
                     last, img = frame, _rgb(frame, size, crop, aspect)
                 out.append(img)
                 if len(out) == limit:
                     break
-    except (av.error.FFmpegError, ValueError) as err:
+    except (av.error.FFmpegError, ValueError, OSError) as err:
         # FFmpeg's message without the path again
         raise ValueError(f"cannot decode {name}: {getattr(err, 'strerror', None) or err}") from err
     if len(out) > MAX_FRAMES:
@@ -408,42 +430,8 @@ class Outputs:
             save_grid(path, np.concatenate(frames))
 
 
-def same_file(a: str, b: str) -> bool:
-    """Whether two paths name one file: the same path, or (where both exist) the same inode."""
-    if os.path.abspath(a) == os.path.abspath(b):
-        return True
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-
-
-def check_destination(dst: str, sources: list[str]) -> None:
-    """Refuse to write `dst` when it is a folder or one of the `sources`: writing
-    would replace what was read."""
-    if os.path.isdir(dst):
-        raise UsageError(f"{dst} is a folder: give the path of the file to write")
-    for source in sources:
-        if same_file(source, dst):
-            raise UsageError(f"{dst} is the input {source}: writing it would destroy it; choose another path")
-
-
-def check_outputs(path: str, n: int, sources: list[str]) -> None:
-    """Refuse an --out we cannot write, or one of whose n files (Outputs.named) is a folder or an
-    input (by path or inode), before any work."""
-    for out in Outputs.named(path, n):
-        check_destination(out, sources)
-    if not path.lower().endswith((".mp4", ".gif", ".png")):
-        raise UsageError(f"--out must end in .mp4, .gif or .png, got {path}")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot write {path}: {err.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"cannot write {path}: {folder} is not a writable folder")
-
-
-def read_clip(path: str, size: int, fps: float, frames: int | None = None) -> torch.Tensor:
-    """An image or a video file -> (3, T, H, W) in [-1, 1] at the model's size and frame rate."""
-    clip = read_video(path, size=size, fps=fps)  # (T, H, W, 3) uint8
-    if frames:
-        clip = clip[:frames]
+def read_clip(path: str, size: int, fps: float, upto: int | None = None) -> torch.Tensor:
+    """An image or a video file (its first `upto` frames) -> (3, T, H, W) in [-1, 1] at the model's
+    size and frame rate."""
+    clip = read_video(path, size=size, fps=fps, upto=upto)  # (T, H, W, 3) uint8
     return torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1

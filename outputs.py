@@ -1,0 +1,84 @@
+"""
+Where a command writes, checked before any work: every file it writes, and the side files its atomic
+writers make beside each, must be neither an input of the command nor a folder, in a folder that
+exists and can be written.
+
+A file is never written in place. video.VideoWriter grows `<file>.part` and renames it over the
+file; checkpoint.save_checkpoint writes `<file>.tmp` and keeps the file it replaces as
+`<file>.prev` (through `<file>.prev.tmp`). So writing `x.mp4` also replaces `x.mp4.part`, and
+writing `tok.safetensors` replaces `tok.safetensors.prev`: an input with either name would be gone,
+or would be the only copy of what was replaced. `check_destination` compares every input with all
+of these names (by path, and by inode where both exist), for `sample.py --out`, `evaluate.py
+--json`, `fold.py` and `checkpoint.py export`; runs.py compares a run's inputs with the files of
+its run folder the same way (`written_by`).
+
+A name the user did not give never replaces a file either: sample.py's default name is numbered past
+the videos already in samples/ (`default_out`).
+"""
+
+import os
+import re
+
+from config import UsageError
+from video import Outputs
+
+# the files that writing <file> makes or replaces beside it: VideoWriter's part, save_checkpoint's
+# temporary and the previous version it keeps
+SIDE_FILES = (".part", ".tmp", ".prev", ".prev.tmp")
+
+
+def written_by(path: str) -> list[str]:
+    """The files that writing `path` replaces: itself and its side files."""
+    return [path] + [path + suffix for suffix in SIDE_FILES]
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: the same path, or (where both exist) the same inode."""
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def check_destination(dst: str, sources: list[str]) -> None:
+    """Refuse to write `dst` when it is a folder, when it or one of its side files is one of the
+    `sources` (writing would replace what was read), or when its folder is missing or read-only."""
+    if os.path.isdir(dst):
+        raise UsageError(f"{dst} is a folder: give the path of the file to write")
+    for source in sources:
+        for written in written_by(dst):
+            if same_file(source, written):
+                what = "is the input" if written == dst else f"writes {written}, which is the input"
+                raise UsageError(f"{dst} {what} {source}: writing it would destroy it; "
+                                 "choose another path")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise UsageError(f"cannot write {dst}: there is no folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write {dst}: {folder} is not a writable folder")
+
+
+def check_outputs(path: str, n: int, sources: list[str]) -> None:
+    """Refuse an --out we cannot write, or one of whose n files (Outputs.named) is a folder or an
+    input (check_destination), before any work. Its folder is made if it is missing."""
+    if not path.lower().endswith((".mp4", ".gif", ".png")):
+        raise UsageError(f"--out must end in .mp4, .gif or .png, got {path}")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror}") from None
+    for out in Outputs.named(path, n):
+        check_destination(out, sources)
+
+
+def default_out(name: str, n: int, folder: str = "samples") -> str:
+    """samples/<name as a slug>.mp4, numbered (-2, -3, ...) past any whose files (n of them,
+    Outputs.named) exist: a default name never replaces another prompt's video. The slug keeps
+    letters of every script ("красный круг" -> красный-круг)."""
+    # \w is Unicode: letters and digits of any script; at most 60 characters
+    slug = re.sub(r"[\W_]+", "-", name.lower()).strip("-")[:60].strip("-") or "video"
+    path = os.path.join(folder, f"{slug}.mp4")
+    number = 1
+    while any(os.path.lexists(p) for p in Outputs.named(path, n)):
+        number += 1
+        path = os.path.join(folder, f"{slug}-{number}.mp4")
+    return path
