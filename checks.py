@@ -27,10 +27,11 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from config import CHOICES, TOKENIZER_CONFIGS, TrainConfig, UsageError, generator_preset, tokenizer_preset
+from config import (CHOICES, SEED_MAX, STEPS_MAX, TOKENIZER_CONFIGS, TrainConfig, UsageError,
+                    generator_preset, tokenizer_preset)
 from cvivit import CViViT
 from maskgit import MaskGIT, MaskGITConfig
-from text_encoder import CaptionTokenizer
+from text_encoder import MIN_VOCAB, CaptionTokenizer
 from vqgan import VQGAN
 
 # a file's `kind` -> its class
@@ -127,9 +128,13 @@ def checked_config(cls, text, where: str, bounds: dict[str, float] | None = None
     return cls(**checked)
 
 
-# what a train config may ask for, field by field: (least, most). Each bound keeps a number from
-# being a divisor of zero, an empty batch, or a size that allocates without bound when a file asks
-# for it.
+# the least positive value of a field that must be above 0 (a clip norm of 0 stops every update)
+POSITIVE = 1e-12
+# What a train config may ask for, field by field: (least, most), both included; every number of
+# TrainConfig has a row, fps its own check. Each bound keeps a number from being a divisor of zero,
+# an empty batch, or a size that allocates without bound when a file asks for it, and a rate, share
+# or weight from turning the method around: a negative clip norm flips the gradients, an EMA decay
+# above 1 saves weights that grow away from the model's, a negative fold cosine folds every code.
 TRAIN_LIMITS = {
     "frames": (1, 129),
     "image_size": (8, 512),
@@ -141,11 +146,33 @@ TRAIN_LIMITS = {
     "image_every": (1, 10 ** 9),
     "restart_every": (1, 10 ** 9),
     "cache_clips": (1, 10 ** 9),
-    "sample_steps": (1, 1000),
+    "sample_steps": (1, STEPS_MAX),
     "workers": (0, 256),
+    "warmup": (0, 10 ** 9),
+    "gan_start": (0, 10 ** 9),
+    "prefix_frames": (0, 1024),
+    "seed": (0, SEED_MAX),
+    "lr": (0, 10),
+    "min_lr": (0, 10),
+    "weight_decay": (0, 10),
+    # AdamW's second-moment decay, below 1
+    "beta2": (0, 0.999999),
+    "grad_clip": (POSITIVE, 10 ** 6),
+    # 0 turns the EMA off; 1 would never move
+    "ema": (0, 0.999999),
+    "fold_cosine": (0, 1),
+    "gan_weight": (0, 100),
+    "perceptual_weight": (0, 100),
+    "motion_weight": (0, 100),
+    "image_ratio": (0, 1),
+    "prefix_masks": (0, 1),
 }
 # pixels per latent code along each side (the f8 compression): image sizes are multiples of it
 GRID = 8
+# The most pixels one batch may hold, batch_size x frames x image_size^2: about 12 times the largest
+# preset's (base: 32 clips of 11 frames at 128^2). Each field within its row, a tokenizer file can
+# still ask fold.py to count 4096 clips of 129 frames at 512^2 at once, 416 GB in fp32.
+BATCH_PIXELS = 1 << 26
 
 
 def train_limits(cfg: TrainConfig, where: str) -> TrainConfig:
@@ -153,8 +180,16 @@ def train_limits(cfg: TrainConfig, where: str) -> TrainConfig:
     at a positive rate of at most 240 frames a second; else a UsageError that names the field."""
     for name, (low, high) in TRAIN_LIMITS.items():
         value = getattr(cfg, name)
+        # NaN fails both comparisons
         if not low <= value <= high:
-            raise UsageError(f"{where}: {name} must lie in {low} to {high:g}, not {value}")
+            span = f"lie in {low} to {high:g}"
+            if low == POSITIVE:
+                span = f"be above 0 and at most {high:g}"
+            raise UsageError(f"{where}: {name} must {span}, not {value}")
+    pixels = cfg.batch_size * cfg.frames * cfg.image_size ** 2
+    if pixels > BATCH_PIXELS:
+        raise UsageError(f"{where}: a batch of {cfg.batch_size} clips of {cfg.frames} frames at "
+                         f"{cfg.image_size}^2 holds {pixels:.3g} pixels, above {BATCH_PIXELS:.3g}")
     if cfg.frames % 2 == 0:
         # a causal tokenizer encodes the first frame alone, then pairs
         raise UsageError(f"{where}: frames must be 1 + 2n, not {cfg.frames}")
@@ -225,6 +260,29 @@ def check_model_config(config, kind: str, where: str = "model config") -> None:
     skeleton(MODELS[kind], config, where)
 
 
+def check_pairing(kind: str, config, record: TrainConfig, where: str) -> None:
+    """A model config against the train config of its clips, for the fields that are each in range
+    but must agree: a C-ViViT's position grid is its clips' size, in patches of the f8 grid, and its
+    temporal table covers their latent frames. A generator's window holds two latent frames at
+    least (one cannot shift: a longer video would be planned as empty windows without end), and its
+    text encoder the caption BPE's byte alphabet and specials (text_encoder.MIN_VOCAB)."""
+    if kind == "cvivit":
+        latent = 1 + (record.frames - 1) // 2
+        if config.image_size != record.image_size or config.patch != GRID:
+            raise UsageError(f"{where}: a C-ViViT of {config.image_size}-pixel positions in "
+                             f"{config.patch}-pixel patches cannot read {record.image_size}-pixel "
+                             f"clips in the f{GRID} grid: set model.image_size={record.image_size}")
+        if latent > config.max_latent_frames:
+            raise UsageError(f"{where}: clips of {record.frames} frames are {latent} latent frames, "
+                             f"past the C-ViViT's max_latent_frames {config.max_latent_frames}")
+    if kind == "maskgit" and config.latent_frames < 2:
+        raise UsageError(f"{where}: a window of one latent frame cannot shift to make a video; "
+                         "train stage 2 on clips of 3 frames or more")
+    if kind == "maskgit" and config.text.vocab_size < MIN_VOCAB:
+        raise UsageError(f"{where}: text.vocab_size {config.text.vocab_size} is below the caption "
+                         f"BPE's {MIN_VOCAB} tokens (256 bytes and 2 specials)")
+
+
 def check_indices(path: str, tensors: dict[str, torch.Tensor]) -> None:
     """Integer tensors that index another must point inside it: a quantizer's
     alias names codes of its book."""
@@ -245,6 +303,11 @@ def caption_tokenizer(path: str, meta: dict[str, str], vocab_size: int) -> Capti
         raise UsageError(f"{path}: the caption tokenizer is not readable ({str(err)[:60]})") from None
     if text.vocab_size > vocab_size:
         raise UsageError(f"{path}: the caption tokenizer has {text.vocab_size} tokens, the text encoder {vocab_size}")
+    # a crafted table may count few tokens and number them past the text encoder's embeddings
+    largest = max(text.bpe.get_vocab(with_added_tokens=True).values(), default=0)
+    if largest >= vocab_size:
+        raise UsageError(f"{path}: the caption tokenizer numbers a token {largest}, past the text "
+                         f"encoder's {vocab_size}")
     return text
 
 
@@ -302,9 +365,7 @@ def check_model(header: Header, stage: str) -> Checked:
     config_cls = TOKENIZER_CONFIGS.get(kind, MaskGITConfig)
     config = checked_config(config_cls, meta["config"], f"{path}: config", model_bounds(kind))
     check_tensors(path, skeleton(MODELS[kind], config, path), shapes)
-    if kind == "cvivit" and config.image_size != record.image_size:
-        raise UsageError(f"{path}: its position grid is {config.image_size} pixels, its clips "
-                         f"{record.image_size}")
+    check_pairing(kind, config, record, path)
     if "quantizer.alias" in shapes:
         with safe_open(path, framework="pt") as f:
             books = {k: f.get_tensor(k) for k in ("quantizer.alias", "quantizer.codebook")}

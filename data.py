@@ -34,7 +34,6 @@ import hashlib
 import io
 import math
 import os
-import re
 import tarfile
 from pathlib import Path
 
@@ -42,7 +41,8 @@ import numpy as np
 
 from animals import AnimalsSource
 from shapes import ShapesSource
-from folders import CAPTION_CHARS, UnusableData, folder_items, holds_videos, say_skipped
+from folders import (CAPTION_CHARS, UnusableData, expand_braces, folder_items, holds_videos,
+                     say_skipped)
 from video import CROPS, IMAGE_EXTS, MAX_BYTES, VIDEO_EXTS, read_video, video_seconds
 
 # Legend: T frames, H W pixels, k global clip index.
@@ -213,23 +213,6 @@ class ImageFolderSource(VideoFolderSource):
     def __init__(self, root: str, size: int = 128, seed: int = 0, split: str = "all",
                  crop: str = "center"):
         super().__init__(root, 1, size, None, seed, split, crop)
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """'shard-{000..002}.tar' -> ['shard-000.tar', 'shard-001.tar',
-    'shard-002.tar']; '{a,b}' too."""
-    match = re.search(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}", pattern)
-    if match is None:
-        return [pattern]
-    lo, hi, options = match.groups()
-    if options is None:
-        # a numeric range keeps the zero padding of its lower end
-        options = ",".join(str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1))
-    head, tail = pattern[:match.start()], pattern[match.end():]
-    expanded = []
-    for option in options.split(","):
-        expanded += expand_braces(head + option + tail)
-    return expanded
 
 
 class TarShardSource(VideoFolderSource):

@@ -25,6 +25,34 @@ class UnusableData(ValueError):
     """The data set has nothing to train on: no files, or only files that fail to load. One line."""
 
 
+# the most names a brace pattern may expand to: 'x-{0..99999999999}.tar' would fill memory with
+# names before one is looked for
+MAX_NAMES = 1_000_000
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'shard-{000..002}.tar' -> ['shard-000.tar', 'shard-001.tar', 'shard-002.tar']; '{a,b}'
+    too. UnusableData past MAX_NAMES names, before they are listed."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    too_many = UnusableData(f"{pattern[:200]} names more than {MAX_NAMES} files (MAX_NAMES)")
+    lo, hi, options = match.groups()
+    if options is None:
+        # a range's length from its digits first: int() of 5000 of them is refused
+        if len(hi) > len(str(MAX_NAMES)) or int(hi) - int(lo) >= MAX_NAMES:
+            raise too_many
+        # a numeric range keeps the zero padding of its lower end
+        options = ",".join(str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1))
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    expanded = []
+    for option in options.split(","):
+        expanded += expand_braces(head + option + tail)
+        if len(expanded) > MAX_NAMES:
+            raise too_many
+    return expanded
+
+
 def say_skipped(what: str, why: object) -> None:
     """One stderr line for one skipped file (warnings.warn prints two; FFmpeg
     messages may hold newlines)."""
@@ -67,6 +95,12 @@ def table_rows(root: Path, table: Path) -> list[list[str]]:
     return rows
 
 
+def readable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (which Python keeps as lone surrogates, and
+    the caption BPE cannot encode) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def folder_items(root: Path, exts: tuple[str, ...]) -> tuple[list[tuple[Path, str]], int, str]:
     """(file, caption) pairs of a folder, the number of captions.csv rows dropped, and the layout:
     root/captions.csv (`path,caption` rows, paths relative to root) if there is one, else
@@ -78,7 +112,9 @@ def folder_items(root: Path, exts: tuple[str, ...]) -> tuple[list[tuple[Path, st
         if not files:
             why = f"no {' '.join(exts)} files in it" if root.is_dir() else "no such folder"
             raise UnusableData(f"no videos found in {root}: {why}")
-        labels = [re.sub("[_-]", " ", p.parent.name) if p.parent != root else "" for p in files]
+        labels = []
+        for p in files:
+            labels.append(re.sub("[_-]", " ", readable(p.parent.name)) if p.parent != root else "")
         layout = "label folders" if any(labels) else "no captions.csv, no label folders"
         captioned = [(p, f"a video of {label}" if label else "") for p, label in zip(files, labels)]
         return captioned, 0, layout

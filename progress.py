@@ -74,6 +74,16 @@ class Progress:
             self.drawn = False
 
 
+def logged(line: str) -> list[dict]:
+    """The record of one log.jsonl line, as a list of one; none for a blank line, or for one torn
+    by a process killed mid-write (or a full disk), whose step is lost with it."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return []
+    return [record] if isinstance(record, dict) and isinstance(record.get("step"), int) else []
+
+
 class RunLog:
     """log.jsonl, loss.png and sample grids in a run's folder; `history` holds the
     records so far, those of the run's earlier sessions too (up to `start`, the step a
@@ -83,8 +93,15 @@ class RunLog:
         self.out, self.history = out, []
         path = os.path.join(out, "log.jsonl")
         if start and os.path.exists(path):
-            with open(path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            records = []
+            for line in text.splitlines():
+                records += logged(line)
+            if text and not text.endswith("\n"):
+                # a torn last line ends here, so that the next record starts a line of its own
+                with open(path, "a") as f:
+                    f.write("\n")
             # a killed session may have logged past
             latest = {r["step"]: r for r in records if r["step"] <= start}
             # its checkpoint: those steps run again

@@ -28,13 +28,13 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from checkpoint import (TOKENIZERS, file_digest, generator_config_for, load_checkpoint, read_header,
                         save_checkpoint, tokenizer_config)
-from checks import (check_indices, check_model_config, check_tensors, checked_config, checked_train,
-                    model_bounds, train_limits)
+from checks import (check_indices, check_model_config, check_pairing, check_tensors, checked_config,
+                    checked_train, model_bounds, train_limits)
 from config import TrainConfig, UsageError, configure, override, resume_changes
 from data import train_and_val
 from distributed import check_device
 from maskgit import MaskGITConfig
-from video import same_file
+from outputs import same_file, written_by
 
 
 def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
@@ -219,11 +219,11 @@ RUN_FILES = ("model.safetensors", "train_state.safetensors", "log.jsonl")
 
 
 def run_paths(out: str) -> list[str]:
-    """The files a run in `out` writes and --force removes: RUN_FILES and the
-    `.prev` copy kept beside each."""
+    """The files a run in `out` writes and --force removes: RUN_FILES and the side files of their
+    atomic writes (outputs.written_by: `.tmp`, the `.prev` copy kept beside each)."""
     paths = []
     for name in RUN_FILES:
-        paths += [os.path.join(out, name), os.path.join(out, name) + ".prev"]
+        paths += written_by(os.path.join(out, name))
     return paths
 
 
@@ -238,6 +238,30 @@ def check_inputs_outside(out: str, inputs: dict[str, str | None]) -> None:
         if inside_cache or any(same_file(path, written) for written in run_paths(out)):
             raise UsageError(f"{flag} {path} is a file the run in --out {out} writes or removes: "
                              "move it, or give another --out")
+
+
+# the run folders this process writes: {folder: its open lock file}
+LOCKS = {}
+
+
+def lock_run(out: str) -> None:
+    """Hold <out>/run.lock for the rest of this process, so that a second train.py writing the same
+    folder is refused: two runs there log every step twice and race on each save's `.tmp`. The
+    operating system lets the lock go with the process, however it ends; a process that trains in
+    one folder again (a test, a resume) holds it already."""
+    folder = os.path.realpath(out)
+    if folder in LOCKS or os.name != "posix":
+        return
+    # POSIX only, as the lock is
+    import fcntl
+    lock = open(os.path.join(folder, "run.lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise UsageError(f"--out {out} is in use by another train.py (it holds {out}/run.lock): "
+                         "wait for that run to end, or give another --out") from None
+    LOCKS[folder] = lock
 
 
 def clear_run(out: str) -> None:
@@ -324,13 +348,21 @@ def setup(args) -> tuple[object, TrainConfig, object]:
             raise UsageError("stage 2 needs --tokenizer-checkpoint PATH (a stage-1 model.safetensors)")
         model_cfg = generator_config_for(args.tokenizer_checkpoint, model_cfg, cfg,
                                          same_data=not (saved or args.data))
-    check_model_config(model_cfg, args.tokenizer if args.stage == 1 else "maskgit")
+    kind = args.tokenizer if args.stage == 1 else "maskgit"
+    check_model_config(model_cfg, kind)
+    check_pairing(kind, model_cfg, cfg, "the model and train configs")
+    if args.perceptual_weights and (args.stage == 2 or not os.path.isfile(args.perceptual_weights)):
+        raise UsageError(f"--perceptual-weights {args.perceptual_weights}: "
+                         + ("stage 1 only" if args.stage == 2 else "no such file"))
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot write to --out {args.out}: {err.strerror}") from None
     if not os.access(args.out, os.W_OK):
         raise UsageError(f"cannot write to --out {args.out}: not a writable folder")
+    if int(os.environ.get("RANK", "0")) == 0:
+        # one run writes a folder at a time
+        lock_run(args.out)
     # held out: --val-data, or a share by name hash
     source, val_source, summary = train_and_val(cfg, args.stage)
     if getattr(args, "replace", False) and int(os.environ.get("RANK", "0")) == 0:

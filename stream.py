@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch.utils.data import IterableDataset, get_worker_info
 
 from config import TrainConfig, UsageError
+from faults import TrainingStopped
 from folders import UnusableData, say_skipped
 from progress import Progress
 from worlds import WORLDS
@@ -165,7 +166,14 @@ def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, 
     # this rank's clips k < clips: the last batch's extra ones go
     mine = len(range(rank, clips, world))
     meta = {"key": key, "captions": json.dumps(captions[:mine]), "skipped": str(stream.skipped)}
-    save_file({"codes": torch.cat(codes)[:mine]}, path + ".tmp", metadata=meta)
+    try:
+        save_file({"codes": torch.cat(codes)[:mine]}, path + ".tmp", metadata=meta)
+    except (SafetensorError, OSError) as err:
+        # a full disk: the run stops in one line, and the next one builds the cache again
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise TrainingStopped(f"could not write the token cache {path} ({err}); free some space "
+                              "and run the command again") from None
     os.replace(path + ".tmp", path)
 
 

@@ -36,6 +36,8 @@ from transformer import Transformer
 
 # ids of the two special tokens, fixed by the order they are given to the trainer
 PAD, BOS = 0, 1
+# the fewest tokens a caption BPE has: its 256 byte values and the two specials
+MIN_VOCAB = 256 + 2
 
 
 def words_of(text: str) -> list[str]:

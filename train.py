@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         (train_tokenizer if args.stage == 1 else train_generator)(args, model_cfg, cfg, sources, rank, world, device)
-    except (UsageError, UnusableData, TrainingStopped, SystemExit) as err:
+    except (UsageError, UnusableData, TrainingStopped, SystemExit, KeyboardInterrupt) as err:
         # one line on stderr; 1 failed, 2 bad input, 128 + N a signal
         code = exit_code(err)
     finally:
