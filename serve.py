@@ -36,7 +36,6 @@ import base64
 import contextlib
 import itertools
 import json
-import math
 import os
 import re
 import secrets
@@ -52,9 +51,9 @@ import torch
 import torch.nn as nn
 
 from checkpoint import DEFAULT_WORLD, load_generator, shipped
-from config import HelpWithDefaults, UsageError, exit_usage
+from config import HelpWithDefaults, UsageError, check_sampling, exit_usage
 from distributed import check_device
-from maskgit import CFG, STEPS, MaskGIT, plan_windows, stream_video, window_steps
+from maskgit import CFG, STEPS, TEMPERATURE, MaskGIT, plan_windows, stream_video, window_steps
 from sample import frame_shares
 from text_encoder import CaptionTokenizer
 from video import VideoWriter, scaled_frames
@@ -69,8 +68,6 @@ MAX_PROMPT = 200
 MAX_PROMPTS = 10
 # the longest video: the length of the evaluation's long videos, a few minutes on two cores
 MAX_FRAMES = 241
-# decoding steps for a window (sample.py's --steps has no bound; a page's request does)
-MAX_STEPS = 100
 # zoom of the downloads, sample.py's --scale bound
 MAX_SCALE = 16
 # the largest request body read: a request is a few hundred bytes
@@ -129,13 +126,12 @@ def load_pair(generator: str, tokenizer: str, device: torch.device) -> Pair:
     return Pair(model.to(device), text, tok.to(device), cfg.get("fps", 8.0), cut)
 
 
-def whole(body: dict, key: str, default: int, low: int, high: int) -> int:
+def whole(body: dict, key: str, default: int | None) -> int | None:
+    """The request's `key`, which must be a whole number where it is given."""
     value = body.get(key, default)
     # JSON's true is a Python int too
-    if isinstance(value, bool) or not isinstance(value, int):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise UsageError(f"{key} must be a whole number, got {json.dumps(value)[:40]}")
-    if not low <= value <= high:
-        raise UsageError(f"{key} must lie in {low} to {high}, got {value}")
     return value
 
 
@@ -163,19 +159,21 @@ def check_request(raw: bytes, worlds: list[str]) -> Request:
     world = body.get("world", worlds[0])
     if world not in worlds:
         raise UsageError(f"world must be one of {', '.join(worlds)}, got {json.dumps(world)[:40]}")
-    frames = None
-    if body.get("frames") is not None:
-        frames = whole(body, "frames", 0, 1, MAX_FRAMES)
-        if frames % 2 == 0:
-            raise UsageError(f"frames must be 1 + 2n (the first frame, then pairs), got {frames}")
+    frames = whole(body, "frames", None)
+    if frames is not None and not (1 <= frames <= MAX_FRAMES and frames % 2):
+        raise UsageError(f"frames must be 1 + 2n (the first frame, then pairs) in 1 to "
+                         f"{MAX_FRAMES}, got {frames}")
+    scale = whole(body, "scale", 4)
+    if not 1 <= scale <= MAX_SCALE:
+        raise UsageError(f"scale must lie in 1 to {MAX_SCALE}, got {scale}")
     cfg = body.get("cfg", CFG)
-    # NaN fails both comparisons; json.loads reads NaN and Infinity
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg < math.inf:
-        raise UsageError("cfg (guidance) must be a finite number of at least 0, "
-                         f"got {json.dumps(cfg)[:40]}")
-    return Request([p.strip() for p in prompts], world, frames,
-                   whole(body, "seed", 0, 0, 2**63 - 1), float(cfg),
-                   whole(body, "steps", STEPS, 1, MAX_STEPS), whole(body, "scale", 4, 1, MAX_SCALE))
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)):
+        raise UsageError(f"cfg (guidance) must be a number, got {json.dumps(cfg)[:40]}")
+    seed = whole(body, "seed", 0)
+    steps = whole(body, "steps", STEPS)
+    # sample.py's ranges, in its words (json.loads reads NaN and Infinity too)
+    check_sampling(steps, cfg, TEMPERATURE, seed)
+    return Request([p.strip() for p in prompts], world, frames, seed, float(cfg), steps, scale)
 
 
 class Line:

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 
+import sample
 import serve
 from checkpoint import shipped
-from maskgit import make_video
-from video import read_video, to_uint8_frames
+from video import read_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RED = {"prompts": ["a red circle moving right"], "frames": 5, "steps": 4}
@@ -69,33 +69,39 @@ def frames_of(stream: list[dict]) -> np.ndarray:
     return np.stack(frames)
 
 
+def decoded(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
 def test_a_prompt_comes_back_as_an_mp4_of_the_asked_length(server, tmp_path):
     stream = events(post(server, RED))
     done = stream[-1]["done"]
     assert done["frames"] == 5
     assert frames_of(stream).shape == (5, 64, 64, 3)
-    for ext, frames in (("mp4", 5), ("gif", 5)):
+    for ext in ("mp4", "gif"):
         response = ask(server, "GET", f"/video/{done['video']}.{ext}")
         assert response.status == 200
         path = tmp_path / f"red.{ext}"
         path.write_bytes(response.read())
-        with av.open(str(path)) as container:
-            decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         # written at the request's zoom, 4 by default
-        assert np.stack(decoded).shape == (frames, 256, 256, 3)
+        assert decoded(path).shape == (5, 256, 256, 3)
 
 
-def test_the_page_gets_the_samplers_frames_for_a_story(server):
-    """Two prompts: the streamed frames are maskgit.make_video's for the same seed and shares."""
-    request = {"prompts": ["a red circle moving right", "a red circle moving down"], "frames": 5,
-               "steps": 2, "seed": 7}
-    pair = server.pair("shapes")
-    prompts = [pair.text.encode([p], pair.model.config.text.max_len) for p in request["prompts"]]
-    video = make_video(pair.model, pair.tokenizer, prompts, [3, 2], keep_at_cut=pair.cut, steps=2,
-                       generator=torch.Generator().manual_seed(7))
+def test_a_story_on_the_page_is_the_one_sample_py_makes(server, tmp_path):
+    """Two prompts, a seed, few steps: the page's .mp4 holds the frames of `python sample.py` asked
+    the same, and the frames streamed to the page are those (before H.264's small losses)."""
+    prompts = ["a red circle moving right", "a red circle moving down"]
+    sample.main([*prompts, "--world", "shapes", "--frames", "5", "--steps", "2", "--seed", "7",
+                 "--out", str(tmp_path / "sample.mp4")])
+    request = {"prompts": prompts, "frames": 5, "steps": 2, "seed": 7, "scale": 1}
     stream = events(post(server, request))
     assert stream[0]["plan"]["segments"] == [3, 2]
-    np.testing.assert_array_equal(frames_of(stream), to_uint8_frames(video[0]))
+    page = ask(server, "GET", f"/video/{stream[-1]['done']['video']}.mp4")
+    (tmp_path / "page.mp4").write_bytes(page.read())
+    made = decoded(tmp_path / "sample.mp4")
+    np.testing.assert_array_equal(decoded(tmp_path / "page.mp4"), made)
+    assert np.abs(frames_of(stream).astype(int) - made).mean() < 3
 
 
 BAD = [
@@ -106,15 +112,18 @@ BAD = [
     ("no prompt", {"prompts": []}, 400, "give 1 to 10 prompts"),
     ("11 segments", {"prompts": ["a red circle"] * 11}, 400, "give 1 to 10 prompts"),
     ("frames even", {"prompts": ["a red circle"], "frames": 12}, 400, "1 + 2n"),
-    ("frames 0", {"prompts": ["a red circle"], "frames": 0}, 400, "lie in 1 to 241"),
-    ("frames 243", {"prompts": ["a red circle"], "frames": 243}, 400, "lie in 1 to 241"),
+    ("frames 0", {"prompts": ["a red circle"], "frames": 0}, 400, "in 1 to 241, got"),
+    ("frames 243", {"prompts": ["a red circle"], "frames": 243}, 400, "in 1 to 241, got"),
     ("frames a text", {"prompts": ["a red circle"], "frames": "11"}, 400, "whole number"),
     ("fewer frames than prompts", {"prompts": ["a", "b", "c"], "frames": 1}, 400,
      "ask for at least --frames 3"),
     ("seed a text", {"prompts": ["a red circle"], "seed": "abc"}, 400, "seed must be a whole"),
     ("seed a fraction", {"prompts": ["a red circle"], "seed": 1.5}, 400, "seed must be a whole"),
-    ("guidance NaN", b'{"prompts": ["a red circle"], "cfg": NaN}', 400, "finite"),
-    ("steps 0", {"prompts": ["a red circle"], "steps": 0}, 400, "steps must lie in 1 to 100"),
+    ("seed negative", {"prompts": ["a red circle"], "seed": -1}, 400, "--seed must lie in 0"),
+    ("guidance NaN", b'{"prompts": ["a red circle"], "cfg": NaN}', 400, "--cfg must lie in 0"),
+    ("guidance a text", {"prompts": ["a red circle"], "cfg": "1.5"}, 400, "must be a number"),
+    ("steps 0", {"prompts": ["a red circle"], "steps": 0}, 400, "--steps must lie in 1 to 1000"),
+    ("zoom 17", {"prompts": ["a red circle"], "scale": 17}, 400, "scale must lie in 1 to 16"),
     ("unknown world", {"prompts": ["a red circle"], "world": "mars"}, 400, "world must be one of"),
     ("unknown field", {"prompts": ["a red circle"], "out": "/etc/passwd"}, 400, "unknown field"),
     ("too large", {"prompts": ["a red circle"], "padding": "x" * 70_000}, 413, "at most 65536"),
@@ -141,13 +150,24 @@ def test_a_bad_request_gets_its_4xx_and_one_line_and_the_next_one_works(server, 
     assert events(post(server, TINY))[-1]["done"]["frames"] == 1
 
 
-def test_a_second_job_waits_its_turn_and_a_page_that_leaves_frees_the_model(server):
+def test_jobs_wait_their_turn_and_a_page_that_leaves_frees_the_model(server, monkeypatch):
+    monkeypatch.setattr(serve, "MAX_WAITING", 2)
     # a job of minutes: 241 frames at 100 steps a window
     first = post(server, {"prompts": ["a red circle moving right"], "frames": 241, "steps": 100})
     assert json.loads(first.readline())["plan"]["frames"] == 241
     assert "step" in json.loads(first.readline())
     second = post(server, RED)
     assert json.loads(second.readline()) == {"queued": 1}
+    third = post(server, RED)
+    assert json.loads(third.readline()) == {"queued": 2}
+    refused = post(server, RED)
+    assert refused.status == 503 and "busy" in json.loads(refused.read())["error"]
+    # a waiting page that leaves gives up its place within a second
+    third.close()
+    given_up = time.time() + 5
+    while len(server.line.jobs) > 2 and time.time() < given_up:
+        time.sleep(0.1)
+    assert len(server.line.jobs) == 2
     before = len(server.videos)
     # the tab is closed: the first job ends at its next decoding step
     first.close()
