@@ -9,7 +9,8 @@ Each round measures, one after the other:
   .mp4 is in place (one window of 11 frames, written as a whole).
 - the page, cold: from launching `python serve.py` to the first frame drawn on the page and to the
   finished video, with the browser already open (headless Chromium, driven as tests/test_serve.py
-  drives it): the page loaded once the server prints its address, the prompt typed, Generate pressed.
+  drives it): the page loaded once the server prints its address, the prompt typed, Generate
+  pressed.
 - the page, warm: the same server and page asked again, from pressing Generate (the page's own
   figures, which its progress line shows too).
 The medians close the output. The rounds share the machine with whatever else runs on it: on a
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
                 row = {"sample.py": sample_seconds(args.prompt, os.path.join(folder, "a.mp4"))}
                 launched = time.time()
                 server = subprocess.Popen([sys.executable, "serve.py", "--port", "0"], cwd=ROOT,
-                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                          text=True)
                 try:
                     address = server.stdout.readline().split()[1]
                     pressed, first, video = ask_page(browser, address, args.prompt)

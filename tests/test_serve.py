@@ -271,7 +271,16 @@ def test_a_browser_types_a_prompt_and_the_video_plays(server, tmp_path):
     try:
         browser.call("POST", "/url", {"url": "http://%s:%d/" % server.server_address[:2]})
         browser.wait(lambda: browser.run("return document.body.dataset.ready"))
-        browser.type(".prompt", "a red circle moving right")
+        # an empty prompt: the server's one line shows on the page
+        browser.click("#generate")
+        browser.wait(lambda: "empty" in browser.run("return $('error').textContent"))
+        # a second box, typed in, moved up, and the empty one removed
+        browser.click("#add")
+        browser.type("#prompts li:nth-child(2) .prompt", "a red circle moving right")
+        browser.click("#prompts li:nth-child(2) [title='move up']")
+        browser.click("#prompts li:nth-child(2) [title='remove']")
+        typed = browser.run("return [...document.querySelectorAll('.prompt')].map(p => p.value)")
+        assert typed == ["a red circle moving right"]
         browser.click("#generate")
         browser.wait(lambda: browser.run(PLAYING))
         box = browser.run("const r = document.querySelector('video').getBoundingClientRect();"
