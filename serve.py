@@ -302,6 +302,9 @@ class Server(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     """One connection's requests: the page, its defaults, a video, or a job."""
     server: Server
+    # seconds a socket may stall: a page that stops reading (a laptop asleep) is gone, and its job
+    # must not hold the model until the connection dies
+    timeout = 60
 
     def reply(self, status: int, body: bytes, kind: str) -> None:
         self.send_response(status)
@@ -352,7 +355,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             with self.server.line.turn(ticket, self.send_line):
                 self.server.make(request, pair, shares, self.send_line)
-        except ConnectionError:
+        except (ConnectionError, TimeoutError):
             self.log_message("the page went away: its job is cancelled")
         except Exception as err:
             # the page gets one line; the traceback goes to the server's terminal
