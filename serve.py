@@ -225,7 +225,6 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], pairs: dict[str, tuple[str, str]],
                  device: torch.device):
-        super().__init__(address, Handler)
         self.offered = pairs
         self.device = device
         self.loaded = {}
@@ -234,9 +233,11 @@ class Server(ThreadingHTTPServer):
         self.line = Line()
         with open(PAGE, "rb") as f:
             self.page = f.read()
+        # made before the socket is bound: a failed bind calls server_close, which removes it
         self.folder = tempfile.mkdtemp(prefix="phenaki-serve-")
         # video id -> its files, oldest first
         self.videos = {}
+        super().__init__(address, Handler)
 
     def pair(self, world: str) -> Pair:
         with self.lock:
@@ -348,6 +349,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.refuse(400, str(err))
         except Refused as err:
             return self.refuse(err.status, str(err))
+        except TimeoutError:
+            return self.log_message("the request's body never came")
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
         self.send_header("Cache-Control", "no-store")
@@ -410,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     except (UsageError, ValueError) as err:
         exit_usage(err)
     except OSError as err:
-        exit_usage(f"cannot listen on {args.host}:{args.port}: {err.strerror}")
+        exit_usage(UsageError(f"cannot listen on {args.host}:{args.port}: {err.strerror}"))
     try:
         # loaded before the address is given: a bad checkpoint is one line, exit code 2
         server.pair(next(iter(pairs)))

@@ -179,11 +179,25 @@ def test_jobs_wait_their_turn_and_a_page_that_leaves_frees_the_model(server, mon
     assert server.line.jobs == []
 
 
-def test_a_bad_checkpoint_is_one_line_and_exit_code_2(capsys):
-    with pytest.raises(SystemExit) as leaving:
-        serve.main(["--checkpoint", "missing.safetensors", "--port", "0"])
+@pytest.mark.parametrize("argv", [["--checkpoint", "missing.safetensors"], ["--port", "70000"],
+                                  ["--port", "BUSY"], ["--device", "tpu"]],
+                         ids=["missing_checkpoint", "port_70000", "port_taken", "device_tpu"])
+def test_a_bad_command_line_is_one_line_and_exit_code_2(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve.tempfile, "tempdir", str(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        argv = [port if word == "BUSY" else word for word in argv]
+        if "--port" not in argv:
+            # a free port: only the flag under test is wrong
+            argv += ["--port", "0"]
+        with pytest.raises(SystemExit) as leaving:
+            serve.main(argv)
     assert leaving.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    # no folder of videos left behind
+    assert os.listdir(tmp_path) == []
 
 
 def test_the_command_prints_its_address_and_removes_its_folder_when_stopped():
