@@ -1,9 +1,10 @@
 """serve.py, the page that makes videos in a browser, on the shipped Shapes pair: a request comes
-back as the sampler's frames and a playable .mp4 of the asked length; every bad request gets a 4xx
-and one line, and the server goes on; a second job waits its turn, and a page that goes away frees
-the model; the command prints its address and removes its folder when stopped; and a real browser
-(headless Chromium, driven through chromedriver's W3C WebDriver HTTP API with urllib) types a
-prompt, presses Generate and watches the video play."""
+back as a playable .mp4 of the asked length, the frames sample.py makes; every bad request gets a
+4xx and one line, and the server goes on; jobs wait their turn, and a page that goes away frees the
+model; a bad command line is one line; the command prints its address and removes its folder when
+stopped; and a real browser (headless Chromium, driven through chromedriver's W3C WebDriver HTTP
+API with urllib) shows a refusal, edits its prompt boxes, presses Generate and watches the video
+play."""
 
 import base64
 import http.client
