@@ -99,6 +99,22 @@ def test_sigterm_saves_a_checkpoint_before_it_exits(tmp_path):
     assert int(meta["step"]) == logged_steps(out)[-1] >= 3  # the step it stopped at, not an earlier one
 
 
+def test_sigterm_while_sampling_removes_the_part_file_and_keeps_the_video_before(tmp_path):
+    """Issue 46, row 25: SIGTERM unwinds sample.py as Ctrl-C does, through the writer that removes its part."""
+    sig = signal.SIGTERM
+    out = str(tmp_path / "x.mp4")
+    with open(out, "wb") as f:
+        f.write(b"an earlier video")
+    cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "a dog running", "--frames", "10000", "--steps", "1",
+           "--out", out]
+    with launched(cmd) as proc:
+        wait_for(out + ".part", proc)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig and "Traceback" not in stderr, stderr[-1000:]
+    assert os.listdir(tmp_path) == ["x.mp4"] and open(out, "rb").read() == b"an earlier video"
+
+
 def nan_on_steps(monkeypatch, steps: set[int] | None) -> None:
     """Make stage 1's reconstruction loss NaN at these steps, counted from 1 (None: at every step)."""
     mse, count = train.F.mse_loss, [0]

@@ -288,6 +288,15 @@ TRAIN_FAULTS = [
     (["--max-steps", "0"], "--max-steps must be at least 1"),
     (["--max-steps", "-5"], "--max-steps must be at least 1"),
     (["--device", "gpu"], "not a device"),
+    # round three: every number of the train config in its range (row 14), the files setup reads (row 16)
+    (["--set", "train.lr=-1"], "lr must lie in 0 to 10, not -1"),
+    (["--set", "train.seed=-1"], "seed must lie in 0 to"),
+    (["--set", "train.grad_clip=-1"], "grad_clip must be above 0"),
+    (["--set", "train.ema=3"], "ema must lie in 0 to 0.999999"),
+    (["--set", "train.fold_cosine=-1"], "fold_cosine must lie in 0 to 1"),
+    (["--set", "train.weight_decay=-1"], "weight_decay must lie in 0 to 10"),
+    (["--set", "train.beta2=1"], "beta2 must lie in 0 to 0.999999"),
+    (["--perceptual-weights", "missing.safetensors"], "missing.safetensors: no such file"),
 ]
 
 
@@ -295,7 +304,8 @@ TRAIN_FAULTS = [
 def test_train_refuses_values_out_of_range_before_any_work(tmp_path, capsys, flags, message):
     out = str(tmp_path / "run")
     with pytest.raises(SystemExit) as leave:
-        train.main(["--stage", "1", "--out", out, "--device", "cpu", *flags])
+        # one step, should a value pass that must not
+        train.main(["--stage", "1", "--out", out, "--device", "cpu", "--max-steps", "1", *flags])
     assert message in one_line_exit_2(leave, capsys)
     assert not os.path.exists(out) or not os.listdir(out)
 
@@ -377,3 +387,302 @@ def test_an_empty_token_cache_shard_is_built_again(tmp_path, capsys):
     codes, captions, _ = load_token_cache(str(folder), 1, "k")
     assert codes.shape == (4, 2, 4, 4) and len(captions) == 4
     assert "not readable; building it again" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- round three (issue 46)
+# Each test names its row of the issue's table.
+
+import evaluate  # noqa: E402
+import fold  # noqa: E402
+import stream  # noqa: E402
+import video  # noqa: E402
+from checks import TRAIN_LIMITS, check_pairing  # noqa: E402
+from config import tokenizer_preset  # noqa: E402
+from folders import folder_items  # noqa: E402
+from video import VIDEO_EXTS, read_video  # noqa: E402
+
+
+def no_work(monkeypatch, module, *names):
+    """Make each of `module`'s `names` fail the test if it is called: the command must refuse before it."""
+    def work(*args, **kwargs):
+        raise AssertionError("the work began before the refusal")
+    for name in names:
+        monkeypatch.setattr(module, name, work)
+
+
+@pytest.mark.parametrize("where", ["the tokenizer", "no folder"])
+def test_1_15_evaluate_refuses_a_json_over_its_input_or_in_no_folder_before_any_work(tmp_path, capsys, monkeypatch,
+                                                                                      where):
+    tokenizer = tiny_tokenizer(tmp_path / "tok.safetensors")
+    before = file_digest(tokenizer)
+    json_path = tokenizer if where == "the tokenizer" else str(tmp_path / "no" / "such" / "x.json")
+    no_work(monkeypatch, evaluate, "load_tokenizer", "load_generator")
+    with pytest.raises(SystemExit) as leave:
+        evaluate.main([tokenizer, "--clips", "2", "--json", json_path])
+    assert ("is the input" if where == "the tokenizer" else "there is no folder") in one_line_exit_2(leave, capsys)
+    assert file_digest(tokenizer) == before
+
+
+def test_2_an_input_named_as_a_side_file_of_the_output_is_refused_and_kept(tmp_path, capsys):
+    part = str(tmp_path / "clip.mp4.part")  # a video kept under that name
+    os.rename(clip_file(tmp_path / "kept.mp4"), part)
+    before = file_digest(part)
+    with pytest.raises(SystemExit) as leave:
+        sample.main(["a dog running", "--init", part, "--out", str(tmp_path / "clip.mp4")])
+    assert "clip.mp4.part, which is the input" in one_line_exit_2(leave, capsys)
+    assert file_digest(part) == before
+    # export writes dst.tmp and keeps the dst it replaces as dst.prev: a source named dst.prev would be lost
+    dst = tiny_tokenizer(tmp_path / "tok.safetensors")
+    src = tiny_tokenizer(tmp_path / "tok.safetensors.prev")
+    kept = {path: file_digest(path) for path in (src, dst)}
+    with pytest.raises(SystemExit) as leave:
+        checkpoint.main(["export", src, dst])
+    assert "tok.safetensors.prev, which is the input" in one_line_exit_2(leave, capsys)
+    assert {path: file_digest(path) for path in (src, dst)} == kept
+
+
+def test_24_fold_refuses_a_destination_in_no_folder_before_counting(tmp_path, capsys, monkeypatch):
+    tokenizer = tiny_tokenizer(tmp_path / "tok.safetensors")
+    no_work(monkeypatch, fold, "load_tokenizer", "make_source")
+    with pytest.raises(SystemExit) as leave:
+        fold.main([tokenizer, str(tmp_path / "no" / "such" / "f.safetensors"), "--cosine", "0.9"])
+    assert "there is no folder" in one_line_exit_2(leave, capsys)
+
+
+def test_4_default_names_never_replace_another_prompts_video(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    made = []
+
+    def fake_generate(args):  # writes what the real one would, where it would
+        made.append(args.out)
+        with open(args.out, "w") as f:
+            f.write(" ".join(args.prompts))
+    monkeypatch.setattr(sample, "run_generate", fake_generate)
+    for prompt in ("красный круг", "синий квадрат", "красный круг", "a" * 60 + " one", "a" * 60 + " two"):
+        sample.main([prompt])
+    assert len(set(made)) == 5 and all(os.path.isfile(path) for path in made)
+    assert made[0] == os.path.join("samples", "красный-круг.mp4")
+    assert open(made[1]).read() == "синий квадрат" and open(made[0]).read() == "красный круг"
+
+
+SAMPLE_FAULTS = [  # rows 7, 21, 23: refused before the models are loaded
+    (["--frames", "10000000001"], "--frames must lie in 1 to 10000"),
+    (["--cfg", "1e39"], "--cfg must lie in 0 to 1000"),
+    (["--temperature", "nan"], "--temperature must lie in 0 to 1000"),
+    (["--seed", str(2 ** 70)], "--seed must lie in 0 to 2^63 - 1"),
+    (["--steps", "0"], "--steps must lie in 1 to 1000"),
+]
+
+
+@pytest.mark.parametrize("flags,message", SAMPLE_FAULTS, ids=[" ".join(flags) for flags, _ in SAMPLE_FAULTS])
+def test_7_21_23_sample_refuses_flags_out_of_range_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
+    no_work(monkeypatch, sample, "load_generator", "load_tokenizer")
+    with pytest.raises(SystemExit) as leave:
+        sample.main(["a dog running", "--out", str(tmp_path / "x.mp4"), *flags])
+    assert message in one_line_exit_2(leave, capsys)
+
+
+EVALUATE_FAULTS = [  # rows 15, 23
+    (["--clips", "0"], "--clips must be at least 1"),
+    (["--prompts", "0", "--stories", "0"], "--prompts must be at least 1"),
+    (["--stories", "-1"], "--stories must be at least 0"),
+    (["--seed", str(2 ** 70)], "--seed must lie in 0"),
+]
+
+
+@pytest.mark.parametrize("flags,message", EVALUATE_FAULTS, ids=[" ".join(flags) for flags, _ in EVALUATE_FAULTS])
+def test_15_23_evaluate_refuses_flags_out_of_range_before_any_work(capsys, monkeypatch, flags, message):
+    no_work(monkeypatch, evaluate, "read_header", "load_generator", "load_tokenizer")
+    with pytest.raises(SystemExit) as leave:
+        evaluate.main(["--world", "shapes", *flags])
+    assert message in one_line_exit_2(leave, capsys)
+
+
+def test_22_reconstruct_reads_only_the_frames_it_is_asked_for(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(video, "MAX_FRAMES", 20)  # a video longer than a whole read may be
+    long_clip = str(tmp_path / "long.mp4")
+    write_video(long_clip, torch.rand(3, 30, 32, 32) * 2 - 1, fps=8)
+    tokenizer = tiny_tokenizer(tmp_path / "tok.safetensors")
+    sample.main(["--reconstruct", long_clip, "--frames", "11", "--tokenizer-checkpoint", tokenizer,
+                 "--out", str(tmp_path / "recon.mp4")])
+    assert "frames: 11" in capsys.readouterr().out
+    assert read_video(str(tmp_path / "recon.mp4")).shape[0] == 11
+
+
+def test_9_a_small_gif_on_a_huge_canvas_is_refused_by_what_its_bytes_can_hold(tmp_path):
+    gif = str(tmp_path / "crafted.gif")
+    write_video(gif, np.zeros((120, 1024, 1024, 3), np.uint8), fps=8)  # a few KB: each frame repeats the last
+    honest = str(tmp_path / "honest.mp4")
+    write_video(honest, np.random.default_rng(0).integers(0, 255, (30, 64, 64, 3), dtype=np.uint8), fps=8)
+    assert os.path.getsize(gif) < 20_000
+    budget = video.DECODE_FLOOR + video.DECODE_PER_BYTE * os.path.getsize(gif)
+    assert 120 * 1024 ** 2 > budget - video.DECODE_FLOOR  # more pixels than its bytes honestly hold
+    old_floor = video.DECODE_FLOOR
+    try:
+        video.DECODE_FLOOR = 0  # what is left of the budget is the bytes' share
+        with pytest.raises(ValueError, match="more pixels than a file of its size honestly holds"):
+            read_video(gif, size=64, fps=8)
+        assert read_video(honest, size=64).shape == (30, 64, 64, 3)  # a noisy video of honest size reads
+    finally:
+        video.DECODE_FLOOR = old_floor
+
+
+@pytest.mark.parametrize("command", ["train", "fold"])
+def test_5_a_brace_pattern_of_10_to_the_11_names_is_one_line(tmp_path, capsys, command):
+    pattern = str(tmp_path / "x-{0..99999999999}.tar")
+    with pytest.raises(SystemExit) as leave:
+        if command == "train":
+            train.main(["--stage", "1", "--data", pattern, "--out", str(tmp_path / "run"), *TINY])
+        else:
+            fold.main([tiny_tokenizer(tmp_path / "tok.safetensors", data=pattern), str(tmp_path / "f.safetensors"),
+                       "--cosine", "0.9"])
+    assert "names more than 1000000 files" in one_line_exit_2(leave, capsys)
+
+
+def test_6_a_tokenizer_recording_a_batch_too_large_together_is_refused_before_counting(tmp_path, capsys, monkeypatch):
+    tokenizer = tiny_tokenizer(tmp_path / "tok.safetensors", batch_size=4096, frames=129, image_size=512)
+    no_work(monkeypatch, fold, "make_source")
+    with pytest.raises(SystemExit) as leave:
+        fold.main([tokenizer, str(tmp_path / "f.safetensors"), "--cosine", "0.9"])
+    assert "holds 1.39e+11 pixels" in one_line_exit_2(leave, capsys)
+
+
+def test_10_every_c_vivit_preset_reads_its_own_clips_and_a_mismatch_is_one_line(tmp_path, capsys):
+    for preset in ("tiny", "base", "paper"):
+        model, cfg = tokenizer_preset(preset, "cvivit")
+        check_pairing("cvivit", model, cfg, preset)
+        assert model.image_size == cfg.image_size, preset
+    with pytest.raises(SystemExit) as leave:
+        train.main(["--stage", "1", "--tokenizer", "cvivit", "--set", "model.image_size=128",
+                    "--out", str(tmp_path / "run"), "--device", "cpu", "--max-steps", "1"])
+    assert "set model.image_size=64" in one_line_exit_2(leave, capsys)
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("flag,message", [("model.text.vocab_size=64", "below the caption BPE's 258 tokens"),
+                                          ("train.frames=1", "a window of one latent frame cannot shift"),
+                                          ("train.lr=-1", "lr must lie in 0 to 10")])
+def test_8_11_14_stage_2_refuses_a_config_it_cannot_train_before_the_token_cache(tmp_path, capsys, monkeypatch,
+                                                                                 flag, message):
+    tokenizer = tiny_tokenizer(tmp_path / "tok.safetensors", frames=1 if flag == "train.frames=1" else 3)
+    no_work(monkeypatch, train, "cache_codes")
+    with pytest.raises(SystemExit) as leave:
+        train.main(["--stage", "2", "--tokenizer-checkpoint", tokenizer, "--data", "shapes",
+                    "--out", str(tmp_path / "run"), *TINY_GENERATOR, "--set", flag])
+    assert message in one_line_exit_2(leave, capsys)
+
+
+def test_8_a_generator_of_one_latent_frame_is_refused_before_it_plans_windows(tmp_path, capsys):
+    tokenizer = tiny_tokenizer(tmp_path / "tok.safetensors", frames=1)
+    generator = tiny_generator(tmp_path / "gen.safetensors", tokenizer, latent_frames=1)
+    with pytest.raises(SystemExit) as leave:
+        sample.main(["a dog running", "--frames", "3", "--checkpoint", generator, "--tokenizer-checkpoint",
+                     tokenizer, "--out", str(tmp_path / "x.mp4")])
+    assert "one latent frame cannot shift" in one_line_exit_2(leave, capsys)
+
+
+def test_12_a_caption_bpe_that_numbers_a_token_past_the_table_is_one_line(tmp_path, capsys):
+    tokenizer = tiny_tokenizer(tmp_path / "tok.safetensors")
+
+    def past_the_table(meta):
+        fields = json.loads(meta["text_tokenizer"])
+        bpe = json.loads(fields["bpe"])
+        bpe["model"]["vocab"]["Ġsitting"] = 5000  # the count of tokens stays 277, of a table of 300
+        return meta | {"text_tokenizer": json.dumps(fields | {"bpe": json.dumps(bpe)})}
+    generator = edit_meta(tiny_generator(tmp_path / "gen.safetensors", tokenizer), past_the_table)
+    with pytest.raises(SystemExit) as leave:
+        sample.main(["a cat sitting", "--checkpoint", generator, "--tokenizer-checkpoint", tokenizer,
+                     "--out", str(tmp_path / "x.mp4")])
+    assert "numbers a token 5000, past the text encoder's 300" in one_line_exit_2(leave, capsys)
+
+
+def test_14_every_number_of_the_train_config_has_a_range():
+    numbers = [f.name for f in dataclasses.fields(TrainConfig) if f.type in (int, float, "int", "float")]
+    assert sorted(set(numbers) - {"fps"}) == sorted(TRAIN_LIMITS)
+
+
+def test_17_an_undecodable_label_folder_name_becomes_u_fffd_and_trains_the_bpe(tmp_path):
+    root = tmp_path / "videos"
+    label = os.path.join(os.fsencode(str(root)), b"caf\xe9")
+    os.makedirs(label)
+    write_video(os.path.join(os.fsdecode(label), "a.mp4"), torch.rand(3, 3, 16, 16) * 2 - 1, fps=8)
+    (_, caption), = folder_items(root, VIDEO_EXTS)[0]
+    assert caption == "a video of caf\ufffd"
+    text = CaptionTokenizer.train([caption] * 4, vocab_size=300)
+    assert text.encode([caption], 16)[1].sum() > 1
+
+
+def test_18_ctrl_c_while_the_token_cache_is_built_is_one_line_and_130(tmp_path, capsys, monkeypatch):
+    tokenizer = tiny_tokenizer(tmp_path / "tok.safetensors")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(stream, "build_token_cache", interrupted)
+    try:
+        with pytest.raises(SystemExit) as leave:
+            train.main(["--stage", "2", "--tokenizer-checkpoint", tokenizer, "--data", "shapes",
+                        "--out", str(tmp_path / "run"), *TINY_GENERATOR])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C left as a traceback")
+    err = capsys.readouterr().err
+    assert leave.value.code == 130 and "stopped by Ctrl-C" in err and "Traceback" not in err
+
+
+def test_19_a_full_disk_under_the_token_cache_is_one_line_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+    tokenizer = tiny_tokenizer(tmp_path / "tok.safetensors")
+
+    def full_disk(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(stream, "save_file", full_disk)
+    with pytest.raises(SystemExit) as leave:
+        train.main(["--stage", "2", "--tokenizer-checkpoint", tokenizer, "--data", "shapes",
+                    "--out", str(tmp_path / "run"), *TINY_GENERATOR])
+    err = capsys.readouterr().err
+    assert leave.value.code == 1 and err.count("\n") == 1 and "could not write the token cache" in err
+    assert not [name for name in os.listdir(tmp_path / "run" / "token_cache") if name.endswith(".tmp")]
+
+
+def test_19_a_full_disk_under_a_sample_is_one_line_and_keeps_the_video_before(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "x.mp4")
+    with open(out, "wb") as f:
+        f.write(b"an earlier video")
+
+    def full_disk(self, video):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(video.VideoWriter, "write", full_disk)
+    with pytest.raises(SystemExit) as leave:
+        sample.main(["a dog running", "--steps", "1", "--out", out])
+    err = capsys.readouterr().err
+    assert leave.value.code == 1 and err.count("\n") == 1 and "No space left on device" in err
+    assert open(out, "rb").read() == b"an earlier video" and os.listdir(tmp_path) == ["x.mp4"]
+
+
+def test_3_a_second_run_in_a_folder_another_run_writes_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, runs; runs.lock_run(sys.argv[1]); print('held', "
+                               "flush=True); sys.stdin.read()", out], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as leave:
+            train.main(["--stage", "1", "--out", out, "--max-steps", "1", *TINY])
+        assert "is in use by another train.py" in one_line_exit_2(leave, capsys)
+        assert sorted(os.listdir(out)) == ["run.lock"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    train.main(["--stage", "1", "--out", out, "--max-steps", "1", *TINY])  # the lock went with its process
+
+
+def test_13_a_torn_last_log_line_is_skipped_on_resume(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(["--stage", "1", "--out", out, "--max-steps", "2", *TINY])
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write('{"step": 3, "lo')  # killed mid-write
+    train.main(["--stage", "1", "--out", out, "--resume", "--max-steps", "4", "--device", "cpu"])
+    with open(os.path.join(out, "log.jsonl")) as f:
+        lines = f.read().splitlines()
+    assert [json.loads(line)["step"] for line in lines if line.endswith("}")] == [1, 2, 3, 4]

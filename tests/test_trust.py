@@ -125,9 +125,15 @@ def mutations(meta: dict[str, str], stage: str) -> list[tuple[str, dict]]:
     else:
         out += [("heads 3", with_config(heads=3)(dict(meta))), ("text heads 5", with_config(text__heads=5)(dict(meta)))]
     out += [("step superscript", meta | {"step": "\u00b2"}), ("train_config deep", meta | {"train_config": "[" * 100000})]
-    for field, value in (("image_size", 4096), ("image_size", 12), ("fps", 0), ("frames", 0), ("frames", 4)):
+    for field, value in (("image_size", 4096), ("image_size", 12), ("fps", 0), ("frames", 0), ("frames", 4),
+                         ("lr", -1), ("ema", 3), ("grad_clip", -1), ("seed", 2 ** 70), ("fold_cosine", -1)):
         record = json.loads(train) | {field: value}
         out.append((f"train {field}={value}", meta | {"train_config": json.dumps(record)}))
+    # issue 46: a brace pattern of 10^11 names (read as data, never expanded by a load), sizes each in range but
+    # too large together
+    huge = {"batch_size": 4096, "frames": 129, "image_size": 512}
+    out += [("train brace pattern", meta | {"train_config": json.dumps(json.loads(train) | {"data": "x-{0..99999999999}"})}),
+            ("train batch too large", meta | {"train_config": json.dumps(json.loads(train) | huge)})]
     if stage == "2":
         out += [("grid 64", with_config(grid=64)(dict(meta))), ("window 24", with_config(latent_frames=24)(dict(meta)))]
         text = meta["text_tokenizer"]
@@ -138,6 +144,14 @@ def mutations(meta: dict[str, str], stage: str) -> list[tuple[str, dict]]:
                 ("tokenizer a list", meta | {"text_tokenizer": "[]"}),
                 ("no tokenizer", {k: v for k, v in meta.items() if k != "text_tokenizer"}),
                 ("sha256 other", meta | {"tokenizer_sha256": "0" * 64})]
+        # issue 46: BPE ids past the text encoder's table, a text table below the BPE's minimum, a one-frame window
+        bpe = json.loads(fields["bpe"])
+        word = max(bpe["model"]["vocab"], key=bpe["model"]["vocab"].get)
+        bpe["model"]["vocab"][word] = 5000
+        one_frame = json.dumps(json.loads(train) | {"frames": 1})
+        out += [("tokenizer id past the table", meta | {"text_tokenizer": json.dumps(fields | {"bpe": json.dumps(bpe)})}),
+                ("text vocab 64", with_config(text__vocab_size=64)(dict(meta))),
+                ("window 1", with_config(latent_frames=1)(dict(meta)) | {"train_config": one_frame})]
     return out
 
 
