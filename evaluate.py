@@ -31,7 +31,8 @@ moves at most 6 pixels); in Animals three prompts, a new action at each cut (sto
 story_kept: species, colour and scene stay). Animals also reports short prompts ("a dog running":
 short_species, short_action), the share of 20 samples of "a dog running" judged a running dog, and a
 241-frame video from one prompt (long_one_subject per frame, long_action and long_direction per
-11-frame window), the share of each action judged right (action_<action>), and motion.py's figures:
+11-frame window), the share of each action judged right (action_<action>), of the prompts that move
+the share right in direction and action together (directed), and motion.py's figures:
 the probe on 128 held-out clips (probe_*) and 4 real clips of each action continued for 3 windows
 (continue_*). `--motion SEED` reports only the per-action shares and motion.py's figures, on prompts
 and clips of SEED. Shapes reports ten 101-frame videos moving right, past the edge (long_*), and ten

@@ -39,18 +39,33 @@ def judged_in_batches(model, text, tokenizer, world, specs: list, prompts: list[
                       batch_size: int, **sampling) -> dict[str, float]:
     """sample_and_judge over many specs, `batch_size` clips at a time -> the share of clips that
     agree, per attribute; in the Animals world also action_<action>: among the specs of each action,
-    the share whose action is judged right."""
+    the share whose action is judged right, and directed: among the specs that move (all but
+    sitting), the share right in direction and action together."""
     verdicts = []
     for i in range(0, len(specs), batch_size):
         chunk = slice(i, i + batch_size)
         verdicts += sample_and_judge(model, text, tokenizer, world, specs[chunk],
                                      torch.device("cpu"), prompts[chunk] if prompts else None,
                                      **sampling)[1]
+    if world is not animals:
+        return shares(verdicts)
     # action -> its specs' verdicts on the action
     actions = {}
-    for verdict, spec in zip(verdicts, specs if world is animals else []):
+    for verdict, spec in zip(verdicts, specs):
         actions.setdefault(spec.action, []).append(verdict["action"])
-    return shares(verdicts) | {f"action_{a}": float(np.mean(hits)) for a, hits in actions.items()}
+    results = shares(verdicts) | {f"action_{a}": float(np.mean(hits)) for a, hits in actions.items()}
+    results["directed"] = directed(verdicts, specs)
+    return results
+
+
+def directed(verdicts: list[dict[str, bool]], specs: list) -> float:
+    """Among the Animals specs that move (every action but sitting), the share of clips right in
+    direction and action together: a directed prompt ("a brown dog running to the left") asks for
+    both, and a clip that goes the right way at the wrong pace, or sits facing the right way, is
+    not what was asked."""
+    moving = [v for v, s in zip(verdicts, specs) if s.action != "sitting"]
+    hits = [v["direction"] and v["action"] for v in moving]
+    return float(np.mean(hits)) if hits else float("nan")
 
 
 def shapes_stories(model, text, tokenizer, rng, stories: int, batch_size: int,

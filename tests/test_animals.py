@@ -220,3 +220,16 @@ def test_an_evaluation_story_changes_the_action_at_each_cut_and_keeps_the_rest()
         for a, b in zip(before, after):
             assert b.action != a.action and b.action in ACTIONS[b.species]
             assert (b.species, b.color, b.direction, b.scene) == (a.species, a.color, a.direction, a.scene)
+
+
+def test_a_directed_prompt_counts_only_when_direction_and_action_are_both_right():
+    from stories import directed
+    running_right = clip(BASE)
+    asked = [BASE, AnimalSpec("dog", "brown", "running", "left", "on the grass"),
+             AnimalSpec("dog", "brown", "walking", "right", "on the grass")]
+    verdicts = [agreement(running_right, spec) for spec in asked]
+    # right way, right pace; the wrong way; the wrong pace: one of three
+    assert directed(verdicts, asked) == pytest.approx(1 / 3)
+    # a sitting prompt is not directed: it adds nothing to the share
+    sitting = AnimalSpec("dog", "brown", "sitting", "right", "on the grass")
+    assert directed(verdicts + [agreement(running_right, sitting)], asked + [sitting]) == pytest.approx(1 / 3)
