@@ -245,10 +245,9 @@ LOCKS = {}
 
 
 def lock_run(out: str) -> None:
-    """Hold <out>/run.lock for the rest of this process, so that a second train.py writing the same
-    folder is refused: two runs there log every step twice and race on each save's `.tmp`. The
-    operating system lets the lock go with the process, however it ends; a process that trains in
-    one folder again (a test, a resume) holds it already."""
+    """Hold <out>/run.lock until release_run, so that a second train.py writing the same folder is
+    refused: two runs there log every step twice and race on each save's `.tmp`. The operating
+    system lets the lock go with the process, however it ends."""
     folder = os.path.realpath(out)
     if folder in LOCKS or os.name != "posix":
         return
@@ -262,6 +261,13 @@ def lock_run(out: str) -> None:
         raise UsageError(f"--out {out} is in use by another train.py (it holds {out}/run.lock): "
                          "wait for that run to end, or give another --out") from None
     LOCKS[folder] = lock
+
+
+def release_run(out: str | None) -> None:
+    """Let another run write `out` (train.py's last act; a process may train there again)."""
+    lock = LOCKS.pop(os.path.realpath(out), None) if out else None
+    if lock is not None:
+        lock.close()
 
 
 def clear_run(out: str) -> None:
@@ -360,11 +366,11 @@ def setup(args) -> tuple[object, TrainConfig, object]:
         raise UsageError(f"cannot write to --out {args.out}: {err.strerror}") from None
     if not os.access(args.out, os.W_OK):
         raise UsageError(f"cannot write to --out {args.out}: not a writable folder")
-    if int(os.environ.get("RANK", "0")) == 0:
-        # one run writes a folder at a time
-        lock_run(args.out)
     # held out: --val-data, or a share by name hash
     source, val_source, summary = train_and_val(cfg, args.stage)
+    if int(os.environ.get("RANK", "0")) == 0:
+        # one run writes a folder at a time, from before --force clears it
+        lock_run(args.out)
     if getattr(args, "replace", False) and int(os.environ.get("RANK", "0")) == 0:
         # --force: the old checkpoints and log go, now that the new run is accepted
         clear_run(args.out)

@@ -56,7 +56,8 @@ from folders import UnusableData
 from fold import fold_codes
 from maskgit import MaskGIT, MaskGITConfig
 from motion import watch_motion
-from runs import load_train_state, restore_modules, restore_optimizers, save_run, save_weights, setup
+from runs import (load_train_state, release_run, restore_modules, restore_optimizers, save_run,
+                  save_weights, setup)
 from steps import Steps, adamw
 from stream import ClipStream, cache_codes, encode_clips, held_out
 from text_encoder import CaptionTokenizer
@@ -420,15 +421,13 @@ def main(argv: list[str] | None = None) -> None:
         model_cfg, cfg, sources = setup(args)
     except (UsageError, ValueError) as err:
         exit_usage(err)
-    # torchrun --max-restarts re-runs this command after a worker dies: go on from the last
-    # checkpoint
+    # torchrun --max-restarts re-runs this command after a worker dies: it resumes the last save
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     args.resume = args.resume or restarts > 0
 
     # DDP: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process
     ddp = "RANK" in os.environ
     rank, world, device = start(args.device, restarts)
-    # the exit code
     code = 0
     try:
         (train_tokenizer if args.stage == 1 else train_generator)(args, model_cfg, cfg, sources, rank, world, device)
@@ -436,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
         # one line on stderr; 1 failed, 2 bad input, 128 + N a signal
         code = exit_code(err)
     finally:
+        release_run(args.out)
         if ddp:
             dist.destroy_process_group()
     if ddp:
