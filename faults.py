@@ -13,7 +13,10 @@ tests/test_faults.py; train.py's loops show all of this as a `StepGuard` and two
   group then reaches the main process alone, which saves and stops the workers itself.
 - Exit codes: 0 done, 1 the run failed (`TrainingStopped`), 2 a mistake in the command or the data
   (`UsageError`, `UnusableData`), 128 + N stopped by signal N. `exit_code` turns an exception that
-  ended a run into its code and its one line on stderr.
+  ended a run into its code and its one line on stderr; a Ctrl-C before the guard is on (while
+  stage 2 builds its token cache) is one line and 130.
+- A script that writes a file as it goes (sample.py) leaves on SIGTERM as on Ctrl-C
+  (`signals_unwind`): by SystemExit, through the with-blocks that remove its unfinished `.part`.
 
 What is not here: a full disk during a save (runs.save_run keeps the previous checkpoint and the run
 goes on), a SIGKILL (--resume continues from the last checkpoint: checkpoint.py writes atomically),

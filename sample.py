@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Generate a video from text with Phenaki, or reconstruct one.",
                                 formatter_class=HelpWithDefaults)
     p.add_argument("prompts", nargs="*", help="one prompt for a clip, several for a story")
-    p.add_argument("--out", help=".mp4, .gif or .png (default samples/<prompt>.mp4)")
+    p.add_argument("--out", help=".mp4, .gif or .png (default samples/<prompt>[-N].mp4)")
     p.add_argument("--frames", type=int,
                    help="length of the video, 1 + 2n (default 11, plus 10 per further prompt)")
     p.add_argument("--init", metavar="IMAGE_OR_VIDEO", help="continue this image or video")
