@@ -5,7 +5,9 @@ Captions come from the folder's captions.csv (`path,caption` rows, paths relativ
 `../other/clip.mp4` names a file elsewhere), else from label sub-folders (root/label/clip.mp4 gives
 "a video of label", the Moments in Time layout), else they are empty. The csv is read one row a
 line: a caption that opens a quote and never closes it ends with its line, and the rows after it
-stay rows. A caption is cut to CAPTION_CHARS characters; bytes that are not UTF-8 become U+FFFD.
+stay rows. A caption is cut to CAPTION_CHARS characters; bytes that are not UTF-8 become U+FFFD,
+in a captions.csv and in a label folder's name alike. Tar shards are named by a brace pattern
+(`shard-{000..099}.tar`, expand_braces), which may name at most MAX_NAMES files.
 
 A file that cannot be used is said on one stderr line (`say_skipped`) and left out; a folder with
 nothing usable raises UnusableData, which the scripts turn into one line and exit code 2. data.py
