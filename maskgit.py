@@ -334,8 +334,9 @@ def window_steps(steps: int, unknown: int, positions: int) -> int:
 
 
 def plan_windows(t: int, keep: int | None, frames: list[int], have: int = 0,
-                 keep_at_cut: int | None = None) -> list[tuple[int, int, int]]:
-    """The windows make_video decodes -> [(segment, context frames, new frames)], in order: segment
+                 keep_at_cut: int | None = None) -> Iterator[tuple[int, int, int]]:
+    """The windows make_video decodes, one at a time as it needs them, so that a plan of any length
+    takes no memory -> (segment, context frames, new frames), in order: segment
     i adds frames[i] new frames after the `have` frames before it. Context 0 starts a fresh window;
     otherwise the last `context` frames (1 + 2(k - 1), k = `keep` latent frames) are re-encoded and
     given. At a cut to the next prompt `keep_at_cut` latent frames are given (None: `keep`, as in
@@ -344,10 +345,13 @@ def plan_windows(t: int, keep: int | None, frames: list[int], have: int = 0,
     clips never change their motion (Shapes: shapes.KEEP_AT_CUT): given the old motion it has to
     turn it around within one latent frame, and draws two objects at most cuts. One trained on such
     changes (Animals' story clips) does better with the whole context."""
+    if t < 2:
+        # a one-latent-frame window has no room for context and a new frame: it would never end
+        raise ValueError(f"a window of {t} latent frame cannot be shifted; it needs at least 2")
     # default half the window; at least one new latent frame
     keep = max(1, min(keep or t // 2, t - 1))
     cut = max(1, min(keep_at_cut or keep, t - 1))
-    window, plan = 1 + 2 * (t - 1), []
+    window = 1 + 2 * (t - 1)
     for segment, wanted in enumerate(frames):
         made = 0
         while made < wanted:
@@ -355,9 +359,9 @@ def plan_windows(t: int, keep: int | None, frames: list[int], have: int = 0,
             # odd: 1 + 2(k - 1)
             context = 0 if have == 0 else min(1 + 2 * (k - 1), have - (1 - have % 2))
             new = min(window - context, wanted - made)
-            plan.append((segment, context, new))
-            made, have = made + new, have + new
-    return plan
+            yield segment, context, new
+            made += new
+            have += new
 
 
 @torch.no_grad()

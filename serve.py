@@ -255,12 +255,13 @@ class Server(ThreadingHTTPServer):
         """Sample the video a window at a time (maskgit.stream_video), sending each window's frames
         as they come and writing them to an .mp4 and a .gif; the last line names the files."""
         t = pair.model.config.latent_frames
-        plan = plan_windows(t, None, shares, 0, pair.cut)
         # a window given k = (context + 1) / 2 latent frames decodes fewer steps (window_steps)
         total = 0
-        for _, context, _ in plan:
+        windows = 0
+        for _, context, _ in plan_windows(t, None, shares, 0, pair.cut):
             total += window_steps(request.steps, t - (context + 1) // 2, t)
-        send({"plan": {"windows": len(plan), "frames": sum(shares), "segments": shares,
+            windows += 1
+        send({"plan": {"windows": windows, "frames": sum(shares), "segments": shares,
                        "steps": total, "fps": pair.fps}})
         max_len = pair.model.config.text.max_len
         prompts = []

@@ -193,11 +193,21 @@ def test_a_continuation_window_takes_steps_in_proportion_to_its_unknown_codes(te
 def test_a_cut_to_the_next_prompt_gives_keep_at_cut_latent_frames():
     """Within a prompt the context is `keep` latent frames (5 frames of an 11-frame window by default), and
     at a cut to the next prompt too, unless `keep_at_cut` says otherwise (1: the last frame alone)."""
-    assert plan_windows(6, None, [11, 10]) == [(0, 0, 11), (1, 5, 6), (1, 5, 4)]
-    assert plan_windows(6, None, [11, 10, 10], keep_at_cut=1) == [(0, 0, 11), (1, 1, 10), (2, 1, 10)]
-    assert plan_windows(6, None, [21], keep_at_cut=1) == [(0, 0, 11), (0, 5, 6), (0, 5, 4)]  # no cut
-    assert plan_windows(6, 2, [11, 12], keep_at_cut=2) == [(0, 0, 11), (1, 3, 8), (1, 3, 4)]
-    assert plan_windows(6, None, [4], have=7, keep_at_cut=1) == [(0, 5, 4)]  # continuing --init is no cut
+    assert list(plan_windows(6, None, [11, 10])) == [(0, 0, 11), (1, 5, 6), (1, 5, 4)]
+    assert list(plan_windows(6, None, [11, 10, 10], keep_at_cut=1)) == [(0, 0, 11), (1, 1, 10), (2, 1, 10)]
+    assert list(plan_windows(6, None, [21], keep_at_cut=1)) == [(0, 0, 11), (0, 5, 6), (0, 5, 4)]  # no cut
+    assert list(plan_windows(6, 2, [11, 12], keep_at_cut=2)) == [(0, 0, 11), (1, 3, 8), (1, 3, 4)]
+    assert list(plan_windows(6, None, [4], have=7, keep_at_cut=1)) == [(0, 5, 4)]  # continuing --init is no cut
+
+
+def test_the_plan_of_any_length_is_made_a_window_at_a_time():
+    """A long video is planned as it is made, a window when asked for (a list of every window
+    would grow with the length), and a window of one latent frame, which could never shift, is
+    refused instead of looping."""
+    plan = plan_windows(6, None, [10 ** 6])
+    assert [next(plan), next(plan)] == [(0, 0, 11), (0, 5, 6)]
+    with pytest.raises(ValueError, match="at least 2"):
+        next(plan_windows(1, None, [3]))
 
 
 def test_windows_that_continue_frames_sample_at_the_context_temperature(text):
