@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import animals  # noqa: E402
 from checkpoint import load_generator  # noqa: E402
+from config import UsageError, check_sampling, exit_usage  # noqa: E402
 from maskgit import CFG, CONTEXT_TEMPERATURE, STEPS, TEMPERATURE, make_video  # noqa: E402
 from stories import sample_and_judge, story_specs  # noqa: E402
 
@@ -254,7 +255,11 @@ def main() -> None:
                    help="the generator to study: the shipped one, or a run's model.safetensors")
     p.add_argument("--tokenizer", default="checkpoints/animals/tokenizer.safetensors")
     args = p.parse_args()
-    gen, text, tok, _ = load_generator(args.generator, args.tokenizer)
+    try:
+        check_sampling(args.steps, args.cfg, args.temperature, 0)
+        gen, text, tok, _ = load_generator(args.generator, args.tokenizer)
+    except (UsageError, ValueError) as err:
+        exit_usage(err)
     t0 = time.time()
     studies = {"prompts": prompts, "stories": stories, "long": long, "first": first,
                "scroll": scroll, "rerank": rerank}

@@ -4,6 +4,7 @@ or removed; and a file of a few kilobytes cannot make a loader allocate without 
 in a child process under an address-space cap, their peak memory compared with a clean file's)."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import resource
@@ -686,3 +687,17 @@ def test_13_a_torn_last_log_line_is_skipped_on_resume(tmp_path, capsys):
     with open(os.path.join(out, "log.jsonl")) as f:
         lines = f.read().splitlines()
     assert [json.loads(line)["step"] for line in lines if line.endswith("}")] == [1, 2]
+
+
+@pytest.mark.parametrize("script", ["motion-sampler.py", "decoding-study.py"])
+def test_20_the_sampler_studies_refuse_a_missing_generator_in_one_line(script, capsys, monkeypatch):
+    """The studies in docs/ load a generator the way sample.py does, and refuse the same way."""
+    path = os.path.join(ROOT, "docs", script)
+    spec = importlib.util.spec_from_file_location(script[:-3].replace("-", "_"), path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    monkeypatch.setattr(sys, "argv", [script, "prompts" if script == "motion-sampler.py" else "directed",
+                                      "--generator", "no/such/generator.safetensors"])
+    with pytest.raises(SystemExit) as leave:
+        study.main()
+    assert "no/such/generator.safetensors" in one_line_exit_2(leave, capsys)
