@@ -14,6 +14,7 @@ pair with animals.judge on seeds that the reported evaluation never draws.
     python docs/decoding-study.py stories --context-scale 2
     python docs/decoding-study.py stories --candidates 4 --score cond
     python docs/decoding-study.py long                       # 6 videos of 241 frames, seed 2042
+    python docs/decoding-study.py lean                       # the caption's lean per band code
 
 The levers (the research notes in the issue name their sources):
 - guidance schedule: `--cfg-early` for the first `--early` share of the steps, `--cfg` after; the
@@ -36,6 +37,8 @@ The levers (the research notes in the issue name their sources):
 """
 
 import argparse
+import dataclasses
+import importlib.util
 import math
 import os
 import sys
@@ -322,9 +325,56 @@ class patched:
         del self.gen.generate
 
 
+def lean(gen, text, tok, args, n: int = 48) -> None:
+    """How much the caption tells each code of the ground band: moving subjects rendered facing
+    right and left from the same draws (motion-sampler's scroll study); the first latent frame
+    given, the rest masked. Of the band codes that differ between the true and the reversed scroll,
+    the share where the true one is the likelier, and by how much, under the caption, the empty
+    caption and guided mixtures of the two."""
+    sampler_study = load_study("motion-sampler.py")
+    specs, clips = [], []
+    for i in range(n):
+        spec = animals.random_spec(np.random.default_rng([2032, i]))
+        # a bird does not run
+        species = "dog" if spec.species == "bird" else spec.species
+        spec = dataclasses.replace(spec, species=species, direction="right", action=MOVING[i % 3])
+        for d in ("right", "left"):
+            flipped = dataclasses.replace(spec, direction=d)
+            clips.append(animals.render(flipped, WINDOW, 64, np.random.default_rng([2033, i])))
+        specs.append(spec)
+    # (2n, 3, 11, H, W) in [-1, 1]
+    video = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    with torch.no_grad():
+        codes = torch.cat([tok.encode(video[i:i + 32]) for i in range(0, len(video), 32)])
+    true, reversed_ = codes[0::2], codes[1::2]
+    said = text.encode([animals.caption(s) for s in specs], gen.config.text.max_len)
+    empty = text.encode([""] * len(specs), gen.config.text.max_len)
+    with torch.no_grad():
+        cond = sampler_study.masked_log_probs(gen, true, 1, *said)
+        uncond = sampler_study.masked_log_probs(gen, true, 1, *empty)
+    # the band (code row 7) of latent frames 1.., where the two scrolls differ
+    differ = true[:, 1:, 7] != reversed_[:, 1:, 7]
+    for name, logp in (("the caption", cond), ("the empty caption", uncond),
+                       *((f"guidance {w}", (uncond + w * (cond - uncond)).log_softmax(-1))
+                         for w in (1.5, 3.0, 6.0))):
+        margin = [logp.gather(-1, c[..., None])[..., 0][:, 1:, 7] for c in (true, reversed_)]
+        gap = (margin[0] - margin[1])[differ]
+        print(f"{name}: the true code likelier in {share((gap > 0).tolist())} of the band's codes,",
+              f"by {float(gap.mean()):.2f} nats on average")
+
+
+def load_study(name: str):
+    """A sibling script of docs/ as a module (its name has a hyphen)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    spec = importlib.util.spec_from_file_location(name[:-3].replace("-", "_"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("study", choices=("directed", "stories", "long"))
+    p.add_argument("study", choices=("directed", "stories", "long", "lean"))
     p.add_argument("--cfg", type=float, default=CFG)
     p.add_argument("--cfg-early", type=float)
     p.add_argument("--early", type=float, default=0.25)
@@ -350,7 +400,8 @@ def main() -> None:
     except (UsageError, ValueError) as err:
         exit_usage(err)
     t0 = time.time()
-    {"directed": directed, "stories": stories, "long": long}[args.study](gen, text, tok, args)
+    studies = {"directed": directed, "stories": stories, "long": long, "lean": lean}
+    studies[args.study](gen, text, tok, args)
     print(f"({time.time() - t0:.0f} s)")
 
 
