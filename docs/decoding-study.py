@@ -37,7 +37,6 @@ The levers (the research notes in the issue name their sources):
 """
 
 import argparse
-import dataclasses
 import importlib.util
 import math
 import os
@@ -326,27 +325,12 @@ class patched:
 
 
 def lean(gen, text, tok, args, n: int = 48) -> None:
-    """How much the caption tells each code of the ground band: moving subjects rendered facing
-    right and left from the same draws (motion-sampler's scroll study); the first latent frame
-    given, the rest masked. Of the band codes that differ between the true and the reversed scroll,
-    the share where the true one is the likelier, and by how much, under the caption, the empty
-    caption and guided mixtures of the two."""
+    """How much the caption tells each code of the ground band: the true and the reversed scroll of
+    motion-sampler's scroll study (its scroll_codes), the first latent frame given, the rest masked.
+    Of the band codes that differ between the two scrolls, the share where the true one is the
+    likelier, and by how much, under the caption, the empty caption and guided mixtures of the two."""
     sampler_study = load_study("motion-sampler.py")
-    specs, clips = [], []
-    for i in range(n):
-        spec = animals.random_spec(np.random.default_rng([2032, i]))
-        # a bird does not run
-        species = "dog" if spec.species == "bird" else spec.species
-        spec = dataclasses.replace(spec, species=species, direction="right", action=MOVING[i % 3])
-        for d in ("right", "left"):
-            flipped = dataclasses.replace(spec, direction=d)
-            clips.append(animals.render(flipped, WINDOW, 64, np.random.default_rng([2033, i])))
-        specs.append(spec)
-    # (2n, 3, 11, H, W) in [-1, 1]
-    video = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-    with torch.no_grad():
-        codes = torch.cat([tok.encode(video[i:i + 32]) for i in range(0, len(video), 32)])
-    true, reversed_ = codes[0::2], codes[1::2]
+    specs, true, reversed_ = sampler_study.scroll_codes(tok, n)
     said = text.encode([animals.caption(s) for s in specs], gen.config.text.max_len)
     empty = text.encode([""] * len(specs), gen.config.text.max_len)
     with torch.no_grad():

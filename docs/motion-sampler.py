@@ -148,14 +148,13 @@ def masked_log_probs(gen, codes, visible: int, ids, mask) -> torch.Tensor:
     return gen.predict(tokens, ids, mask).float().log_softmax(-1)
 
 
-def scroll(gen, text, tok, args) -> None:
-    """Each moving spec rendered facing right and facing left from the same draws, so that frame 0's
-    ground is alike; the facing-right clip's codes with the ground band (code row 7, the judge's)
-    of latent frames 1.. from either: the true scroll and the reversed one. Likelihood: frame 0
-    given, the rest masked, the band's log-likelihood of each. Sampling: frame 0 given, the rest
-    generated; which of the two the band's codes match more, and the judge's direction."""
+def scroll_codes(tok, n: int = 96) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """n moving specs, each rendered facing right and facing left from the same draws, so that
+    frame 0's ground is alike -> (the specs, facing right; the facing-right clips' codes (n, t, h,
+    w), the true scroll; the same with the ground band (code row 7, the judge's) of latent frames
+    1.. from the facing-left clips, the reversed scroll)."""
     specs, clips = [], []
-    for i in range(96):
+    for i in range(n):
         spec = animals.random_spec(np.random.default_rng([2032, i]))
         # a bird does not run
         species = "dog" if spec.species == "bird" else spec.species
@@ -171,6 +170,14 @@ def scroll(gen, text, tok, args) -> None:
         codes = torch.cat([tok.encode(video[i:i + 32]) for i in range(0, len(video), 32)])
     true, reversed_ = codes[0::2], codes[0::2].clone()
     reversed_[:, 1:, 7] = codes[1::2, 1:, 7]
+    return specs, true, reversed_
+
+
+def scroll(gen, text, tok, args) -> None:
+    """The true scroll and the reversed one (scroll_codes). Likelihood: frame 0 given, the rest
+    masked, the band's log-likelihood of each. Sampling: frame 0 given, the rest generated; which
+    of the two the band's codes match more, and the judge's direction."""
+    specs, true, reversed_ = scroll_codes(tok)
     said = text.encode([animals.caption(s) for s in specs], gen.config.text.max_len)
     empty = text.encode([""] * len(specs), gen.config.text.max_len)
     for name, caption in (("the caption", said), ("no caption", empty)):
