@@ -261,15 +261,20 @@ def main() -> None:
     p.add_argument("--generator", default="checkpoints/animals/generator.safetensors",
                    help="the generator to study: the shipped one, or a run's model.safetensors")
     p.add_argument("--tokenizer", default="checkpoints/animals/tokenizer.safetensors")
-    args = p.parse_args()
+    studies = {"prompts": prompts, "stories": stories, "long": long, "first": first,
+               "scroll": scroll, "rerank": rerank}
+    run_study(p.parse_args(), studies)
+
+
+def run_study(args, studies: dict) -> None:
+    """Load the pair of --generator and --tokenizer (a missing file or a sampling flag out of range
+    is one line, as in sample.py) and run the study that args.study names, timed."""
     try:
         check_sampling(args.steps, args.cfg, args.temperature, 0)
         gen, text, tok, _ = load_generator(args.generator, args.tokenizer)
     except (UsageError, ValueError) as err:
         exit_usage(err)
     t0 = time.time()
-    studies = {"prompts": prompts, "stories": stories, "long": long, "first": first,
-               "scroll": scroll, "rerank": rerank}
     studies[args.study](gen, text, tok, args)
     print(f"({time.time() - t0:.0f} s)")
 
