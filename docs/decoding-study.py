@@ -13,6 +13,7 @@ pair with animals.judge on seeds that the reported evaluation never draws.
     python docs/decoding-study.py stories                    # 40 three-prompt stories, seed 2041
     python docs/decoding-study.py stories --context-scale 2
     python docs/decoding-study.py stories --candidates 4 --score cond
+    python docs/decoding-study.py stories --revisit
     python docs/decoding-study.py long                       # 6 moving videos of 241 frames
     python docs/decoding-study.py long --candidates 4 --score cond
     python docs/decoding-study.py lean                       # the caption's lean per band code
