@@ -65,7 +65,7 @@ def frame_shares(frames: int, prompts: int, have: int = 0) -> list[int]:
     UsageError where a prompt would get none (serve.py asks the same of a page's request)."""
     new = frames - have
     if new < 1:
-        raise UsageError(f"--init already has {have} frames; ask for more with --frames")
+        raise UsageError(f"--init holds at least the {have} frames asked; raise --frames")
     if new < prompts:
         # each prompt gets frames of its own
         raise UsageError(f"--frames {frames} makes {new} new frame(s) for {prompts} prompts"

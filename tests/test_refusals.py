@@ -701,3 +701,10 @@ def test_20_the_sampler_studies_refuse_a_missing_generator_in_one_line(script, c
     with pytest.raises(SystemExit) as leave:
         study.main()
     assert "no/such/generator.safetensors" in one_line_exit_2(leave, capsys)
+
+
+def test_an_init_that_fills_the_video_asked_for_says_it_holds_at_least_that_many():
+    """--init is read no further than --frames (row 22), so a longer one is not said to be shorter."""
+    with pytest.raises(sample.UsageError, match="at least the 11 frames asked"):
+        sample.frame_shares(11, 1, 11)
+    assert sample.frame_shares(21, 2, 1) == [10, 10]
