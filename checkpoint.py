@@ -226,6 +226,21 @@ def load_generator(path: str, tokenizer_path: str):
     return build(gen, path), text, build(tok, tokenizer_path), generator.meta
 
 
+def init_config(path: str, tokenizer_path: str, model_cfg: MaskGITConfig) -> MaskGITConfig:
+    """The config of the generator file a fine-tune starts from (train.py --init), checked with the
+    tokenizer it will train behind (checks.check_pair): the file must have been trained on that
+    tokenizer, and its window must be the one this run's clips make (`model_cfg`'s)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--init {path}: no such file")
+    gen = check_pair(header(path), header(tokenizer_path), file_digest(tokenizer_path))[0]
+    config = gen.config
+    if (config.latent_frames, config.grid) != (model_cfg.latent_frames, model_cfg.grid):
+        raise UsageError(f"--init {path} reads windows of {config.latent_frames} latent frames of "
+                         f"{config.grid} x {config.grid} codes; this run's clips make "
+                         f"{model_cfg.latent_frames} of {model_cfg.grid} x {model_cfg.grid}")
+    return config
+
+
 def generator_config_for(tokenizer_path: str, model_cfg: MaskGITConfig, cfg: TrainConfig,
                          same_data: bool = False) -> MaskGITConfig:
     """The generator's config fitted to the stage-1 checkpoint it will train behind: its

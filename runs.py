@@ -26,8 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from checkpoint import (TOKENIZERS, file_digest, generator_config_for, load_checkpoint, read_header,
-                        save_checkpoint, tokenizer_config)
+from checkpoint import (TOKENIZERS, file_digest, generator_config_for, init_config, load_checkpoint,
+                        read_header, save_checkpoint, tokenizer_config)
 from checks import (check_indices, check_model_config, check_pairing, check_tensors, checked_config,
                     checked_train, model_bounds, train_limits)
 from config import TrainConfig, UsageError, configure, override, resume_changes
@@ -331,7 +331,8 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     saved = resumed_run(args)
     check_inputs_outside(args.out, {"--tokenizer-checkpoint": args.tokenizer_checkpoint,
                                     "--perceptual-weights": args.perceptual_weights,
-                                    "--watch-prompts": args.watch_prompts})
+                                    "--watch-prompts": args.watch_prompts,
+                                    "--init": args.init})
     model_cfg, cfg = configure(args.stage, args.preset, args.tokenizer, args.set + image_ratio,
                                args.max_steps)
     if saved:
@@ -354,6 +355,17 @@ def setup(args) -> tuple[object, TrainConfig, object]:
             raise UsageError("stage 2 needs --tokenizer-checkpoint PATH (a stage-1 model.safetensors)")
         model_cfg = generator_config_for(args.tokenizer_checkpoint, model_cfg, cfg,
                                          same_data=not (saved or args.data))
+        if args.init and not saved:
+            # a fine-tune: the network is the file's, so a model field may only repeat its value
+            model_cfg = init_config(args.init, args.tokenizer_checkpoint, model_cfg)
+            changed = override(model_cfg, args.set, "model")
+            if changed != model_cfg:
+                field = next(f.name for f in dataclasses.fields(model_cfg)
+                             if getattr(changed, f.name) != getattr(model_cfg, f.name))
+                raise UsageError(f"--init takes the model from {args.init}, whose {field} is "
+                                 f"{getattr(model_cfg, field)}; drop --set model.{field}")
+    elif args.init:
+        raise UsageError("--init starts a stage-2 generator from a file; stage 1 has no such start")
     kind = args.tokenizer if args.stage == 1 else "maskgit"
     check_model_config(model_cfg, kind)
     check_pairing(kind, model_cfg, cfg, "the model and train configs")

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import TOKENIZERS, file_digest, generator_meta, load_tokenizer, tokenizer_meta
+from checkpoint import (TOKENIZERS, file_digest, generator_meta, load_checkpoint, load_tokenizer,
+                        tokenizer_meta)
 from config import HelpWithDefaults, TrainConfig, UsageError, exit_usage
 from distributed import Run, compile_blocks, finish, grad_sync, shard, start, summed_counts
 from evaluate import psnr, reconstruction, ssim, validation_loss, watch, watch_list
@@ -244,10 +245,15 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
     codes, captions, skipped_files = cached
     # None: start afresh
     resume = load_train_state(getattr(args, "resume_from", None))
-    # the caption tokenizer: restored on resume, else trained on the cached captions by rank 0 and
-    # sent to all
+    # --init: a fine-tune starts from a generator file's weights and caption tokenizer (a resumed
+    # one from its own train state)
+    init = None if resume or not args.init else load_checkpoint(args.init)
+    # the caption tokenizer: restored on resume, the file's on --init, else trained on the cached
+    # captions by rank 0 and sent to all
     if resume:
         text_json = resume.meta["text_tokenizer"]
+    elif init:
+        text_json = init[1]["text_tokenizer"]
     else:
         text_json = [CaptionTokenizer.train(captions, model_cfg.text.vocab_size).to_json() if master else None]
         if ddp:
@@ -262,6 +268,9 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
     # (DDP)
     torch.manual_seed(cfg.seed)
     model = MaskGIT(model_cfg).to(device)
+    if init:
+        # checked against this config by checkpoint.init_config; fp16 files train in fp32
+        model.load_state_dict({k: v.float() for k, v in init[0].items()})
     # the weights that are sampled
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
     # what a checkpoint holds
@@ -369,6 +378,8 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
                 # FSDP: all ranks gather, one writes
                 meta = generator_meta(model_cfg, steps.step, text, digest)
                 meta["tokenizer_checkpoint"] = args.tokenizer_checkpoint
+                if args.init:
+                    meta["init"] = args.init
                 save_run(args.out, meta, cfg, modules, opts, write=master)
                 if master:
                     # the curves so far, beside each checkpoint
@@ -403,6 +414,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start a new run in an --out that holds one (its files go)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field: model.<field>=... or train.<field>=... (config.py)")
+    p.add_argument("--init", metavar="FILE", help="stage 2: fine-tune the generator in FILE (its weights, "
+                   "model config and caption tokenizer; a fresh optimizer from step 0)")
     p.add_argument("--image-ratio", type=float, help="stage 2: share of samples trained as images")
     p.add_argument("--perceptual-weights",
                    help="stage 1: VGG16 weights (.safetensors) to switch on the perceptual loss")

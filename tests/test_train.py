@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from checkpoint import load_tokenizer
+from checkpoint import load_tokenizer, read_header
 from config import UsageError
 from distributed import check_gpus
 from maskgit import MaskGIT
@@ -282,3 +282,27 @@ def test_stage2_resume_matches_an_uninterrupted_run(tokenizer, tmp_path):
     a = load_file(os.path.join(whole, "model.safetensors"))
     b = load_file(os.path.join(split, "model.safetensors"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_init_fine_tunes_a_generator_from_its_file(generator, tokenizer, tmp_path, capsys):
+    """--init starts from the file's weights and caption tokenizer, not from a fresh init; a model
+    field set beside it, or a file trained behind another tokenizer, is one line."""
+    common = ["--stage", "2", "--tokenizer-checkpoint", tokenizer, *TINY_GENERATOR,
+              "--set", "train.image_every=100", "--set", "train.lr=0"]
+    out = str(tmp_path / "tuned")
+    # lr 0: the weights stay where they started; other clips, whose captions would train another BPE
+    train.main(common + ["--out", out, "--max-steps", "1", "--init", generator,
+                         "--set", "train.cache_clips=24", "--set", "train.seed=5"])
+    start = load_file(generator)
+    tuned = load_file(os.path.join(out, "model.safetensors"))
+    assert all(tuned[k].equal(start[k]) for k in start)
+    # the caption tokenizer travels in the metadata
+    assert read_header(os.path.join(out, "model.safetensors"))[0]["text_tokenizer"] == \
+        read_header(generator)[0]["text_tokenizer"]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(common + ["--out", str(tmp_path / "wide"), "--init", generator, "--set", "model.dim=64"])
+    assert exit_info.value.code == 2 and "whose dim is 32; drop --set model.dim" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(common + ["--out", str(tmp_path / "other"), "--init", generator,
+                             "--tokenizer-checkpoint", generator])
+    assert exit_info.value.code == 2
