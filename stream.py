@@ -24,6 +24,7 @@ sizes): an interrupted build is redone, and a cache of other data or another tok
 never read.
 """
 
+import ast
 import hashlib
 import json
 import math
@@ -226,9 +227,21 @@ def content_digest(source) -> str:
         # the world's module, and the modules it draws with (animals.CODE_FILES: its sprites)
         module = sys.modules[type(source).__module__]
         for path in getattr(module, "CODE_FILES", (module.__file__,)):
-            with open(path, "rb") as f:
-                h.update(f.read())
+            h.update(rendering_code(path))
     return h.hexdigest()
+
+
+def rendering_code(path: str) -> bytes:
+    """A world module's source less its top-level import statements: what renders the clips, not
+    where the modules it draws with live, so that a cache outlives a move of the files."""
+    with open(path, "rb") as f:
+        source = f.read()
+    lines = source.splitlines(keepends=True)
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for i in range(node.lineno - 1, node.end_lineno):
+                lines[i] = b""
+    return b"".join(lines)
 
 
 def cache_codes(out: str, tokenizer: torch.nn.Module, digest: str, cfg: TrainConfig, source,

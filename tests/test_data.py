@@ -156,3 +156,15 @@ def test_empty_folder_or_pattern_names_itself(tmp_path):
     assert isinstance(make_source("shapes", 3, 16), ShapesSource)
     small_clips(tmp_path / "ok", ["x.mp4"], frames=4)
     assert isinstance(make_source(str(tmp_path / "ok"), 2, 8), VideoFolderSource)
+
+
+def test_a_world_cache_key_follows_its_rendering_code_not_where_its_imports_live(tmp_path):
+    """The token cache of a world is keyed by the world's code less its imports: moving the modules
+    it draws with keeps the cache; an edit to what it renders does not."""
+    from stream import rendering_code
+    first, moved, edited = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "c.py"
+    first.write_text("import os\nfrom video import (A,\n                   B)\nEDGES = 3\n")
+    moved.write_text("import os\nfrom kit.video import A, B\nEDGES = 3\n")
+    edited.write_text("import os\nfrom video import (A,\n                   B)\nEDGES = 4\n")
+    assert rendering_code(str(first)) == rendering_code(str(moved))
+    assert rendering_code(str(first)) != rendering_code(str(edited))
