@@ -65,9 +65,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from config import generator_preset, tokenizer_preset
+from kit.config import generator_preset, tokenizer_preset
 from cvivit import CViViT, CViViTConfig
-from distributed import compile_blocks
+from kit.distributed import compile_blocks
 from maskgit import MaskGIT, MaskGITConfig
 from text_encoder import TextEncoderConfig
 from vqgan import VQGAN
@@ -271,8 +271,8 @@ def build_peer(name: str, device: torch.device) -> tuple:
 def bench_data(repeats: int) -> dict:
     """Decoded clips per second on one core, from .mp4 files written here first."""
     from data import VideoFolderSource
-    from shapes import ShapesSource
-    from video import write_video
+    from worlds.shapes import ShapesSource
+    from kit.video import write_video
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         shapes = ShapesSource(frames=48, size=128)
@@ -291,7 +291,7 @@ def bench_data(repeats: int) -> dict:
 def bench_long_video(frames: int, device: torch.device) -> dict:
     """Frames per second of one streamed video from the shipped Shapes pair, and
     the process's peak memory."""
-    from checkpoint import load_generator, shipped
+    from kit.checkpoint import load_generator, shipped
     from maskgit import stream_video
     model, text, tokenizer, _ = load_generator(shipped("shapes", "generator"),
                                                shipped("shapes", "tokenizer"))

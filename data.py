@@ -39,11 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
-from animals import AnimalsSource
-from shapes import ShapesSource
-from folders import (CAPTION_CHARS, UnusableData, expand_braces, folder_items, holds_videos,
+from worlds.animals import AnimalsSource
+from worlds.shapes import ShapesSource
+from kit.folders import (CAPTION_CHARS, UnusableData, expand_braces, folder_items, holds_videos,
                      say_skipped)
-from video import CROPS, IMAGE_EXTS, MAX_BYTES, VIDEO_EXTS, read_video, video_seconds
+from kit.video import CROPS, IMAGE_EXTS, MAX_BYTES, VIDEO_EXTS, read_video, video_seconds
 
 # Legend: T frames, H W pixels, k global clip index.
 

@@ -53,17 +53,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import animals
-from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, read_header, shipped
-from config import HelpWithDefaults, UsageError, check_sampling, exit_usage
+from worlds import animals
+from kit.checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, read_header, shipped
+from kit.config import HelpWithDefaults, UsageError, check_sampling, exit_usage
 from data import make_source
 from maskgit import CFG, STEPS, TEMPERATURE
-from motion import code_following, motion_extras
-from outputs import check_destination
-from progress import write_grid
-from stories import (animals_extras, animals_stories, judged_in_batches, sample_and_judge,
+from evals.motion import code_following, motion_extras
+from kit.outputs import check_destination
+from kit.progress import write_grid
+from evals.stories import (animals_extras, animals_stories, judged_in_batches, sample_and_judge,
                      shapes_long, shapes_stories, shares)
-from stream import ClipStream, encode_clips
+from kit.stream import ClipStream, encode_clips
 from worlds import WORLDS
 
 # Legend: B batch, C channels, T frames, H W pixels, K codebook size.

@@ -32,15 +32,15 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, shipped
-from config import HelpWithDefaults, UsageError, check_sampling, exit_usage
-from distributed import check_device
+from kit.checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, shipped
+from kit.config import HelpWithDefaults, UsageError, check_sampling, exit_usage
+from kit.distributed import check_device
 from evaluate import psnr, reconstruct, ssim
-from faults import exit_code, signals_unwind
+from kit.faults import exit_code, signals_unwind
 from maskgit import CFG, STEPS, TEMPERATURE, plan_windows, stream_video, window_steps
-from progress import Progress
-from outputs import check_outputs, default_out
-from video import MAX_FRAMES, Outputs, read_clip, save_output
+from kit.progress import Progress
+from kit.outputs import check_outputs, default_out
+from kit.video import MAX_FRAMES, Outputs, read_clip, save_output
 from worlds import WORLDS
 
 # Legend: T frames, H W pixels, t latent frames, L text length.

@@ -50,13 +50,13 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 
-from checkpoint import DEFAULT_WORLD, load_generator, shipped
-from config import HelpWithDefaults, UsageError, check_sampling, exit_usage
-from distributed import check_device
+from kit.checkpoint import DEFAULT_WORLD, load_generator, shipped
+from kit.config import HelpWithDefaults, UsageError, check_sampling, exit_usage
+from kit.distributed import check_device
 from maskgit import CFG, STEPS, TEMPERATURE, MaskGIT, plan_windows, stream_video, window_steps
 from sample import frame_shares
 from text_encoder import CaptionTokenizer
-from video import VideoWriter, scaled_frames
+from kit.video import VideoWriter, scaled_frames
 from worlds import WORLDS
 
 # Legend: T frames, H W pixels, t latent frames.

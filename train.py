@@ -47,20 +47,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (TOKENIZERS, file_digest, generator_meta, load_checkpoint, load_tokenizer,
+from kit.checkpoint import (TOKENIZERS, file_digest, generator_meta, load_checkpoint, load_tokenizer,
                         tokenizer_meta)
-from config import HelpWithDefaults, TrainConfig, UsageError, exit_usage
-from distributed import Run, compile_blocks, finish, grad_sync, shard, start, summed_counts
+from kit.config import HelpWithDefaults, TrainConfig, UsageError, exit_usage
+from kit.distributed import Run, compile_blocks, finish, grad_sync, shard, start, summed_counts
 from evaluate import psnr, reconstruction, ssim, validation_loss, watch, watch_list
-from faults import TrainingStopped, exit_code, quiet_worker
-from folders import UnusableData
-from fold import fold_codes
+from kit.faults import TrainingStopped, exit_code, quiet_worker
+from kit.folders import UnusableData
+from kit.fold import fold_codes
 from maskgit import MaskGIT, MaskGITConfig
-from motion import watch_motion
-from runs import (load_train_state, release_run, restore_modules, restore_optimizers, save_run,
+from evals.motion import watch_motion
+from kit.runs import (load_train_state, release_run, restore_modules, restore_optimizers, save_run,
                   save_weights, setup)
-from steps import Steps, adamw
-from stream import ClipStream, cache_codes, encode_clips, held_out
+from kit.steps import Steps, adamw
+from kit.stream import ClipStream, cache_codes, encode_clips, held_out
 from text_encoder import CaptionTokenizer
 from vqgan import Discriminator, VGGPerceptual, adaptive_gan_weight, hinge_d_loss
 

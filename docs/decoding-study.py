@@ -50,11 +50,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import animals  # noqa: E402
+from worlds import animals  # noqa: E402
 import maskgit  # noqa: E402
 from maskgit import (CFG, CONTEXT_TEMPERATURE, STEPS, TEMPERATURE, draw, gumbel,  # noqa: E402
                     mask_ratio)
-from stories import story_specs  # noqa: E402
+from evals.stories import story_specs  # noqa: E402
 from text_encoder import BOS  # noqa: E402
 
 WINDOW = 11

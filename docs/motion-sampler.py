@@ -36,11 +36,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import animals  # noqa: E402
-from checkpoint import load_generator  # noqa: E402
-from config import UsageError, check_sampling, exit_usage  # noqa: E402
+from worlds import animals  # noqa: E402
+from kit.checkpoint import load_generator  # noqa: E402
+from kit.config import UsageError, check_sampling, exit_usage  # noqa: E402
 from maskgit import CFG, CONTEXT_TEMPERATURE, STEPS, TEMPERATURE, make_video  # noqa: E402
-from stories import sample_and_judge, story_specs  # noqa: E402
+from evals.stories import sample_and_judge, story_specs  # noqa: E402
 
 WINDOW = 11
 # the actions whose direction the judge reads from the ground's travel

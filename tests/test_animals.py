@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from animals import (ACTIONS, COLORS, DIRECTIONS, SCENES, SPECIES, AnimalSpec, AnimalsSource, agreement, caption, judge,
+from worlds.animals import (ACTIONS, COLORS, DIRECTIONS, SCENES, SPECIES, AnimalSpec, AnimalsSource, agreement, caption, judge,
                      parse, random_spec, render, story_caption, training_caption)
 from data import make_source
-from video import write_video
+from kit.video import write_video
 
 BASE = AnimalSpec("dog", "brown", "running", "right", "on the grass")
 
@@ -213,7 +213,7 @@ def test_the_judge_reads_at_least_99_percent_of_many_ideal_story_segments():
 
 
 def test_an_evaluation_story_changes_the_action_at_each_cut_and_keeps_the_rest():
-    from stories import story_specs
+    from evals.stories import story_specs
     segments = story_specs(np.random.default_rng(0), 40)
     assert [len(seg) for seg in segments] == [40, 40, 40]
     for before, after in zip(segments, segments[1:]):
@@ -223,7 +223,7 @@ def test_an_evaluation_story_changes_the_action_at_each_cut_and_keeps_the_rest()
 
 
 def test_a_directed_prompt_counts_only_when_direction_and_action_are_both_right():
-    from stories import directed
+    from evals.stories import directed
     running_right = clip(BASE)
     asked = [BASE, AnimalSpec("dog", "brown", "running", "left", "on the grass"),
              AnimalSpec("dog", "brown", "walking", "right", "on the grass")]

@@ -5,7 +5,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from checkpoint import TOKENIZERS, file_digest, load_checkpoint, load_tokenizer, save_checkpoint, shipped, tokenizer_meta
+from kit.checkpoint import TOKENIZERS, file_digest, load_checkpoint, load_tokenizer, save_checkpoint, shipped, tokenizer_meta
 from vqgan import VQGANConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
 
 
 def export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "checkpoint.py"), "export", *args],
+    return subprocess.run([sys.executable, "-m", "kit.checkpoint", "export", *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from config import UsageError, configure, generator_preset, override, tokenizer_preset
+from kit.config import UsageError, configure, generator_preset, override, tokenizer_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def test_the_cli_refuses_a_key_of_the_other_stage_in_one_line():
 
 
 def test_the_position_scheme_is_a_checked_model_field_and_old_generators_load_with_absolute_positions():
-    from checkpoint import load_generator, shipped
+    from kit.checkpoint import load_generator, shipped
     model_cfg, _ = configure(2, "tiny", "vqgan", ["model.position=rotary"])
     assert model_cfg.position == "rotary" and generator_preset("tiny")[0].position == "absolute"
     with pytest.raises(UsageError, match="model.position must be one of absolute, rotary"):

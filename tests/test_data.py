@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from data import ImageFolderSource, TarShardSource, VideoFolderSource, expand_braces, make_source
-from shapes import ShapesSource
-from stream import ClipStream
+from worlds.shapes import ShapesSource
+from kit.stream import ClipStream
 from test_video import encode_mp4
 
 
@@ -161,7 +161,7 @@ def test_empty_folder_or_pattern_names_itself(tmp_path):
 def test_a_world_cache_key_follows_its_rendering_code_not_where_its_imports_live(tmp_path):
     """The token cache of a world is keyed by the world's code less its imports: moving the modules
     it draws with keeps the cache; an edit to what it renders does not."""
-    from stream import rendering_code
+    from kit.stream import rendering_code
     first, moved, edited = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "c.py"
     first.write_text("import os\nfrom video import (A,\n                   B)\nEDGES = 3\n")
     moved.write_text("import os\nfrom kit.video import A, B\nEDGES = 3\n")

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from data import ImageFolderSource, TarShardSource, VideoFolderSource, make_source
-from folders import UnusableData
-from stream import ClipStream
+from kit.folders import UnusableData
+from kit.stream import ClipStream
 from test_video import RED, encode, solid
-from video import read_video
+from kit.video import read_video
 
 
 def audio_only(path) -> None:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from checkpoint import DEFAULT_WORLD, load_checkpoint, shipped
+from kit.checkpoint import DEFAULT_WORLD, load_checkpoint, shipped
 from test_train import ROOT, TINY
 
 TRAIN = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", "1"]
@@ -307,8 +307,8 @@ def test_data_with_nothing_usable_stops_the_run_naming_the_folder(tmp_path, work
 
 def video_folder(tmp_path, n: int):
     """A folder of n good 5-frame 32 x 32 Shapes videos, 0.mp4 ... """
-    from shapes import ShapesSource
-    from video import write_video
+    from worlds.shapes import ShapesSource
+    from kit.video import write_video
     folder = tmp_path / "videos"
     folder.mkdir()
     shapes = ShapesSource(frames=5, size=32)
@@ -334,7 +334,7 @@ def test_data_that_goes_bad_mid_run_stops_it_in_one_line(tmp_path):
 
 def test_skipped_and_dropped_files_are_counted_in_the_log(tmp_path):
     from data import make_source
-    from stream import ClipStream
+    from kit.stream import ClipStream
     folder = video_folder(tmp_path, 3)
     (folder / "broken.mp4").write_bytes(b"not a video")  # trained on: 1.mp4 is the held-out file
     (folder / "captions.csv").write_text("0.mp4,a\n1.mp4,b\n2.mp4,c\nbroken.mp4,d\nmissing.mp4,e\n")

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-import fold
-from checkpoint import TOKENIZERS, file_digest, load_checkpoint, load_tokenizer, save_checkpoint, tokenizer_meta
-from config import TrainConfig
+from kit import fold
+from kit.checkpoint import TOKENIZERS, file_digest, load_checkpoint, load_tokenizer, save_checkpoint, tokenizer_meta
+from kit.config import TrainConfig
 from vqgan import VQGANConfig
 
 

@@ -6,13 +6,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import load_tokenizer, shipped
+from kit.checkpoint import load_tokenizer, shipped
 from maskgit import (CFG, CONTEXT_TEMPERATURE, TEMPERATURE, MaskGIT, MaskGITConfig, draw, make_video,
                      mask_ratio, plan_windows, stream_video)
-import animals
-import shapes
-from animals import AnimalSpec
-from shapes import ShapeSpec
+from worlds import animals
+from worlds import shapes
+from worlds.animals import AnimalSpec
+from worlds.shapes import ShapeSpec
 from text_encoder import BOS, PAD, CaptionTokenizer, TextEncoderConfig
 from vqgan import VQGAN, VQGANConfig
 

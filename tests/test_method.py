@@ -10,9 +10,9 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from config import TrainConfig
+from kit.config import TrainConfig
 from maskgit import MaskGIT, MaskGITConfig, mask_ratio
-from steps import lr_at, update_ema
+from kit.steps import lr_at, update_ema
 from text_encoder import BOS, PAD, TextEncoderConfig
 from quantizer import VectorQuantizer
 from vqgan import adaptive_gan_weight, hinge_d_loss

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import motion
-from motion import continuation, motion_probe
+from evals import motion
+from evals.motion import continuation, motion_probe
 from maskgit import MaskGIT, MaskGITConfig
 from text_encoder import CaptionTokenizer, TextEncoderConfig
 

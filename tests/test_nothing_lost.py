@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 import sample
 import train
-from runs import STATE
+from kit.runs import STATE
 from tests.test_train import TINY, TINY_GENERATOR, run_cli
-from video import write_video
+from kit.video import write_video
 
 
 def test_resume_without_a_train_state_is_refused_and_the_model_stays(tmp_path):
@@ -108,7 +108,7 @@ def test_captions_keep_their_commas():
 
 def test_an_edited_caption_file_reaches_the_token_cache_and_force_clears_it(tokenizers, tmp_path):
     from data import make_source
-    from stream import content_digest
+    from kit.stream import content_digest
     root = caption_folder(tmp_path / "clips", [f"a cat number {i}" for i in range(4)])
     before = content_digest(make_source(root, 3, 32))
     out = str(tmp_path / "gen")
@@ -126,7 +126,7 @@ def test_an_edited_caption_file_reaches_the_token_cache_and_force_clears_it(toke
 
 
 def test_force_clears_the_old_runs_token_cache(tmp_path):
-    from runs import clear_run
+    from kit.runs import clear_run
     os.makedirs(tmp_path / "token_cache")
     (tmp_path / "token_cache" / "tokens-000-of-001.safetensors").write_bytes(b"old codes")
     (tmp_path / "notes.txt").write_text("the user's own file")
@@ -162,7 +162,7 @@ def video_with_long_audio(path: str, seconds: int = 3, audio_seconds: int = 12, 
 @pytest.mark.parametrize("ext", [".mkv", ".webm"])
 def test_a_video_without_a_stream_duration_ends_where_its_frames_end_not_its_audio(ext, tmp_path):
     import numpy as np
-    from video import read_video, video_seconds
+    from kit.video import read_video, video_seconds
     path = str(tmp_path / f"clip{ext}")
     video_with_long_audio(path)
     assert abs(video_seconds(path) - 3.0) < 0.2  # the container says 12 s
@@ -219,7 +219,7 @@ def with_matrix(src: str, dst: str, a: int, b: int, c: int, d: int) -> None:
     ("a phone's 90", (0, 1, -1, 0), lambda img: np.rot90(img, k=-1)),
     ("90 and mirrored", (0, 1, 1, 0), lambda img: img.transpose(1, 0, 2))])  # x' = y, y' = x
 def test_the_display_matrix_is_honoured_flips_as_flips(name, matrix, shown, tmp_path):
-    from video import read_video
+    from kit.video import read_video
     img = marked_video(str(tmp_path / "plain.mp4"))
     with_matrix(str(tmp_path / "plain.mp4"), str(tmp_path / "shown.mp4"), *matrix)
     frame = read_video(str(tmp_path / "shown.mp4"), 1)[0].astype(float)
@@ -231,7 +231,7 @@ def test_reading_a_video_leaves_no_frame_to_the_garbage_collector(tmp_path):
     """Frames freed by the cycle collector after a fork crashed DataLoader workers (a decoded frame caches
     its side data, which points back at it): each frame read must go with its last reference."""
     import gc
-    from video import read_video
+    from kit.video import read_video
     marked_video(str(tmp_path / "plain.mp4"))
     with_matrix(str(tmp_path / "plain.mp4"), str(tmp_path / "shown.mp4"), -1, 0, 0, 1)
     gc.collect()
@@ -249,7 +249,7 @@ def test_reading_a_video_leaves_no_frame_to_the_garbage_collector(tmp_path):
 def test_non_square_pixels_are_shown_at_their_displayed_proportions(tmp_path):
     """64 x 48 pixels 4/3 wide show as 85 x 48 (16:9): letterboxed into 64 x 64 the picture is 36 rows high."""
     from fractions import Fraction
-    from video import read_video
+    from kit.video import read_video
     marked_video(str(tmp_path / "wide.mp4"), aspect=Fraction(4, 3))
     marked_video(str(tmp_path / "square.mp4"))
     rows = [int((read_video(str(tmp_path / f), 1, 64, crop="pad")[0].max(axis=(1, 2)) > 40).sum())
@@ -318,9 +318,9 @@ def test_broken_held_out_files_leave_the_run_training_without_val_figures(tmp_pa
 def test_the_token_cache_holds_the_codes_every_other_encoding_gives(tokenizers, tmp_path):
     """One precision for all encodings of a run: the cache's codes of the first clips equal encode_clips'
     (validation, evaluation). On CUDA the cache was encoded under bf16 autocast; the suite run there checks it."""
-    from checkpoint import load_tokenizer
-    from shapes import ShapesSource
-    from stream import encode_clips
+    from kit.checkpoint import load_tokenizer
+    from worlds.shapes import ShapesSource
+    from kit.stream import encode_clips
     out = str(tmp_path / "gen")
     train.main(["--stage", "2", "--tokenizer-checkpoint", tokenizers[0], "--out", out, "--max-steps", "1", *TINY_GENERATOR])
     shard = os.path.join(out, "token_cache", sorted(os.listdir(os.path.join(out, "token_cache")))[0])

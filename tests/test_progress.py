@@ -1,7 +1,7 @@
 import io
 import time
 
-from progress import Progress, RunLog
+from kit.progress import Progress, RunLog
 
 
 class Terminal(io.StringIO):

@@ -10,13 +10,13 @@ import torch
 
 import evaluate
 import sample
-from checkpoint import file_digest, generator_meta, tokenizer_meta
-from runs import save_weights
-from config import TrainConfig
+from kit.checkpoint import file_digest, generator_meta, tokenizer_meta
+from kit.runs import save_weights
+from kit.config import TrainConfig
 from maskgit import MaskGIT, MaskGITConfig
-from shapes import ShapesSource, caption, random_spec
+from worlds.shapes import ShapesSource, caption, random_spec
 from text_encoder import CaptionTokenizer, TextEncoderConfig
-from video import write_video
+from kit.video import write_video
 from vqgan import VQGAN, VQGANConfig
 
 # the window of both models: 3-frame clips (2 latent frames) of 32 x 32 pixels (4 x 4 codes)

@@ -1,8 +1,8 @@
 import torch
 
-from config import TrainConfig
+from kit.config import TrainConfig
 from maskgit import MaskGIT, MaskGITConfig
-from steps import DECAYED, Steps, adamw, step_seed
+from kit.steps import DECAYED, Steps, adamw, step_seed
 from text_encoder import TextEncoderConfig
 from vqgan import VQGAN, VQGANConfig
 

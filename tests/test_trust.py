@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from checkpoint import shipped  # noqa: E402  (the path above comes first when run as a script)
+from kit.checkpoint import shipped  # noqa: E402  (the path above comes first when run as a script)
 
 
 def edited(src: str, dst: str, edit) -> str:
@@ -65,8 +65,8 @@ def test_crafted_metadata_is_one_line_and_exit_2_in_bounded_memory(row, tmp_path
 def test_a_train_state_with_crafted_groups_or_moments_is_refused_in_one_line(tmp_path):
     """--resume reads the optimizer's groups and moments from the file: each is checked against the model."""
     import torch
-    from runs import restore_optimizer
-    from config import UsageError
+    from kit.runs import restore_optimizer
+    from kit.config import UsageError
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
     groups = json.dumps(opt.state_dict()["param_groups"])
@@ -170,8 +170,8 @@ def tensor_mutations(tensors: dict) -> list[tuple[str, dict]]:
 def fuzz(folder: str) -> dict:
     import gc
     import torch
-    from checkpoint import generator_meta, load_generator, load_tokenizer, save_checkpoint, tokenizer_meta, file_digest
-    from config import UsageError
+    from kit.checkpoint import generator_meta, load_generator, load_tokenizer, save_checkpoint, tokenizer_meta, file_digest
+    from kit.config import UsageError
     from maskgit import MaskGIT, MaskGITConfig
     from text_encoder import CaptionTokenizer, TextEncoderConfig
     from vqgan import VQGAN, VQGANConfig

@@ -26,15 +26,15 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from checkpoint import (TOKENIZERS, file_digest, generator_config_for, init_config, load_checkpoint,
+from kit.checkpoint import (TOKENIZERS, file_digest, generator_config_for, init_config, load_checkpoint,
                         read_header, save_checkpoint, tokenizer_config)
-from checks import (check_indices, check_model_config, check_pairing, check_tensors, checked_config,
+from kit.checks import (check_indices, check_model_config, check_pairing, check_tensors, checked_config,
                     checked_train, model_bounds, train_limits)
-from config import TrainConfig, UsageError, configure, override, resume_changes
+from kit.config import TrainConfig, UsageError, configure, override, resume_changes
 from data import train_and_val
-from distributed import check_device
+from kit.distributed import check_device
 from maskgit import MaskGITConfig
-from outputs import same_file, written_by
+from kit.outputs import same_file, written_by
 
 
 def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:

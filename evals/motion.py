@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import animals
+from worlds import animals
 from data import make_source
 from maskgit import make_video
-from stream import encode_clips
+from kit.stream import encode_clips
 
 # Legend: B batch, t h w latent grid, K codebook size, L text length, N clips.
 

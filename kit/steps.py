@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from config import TrainConfig
-from faults import StepGuard
-from progress import Progress, RunLog
+from kit.config import TrainConfig
+from kit.faults import StepGuard
+from kit.progress import Progress, RunLog
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

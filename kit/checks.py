@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from config import (CHOICES, SEED_MAX, STEPS_MAX, TOKENIZER_CONFIGS, TrainConfig, UsageError,
+from kit.config import (CHOICES, SEED_MAX, STEPS_MAX, TOKENIZER_CONFIGS, TrainConfig, UsageError,
                     generator_preset, tokenizer_preset)
 from cvivit import CViViT
 from maskgit import MaskGIT, MaskGITConfig

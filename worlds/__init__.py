@@ -14,8 +14,8 @@ Their clip sources (`ShapesSource`, `AnimalsSource`) are made by `data.make_sour
 data, and their readers of pixels (`shapes.oracle`, `animals.judge`) are called by evaluate.py.
 """
 
-import animals
-import shapes
+from worlds import animals
+from worlds import shapes
 
 # a world's name -> its module
 WORLDS = {"shapes": shapes, "animals": animals}

@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from video import VIDEO_EXTS
+from kit.video import VIDEO_EXTS
 
 
 class UnusableData(ValueError):

@@ -11,10 +11,10 @@ import dataclasses
 import numpy as np
 import torch
 
-import animals
-import shapes
+from worlds import animals
+from worlds import shapes
 from maskgit import make_video
-from shapes import DIRECTIONS, ShapeSpec, oracle
+from worlds.shapes import DIRECTIONS, ShapeSpec, oracle
 
 
 @torch.no_grad()

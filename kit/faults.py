@@ -32,8 +32,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from config import EXIT_USAGE, UsageError
-from folders import UnusableData
+from kit.config import EXIT_USAGE, UsageError
+from kit.folders import UnusableData
 
 EXIT_FAILED = 1
 

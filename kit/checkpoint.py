@@ -37,12 +37,12 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from checks import (MODELS, Checked, Header, check_common, check_model, check_pair, checked_config,
+from kit.checks import (MODELS, Checked, Header, check_common, check_model, check_pair, checked_config,
                     model_bounds)
-from config import TOKENIZER_CONFIGS, TrainConfig, UsageError, exit_usage
+from kit.config import TOKENIZER_CONFIGS, TrainConfig, UsageError, exit_usage
 from cvivit import CViViT
 from maskgit import MaskGITConfig
-from outputs import check_destination
+from kit.outputs import check_destination
 from text_encoder import CaptionTokenizer
 from vqgan import VQGAN
 
@@ -51,7 +51,7 @@ TOKENIZERS = {kind: MODELS[kind] for kind in TOKENIZER_CONFIGS}
 
 # the pairs that ship with the repo, a folder per world: sample.py and evaluate.py use them when no
 # checkpoint is given, the default world's unless --world names another
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
 # what `python sample.py "a dog running"` draws
 DEFAULT_WORLD = "animals"
 

@@ -38,11 +38,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import IterableDataset, get_worker_info
 
-from config import TrainConfig, UsageError
-from faults import TrainingStopped
-from folders import UnusableData, say_skipped
-from progress import Progress
-from worlds import WORLDS
+from kit.config import TrainConfig, UsageError
+from kit.faults import TrainingStopped
+from kit.folders import UnusableData, say_skipped
+from kit.progress import Progress
 
 # Legend: B batch, T frames, H W pixels, t h w latent grid, N clips, k global clip index, j clip
 # index within one rank.
@@ -254,8 +253,9 @@ def cache_codes(out: str, tokenizer: torch.nn.Module, digest: str, cfg: TrainCon
     key = [digest, cfg.data, cfg.frames, cfg.image_size, cfg.fps, cfg.cache_clips, cfg.seed,
            content_digest(source)]
     clips = cfg.cache_clips
-    if cfg.data not in WORLDS:
-        # real data: fixed windows; the key names the files' split and the crop too
+    if hasattr(source, "windows"):
+        # real data (a world renders any clip): fixed windows; the key names the files' split and
+        # the crop too
         source = source.windows(cfg.cache_clips)
         key, clips = key + [cfg.val_data, cfg.crop, len(source)], len(source)
     key = json.dumps(key)

@@ -26,12 +26,12 @@ import math
 import torch
 import torch.nn as nn
 
-from checkpoint import file_digest, load_checkpoint, load_tokenizer, save_checkpoint
-from checks import train_record
-from config import UsageError, exit_usage
+from kit.checkpoint import file_digest, load_checkpoint, load_tokenizer, save_checkpoint
+from kit.checks import train_record
+from kit.config import UsageError, exit_usage
 from data import make_source
-from outputs import check_destination
-from stream import ClipStream
+from kit.outputs import check_destination
+from kit.stream import ClipStream
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import UsageError, exit_usage
+from kit.config import UsageError, exit_usage
 from maskgit import MaskGIT
 from transformer import Block
 

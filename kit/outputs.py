@@ -19,8 +19,8 @@ the videos already in samples/ (`default_out`).
 import os
 import re
 
-from config import UsageError
-from video import Outputs
+from kit.config import UsageError
+from kit.video import Outputs
 
 # the files that writing <file> makes or replaces beside it: VideoWriter's part, save_checkpoint's
 # temporary and the previous version it keeps
