@@ -177,7 +177,7 @@ def build(name: str, device: torch.device) -> tuple:
             tokens, masked = model.mask_positions(codes)
             states = text if name == "maskgit_train" else model.encode_text(
                 torch.randint(2, 300, (B, L), device=device), mask)
-            logits = model(tokens, states, mask)
+            logits = model.logits(tokens, states, mask)
             return F.cross_entropy(logits.flatten(0, 3)[masked.flatten()].float(),
                                    codes.flatten()[masked.flatten()])
 

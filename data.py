@@ -39,11 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from worlds.animals import AnimalsSource
-from worlds.shapes import ShapesSource
-from kit.folders import (CAPTION_CHARS, UnusableData, expand_braces, folder_items, holds_videos,
-                     say_skipped)
-from kit.video import CROPS, IMAGE_EXTS, MAX_BYTES, VIDEO_EXTS, read_video, video_seconds
+from kit import (CAPTION_CHARS, CROPS, IMAGE_EXTS, MAX_BYTES, VIDEO_EXTS, UnusableData, expand_braces,
+                 folder_items, holds_videos, read_video, say_skipped, video_seconds)
+from worlds import SOURCES
 
 # Legend: T frames, H W pixels, k global clip index.
 
@@ -274,7 +272,7 @@ class TarShardSource(VideoFolderSource):
 
 def make_source(spec: str, frames: int, size: int, seed: int = 0, fps: float = 8.0,
                 split: str = "all",
-                crop: str = "center") -> ShapesSource | AnimalsSource | VideoFolderSource:
+                crop: str = "center"):
     """The source for a --data spec: a world ('shapes' or 'animals'), tar shards (a '.tar' path,
     braces or a glob), a folder of videos, or a folder of images (one with no videos, or any folder
     as 'images:FOLDER'). split: "train", "val" or "all" of a real data set's files
@@ -282,10 +280,9 @@ def make_source(spec: str, frames: int, size: int, seed: int = 0, fps: float = 8
     crop: "center" or "pad" (read_video)."""
     if crop not in CROPS:
         raise ValueError(f"train.crop must be one of {', '.join(CROPS)}, got {crop!r}")
-    if spec == "shapes":
-        return ShapesSource(frames, size, seed)
-    if spec == "animals":
-        return AnimalsSource(frames, size, seed)
+    if spec in SOURCES:
+        # a world: clips rendered on the fly from (seed, index)
+        return SOURCES[spec](frames, size, seed)
     if spec.startswith("images:"):
         return ImageFolderSource(spec[len("images:"):], size, seed, split, crop)
     if not os.path.isdir(spec) and (".tar" in spec or any(c in spec for c in "{*?[")):

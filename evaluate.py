@@ -51,82 +51,25 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from worlds import animals
+from data import make_source
+from evals.measures import psnr, ssim, validation_loss
+from evals.motion import code_following, motion_extras
+from evals.stories import (animals_extras, animals_stories, judged_in_batches, shapes_long,
+                           shapes_stories, shares)
+from evals.watch import Watched, watch
 from kit.checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, read_header, shipped
 from kit.config import HelpWithDefaults, UsageError, check_sampling, exit_usage
-from data import make_source
-from maskgit import CFG, STEPS, TEMPERATURE
-from evals.motion import code_following, motion_extras
 from kit.outputs import check_destination
 from kit.progress import write_grid
-from evals.stories import (animals_extras, animals_stories, judged_in_batches, sample_and_judge,
-                     shapes_long, shapes_stories, shares)
 from kit.stream import ClipStream, encode_clips
-from worlds import WORLDS
+from maskgit import CFG, STEPS, TEMPERATURE
+from worlds import WORLDS, animals
 
 # Legend: B batch, C channels, T frames, H W pixels, K codebook size.
 
 # world clips from this seed are never trained on
 EVAL_SEED = 1_000_003
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-clip PSNR in dB of two videos (B, 3, T, H, W) in [-1, 1] -> (B,)."""
-    # error on the [0, 1] scale
-    mse = ((x - y) / 2).pow(2).flatten(1).mean(dim=1)
-    return -10 * torch.log10(mse.clamp_min(1e-10))
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-clip SSIM of two videos (B, 3, T, H, W) in [-1, 1] -> (B,)."""
-    B, C, T, H, W = x.shape
-    # every channel of every frame an image
-    x = ((x + 1) / 2).transpose(1, 2).reshape(B * T * C, 1, H, W)
-    y = ((y + 1) / 2).transpose(1, 2).reshape(B * T * C, 1, H, W)
-    g = torch.exp(-((torch.arange(11, dtype=x.dtype) - 5) ** 2) / (2 * 1.5**2))
-    g = (g / g.sum()).to(x.device)
-    window = (g[:, None] * g[None, :])[None, None]  # (1, 1, 11, 11)
-
-    def blur(img: torch.Tensor) -> torch.Tensor:
-        # 'valid' windows only, as the reference implementation
-        return F.conv2d(img, window)
-
-    c1, c2 = 0.01**2, 0.03**2
-    mx, my = blur(x), blur(y)
-    vx = blur(x * x) - mx**2
-    vy = blur(y * y) - my**2
-    cov = blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return s.view(B, -1).mean(dim=1)
-
-
-@torch.no_grad()
-def reconstruction(model: torch.nn.Module, video: torch.Tensor, autocast) -> torch.Tensor:
-    """video (B, 3, T, H, W) -> its reconstruction in eval mode, clamped to [-1, 1]."""
-    training = model.training
-    # the quantizer neither counts codes nor runs k-means in eval mode
-    model.eval()
-    with autocast:
-        recon = model(video).recon.float().clamp(-1, 1)  # (B, 3, T, H, W)
-    model.train(training)
-    return recon
-
-
-@torch.no_grad()
-def reconstruct(model, video: torch.Tensor, window: int) -> torch.Tensor:
-    """video (3, T, H, W), any T -> its reconstruction, window by window through encode and decode.
-    A tokenizer takes 1 + 2n frames: a last window of even length is padded with a copy of its last
-    frame, whose reconstruction is dropped, so every frame comes back and no other is added."""
-    pieces = []
-    for start in range(0, video.shape[1], window):
-        clip = video[None, :, start:start + window]  # (1, 3, <=window, H, W)
-        n = clip.shape[2]
-        if n % 2 == 0:
-            clip = torch.cat([clip, clip[:, :, -1:]], dim=2)
-        pieces.append(model.decode(model.encode(clip))[0, :, :n])
-    return torch.cat(pieces, dim=1)
 
 
 def held_out_source(data: str | None, trained: dict):
@@ -187,53 +130,6 @@ def judge_round_trip(model, clips: int, frames: int, size: int,
 
 
 @torch.no_grad()
-def validation_loss(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                    seed: int = 0, batch_size: int = 32) -> float:
-    """The generator's masked-code loss on held-out codes (N, t, h, w) and captions (N, L): every
-    call draws the same masks and caption drops (from `seed`), so its changes are the model's.
-    `model` is a MaskGIT or distributed.Run around one."""
-    device = codes.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        losses = [model.loss(codes[i:i + batch_size], ids[i:i + batch_size].to(device), mask[i:i + batch_size].to(device))
-                  * len(codes[i:i + batch_size]) for i in range(0, len(codes), batch_size)]
-    return (sum(losses) / len(codes)).item()
-
-
-def watch_list(data: str, captions: list[str], path: str | None = None, n: int = 8, seed: int = 0):
-    """What a run watches -> (world or None, specs, prompts): in a world, n random specs
-    (judged); on real data the lines of `path` (--watch-prompts), or else the first n
-    different held-out captions."""
-    if data in WORLDS:
-        rng = np.random.default_rng([seed, 424242])
-        specs = [WORLDS[data].random_spec(rng) for _ in range(n)]
-        return WORLDS[data], specs, [WORLDS[data].caption(s) for s in specs]
-    if path:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-        if not prompts:
-            raise UsageError(f"--watch-prompts {path} has no prompts: write one caption a line")
-    else:
-        prompts = list(dict.fromkeys(c for c in captions if c)) or [""]
-    return None, [], prompts[:n]
-
-
-@torch.no_grad()
-def watch(model, text, tokenizer, watched: tuple, device: torch.device,
-          **sampling) -> tuple[torch.Tensor, dict]:
-    """One clip per prompt of watch_list -> (videos (B, 3, T, H, W), the judge's
-    shares; {} on real data)."""
-    world, specs, prompts = watched
-    if world is not None:
-        videos, verdicts = sample_and_judge(model, text, tokenizer, world, specs, device, prompts,
-                                            **sampling)
-        return videos, shares(verdicts)
-    ids, mask = text.encode(prompts, model.config.text.max_len)
-    return tokenizer.decode(model.generate(ids.to(device), mask.to(device),
-                                           **sampling)).float().cpu(), {}
-
-
-@torch.no_grad()
 def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int,
                        batch_size: int = 20, **sampling) -> dict:
     """The judge's agreement on clips made from `prompts` random canonical prompts, and on `stories`
@@ -268,7 +164,7 @@ def evaluate_on_real_data(model, text, tokenizer, source, clips: int, grid: str,
     # the first clip of each caption
     picks = [i for i, c in enumerate(captions) if captions.index(c) == i][:rows]
     shown = [captions[i] for i in picks]
-    samples, _ = watch(model, text, tokenizer, (None, [], shown), torch.device("cpu"), **sampling)
+    samples, _ = watch(model, text, tokenizer, Watched(None, [], shown), torch.device("cpu"), **sampling)
     # (2 rows, 3, T, H, W): real, sample
     pairs = torch.stack([videos[picks], samples], dim=1).flatten(0, 1)
     labels = []

@@ -12,7 +12,7 @@ offset (Δt, Δh, Δw) between two positions: in a video the code that predicts 
 fixed offset (one latent frame back, one place along), and a head can look there whatever the
 absolute position.
 
-Training (`loss`): for each sample draw r ~ U(0, 1) and mask ⌈γ(r)·N⌉ random positions, with the
+Training (`forward`, the loss): for each sample draw r ~ U(0, 1) and mask ⌈γ(r)·N⌉ random positions, with the
 cosine schedule γ(r) = cos(πr/2) (MaskGIT §3.2). The cross-entropy counts only the masked positions:
 the visible ones are copied from the input and would teach nothing. A share `prefix` of the samples
 keeps its first k latent frames visible (k uniform in 1..t-1) and masks ⌈γ(r)·N_rest⌉ of the later
@@ -148,8 +148,8 @@ class MaskGIT(nn.Module):
         """ids, mask (B, L) -> text states (B, L, Dt)."""
         return self.text(ids, mask)
 
-    def forward(self, tokens: torch.Tensor, states: torch.Tensor, text_mask: torch.Tensor,
-                frames: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, states: torch.Tensor, text_mask: torch.Tensor,
+               frames: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, t, h, w) in [0, K] (K = [MASK]) -> logits (B, t, h, w, K). `frames` (B,) is
         the number of real latent frames of each sample (1 for an image); the rest is padding."""
         B, t, h, w = tokens.shape
@@ -168,7 +168,7 @@ class MaskGIT(nn.Module):
                 text_mask: torch.Tensor) -> torch.Tensor:
         """Logits for tokens (B, t, h, w) under captions ids, text_mask
         (B, L) -> (B, t, h, w, K)."""
-        return self(tokens, self.encode_text(ids, text_mask), text_mask)
+        return self.logits(tokens, self.encode_text(ids, text_mask), text_mask)
 
     @staticmethod
     def real_positions(frames: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -220,20 +220,20 @@ class MaskGIT(nn.Module):
         tokens = codes.reshape(B, N).masked_fill(masked | ~real, self.mask_id)
         return tokens.view(B, t, h, w), masked
 
-    def loss(self, codes: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor,
-             frames: torch.Tensor | None = None, motion_weight: float = 1.0,
-             prefix: float = 0.0, prefix_frames: int = 0) -> torch.Tensor:
-        """codes (B, t, h, w) long; ids, text_mask (B, L); frames (B,) real latent frames or
-        None (all); prefix, prefix_frames: the share of samples masked as continuations and the
-        latent frames they keep (mask_positions).
-        Returns the mean cross-entropy over the masked positions only. With motion_weight > 1 a
+    def forward(self, codes: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor,
+                frames: torch.Tensor | None = None, motion_weight: float = 1.0,
+                prefix: float = 0.0, prefix_frames: int = 0) -> torch.Tensor:
+        """The training loss, so that DDP and FSDP see a training step through forward: codes
+        (B, t, h, w) long; ids, text_mask (B, L); frames (B,) real latent frames or None (all);
+        prefix, prefix_frames: the share of samples masked as continuations and the latent frames
+        they keep (mask_positions). Returns the mean cross-entropy over the masked positions only. With motion_weight > 1 a
         code that differs from the one at its place in the latent frame before counts that many
         times: in a video most codes repeat the frame before, and a plain mean lets them
         outvote the few that move."""
         tokens, masked = self.mask_positions(codes, frames, prefix, prefix_frames)
         ids, text_mask = self.drop_captions(ids, text_mask)
         # (B, t, h, w, K)
-        logits = self(tokens, self.encode_text(ids, text_mask), text_mask, frames)
+        logits = self.logits(tokens, self.encode_text(ids, text_mask), text_mask, frames)
         K = logits.shape[-1]
         scored = masked.flatten()  # (B·N,) only the masked positions are scored
         ce = F.cross_entropy(logits.view(-1, K)[scored].float(), codes.flatten()[scored],
@@ -250,13 +250,13 @@ class MaskGIT(nn.Module):
         """Classifier-free guidance: uncond + scale·(cond − uncond). 1 is plain conditional, 0
         ignores the text. cond and uncond are (states, mask) pairs; both halves run as one batch."""
         if scale == 1.0:
-            return self(tokens, *cond)
+            return self.logits(tokens, *cond)
         # pad the empty caption to the prompts' length
         B, pad = len(tokens), cond[0].shape[1] - uncond[0].shape[1]
         # (2B, L, D)
         states = torch.cat([cond[0], F.pad(uncond[0], (0, 0, 0, pad)).expand(B, -1, -1)])
         mask = torch.cat([cond[1], F.pad(uncond[1], (0, pad)).expand(B, -1)])  # (2B, L)
-        c, u = self(torch.cat([tokens, tokens]), states, mask).float().chunk(2)
+        c, u = self.logits(torch.cat([tokens, tokens]), states, mask).float().chunk(2)
         return u + scale * (c - u)
 
     @torch.no_grad()

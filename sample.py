@@ -32,16 +32,16 @@ from pathlib import Path
 
 import torch
 
-from kit.checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, shipped
-from kit.config import HelpWithDefaults, UsageError, check_sampling, exit_usage
+from kit.checkpoint import DEFAULT_WORLD, SHIPPED_WORLDS, load_generator, load_tokenizer, shipped
+from kit.config import (HelpWithDefaults, UsageError, check_sampling, exit_usage, frame_shares,
+                        keep_at_cut)
 from kit.distributed import check_device
-from evaluate import psnr, reconstruct, ssim
+from evals.measures import psnr, reconstruct, ssim
 from kit.faults import exit_code, signals_unwind
 from maskgit import CFG, STEPS, TEMPERATURE, plan_windows, stream_video, window_steps
 from kit.progress import Progress
-from kit.outputs import check_outputs, default_out
-from kit.video import MAX_FRAMES, Outputs, read_clip, save_output
-from worlds import WORLDS
+from kit.outputs import Outputs, check_outputs, default_out, save_output
+from kit.video import MAX_FRAMES, read_clip
 
 # Legend: T frames, H W pixels, t latent frames, L text length.
 
@@ -57,21 +57,6 @@ def run_reconstruct(args) -> None:
     print(f"psnr: {psnr(recon[None], video[None]).item():.2f}")
     print(f"ssim: {ssim(recon[None], video[None]).item():.4f}")
     print(f"wrote: {args.out}")
-
-
-def frame_shares(frames: int, prompts: int, have: int = 0) -> list[int]:
-    """The new frames of each prompt's segment in a video of `frames` frames whose first `have`
-    are given (--init): equal shares, the first ones a frame more where they do not divide.
-    UsageError where a prompt would get none (serve.py asks the same of a page's request)."""
-    new = frames - have
-    if new < 1:
-        raise UsageError(f"--init holds at least the {have} frames asked; raise --frames")
-    if new < prompts:
-        # each prompt gets frames of its own
-        raise UsageError(f"--frames {frames} makes {new} new frame(s) for {prompts} prompts"
-                         + (f" after --init's {have}" if have else "")
-                         + f"; ask for at least --frames {have + prompts}")
-    return [new // prompts + (i < new % prompts) for i in range(prompts)]
 
 
 def run_generate(args) -> None:
@@ -105,7 +90,7 @@ def run_generate(args) -> None:
         prompts.append(tuple(x.to(device) for x in text.encode([p] * n, model.config.text.max_len)))
     t0 = time.time()
     # what its world taught of cuts
-    cut = WORLDS[cfg["data"]].KEEP_AT_CUT if cfg.get("data") in WORLDS else None
+    cut = keep_at_cut(cfg)
     # each window's decoding steps, counted as the windows are planned: k = (context + 1) / 2
     per_window = [window_steps(args.steps, t - (context + 1) // 2, t)
                   for _, context, _ in plan_windows(t, args.keep, shares, frames - sum(shares), cut)]
@@ -155,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="latent frames of context at each shift (default half the window)")
     p.add_argument("--samples", type=int,
                    help="videos of the prompts, made as one batch: <out>-<i>.mp4 (default 1)")
-    p.add_argument("--world", default=DEFAULT_WORLD, choices=sorted(WORLDS),
+    p.add_argument("--world", default=DEFAULT_WORLD, choices=SHIPPED_WORLDS,
                    help=f"whose shipped pair to use when no checkpoint is given (default {DEFAULT_WORLD})")
     p.add_argument("--checkpoint", help="a stage-2 generator (default: the world's shipped one)")
     p.add_argument("--tokenizer-checkpoint",

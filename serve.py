@@ -20,7 +20,7 @@ The stream says {"queued": place} while jobs ahead of it run, {"plan": ...} when
 {"step": n} after each decoding step, {"frames": [...]} with each window's new frames (T, H, W, 3)
 as base64 RGB bytes, which the page draws at once, and {"done": ...} or {"error": ...} last. The
 frames are maskgit.stream_video's, the sampler of sample.py with its seed, defaults and frame rules
-(sample.frame_shares), so a request gives the frames `python sample.py` gives for the same prompts;
+(config.frame_shares), so a request gives the frames `python sample.py` gives for the same prompts;
 they go into an .mp4 and a .gif through video.py's writer as they come.
 
 One job runs at a time: there is one model, and two jobs on two cores would each take twice as
@@ -50,14 +50,12 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 
-from kit.checkpoint import DEFAULT_WORLD, load_generator, shipped
-from kit.config import HelpWithDefaults, UsageError, check_sampling, exit_usage
+from kit.checkpoint import DEFAULT_WORLD, SHIPPED_WORLDS, load_generator, shipped
+from kit.config import HelpWithDefaults, UsageError, check_sampling, exit_usage, frame_shares, keep_at_cut
 from kit.distributed import check_device
 from maskgit import CFG, STEPS, TEMPERATURE, MaskGIT, plan_windows, stream_video, window_steps
-from sample import frame_shares
 from text_encoder import CaptionTokenizer
 from kit.video import VideoWriter, scaled_frames
-from worlds import WORLDS
 
 # Legend: T frames, H W pixels, t latent frames.
 
@@ -122,8 +120,7 @@ class Request(NamedTuple):
 def load_pair(generator: str, tokenizer: str, device: torch.device) -> Pair:
     model, text, tok, meta = load_generator(generator, tokenizer)
     cfg = json.loads(meta.get("train_config", "{}"))
-    cut = WORLDS[cfg["data"]].KEEP_AT_CUT if cfg.get("data") in WORLDS else None
-    return Pair(model.to(device), text, tok.to(device), cfg.get("fps", 8.0), cut)
+    return Pair(model.to(device), text, tok.to(device), cfg.get("fps", 8.0), keep_at_cut(cfg))
 
 
 def whole(body: dict, key: str, default: int | None) -> int | None:
@@ -393,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="the address to listen on; 0.0.0.0 lets other machines in")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free one")
-    p.add_argument("--world", default=DEFAULT_WORLD, choices=sorted(WORLDS),
+    p.add_argument("--world", default=DEFAULT_WORLD, choices=SHIPPED_WORLDS,
                    help="the world the page starts with; with a given checkpoint, whose shipped "
                         "file stands in for the one not given")
     p.add_argument("--checkpoint", help="a stage-2 generator (default: each world's shipped one)")
@@ -403,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     # the worlds' shipped pairs, the asked world's first; or the given pair alone
     pairs = {w: (shipped(w, "generator"), shipped(w, "tokenizer"))
-             for w in sorted(WORLDS, key=lambda w: w != args.world)}
+             for w in sorted(SHIPPED_WORLDS, key=lambda w: w != args.world)}
     if args.checkpoint or args.tokenizer_checkpoint:
         pairs = {"given": (args.checkpoint or pairs[args.world][0],
                            args.tokenizer_checkpoint or pairs[args.world][1])}

@@ -27,10 +27,11 @@ Stage 2 trains the MaskGIT generator (maskgit.py) behind the frozen tokenizer (P
   masks from the cache, so a step costs no video decoding.
 
 Each loop shows one step on one screen. What both share (per-step seeding, the lr schedule, the
-guarded update with clipping and EMA, progress, log) is steps.Steps; the rest is one import away:
-config.py (presets, --set), checkpoint.py (saving, resuming, loading), distributed.py (DDP, FSDP,
-leaving together), faults.py (signals, non-finite steps, exit codes), data.py, evaluate.py. Resume
-is exact: a step's draws are seeded from (seed, rank, step) and the data stream is indexed by step.
+guarded update with clipping and EMA, progress, log) is kit.steps.Steps; the rest of the machinery
+is one import away in kit/: config (presets, --set), runs (the run folder, resume), checkpoint
+(files), distributed (DDP, FSDP, leaving together), faults (signals, non-finite steps, exit codes),
+stream (clips and the token cache). What a run measures while it trains is in evals/. Resume is
+exact: a step's draws are seeded from (seed, rank, step) and the data stream is indexed by step.
 
 Legend: B batch, T frames, H W pixels, t h w latent grid, N codes per clip, K codebook size, L text
 length.
@@ -47,53 +48,115 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from evals.watch import HeldOut, watch_generator, watch_list, watch_tokenizer
 from kit.checkpoint import (TOKENIZERS, file_digest, generator_meta, load_checkpoint, load_tokenizer,
-                        tokenizer_meta)
+                            tokenizer_meta)
 from kit.config import HelpWithDefaults, TrainConfig, UsageError, exit_usage
-from kit.distributed import Run, compile_blocks, finish, grad_sync, shard, start, summed_counts
-from evaluate import psnr, reconstruction, ssim, validation_loss, watch, watch_list
+from kit.distributed import compile_blocks, finish, gathered, grad_sync, shard, start, summed_counts
 from kit.faults import TrainingStopped, exit_code, quiet_worker
-from kit.folders import UnusableData
 from kit.fold import fold_codes
-from maskgit import MaskGIT, MaskGITConfig
-from evals.motion import watch_motion
-from kit.runs import (load_train_state, release_run, restore_modules, restore_optimizers, save_run,
-                  save_weights, setup)
+from kit.folders import UnusableData
+from kit.runs import (RunPlan, load_train_state, release_run, restore_modules, restore_optimizers,
+                      save_run, save_weights, setup)
 from kit.steps import Steps, adamw
 from kit.stream import ClipStream, cache_codes, encode_clips, held_out
+from maskgit import MaskGIT
 from text_encoder import CaptionTokenizer
 from vqgan import Discriminator, VGGPerceptual, adaptive_gan_weight, hinge_d_loss
 
 
 # ----------------------------------------------------------------------------- stage 1
 
-def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world: int,
-                    device: torch.device) -> None:
+def tokenizer_loss(ddp_model: torch.nn.Module, model: torch.nn.Module, disc: Discriminator,
+                   perceptual: VGGPerceptual | None, video: torch.Tensor, cfg: TrainConfig,
+                   use_gan: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """L_tok of one micro-batch x (B, 3, T, H, W) in [-1, 1] -> (L_tok, x̂, its terms to log)."""
+    out = ddp_model(video)
+    rec = F.mse_loss(out.recon.float(), video)
+    loss = rec + out.vq_loss
+    if perceptual is not None:
+        loss = loss + cfg.perceptual_weight * perceptual(out.recon.float(), video)
+    terms = {"rec": rec.item(), "vq": out.vq_loss.item()}
+    if use_gan:
+        # L_G = -D(x̂) asks x̂ to look real; it must not train the discriminator
+        disc.requires_grad_(False)
+        gan = -disc(out.recon).float().mean()
+        disc.requires_grad_(True)
+        loss = loss + cfg.gan_weight * adaptive_gan_weight(rec, gan, model.last_layer) * gan
+        terms["gan"] = gan.item()
+    return loss, out.recon, terms
+
+
+def discriminator_loss(ddp_disc: torch.nn.Module, video: torch.Tensor,
+                       recon: torch.Tensor) -> torch.Tensor:
+    """L_D on real clips and detached reconstructions (B, 3, T, H, W): nothing leaks into the
+    tokenizer."""
+    # (2B,): B real, then B fake
+    logits = ddp_disc(torch.cat([video, recon.detach()]))
+    return hinge_d_loss(logits[:len(video)].float(), logits[len(video):].float())
+
+
+def perceptual_features(path: str | None, device: torch.device) -> VGGPerceptual | None:
+    """ImageNet VGG16 features for L_p, from a local file: nothing is downloaded. None without
+    --perceptual-weights."""
+    if not path:
+        return None
+    perceptual = VGGPerceptual()
+    perceptual.load_state_dict(load_file(path))
+    return perceptual.to(device)
+
+
+def clip_loader(source, cfg: TrainConfig, rank: int, world: int, start: int,
+                device: torch.device):
+    """The stream of training batches from the `start`-th clip on (all ranks' clips counted), each
+    batch a function of its place, so that a resume on any number of ranks goes on where the run
+    stopped. Clips decode in `workers` processes, each keeping 4 batches ready, into pinned memory
+    on CUDA."""
+    stream = ClipStream(source, cfg.batch_size, rank, world, start=start)
+    return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+                                            pin_memory=device.type == "cuda",
+                                            persistent_workers=cfg.workers > 0,
+                                            prefetch_factor=4 if cfg.workers else None,
+                                            worker_init_fn=quiet_worker))
+
+
+def restart_codes(model: torch.nn.Module, ema: torch.nn.Module | None, kmeans: bool,
+                  due: bool) -> dict:
+    """Every `restart_every` steps (`due`) codes nobody used take recent encoder outputs (all
+    ranks' counts). Codes placed anew, by a restart or by the first step's k-means, enter the EMA
+    as they are, not averaged with the init they replace -> {"restarted": n} when due."""
+    figures = {}
+    moved = torch.arange(model.quantizer.codebook.shape[0]) if kmeans else None
+    if due:
+        moved = model.quantizer.restart_dead_codes()
+        figures["restarted"] = len(moved)
+    if ema is not None and moved is not None:
+        ema.quantizer.codebook.data[moved] = model.quantizer.codebook.data[moved]
+    return figures
+
+
+def train_tokenizer(args, plan: RunPlan, rank: int, world: int, device: torch.device) -> None:
     master = rank == 0
     ddp = world > 1
-    source, val_source = sources
+    cfg = plan.cfg
     # the same init on every rank
     torch.manual_seed(cfg.seed)
-    model, disc = TOKENIZERS[args.tokenizer](model_cfg).to(device), Discriminator().to(device)
+    model = TOKENIZERS[plan.kind](plan.model_cfg).to(device)
+    disc = Discriminator().to(device)
     if args.compile:
         # in place: checkpoint keys do not change
         compile_blocks(model)
-    perceptual = None
-    if args.perceptual_weights:
-        # ImageNet VGG16 features, from a local file: nothing is downloaded
-        perceptual = VGGPerceptual()
-        perceptual.load_state_dict(load_file(args.perceptual_weights))
-        perceptual = perceptual.to(device)
+    perceptual = perceptual_features(args.perceptual_weights, device)
+    opt = adamw(model, cfg)
     # β1 0.5 for the discriminator, as GANs do
-    opt, opt_d = adamw(model, cfg), adamw(disc, cfg, beta1=0.5)
+    disc_opt = adamw(disc, cfg, beta1=0.5)
     # the weights that are sampled
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
-    # what a checkpoint holds
+    # what a checkpoint holds, under the names its files use
     modules = {"model": model, "disc": disc} | ({"ema": ema} if ema is not None else {})
-    # step: optimizer steps taken so far
-    opts, step = {"opt": opt, "opt_d": opt_d}, 0
-    # None: start afresh
-    resume = load_train_state(getattr(args, "resume_from", None))
+    opts = {"opt": opt, "opt_d": disc_opt}
+    resume = load_train_state(plan.resume_from)
+    step = 0
     if resume:
         restore_modules(resume.tensors, modules, resume.path)
         step = restore_optimizers(resume.tensors, resume.meta, opts, resume.path)
@@ -101,30 +164,19 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
             print(f"resumed from {resume.path} at step {step}")
     # the quantizer's buffers hold per-rank usage counts: keep DDP from overwriting them with rank
     # 0's
-    model_d = DDP(model, forward_sync_buffers=False) if ddp else model
-    disc_d = DDP(disc, forward_sync_buffers=False) if ddp else disc
+    ddp_model = DDP(model, forward_sync_buffers=False) if ddp else model
+    ddp_disc = DDP(disc, forward_sync_buffers=False) if ddp else disc
     if resume and rank > 0:
-        # the saved counts are all ranks' sum (summed_counts): rank 0 carries it on.
-        # After the wrap: DDP's first broadcast copies rank 0's buffers to all
+        # the saved counts are all ranks' sum (summed_counts): rank 0 carries it on. After the
+        # wrap: DDP's first broadcast copies rank 0's buffers to all
         model.quantizer.counts.zero_()
-    # a fixed batch of held-out clips for val_psnr, val_ssim and recon.png (data.train_and_val);
-    # None: none loads
-    val_video = held_out(lambda: ClipStream(val_source, 8).batch(0)["video"].to(device), master)
-    # the stream starts after the clips all ranks consumed (on any number of ranks), each batch a
-    # function of its place. Clips decode in `workers` processes, each keeping 4 batches ready, into
-    # pinned memory on CUDA
-    first = step
-    start = 0
-    if resume:
-        start = int(resume.meta.get("clips_seen", step * cfg.grad_accum * cfg.batch_size * world))
-    stream = ClipStream(source, cfg.batch_size, rank, world, start=start)
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
-                                              pin_memory=device.type == "cuda",
-                                              persistent_workers=cfg.workers > 0,
-                                              prefetch_factor=4 if cfg.workers else None,
-                                              worker_init_fn=quiet_worker))
-    steps = Steps(cfg, args.out, rank, world, device, step,
-                  skipped_files=getattr(source, "dropped", 0))
+    # a fixed batch of held-out clips for val_psnr, val_ssim and recon.png; None: none loads
+    val_video = held_out(lambda: ClipStream(plan.val_source, 8).batch(0)["video"].to(device), master)
+    clips_per_step = cfg.grad_accum * cfg.batch_size * world
+    start = int(resume.meta.get("clips_seen", step * clips_per_step)) if resume else 0
+    loader = clip_loader(plan.source, cfg, rank, world, start, device)
+    steps = Steps(cfg, plan.out, rank, world, device, step,
+                  skipped_files=getattr(plan.source, "dropped", 0))
     # a fresh book: k-means runs in the first forward
     kmeans = not bool(model.quantizer.initialised)
 
@@ -132,13 +184,13 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
         # SIGTERM / Ctrl-C: finish the step, save, leave
         while steps.step < cfg.max_steps:
             # seed from (seed, rank, step); set the lr
-            steps.begin([opt, opt_d])
+            steps.begin([opt, disc_opt])
             # the GAN joins late, once x̂ is decent
-            use_gan, n = steps.step >= cfg.gan_start, cfg.grad_accum
-            # each the mean over the micro-steps
+            use_gan = steps.step >= cfg.gan_start
+            n = cfg.grad_accum
+            # each term the mean over the n micro-batches that make one step
             logs = dict.fromkeys(("rec", "vq", "gan", "disc"), 0.0)
             for micro in range(n):
-                # gradient accumulation: n micro-batches make one step
                 batch = next(loader)
                 # x: (B, 3, T, H, W) in [-1, 1]
                 video = batch["video"].to(device, non_blocking=True)
@@ -146,134 +198,111 @@ def train_tokenizer(args, model_cfg, cfg: TrainConfig, sources, rank: int, world
                 steps.skipped_files += batch["skipped"]
                 # DDP averages the gradients on the last micro-step only
                 last = micro == n - 1
-                with grad_sync(model_d, last), steps.autocast:
-                    # L_tok
-                    # out.recon: x̂ (B, 3, T, H, W); out.vq_loss: L_VQ
-                    out = model_d(video)
-                    # ||x - x̂||²
-                    rec = F.mse_loss(out.recon.float(), video)
-                    loss = rec + out.vq_loss
-                    if perceptual is not None:
-                        # w_p·L_p
-                        loss = loss + cfg.perceptual_weight * perceptual(out.recon.float(), video)
-                    if use_gan:
-                        # λ·w_gan·L_G
-                        # the generator's GAN loss must not train the discriminator
-                        disc.requires_grad_(False)
-                        # L_G = -D(x̂): look real to D
-                        gan = -disc(out.recon).float().mean()
-                        disc.requires_grad_(True)
-                        loss = loss + cfg.gan_weight * adaptive_gan_weight(rec, gan, model.last_layer) * gan
-                        logs["gan"] += gan.item() / n
+                with grad_sync(ddp_model, last), steps.autocast:
+                    loss, recon, terms = tokenizer_loss(ddp_model, model, disc, perceptual, video,
+                                                        cfg, use_gan)
                     (loss / n).backward()
                 if use_gan:
-                    # L_D on real clips and detached reconstructions: nothing leaks into the
-                    # tokenizer
-                    with grad_sync(disc_d, last), steps.autocast:
-                        # (2B,): B real, then B fake
-                        logits = disc_d(torch.cat([video, out.recon.detach()]))
-                        d_loss = hinge_d_loss(logits[:len(video)].float(),
-                                              logits[len(video):].float())
+                    with grad_sync(ddp_disc, last), steps.autocast:
+                        d_loss = discriminator_loss(ddp_disc, video, recon)
                         (d_loss / n).backward()
-                    logs["disc"] += d_loss.item() / n
-                logs["rec"] += rec.item() / n
-                logs["vq"] += out.vq_loss.item() / n
+                    terms["disc"] = d_loss.item()
+                for name, value in terms.items():
+                    logs[name] += value / n
             # clip, skip a non-finite step, AdamW (the discriminator's only once it trains), EMA
-            steps.update(logs, model, [opt, opt_d], [opt, opt_d] if use_gan else [opt], ema)
-            # what this step measured
-            figures, moved = {}, torch.arange(model_cfg.codebook_size) if kmeans else None
-            if steps.step % cfg.restart_every == 0:
-                # dead codes take recent encoder outputs (all ranks' counts)
-                moved = model.quantizer.restart_dead_codes()
-                figures["restarted"] = len(moved)
-            if ema is not None and moved is not None:
-                # codes placed anew enter the EMA as they are, not averaged with the init they replace
-                ema.quantizer.codebook.data[moved] = model.quantizer.codebook.data[moved]
+            steps.update(logs, model, [opt, disc_opt], [opt, disc_opt] if use_gan else [opt], ema)
+            figures = restart_codes(model, ema, kmeans, steps.step % cfg.restart_every == 0)
             kmeans = False
             if master and (steps.due(cfg.log_every) or steps.due(cfg.image_every)):
                 if steps.due(cfg.image_every) and val_video is not None:
-                    # reconstruct the fixed batch
-                    recon = reconstruction(model, val_video, steps.autocast)  # (8, 3, T, H, W)
-                    # dB, mean over the 8 clips
-                    figures["val_psnr"] = psnr(recon, val_video).mean().item()
-                    figures["val_ssim"] = ssim(recon, val_video).mean().item()
+                    figures |= watch_tokenizer(model, val_video, steps.autocast, steps.log)
                 steps.write_log(logs, figures)
-                if "val_psnr" in figures:
-                    # real clips above their reconstructions, 4 pairs
-                    # (8, 3, T, H, W)
-                    pairs = torch.stack([val_video[:4], recon[:4]], dim=1).flatten(0, 1)
-                    steps.log.grid(pairs, "recon.png")
             if steps.due(cfg.save_every) or guard.stop:
-                # a signal saves before the run leaves
+                # every rank joins the sum of the code counts, rank 0 writes
                 with summed_counts(model.quantizer, ddp):
-                    # every rank joins the sum, rank 0 writes
                     if master:
-                        seen = {"clips_seen": str(start + (steps.step - first) * cfg.grad_accum * cfg.batch_size * world)}
-                        save_run(args.out,
-                                 tokenizer_meta(args.tokenizer, model_cfg, steps.step) | seen, cfg,
-                                 modules, opts)
-                        # the curves so far, beside each checkpoint
+                        seen = start + (steps.step - step) * clips_per_step
+                        meta = tokenizer_meta(plan.kind, plan.model_cfg, steps.step)
+                        save_run(plan.out, meta | {"clips_seen": str(seen)}, cfg, modules, opts)
                         steps.log.plot(("rec", "vq", "val_psnr"))
-            # exit 128 + the signal
-            guard.leave_if_signalled(steps.step, world, master, args.out)
+            # a signal leaves here, with exit code 128 + its number, once the step is saved
+            guard.leave_if_signalled(steps.step, world, master, plan.out)
     steps.progress.close()
     finish(model, world, master, f"done: {steps.step} steps in {steps.progress.elapsed():.0f} s; "
-                                 f"weights in {os.path.join(args.out, 'model.safetensors')}")
+                                 f"weights in {os.path.join(plan.out, 'model.safetensors')}")
     if master and cfg.fold_cosine:
-        # model.safetensors only: train_state keeps the raw book for --resume
-        sampled = ema if ema is not None else model
-        print(f"folding codes within cosine {cfg.fold_cosine} of a more used one (counting them on 512 clips)", flush=True)
-        left = fold_codes(sampled, source, cfg.fold_cosine, cfg.batch_size, device)
-        meta = tokenizer_meta(args.tokenizer, model_cfg, steps.step) | {"codes_left": str(left)}
-        save_weights(args.out, meta, cfg, sampled.state_dict())
-        print(f"folded near-duplicate codes (cosine >= {cfg.fold_cosine}): {left} of {model_cfg.codebook_size} left")
+        fold_finished(ema if ema is not None else model, plan, steps.step, device)
+
+
+def fold_finished(sampled: torch.nn.Module, plan: RunPlan, step: int, device: torch.device) -> None:
+    """Near-copies of a code fold into the more used one, in model.safetensors only: the train
+    state keeps the raw book for --resume."""
+    cfg = plan.cfg
+    print(f"folding codes within cosine {cfg.fold_cosine} of a more used one (counting them on 512 clips)", flush=True)
+    left = fold_codes(sampled, plan.source, cfg.fold_cosine, cfg.batch_size, device)
+    meta = tokenizer_meta(plan.kind, plan.model_cfg, step) | {"codes_left": str(left)}
+    save_weights(plan.out, meta, cfg, sampled.state_dict())
+    print(f"folded near-duplicate codes (cosine >= {cfg.fold_cosine}): {left} of {plan.model_cfg.codebook_size} left")
 
 
 # ----------------------------------------------------------------------------- stage 2
 
-def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, rank: int,
-                    world: int, device: torch.device) -> None:
+def caption_bpe(resume, init, captions: list[str], vocab_size: int, master: bool,
+                ddp: bool) -> CaptionTokenizer:
+    """The caption tokenizer: restored on resume, the file's on --init, else trained on the cached
+    captions by rank 0 and sent to all."""
+    if resume:
+        return CaptionTokenizer.from_json(resume.meta["text_tokenizer"])
+    if init:
+        return CaptionTokenizer.from_json(init[1]["text_tokenizer"])
+    text_json = [CaptionTokenizer.train(captions, vocab_size).to_json() if master else None]
+    if ddp:
+        dist.broadcast_object_list(text_json)
+    return CaptionTokenizer.from_json(text_json[0])
+
+
+def draw_batch(pick: torch.Generator, codes: torch.Tensor, all_ids: torch.Tensor,
+               all_masks: torch.Tensor, cfg: TrainConfig, t: int, device: torch.device):
+    """A micro-batch of the token cache, drawn with replacement from `pick` -> codes (B, t, h, w),
+    caption ids and mask (B, L) trimmed to the longest caption, and frames (B,): the real latent
+    frames of each sample (1 for an image, by causality its clip's first latent frame), or None
+    when every sample is a video."""
+    idx = torch.randint(len(codes), (cfg.batch_size,), generator=pick)  # (B,)
+    width = int(all_masks[idx].sum(1).max())
+    ids = all_ids[idx, :width].to(device)
+    mask = all_masks[idx, :width].to(device)
+    frames = None
+    if cfg.image_ratio > 0:
+        image = torch.rand(cfg.batch_size, generator=pick) < cfg.image_ratio  # (B,)
+        frames = torch.where(image, 1, t).to(device)
+    return codes[idx].to(device), ids, mask, frames
+
+
+def train_generator(args, plan: RunPlan, rank: int, world: int, device: torch.device) -> None:
     master = rank == 0
     ddp = world > 1
     fsdp = args.fsdp
-    source, val_source = sources
+    model_cfg = plan.model_cfg
+    cfg = plan.cfg
     # frozen, in eval mode
-    tokenizer = load_tokenizer(args.tokenizer_checkpoint)[0].to(device)
-    # the pairing; the window
-    digest, t = file_digest(args.tokenizer_checkpoint), model_cfg.latent_frames
-    cached = cache_codes(args.out, tokenizer, digest, cfg, source, rank, world, device)
-    codes, captions, skipped_files = cached
-    # None: start afresh
-    resume = load_train_state(getattr(args, "resume_from", None))
-    # --init: a fine-tune starts from a generator file's weights and caption tokenizer (a resumed
-    # one from its own train state)
-    init = None if resume or not args.init else load_checkpoint(args.init)
-    # the caption tokenizer: restored on resume, the file's on --init, else trained on the cached
-    # captions by rank 0 and sent to all
-    if resume:
-        text_json = resume.meta["text_tokenizer"]
-    elif init:
-        text_json = init[1]["text_tokenizer"]
-    else:
-        text_json = [CaptionTokenizer.train(captions, model_cfg.text.vocab_size).to_json() if master else None]
-        if ddp:
-            dist.broadcast_object_list(text_json)
-        text_json = text_json[0]
-    # byte-level BPE, saved in every checkpoint
-    text = CaptionTokenizer.from_json(text_json)
+    tokenizer = load_tokenizer(plan.tokenizer_checkpoint)[0].to(device)
+    digest = file_digest(plan.tokenizer_checkpoint)
+    codes, captions, skipped_files = cache_codes(plan.out, tokenizer, digest, cfg, plan.source,
+                                                 rank, world, device)
+    resume = load_train_state(plan.resume_from)
+    # --init: a fine-tune starts from a generator file's weights and caption tokenizer
+    init = load_checkpoint(plan.init) if plan.init else None
+    text = caption_bpe(resume, init, captions, model_cfg.text.vocab_size, master, ddp)
     # (N, L) each, tokenized once
     all_ids, all_masks = text.encode(captions, model_cfg.text.max_len)
 
-    # the generator: the same init on every rank, restored whole, then sharded (FSDP) or replicated
-    # (DDP)
+    # the same init on every rank, restored whole, then sharded (FSDP) or replicated (DDP)
     torch.manual_seed(cfg.seed)
     model = MaskGIT(model_cfg).to(device)
     if init:
-        # checked against this config by checkpoint.init_config; fp16 files train in fp32
+        # checked against this config by setup; fp16 files train in fp32
         model.load_state_dict({k: v.float() for k, v in init[0].items()})
-    # the weights that are sampled
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
-    # what a checkpoint holds
     modules = {"model": model} | ({"ema": ema} if ema is not None else {})
     if resume:
         restore_modules(resume.tensors, modules, resume.path)
@@ -281,114 +310,70 @@ def train_generator(args, model_cfg: MaskGITConfig, cfg: TrainConfig, sources, r
         print(f"generator: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; cache: {len(codes)} "
               f"clips of {tuple(codes.shape[1:])} codes; captions: {text.vocab_size} BPE tokens")
     if args.compile:
-        # each transformer block
         compile_blocks(model)
-    # One network, four handles: `model` holds the weights (the optimizer and checkpoints read it);
-    # `run` calls its loss and sampling through forward, where DDP's and FSDP's hooks see them;
-    # `sampler` is what samples the validation grid (the EMA's run when there is one); `loss_d` is
-    # `run` under DDP, the handle the loss goes through.
-    run = Run(model)
-    sampler = Run(ema) if ema is not None else run
     if fsdp:
-        shard(run, device)
-        if ema is not None:
-            shard(sampler, device)
-    loss_d = DDP(run) if ddp and not fsdp else run
+        # in place: each block a unit of its own, the rest the root's
+        for module in modules.values():
+            shard(module, device)
+    # the generator's forward is its training loss: DDP wraps it to average the gradients
+    ddp_model = DDP(model) if ddp and not fsdp else model
     # after sharding: under FSDP the optimizer holds each rank's shards
-    opts, step = {"opt": adamw(model, cfg)}, 0
-    if resume:
-        step = restore_optimizers(resume.tensors, resume.meta, opts, resume.path)
-        if master:
-            print(f"resumed from {resume.path} at step {step}")
-    # 64 held-out clips for val_loss, encoded once; the watch grid's 8 prompts (a world's are
-    # judged)
-    # (64, t, h, w) codes
-    held = held_out(lambda: encode_clips(tokenizer, val_source, 64, device), master)
-    # none loads: watch training captions
-    val_codes, val_captions = (held[0], held[1]) if held else (None, captions)
-    val_ids, val_mask = text.encode(val_captions[:64], model_cfg.text.max_len)  # (64, L) each
-    # fixed for the run
-    watched = watch_list(cfg.data, val_captions, args.watch_prompts, seed=cfg.seed)
+    opts = {"opt": adamw(model, cfg)}
+    step = restore_optimizers(resume.tensors, resume.meta, opts, resume.path) if resume else 0
+    if master and resume:
+        print(f"resumed from {resume.path} at step {step}")
+    # the weights that samples and figures come from
+    sampled = ema if ema is not None else model
+    # 64 held-out clips for val_loss and the motion probe, encoded once; none load: the watch grid
+    # shows training captions
+    clips = held_out(lambda: encode_clips(tokenizer, plan.val_source, 64, device), master)
+    held = HeldOut(clips[0], *text.encode(clips[1][:64], model_cfg.text.max_len)) if clips else None
+    # fixed for the run (a world's are judged)
+    watched = watch_list(cfg.data, clips[1] if clips else captions, args.watch_prompts, seed=cfg.seed)
     if master:
-        print("samples.png shows: " + " | ".join(watched[2]))
-    steps = Steps(cfg, args.out, rank, world, device, step, skipped_files)
+        print("samples.png shows: " + " | ".join(watched.prompts))
+    steps = Steps(cfg, plan.out, rank, world, device, step, skipped_files)
 
     with steps.guard as guard:
         # SIGTERM / Ctrl-C: finish the step, save, leave
         while steps.step < cfg.max_steps:
             # seed from (seed, rank, step); set the lr
-            pick = steps.begin(list(opts.values()))
-            # L_gen, the mean over the micro-steps
+            pick = steps.begin([opts["opt"]])
+            # L_gen, the mean over the micro-batches that make one step
             total = 0.0
             for micro in range(cfg.grad_accum):
-                # gradient accumulation: micro-batches make one step
-                # (B,), with replacement
-                idx = torch.randint(len(codes), (cfg.batch_size,), generator=pick)
-                # trim the padding this batch does not need
-                width = int(all_masks[idx].sum(1).max())
-                # (B, L)
-                ids, mask = all_ids[idx, :width].to(device), all_masks[idx, :width].to(device)
-                # all t latent frames are real
-                frames = None
-                if cfg.image_ratio > 0:
-                    # by causality an image's codes are its clip's first latent frame
-                    image = torch.rand(cfg.batch_size, generator=pick) < cfg.image_ratio  # (B,)
-                    frames = torch.where(image, 1, t).to(device)  # (B,) real latent frames
-                with grad_sync(loss_d, micro == cfg.grad_accum - 1), steps.autocast:
-                    # L_gen: mask ⌈cos(πr/2)·N⌉ codes (after a prefix of latent frames in a
-                    # prefix_masks share), drop 10% of captions, cross-entropy on the masked ones
-                    loss = loss_d("loss", codes[idx].to(device), ids, mask, frames,
-                                  cfg.motion_weight, cfg.prefix_masks, cfg.prefix_frames)
+                batch = draw_batch(pick, codes, all_ids, all_masks, cfg, model_cfg.latent_frames, device)
+                with grad_sync(ddp_model, micro == cfg.grad_accum - 1), steps.autocast:
+                    # mask ⌈cos(πr/2)·N⌉ codes (after a prefix of latent frames in a prefix_masks
+                    # share), drop 10% of captions, cross-entropy on the masked ones
+                    loss = ddp_model(*batch, cfg.motion_weight, cfg.prefix_masks, cfg.prefix_frames)
                     (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
-            # clip, AdamW, EMA
-            steps.update({"loss": total}, model, list(opts.values()), list(opts.values()), ema)
-            # what this step measured beside the loss
+            # clip, skip a non-finite step, AdamW, EMA
+            steps.update({"loss": total}, model, [opts["opt"]], [opts["opt"]], ema)
             figures = {}
+            # under FSDP every rank joins the all-gathers
             if steps.due(cfg.image_every) and (master or fsdp):
-                # under FSDP every rank joins the all-gathers
-                model.eval()
-                if val_codes is not None:
-                    figures["val_loss"] = validation_loss(sampler, val_codes, val_ids, val_mask, cfg.seed)
-                # one clip for each watched prompt; in a world, its attributes read back by the
-                # judge
-                videos, verdicts = watch(sampler, text, tokenizer, watched, device,
-                                         steps=cfg.sample_steps,
-                                         generator=torch.Generator(device).manual_seed(cfg.seed))
-                if val_codes is not None:
-                    # the motion probe on the held-out clips
-                    held_clips = (val_codes, val_ids.to(device), val_mask.to(device))
-                    verdicts |= watch_motion(sampler, text, tokenizer, held_clips, cfg.data, device,
-                                             cfg.seed, steps=cfg.sample_steps,
-                                             generator=torch.Generator(device).manual_seed(cfg.seed))
-                model.train()
-                # shares of clips that agree; the probe
-                figures |= {f"val_{k}": v for k, v in verdicts.items()}
-                if fsdp:
-                    # FSDP keeps a root unit gathered after its forward: shard it again before
-                    # updates
-                    sampler.reshard()
+                with gathered(sampled):
+                    videos, figures = watch_generator(sampled, text, tokenizer, watched, held, cfg.data,
+                                                      device, cfg.seed, cfg.sample_steps)
             if master and (steps.due(cfg.log_every) or figures):
-                # what is measured is logged
                 steps.write_log({"loss": total}, figures)
                 if figures:
-                    # (8, 3, T, H, W): a clip under each prompt
-                    steps.log.grid(videos, "samples.png", watched[2])
+                    steps.log.grid(videos, "samples.png", watched.prompts)
             if (master or fsdp) and (steps.due(cfg.save_every) or guard.stop):
-                # FSDP: all ranks gather, one writes
+                # under FSDP all ranks gather, one writes
                 meta = generator_meta(model_cfg, steps.step, text, digest)
-                meta["tokenizer_checkpoint"] = args.tokenizer_checkpoint
-                if args.init:
-                    meta["init"] = args.init
-                save_run(args.out, meta, cfg, modules, opts, write=master)
+                meta["tokenizer_checkpoint"] = plan.tokenizer_checkpoint
+                save_run(plan.out, meta | ({"init": args.init} if args.init else {}), cfg, modules, opts,
+                         write=master)
                 if master:
-                    # the curves so far, beside each checkpoint
                     steps.log.plot(("loss", "val_loss"))
-            # exit 128 + the signal
-            guard.leave_if_signalled(steps.step, world, master, args.out)
+            # a signal leaves here, with exit code 128 + its number, once the step is saved
+            guard.leave_if_signalled(steps.step, world, master, plan.out)
     steps.progress.close()
     finish(model, world, master, f"done: {steps.step} steps in {steps.progress.elapsed():.0f} s; "
-                                 f"weights in {os.path.join(args.out, 'model.safetensors')}", compare=not fsdp)
+                                 f"weights in {os.path.join(plan.out, 'model.safetensors')}", compare=not fsdp)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -431,24 +416,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         # fails early on bad flags or data
-        model_cfg, cfg, sources = setup(args)
+        plan = setup(args)
     except (UsageError, ValueError) as err:
         exit_usage(err)
     # torchrun --max-restarts re-runs this command after a worker dies: it resumes the last save
+    # (runs.resumed_run)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    args.resume = args.resume or restarts > 0
 
     # DDP: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process
     ddp = "RANK" in os.environ
     rank, world, device = start(args.device, restarts)
     code = 0
     try:
-        (train_tokenizer if args.stage == 1 else train_generator)(args, model_cfg, cfg, sources, rank, world, device)
+        (train_tokenizer if args.stage == 1 else train_generator)(args, plan, rank, world, device)
     except (UsageError, UnusableData, TrainingStopped, SystemExit, KeyboardInterrupt) as err:
         # one line on stderr; 1 failed, 2 bad input, 128 + N a signal
         code = exit_code(err)
     finally:
-        release_run(args.out)
+        release_run(plan.out)
         if ddp:
             dist.destroy_process_group()
     if ddp:

@@ -96,12 +96,12 @@ def logits_of(model, tokens, cond, uncond, cfg, context, context_scale):
     B = len(tokens)
     u_states, u_mask = pad_caption(*uncond, cond[0].shape[1], B)
     if context_scale == 1.0 or context is None or not context.any():
-        c, u = model(torch.cat([tokens, tokens]), torch.cat([cond[0], u_states]),
-                     torch.cat([cond[1], u_mask])).float().chunk(2)
+        c, u = model.logits(torch.cat([tokens, tokens]), torch.cat([cond[0], u_states]),
+                            torch.cat([cond[1], u_mask])).float().chunk(2)
         return (u + cfg * (c - u)).view(B, -1, c.shape[-1])
     blind = tokens.reshape(B, -1).masked_fill(context, model.mask_id).view(tokens.shape)
-    c, u, n = model(torch.cat([tokens, tokens, blind]), torch.cat([cond[0], u_states, u_states]),
-                    torch.cat([cond[1], u_mask, u_mask])).float().chunk(3)
+    c, u, n = model.logits(torch.cat([tokens, tokens, blind]), torch.cat([cond[0], u_states, u_states]),
+                           torch.cat([cond[1], u_mask, u_mask])).float().chunk(3)
     return (n + context_scale * (u - n) + cfg * (c - u)).view(B, -1, c.shape[-1])
 
 

@@ -46,9 +46,8 @@ def motion_probe(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tens
     under two masks: training's random ones (probe_random_*, the same draws every call, from `seed`)
     and a continuation's (probe_next_*: the first half of the latent frames given, the rest to fill,
     as a shifted window starts). A model that copies the frame before scores well on still codes and
-    badly on moved ones. `model` is a MaskGIT or distributed.Run around one."""
-    # Run keeps the MaskGIT as .model
-    t, draw_masks = codes.shape[1], getattr(model, "model", model).mask_positions
+    badly on moved ones."""
+    t = codes.shape[1]
     moved = codes[:, 1:] != codes[:, :-1]  # (N, t - 1, h, w): frame 0 has no frame before
     sums, counts = {}, {}
     with torch.random.fork_rng(devices=[codes.device] if codes.device.type == "cuda" else []):
@@ -57,7 +56,7 @@ def motion_probe(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tens
             for i in range(0, len(codes), batch_size):
                 c, rows = codes[i:i + batch_size], slice(i, i + batch_size)
                 if kind == "random":
-                    tokens, masked = draw_masks(c)
+                    tokens, masked = model.mask_positions(c)
                     masked = masked.view(c.shape)
                 else:
                     masked = torch.zeros_like(c, dtype=torch.bool)

@@ -22,7 +22,7 @@ def sample_and_judge(model, text, tokenizer, world, specs: list, device: torch.d
                      **sampling) -> tuple[torch.Tensor, list[dict[str, bool]]]:
     """One clip per spec of `world` (shapes or animals), from `prompts` or else the specs' canonical
     captions -> (videos (B, 3, T, H, W), the judge's verdict per clip and attribute: does it agree).
-    `model` is a MaskGIT, or distributed.Run around one."""
+    `model` is a MaskGIT."""
     prompts = prompts or [world.caption(s) for s in specs]
     ids, mask = text.encode(prompts, model.config.text.max_len)  # (B, L) each
     codes = model.generate(ids.to(device), mask.to(device), **sampling)  # (B, t, h, w)

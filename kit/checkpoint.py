@@ -54,6 +54,8 @@ TOKENIZERS = {kind: MODELS[kind] for kind in TOKENIZER_CONFIGS}
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
 # what `python sample.py "a dog running"` draws
 DEFAULT_WORLD = "animals"
+# the worlds whose pairs ship (worlds.WORLDS, named here so that sample.py loads no world)
+SHIPPED_WORLDS = ("animals", "shapes")
 
 
 def shipped(world: str, kind: str) -> str:
@@ -267,7 +269,7 @@ def generator_config_for(tokenizer_path: str, model_cfg: MaskGITConfig, cfg: Tra
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Checkpoint tools. export: an fp16 copy of a model.safetensors.")
+    p = argparse.ArgumentParser(prog="python -m kit.checkpoint", description="Checkpoint tools. export: an fp16 copy of a model.safetensors.")
     commands = p.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="copy a model.safetensors, float tensors in fp16")
     export.add_argument("src", help="a model.safetensors written by train.py")

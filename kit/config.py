@@ -88,6 +88,33 @@ def check_sampling(steps: int, guidance: float, temperature: float, seed: int) -
         raise UsageError(f"--seed must lie in 0 to 2^63 - 1, got {seed}")
 
 
+def frame_shares(frames: int, prompts: int, have: int = 0) -> list[int]:
+    """The new frames of each prompt's segment in a video of `frames` frames whose first `have`
+    are given (--init): equal shares, the first ones a frame more where they do not divide.
+    UsageError where a prompt would get none (serve.py asks the same of a page's request)."""
+    new = frames - have
+    if new < 1:
+        raise UsageError(f"--init holds at least the {have} frames asked; raise --frames")
+    if new < prompts:
+        # each prompt gets frames of its own
+        raise UsageError(f"--frames {frames} makes {new} new frame(s) for {prompts} prompts"
+                         + (f" after --init's {have}" if have else "")
+                         + f"; ask for at least --frames {have + prompts}")
+    return [new // prompts + (i < new % prompts) for i in range(prompts)]
+
+
+# Latent frames of context a story keeps at a cut (maskgit.plan_windows), by the world a generator
+# was trained on: each world's KEEP_AT_CUT (worlds/), read here so that sample.py loads no world.
+# A world whose clips never change their motion (Shapes) asks for the last frame alone.
+KEEP_AT_CUT = {"shapes": 1, "animals": None}
+
+
+def keep_at_cut(train_config: dict) -> int | None:
+    """What the world a generator was trained on taught of cuts; None (the whole context) on real
+    data."""
+    return KEEP_AT_CUT.get(train_config.get("data"))
+
+
 @dataclass
 class TrainConfig:
     # "shapes", a video folder, tar shards or an image folder (data.make_source)

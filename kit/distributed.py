@@ -10,9 +10,10 @@ restarted group therefore meets under a key prefix of its own (`process_group_st
 Replicated or sharded. Under DDP every rank holds the whole model and gradients are averaged. Under
 FSDP2 (`shard`, stage 2 with --fsdp) each transformer block of the generator and of its caption
 encoder is a unit whose parameters, gradients and AdamW moments are split across the ranks and
-gathered only while the block runs; embeddings and head form the root unit. DDP and FSDP see only a
-module's `forward`, so the generator's methods are routed through one (`Run`): Run(model)("loss",
-...) is a training loss, Run(model).generate(...) samples with each unit gathered as it runs.
+gathered only while the block runs; embeddings and head form the root unit. DDP and FSDP see a
+module's `forward`, which is why a generator's forward is its training loss. Sampling calls other
+methods: under FSDP it runs inside `gathered`, which holds the root unit whole meanwhile (each
+block gathers its own as it runs).
 
 Counting codes. The quantizer's code-use counts are per rank and summed only at a dead-code restart;
 `summed_counts` sums them for the length of a save, so that a checkpoint holds all ranks' counts.
@@ -136,24 +137,18 @@ def grad_sync(module: nn.Module, last: bool):
     return contextlib.nullcontext()
 
 
-class Run(nn.Module):
-    """Routes a method of the generator through forward, where DDP's and FSDP's hooks see it."""
-
-    def __init__(self, model: MaskGIT):
-        super().__init__()
-        self.model, self.config = model, model.config
-
-    def forward(self, method: str, *args, **kwargs):
-        return getattr(self.model, method)(*args, **kwargs)
-
-    def generate(self, *args, **kwargs) -> torch.Tensor:
-        return self("generate", *args, **kwargs)
-
-    def loss(self, *args, **kwargs) -> torch.Tensor:
-        return self("loss", *args, **kwargs)
-
-    def predict(self, *args) -> torch.Tensor:
-        return self("predict", *args)
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Sampling or measuring a generator outside its forward: an FSDP2-sharded root unit is gathered
+    for the block and sharded again after it; any other model is used as it is."""
+    if not hasattr(model, "unshard"):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 @contextlib.contextmanager

@@ -132,7 +132,7 @@ def exit_code(err: BaseException) -> int:
     if isinstance(err, (UsageError, UnusableData)):
         # a --resume with nothing readable; data with nothing usable raised in a DataLoader worker,
         # the message carries the worker's traceback: its last line is the error
-        print(f"error: {str(err).strip().splitlines()[-1].removeprefix('folders.UnusableData: ')}",
+        print(f"error: {str(err).strip().splitlines()[-1].removeprefix(f'{UnusableData.__module__}.UnusableData: ')}",
               file=sys.stderr)
         return EXIT_USAGE
     # TrainingStopped

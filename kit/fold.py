@@ -90,7 +90,7 @@ def fold_file(src: str, dst: str, cosine: float, clips: int) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     about = "Fold a tokenizer's near-copy codes at a cosine threshold."
-    p = argparse.ArgumentParser(description=about)
+    p = argparse.ArgumentParser(prog="python -m kit.fold", description=about)
     p.add_argument("src", help="a stage-1 tokenizer (.safetensors)")
     p.add_argument("dst", help="where the folded copy goes")
     p.add_argument("--cosine", type=float, required=True, help="fold codes at least this similar")

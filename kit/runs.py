@@ -13,6 +13,7 @@ Under FSDP2 a state dict holds shards (DTensors): `whole` gathers them, so that 
 same as under DDP or in one process, and `restore_optimizer` shards the moments again on load.
 """
 
+import argparse
 import dataclasses
 import json
 import os
@@ -169,11 +170,21 @@ def saved_configs(meta: dict[str, str], where: str = "the saved run") -> tuple[o
     return model_cfg, checked_train(meta.get("train_config"), f"{where}: train_config")
 
 
-def resumed_run(args) -> tuple | None:
-    """Whether this command may use --out, and what it continues there: -> the saved (model
-    config, TrainConfig) when it resumes a run that saved them, None for a fresh start (or an
-    older run, whose configs come from the flags as before). A fresh start in a folder that
-    holds a run needs --force."""
+class Continued(NamedTuple):
+    """What resumed_run found in --out."""
+    # the train state to continue from; None: a fresh start
+    path: str | None = None
+    # the saved (model config, TrainConfig); None: from the flags (a fresh start, or an older run)
+    configs: tuple | None = None
+    # stage 1: the saved tokenizer kind; stage 2: the tokenizer file it trains behind
+    tokenizer: str | None = None
+    # a fresh start over a run that --force replaces
+    replace: bool = False
+
+
+def resumed_run(args) -> Continued:
+    """Whether this command may use --out, and what it continues there. A fresh start in a folder
+    that holds a run needs --force; --resume needs a readable train state."""
     meta = saved_run(args.out)
     # torchrun resumes by itself
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -182,36 +193,33 @@ def resumed_run(args) -> tuple | None:
             raise UsageError(f"{args.out} already holds a run (step {meta.get('step', '?')}): add --resume to "
                              "continue it, or --force to start a new one there")
         # setup removes the old run's files once everything else is accepted
-        args.replace = True
-        return None
+        return Continued(replace=True)
     if meta is None:
         if args.resume and not restarted:
             raise UsageError(f"nothing to resume in {args.out}: it holds no checkpoint; leave out --resume to start a run")
-        return None
-    args.resume_from, meta, problems = resume_point(args.out)
-    if args.resume_from is None:
+        return Continued()
+    path, meta, problems = resume_point(args.out)
+    if path is None:
         # model.safetensors alone: resuming would start afresh and overwrite it
         raise UsageError(f"--resume needs {os.path.join(args.out, STATE)} (the optimizer and the step): "
                          + (f"no readable train state to resume from ({problems[0]})" if problems else "it is missing")
                          + "; start a new run in another --out")
     if problems:
-        print(f"warning: {problems[0]}; resuming from {args.resume_from}", file=sys.stderr)
+        print(f"warning: {problems[0]}; resuming from {path}", file=sys.stderr)
     if "train_config" not in meta:
-        return None
+        return Continued(path)
     if meta.get("stage") != str(args.stage):
         raise UsageError(f"{args.out} holds a stage-{meta.get('stage')} run; this command is --stage {args.stage}")
     if args.stage == 1:
         if meta.get("kind") not in TOKENIZERS:
-            raise UsageError(f"{args.resume_from}: unknown tokenizer kind {str(meta.get('kind'))[:40]!r}")
-        args.tokenizer = meta["kind"]
-    else:
-        args.tokenizer_checkpoint = args.tokenizer_checkpoint or meta.get("tokenizer_checkpoint")
-        given = args.tokenizer_checkpoint or ""
-        # other codes: the cache and the generator would no longer mean the same
-        if os.path.isfile(given) and file_digest(given) != meta.get("tokenizer_sha256"):
-            raise UsageError(f"{args.tokenizer_checkpoint} is not the tokenizer this run trained behind (sha256 "
-                             f"differs from the one saved in {args.resume_from}); resume with that tokenizer")
-    return saved_configs(meta, args.resume_from)
+            raise UsageError(f"{path}: unknown tokenizer kind {str(meta.get('kind'))[:40]!r}")
+        return Continued(path, saved_configs(meta, path), meta["kind"])
+    tokenizer = args.tokenizer_checkpoint or meta.get("tokenizer_checkpoint")
+    # other codes: the cache and the generator would no longer mean the same
+    if os.path.isfile(tokenizer or "") and file_digest(tokenizer) != meta.get("tokenizer_sha256"):
+        raise UsageError(f"{tokenizer} is not the tokenizer this run trained behind (sha256 "
+                         f"differs from the one saved in {path}); resume with that tokenizer")
+    return Continued(path, saved_configs(meta, path), tokenizer)
 
 
 # what a run writes in --out
@@ -319,25 +327,53 @@ def restore_optimizers(tensors: dict, meta: dict[str, str], opts: dict[str, torc
     return int(meta["step"])
 
 
-def setup(args) -> tuple[object, TrainConfig, object]:
-    """Everything that can be refused before a process group exists -> (model config, train config,
-    data source). A mistake raises UsageError or ValueError."""
+class RunPlan(NamedTuple):
+    """What setting up a train.py command decided, before any process group exists."""
+    # the run folder
+    out: str
+    # stage 1: the tokenizer kind (vqgan, cvivit); stage 2: "maskgit"
+    kind: str
+    # the model's config and the training config
+    model_cfg: object
+    cfg: TrainConfig
+    # the training clips and the held-out ones (None where none load)
+    source: object
+    val_source: object
+    # the train state to continue from; None: a fresh start
+    resume_from: str | None
+    # stage 2: the frozen tokenizer file, and a generator file to fine-tune (--init)
+    tokenizer_checkpoint: str | None
+    init: str | None
+
+
+def setup(args) -> RunPlan:
+    """Everything that can be refused before a process group exists -> the plan of the run. A
+    mistake raises UsageError or ValueError; once all is accepted the folder is locked (rank 0)
+    and, under --force, cleared of the old run."""
     image_ratio = [f"train.image_ratio={args.image_ratio}"] if args.image_ratio is not None else []
-    args.out = args.out or f"runs/stage{args.stage}-{args.tokenizer if args.stage == 1 else 'maskgit'}-{args.preset}"
+    asked = args.set + image_ratio
+    out = args.out or f"runs/stage{args.stage}-{args.tokenizer if args.stage == 1 else 'maskgit'}-{args.preset}"
+    args = argparse.Namespace(**vars(args) | {"out": out})
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
     check_device(args.device, gpus="RANK" not in os.environ)
     # the saved configs when this command continues a run
-    saved = resumed_run(args)
-    check_inputs_outside(args.out, {"--tokenizer-checkpoint": args.tokenizer_checkpoint,
-                                    "--perceptual-weights": args.perceptual_weights,
-                                    "--watch-prompts": args.watch_prompts,
-                                    "--init": args.init})
-    model_cfg, cfg = configure(args.stage, args.preset, args.tokenizer, args.set + image_ratio,
-                               args.max_steps)
+    continued = resumed_run(args)
+    kind = args.tokenizer if args.stage == 1 else "maskgit"
+    tokenizer_checkpoint = args.tokenizer_checkpoint
+    if continued.tokenizer is not None and args.stage == 1:
+        kind = continued.tokenizer
+    elif continued.tokenizer is not None:
+        tokenizer_checkpoint = continued.tokenizer
+    check_inputs_outside(out, {"--tokenizer-checkpoint": tokenizer_checkpoint,
+                               "--perceptual-weights": args.perceptual_weights,
+                               "--watch-prompts": args.watch_prompts,
+                               "--init": args.init})
+    model_cfg, cfg = configure(args.stage, args.preset, kind, asked, args.max_steps)
+    saved = continued.configs
     if saved:
-        (model_cfg, cfg), asked = saved, args.set + image_ratio
-        model_cfg, cfg = override(model_cfg, asked, "model"), override(cfg, asked, "train")
+        model_cfg = override(saved[0], asked, "model")
+        cfg = override(saved[1], asked, "train")
     cfg = dataclasses.replace(cfg, data=args.data or cfg.data,
                               max_steps=args.max_steps or cfg.max_steps,
                               val_data=args.val_data or cfg.val_data)
@@ -351,41 +387,49 @@ def setup(args) -> tuple[object, TrainConfig, object]:
     if args.watch_prompts and (args.stage == 1 or not os.path.isfile(args.watch_prompts)):
         raise UsageError(f"--watch-prompts {args.watch_prompts}: " + ("stage 2 only" if args.stage == 1 else "no such file"))
     if args.stage == 2:
-        if not args.tokenizer_checkpoint:
+        if not tokenizer_checkpoint:
             raise UsageError("stage 2 needs --tokenizer-checkpoint PATH (a stage-1 model.safetensors)")
-        model_cfg = generator_config_for(args.tokenizer_checkpoint, model_cfg, cfg,
+        model_cfg = generator_config_for(tokenizer_checkpoint, model_cfg, cfg,
                                          same_data=not (saved or args.data))
         if args.init and not saved:
-            # a fine-tune: the network is the file's, so a model field may only repeat its value
-            model_cfg = init_config(args.init, args.tokenizer_checkpoint, model_cfg)
-            changed = override(model_cfg, args.set, "model")
-            if changed != model_cfg:
-                field = next(f.name for f in dataclasses.fields(model_cfg)
-                             if getattr(changed, f.name) != getattr(model_cfg, f.name))
-                raise UsageError(f"--init takes the model from {args.init}, whose {field} is "
-                                 f"{getattr(model_cfg, field)}; drop --set model.{field}")
+            model_cfg = fine_tuned_config(args.init, tokenizer_checkpoint, model_cfg, asked)
     elif args.init:
         raise UsageError("--init starts a stage-2 generator from a file; stage 1 has no such start")
-    kind = args.tokenizer if args.stage == 1 else "maskgit"
     check_model_config(model_cfg, kind)
     check_pairing(kind, model_cfg, cfg, "the model and train configs")
     if args.perceptual_weights and (args.stage == 2 or not os.path.isfile(args.perceptual_weights)):
         raise UsageError(f"--perceptual-weights {args.perceptual_weights}: "
                          + ("stage 1 only" if args.stage == 2 else "no such file"))
     try:
-        os.makedirs(args.out, exist_ok=True)
+        os.makedirs(out, exist_ok=True)
     except OSError as err:
-        raise UsageError(f"cannot write to --out {args.out}: {err.strerror}") from None
-    if not os.access(args.out, os.W_OK):
-        raise UsageError(f"cannot write to --out {args.out}: not a writable folder")
+        raise UsageError(f"cannot write to --out {out}: {err.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"cannot write to --out {out}: not a writable folder")
     # held out: --val-data, or a share by name hash
     source, val_source, summary = train_and_val(cfg, args.stage)
-    if int(os.environ.get("RANK", "0")) == 0:
+    master = int(os.environ.get("RANK", "0")) == 0
+    if master:
         # one run writes a folder at a time, from before --force clears it
-        lock_run(args.out)
-    if getattr(args, "replace", False) and int(os.environ.get("RANK", "0")) == 0:
+        lock_run(out)
+    if continued.replace and master:
         # --force: the old checkpoints and log go, now that the new run is accepted
-        clear_run(args.out)
-    if summary and int(os.environ.get("RANK", "0")) == 0:
+        clear_run(out)
+    if summary and master:
         print("\n".join(summary), flush=True)
-    return model_cfg, cfg, (source, val_source)
+    return RunPlan(out, kind, model_cfg, cfg, source, val_source, continued.path,
+                   tokenizer_checkpoint, None if saved or continued.path else args.init)
+
+
+def fine_tuned_config(init: str, tokenizer_checkpoint: str, model_cfg: MaskGITConfig,
+                      asked: list[str]):
+    """--init: the config of the generator file a fine-tune starts from. The network is the
+    file's, so a model field may be set only to the value it has."""
+    model_cfg = init_config(init, tokenizer_checkpoint, model_cfg)
+    changed = override(model_cfg, asked, "model")
+    if changed != model_cfg:
+        field = next(f.name for f in dataclasses.fields(model_cfg)
+                     if getattr(changed, f.name) != getattr(model_cfg, f.name))
+        raise UsageError(f"--init takes the model from {init}, whose {field} is "
+                         f"{getattr(model_cfg, field)}; drop --set model.{field}")
+    return model_cfg

@@ -28,7 +28,6 @@ Deviations: a video shorter than the clip asked for is refused (ValueError), rat
 looped. For .mp4, odd sides are padded by repeating the last row or column (H.264's 4:2:0 chroma).
 """
 
-import contextlib
 import io
 import math
 import os
@@ -370,64 +369,6 @@ def scaled_frames(video: torch.Tensor, scale: int = 1) -> np.ndarray:
     """(3, T, H, W) in [-1, 1] -> (T, scale H, scale W, 3) uint8: each pixel a `scale` x `scale`
     block (nearest neighbour: 64 x 64 is small on a screen)."""
     return to_uint8_frames(video).repeat(scale, axis=1).repeat(scale, axis=2)
-
-
-def save_grid(path: str, frames: np.ndarray, columns: int = 11) -> None:
-    """(T, H, W, 3) uint8 -> a .png grid of the frames, `columns` a row."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    T, H, W, _ = frames.shape
-    rows = -(-T // columns)
-    grid = np.zeros((rows * H, min(T, columns) * W, 3), dtype=np.uint8)
-    for i, f in enumerate(frames):
-        r, c = divmod(i, columns)
-        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = f
-    plt.imsave(path, grid)
-
-
-def save_output(path: str, video: torch.Tensor, fps: float = 8, scale: int = 1) -> None:
-    """Write a whole video (3, T, H, W) in [-1, 1] as .mp4 / .gif, or as
-    a .png grid of its frames."""
-    frames = scaled_frames(video, scale)
-    save_grid(path, frames) if path.lower().endswith(".png") else write_video(path, frames, fps)
-
-
-class Outputs:
-    """Where the frames of N videos go as they are made: `out` itself for one video, <stem>-<i><ext>
-    for several. Each .mp4 / .gif grows on disk (VideoWriter), so only the current window's frames
-    are in memory; a .png grid needs them all, as uint8. A context manager: an error or Ctrl-C on
-    the way removes the unfinished files and keeps what was there before."""
-
-    def __init__(self, out: str, n: int, fps: float, scale: int):
-        self.paths = self.named(out, n)
-        self.scale = scale
-        self.grid = out.lower().endswith(".png")
-        self.stack = contextlib.ExitStack()
-        # .png only
-        self.frames = [[] for _ in self.paths]
-        self.writers = [] if self.grid else [self.stack.enter_context(VideoWriter(p, fps)) for p in self.paths]
-
-    @staticmethod
-    def named(out: str, n: int) -> list[str]:
-        """The files N videos go to: `out` for one, <stem>-<i><ext> for several."""
-        stem, ext = os.path.splitext(out)
-        return [out] if n == 1 else [f"{stem}-{i}{ext}" for i in range(n)]
-
-    def write(self, video: torch.Tensor) -> None:
-        """video (N, 3, T, H, W): the next T frames of each of the N videos."""
-        for i, v in enumerate(video.float().cpu()):
-            frames = scaled_frames(v, self.scale)
-            self.frames[i].append(frames) if self.grid else self.writers[i].write(frames)
-
-    def __enter__(self) -> "Outputs":
-        return self
-
-    def __exit__(self, kind, error, trace) -> None:
-        # each VideoWriter closes, or removes its part
-        self.stack.__exit__(kind, error, trace)
-        for path, frames in zip(self.paths, self.frames if self.grid and kind is None else []):
-            save_grid(path, np.concatenate(frames))
 
 
 def read_clip(path: str, size: int, fps: float, upto: int | None = None) -> torch.Tensor:

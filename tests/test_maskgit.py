@@ -41,11 +41,11 @@ def test_loss_counts_only_masked_positions(text):
     codes = torch.randint(16, (4, 3, 2, 2))
     ids, mask = text.encode(CAPTIONS + CAPTIONS[:1], 16)
     torch.manual_seed(1)
-    loss = model.loss(codes, ids, mask)
+    loss = model(codes, ids, mask)
     torch.manual_seed(1)  # replay the same draws by hand
     tokens, masked = model.mask_positions(codes)
     assert (tokens.flatten(1) == model.mask_id).equal(masked)  # masked inputs are exactly the scored ones
-    logits = model(tokens, model.encode_text(ids, mask), mask).flatten(1, 3)  # (B, N, K)
+    logits = model.logits(tokens, model.encode_text(ids, mask), mask).flatten(1, 3)  # (B, N, K)
     on_masked = F.cross_entropy(logits[masked], codes.flatten(1)[masked])
     on_all = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
     torch.testing.assert_close(loss, on_masked)
@@ -60,17 +60,17 @@ def test_motion_weight_counts_the_codes_that_change_from_the_frame_before_that_m
     moved[:, 2] = codes[:, 2] != codes[:, 1]
     ids, mask = text.encode(CAPTIONS + CAPTIONS[:1], 16)
     torch.manual_seed(1)
-    loss = model.loss(codes, ids, mask, motion_weight=4.0)
+    loss = model(codes, ids, mask, motion_weight=4.0)
     torch.manual_seed(1)  # replay the same draws by hand
     tokens, masked = model.mask_positions(codes)
-    logits = model(tokens, model.encode_text(ids, mask), mask).flatten(1, 3)  # (B, N, K)
+    logits = model.logits(tokens, model.encode_text(ids, mask), mask).flatten(1, 3)  # (B, N, K)
     ce = F.cross_entropy(logits[masked], codes.flatten(1)[masked], reduction="none")
     weight = 1 + 3 * moved.flatten(1)[masked].float()
     assert 0 < moved.flatten(1)[masked].sum() < masked.sum()  # both kinds are scored
     torch.testing.assert_close(loss, (ce * weight).sum() / weight.sum())
     assert not torch.isclose(loss, ce.mean())
     torch.manual_seed(1)
-    torch.testing.assert_close(model.loss(codes, ids, mask, motion_weight=1.0), ce.mean())  # 1: the plain mean
+    torch.testing.assert_close(model(codes, ids, mask, motion_weight=1.0), ce.mean())  # 1: the plain mean
 
 
 def test_an_image_masks_only_its_first_frame_codes():
@@ -135,11 +135,11 @@ def test_guidance_scale_zero_is_the_unconditional_prediction(text):
     cond = (model.encode_text(ids, mask), mask)
     uncond = (model.encode_text(empty_ids, empty_mask), empty_mask)
     with torch.no_grad():
-        plain_uncond = model(tokens, uncond[0].expand(3, -1, -1), uncond[1].expand(3, -1))
+        plain_uncond = model.logits(tokens, uncond[0].expand(3, -1, -1), uncond[1].expand(3, -1))
         torch.testing.assert_close(model.guided_logits(tokens, cond, uncond, 0.0), plain_uncond, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.guided_logits(tokens, cond, uncond, 1.0), model(tokens, *cond))
-        assert not torch.allclose(plain_uncond, model(tokens, *cond), atol=1e-3)  # the text does matter
-        plain_cond = model(tokens, *cond)  # above 1 the guidance extrapolates away from the unconditional
+        torch.testing.assert_close(model.guided_logits(tokens, cond, uncond, 1.0), model.logits(tokens, *cond))
+        assert not torch.allclose(plain_uncond, model.logits(tokens, *cond), atol=1e-3)  # the text does matter
+        plain_cond = model.logits(tokens, *cond)  # above 1 the guidance extrapolates away from the unconditional
         torch.testing.assert_close(model.guided_logits(tokens, cond, uncond, 3.0),
                                    plain_uncond + 3 * (plain_cond - plain_uncond), atol=1e-4, rtol=1e-4)
 
@@ -280,7 +280,7 @@ def overfit(world, specs: list, steps: int) -> float:
     """Memorise one clip of each spec (rendered in `world`, coded by its shipped tokenizer) with a small
     generator; sample from each caption and return the share of codes given back. The judge of the world
     must read every sampled clip as its spec."""
-    tokenizer, _ = load_tokenizer(shipped(world.__name__, "tokenizer"))
+    tokenizer, _ = load_tokenizer(shipped(world.__name__.split(".")[-1], "tokenizer"))
     render = {shapes: shapes.render_shapes, animals: animals.render}[world]
     clips = np.stack([render(s, 11, 64, np.random.default_rng(i)) for i, s in enumerate(specs)])
     video = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B, 3, 11, 64, 64)
@@ -295,7 +295,7 @@ def overfit(world, specs: list, steps: int) -> float:
     ids, mask = text.encode(captions, 16)
     opt = torch.optim.AdamW(model.parameters(), 3e-3)
     for _ in range(steps):
-        loss = model.loss(codes, ids, mask)
+        loss = model(codes, ids, mask)
         loss.backward(), opt.step(), opt.zero_grad()
     model.eval()
     sampled = model.generate(ids, mask, steps=8, cfg=1.0, temperature=1.0, generator=torch.Generator().manual_seed(0))

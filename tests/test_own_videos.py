@@ -15,7 +15,7 @@ import pytest
 
 from kit.config import TrainConfig
 from data import VideoFolderSource, held_out, make_source, train_and_val
-from evaluate import watch_list
+from evals.watch import watch_list
 from test_train import ROOT, TINY, TINY_GENERATOR
 from kit.video import read_video
 
@@ -161,7 +161,7 @@ def test_val_data_names_the_held_out_set_and_every_training_file_is_trained_on(f
 def test_watch_prompts_are_the_lines_of_a_file_and_stage_2_only(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a dog on a beach\n\n  a cat at night \n")
-    assert watch_list(str(tmp_path), ["a held-out caption"], str(prompts))[2] == ["a dog on a beach", "a cat at night"]
+    assert watch_list(str(tmp_path), ["a held-out caption"], str(prompts)).prompts == ["a dog on a beach", "a cat at night"]
     for stage, path, message in (("1", prompts, "stage 2 only"), ("2", tmp_path / "none.txt", "no such file")):
         result = run("train.py", "--stage", stage, "--watch-prompts", str(path), "--out", str(tmp_path / "o"),
                      "--tokenizer-checkpoint", os.path.join(ROOT, "checkpoints", "shapes", "tokenizer.safetensors"))

@@ -398,7 +398,7 @@ from kit import fold  # noqa: E402
 from kit import stream  # noqa: E402
 from kit import video  # noqa: E402
 from kit.checks import TRAIN_LIMITS, check_pairing  # noqa: E402
-from kit.config import tokenizer_preset  # noqa: E402
+from kit.config import frame_shares, tokenizer_preset  # noqa: E402
 from kit.folders import folder_items  # noqa: E402
 from kit.video import VIDEO_EXTS, read_video  # noqa: E402
 
@@ -706,5 +706,5 @@ def test_20_the_sampler_studies_refuse_a_missing_generator_in_one_line(script, c
 def test_an_init_that_fills_the_video_asked_for_says_it_holds_at_least_that_many():
     """--init is read no further than --frames (row 22), so a longer one is not said to be shorter."""
     with pytest.raises(sample.UsageError, match="at least the 11 frames asked"):
-        sample.frame_shares(11, 1, 11)
-    assert sample.frame_shares(21, 2, 1) == [10, 10]
+        frame_shares(11, 1, 11)
+    assert frame_shares(21, 2, 1) == [10, 10]

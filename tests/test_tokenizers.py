@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from cvivit import CViViT, CViViTConfig
 from kit.stream import ClipStream
-from evaluate import psnr
+from evals.measures import psnr
 from worlds.shapes import ShapesSource
 from quantizer import VectorQuantizer
 from vqgan import VQGAN, VQGANConfig

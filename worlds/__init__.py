@@ -14,8 +14,9 @@ Their clip sources (`ShapesSource`, `AnimalsSource`) are made by `data.make_sour
 data, and their readers of pixels (`shapes.oracle`, `animals.judge`) are called by evaluate.py.
 """
 
-from worlds import animals
-from worlds import shapes
+from worlds import animals, shapes
 
 # a world's name -> its module
 WORLDS = {"shapes": shapes, "animals": animals}
+# a world's name -> its clip source, (frames, size, seed) -> clips and captions
+SOURCES = {"shapes": shapes.ShapesSource, "animals": animals.AnimalsSource}

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worlds.shapes import _components, _grow, _solid
+from kit import read_video, to_uint8_frames
 from worlds import sprites
+from worlds.shapes import _components, _grow, _solid
 from worlds.sprites import OUTLINE, RIM, capsule_distance, draw_subject
-from kit.video import read_video, to_uint8_frames
 
 # Legend: T frames, H W pixels, k clip, q pixels per unit (1 at 64 x 64); points x + iy, y down.
 
