@@ -65,8 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from kit.config import generator_preset, tokenizer_preset
 from cvivit import CViViT, CViViTConfig
+from kit.config import generator_preset, tokenizer_preset
 from kit.distributed import compile_blocks
 from maskgit import MaskGIT, MaskGITConfig
 from text_encoder import TextEncoderConfig
@@ -89,11 +89,17 @@ TRAINING = ("cvivit_train", "vqgan_train", "maskgit_train", "maskgit_tiny", *GPU
 CPU_BF16 = False
 
 
+def bf16(device: torch.device) -> bool:
+    """Whether a step runs under bf16 autocast: on CUDA, and on a CPU with --bf16."""
+    return device.type == "cuda" or CPU_BF16
+
+
 def matmul_peak(device: torch.device) -> float:
     """FLOP/s of a large square matmul: the roof MFU is measured against."""
     n = 4096 if device.type == "cuda" else 2048
-    dtype = torch.bfloat16 if device.type == "cuda" or CPU_BF16 else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    dtype = torch.bfloat16 if bf16(device) else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     seconds = timed(lambda: a @ b, device, repeats=10)
     return 2 * n**3 / seconds
 
@@ -129,7 +135,7 @@ def train_step(model: torch.nn.Module, loss_fn, device: torch.device):
     opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=device.type == "cuda")
 
     def step() -> None:
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" or CPU_BF16):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16(device)):
             loss = loss_fn()
         loss.backward()
         opt.step()
@@ -162,11 +168,13 @@ def build(name: str, device: torch.device) -> tuple:
             # text states come ready-made, as from a frozen text encoder
             config = MaskGITConfig(codebook_size=1024, latent_frames=5, grid=8, dim=256, depth=4,
                                    heads=8, head_dim=64, mlp=1024, text=TextEncoderConfig(dim=768))
-            B, L = 2, 16
+            B = 2
+            L = 16
         else:
             # a preset's generator as train.py runs it, its own text encoder included
             config, train_cfg = generator_preset(name.split("_")[1])
-            B, L = train_cfg.batch_size, 12
+            B = train_cfg.batch_size
+            L = 12
         model = MaskGIT(config).to(device)
         codes = torch.randint(config.codebook_size,
                               (B, config.latent_frames, config.grid, config.grid), device=device)
@@ -228,7 +236,8 @@ def import_peer():
                  "sentencepiece"):
         if name not in sys.modules:
             module = Stub(name)
-            module.__path__, module.__spec__ = [], importlib.machinery.ModuleSpec(name, None)
+            module.__path__ = []
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
             sys.modules[name] = module
     import phenaki_pytorch.cvivit as peer_cvivit
     import phenaki_pytorch.phenaki_pytorch as peer_phenaki
@@ -236,8 +245,8 @@ def import_peer():
 
 
 def build_peer(name: str, device: torch.device) -> tuple:
-    """The peer's models on the same work as build(name): -> (function to
-    time, clips, codes, model)."""
+    """The peer's models on the same work as build(name): -> (function to time, clips,
+    codes, model)."""
     peer_cvivit, peer_phenaki = import_peer()
     torch.manual_seed(0)
     if name == "cvivit_train":
@@ -250,7 +259,8 @@ def build_peer(name: str, device: torch.device) -> tuple:
     if name == "maskgit_train":
         model = peer_phenaki.MaskGit(dim=256, num_tokens=1024, max_seq_len=320, depth=4, heads=8,
                                      dim_head=64, dim_context=768).to(device)
-        B, shape = 2, (5, 8, 8)
+        B = 2
+        shape = (5, 8, 8)
         codes = torch.randint(1024, (B, *shape), device=device).flatten(1)  # (B, N)
         text = torch.randn(B, 16, 768, device=device)
 
@@ -289,13 +299,14 @@ def bench_data(repeats: int) -> dict:
 
 
 def bench_long_video(frames: int, device: torch.device) -> dict:
-    """Frames per second of one streamed video from the shipped Shapes pair, and
-    the process's peak memory."""
+    """Frames per second of one streamed video from the shipped Shapes pair, and the process's
+    peak memory."""
     from kit.checkpoint import load_generator, shipped
     from maskgit import stream_video
     model, text, tokenizer, _ = load_generator(shipped("shapes", "generator"),
                                                shipped("shapes", "tokenizer"))
-    model, tokenizer = model.to(device), tokenizer.to(device)
+    model = model.to(device)
+    tokenizer = tokenizer.to(device)
     prompt = tuple(x.to(device) for x in text.encode(["a large red circle moving right"], model.config.text.max_len))
     start = time.perf_counter()
     for _ in stream_video(model, tokenizer, [prompt], [frames],

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from transformer import Transformer
 from quantizer import VectorQuantizer
+from transformer import Transformer
 from vqgan import VQGAN
 
 # Legend: B batch, T frames, H W pixels, t h w latent grid, p patch size, D width, K codebook size.
@@ -61,8 +61,8 @@ class CViViTConfig:
 
 
 def patchify(video: torch.Tensor, tt: int, p: int) -> torch.Tensor:
-    """(B, 3, T, H, W) -> (B, T/tt, H/p, W/p, 3*tt*p*p): non-overlapping tt
-    x p x p cubes as vectors."""
+    """(B, 3, T, H, W) -> (B, T/tt, H/p, W/p, 3*tt*p*p): non-overlapping tt x p x p cubes
+    as vectors."""
     B, C, T, H, W = video.shape
     x = video.reshape(B, C, T // tt, tt, H // p, p, W // p, p)
     x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # (B, t, h, w, C, tt, p, p)
@@ -91,7 +91,8 @@ class CViViT(nn.Module):
         self.embed_rest = nn.Linear(3 * 2 * p * p, D)
         self.pos_space = nn.Parameter(torch.randn(1, 1, g, g, D) * 0.02)
         self.pos_time = nn.Parameter(torch.randn(1, config.max_latent_frames, 1, 1, D) * 0.02)
-        heads, mlp = config.heads, config.mlp
+        heads = config.heads
+        mlp = config.mlp
         self.enc_space = Transformer(D, config.spatial_depth, heads, mlp)
         self.enc_time = Transformer(D, config.temporal_depth, heads, mlp, causal=True)
         self.quantizer = VectorQuantizer(D, config.codebook_size, config.code_dim, config.beta)
@@ -104,14 +105,13 @@ class CViViT(nn.Module):
 
     @property
     def last_layer(self) -> torch.Tensor:
-        """The weight that makes most pixels: the adaptive GAN weight
-        compares gradient norms here."""
+        """The weight that makes most pixels: the adaptive GAN weight compares gradient norms here."""
         return self.to_rest.weight
 
     def space_then_time(self, x: torch.Tensor, space: Transformer,
                         time: Transformer) -> torch.Tensor:
-        """Factorised attention over (B, t, h, w, D): first within frames,
-        then causally across them."""
+        """Factorised attention over (B, t, h, w, D): first within frames, then causally
+        across them."""
         B, t, h, w, D = x.shape
         # patches of one frame
         x = space(x.reshape(B * t, h * w, D)).view(B, t, h, w, D)
@@ -129,7 +129,8 @@ class CViViT(nn.Module):
 
     def encode_latent(self, video: torch.Tensor) -> torch.Tensor:
         """video (B, 3, T, H, W) -> continuous latent (B, t, h, w, D) before quantization."""
-        T, p = video.shape[2], self.config.patch
+        T = video.shape[2]
+        p = self.config.patch
         assert T % 2 == 1, f"a clip has 1 + 2n frames, got {T}"
         first = self.embed_first(patchify(video[:, :, :1], 1, p))  # (B, 1, h, w, D)
         rest = self.embed_rest(patchify(video[:, :, 1:], 2, p))  # (B, n, h, w, D)
@@ -146,8 +147,8 @@ class CViViT(nn.Module):
         return torch.cat([first, rest], dim=2)
 
     # around its own encode_latent and decode_latent, C-ViViT tokenizes exactly as the VQGAN does:
-    # forward (training: reconstruction, codes, VQ loss), encode (video -> codes), decode (codes ->
-    # video)
+    # forward (training: reconstruction, codes, VQ loss), encode (video -> codes) and decode
+    # (codes -> video)
     forward = VQGAN.forward
     encode = VQGAN.encode
     decode = VQGAN.decode

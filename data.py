@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kit import (CAPTION_CHARS, CROPS, IMAGE_EXTS, MAX_BYTES, VIDEO_EXTS, UnusableData, expand_braces,
-                 folder_items, holds_videos, read_video, say_skipped, video_seconds)
+from kit import (CAPTION_CHARS, CROPS, IMAGE_EXTS, MAX_BYTES, VIDEO_EXTS, UnusableData,
+                 expand_braces, folder_items, holds_videos, read_video, say_skipped, video_seconds)
 from worlds import SOURCES
 
 # Legend: T frames, H W pixels, k global clip index.
@@ -52,8 +52,7 @@ CLIPS_PER_SECOND = 2
 
 
 def name_position(name: str) -> float:
-    """A file's place in [0, 1), from the sha1 of its name: the same on
-    every machine, rank and run."""
+    """A file's place in [0, 1), from the sha1 of its name: the same on every machine, rank and run."""
     return int.from_bytes(hashlib.sha1(name.encode("utf-8", "replace")).digest()[:8], "big") / 2**64
 
 
@@ -70,12 +69,12 @@ def held_out(names: list[str]) -> list[bool]:
 
 
 class VideoFolderSource:
-    """A folder of videos, searched recursively; captions from captions.csv or label
-    sub-folders (root/label/clip.mp4, the Moments in Time layout). Clip k is position k % len
-    of epoch k // len, and each epoch visits every file once, shuffled by (seed, epoch); the
-    clip's start time is drawn from (seed, k), so the same k gives the same clip in any worker
-    and after any resume. split: "train" leaves out the held-out files (`held_out`), "val"
-    keeps only them, "all" keeps every file."""
+    """A folder of videos, searched recursively; captions from captions.csv or label sub-folders
+    (root/label/clip.mp4, the Moments in Time layout). Clip k is position k % len of epoch k //
+    len, and each epoch visits every file once, shuffled by (seed, epoch); the clip's start time is
+    drawn from (seed, k), so the same k gives the same clip in any worker and after any resume.
+    split: "train" leaves out the held-out files (`held_out`), "val" keeps only them, "all" keeps
+    every file."""
     exts = VIDEO_EXTS
 
     def __init__(self, root: str, frames: int = 11, size: int = 128, fps: float | None = 8.0,
@@ -98,17 +97,18 @@ class VideoFolderSource:
                       "train": [i for i, h in zip(items, held) if not h]}[split]
         # one file: nothing to hold out (the summary says so)
         self.items = self.items or items
-        self._epoch, self._order = -1, np.arange(0)
+        self._epoch = -1
+        self._order = np.arange(0)
 
     def index_files(self, root: str) -> tuple[list, int]:
-        """[(file, caption)] of the data set and the entries dropped;
-        subclasses index other containers."""
+        """[(file, caption)] of the data set and the entries dropped; subclasses index
+        other containers."""
         items, dropped, self.layout = folder_items(Path(root), self.exts)
         return items, dropped
 
     def entry_name(self, entry) -> str:
-        """The name an entry is held out by: its path from the folder (../ or absolute
-        rows of a captions.csv too)."""
+        """The name an entry is held out by: its path from the folder (../ or absolute rows of a
+        captions.csv too)."""
         return Path(os.path.relpath(entry, self.root)).as_posix()
 
     def __len__(self) -> int:
@@ -135,14 +135,14 @@ class VideoFolderSource:
                           crop=self.crop), text
 
     def seconds(self, limit: int | None = None) -> list[float]:
-        """Each file's duration from its header (0 where unknown), of the
-        first `limit` files or all."""
+        """Each file's duration from its header (0 where unknown), of the first `limit` files
+        or all."""
         return [video_seconds(self.fetch(entry)) for entry, _ in self.items[:limit]]
 
     def summary(self, split: str) -> str:
-        """One line: what was found, how it is captioned, what is held
-        out, and how long it lasts."""
-        n, empty = len(self.items), sum(not text for _, text in self.items)
+        """One line: what was found, how it is captioned, what is held out, and how long it lasts."""
+        n = len(self.items)
+        empty = sum(not text for _, text in self.items)
         kind = "images" if self.frames == 1 else "videos"
         line = f"data {self.name}: {n} {kind} for {split} ({self.layout}: {n - empty} captioned, {empty} empty)"
         if self.dropped:
@@ -184,8 +184,8 @@ class VideoFolderSource:
 
 
 class WindowSource:
-    """Fixed windows of a VideoFolderSource's files: clip k is the window
-    spots[k % len] (file, start)."""
+    """Fixed windows of a VideoFolderSource's files: clip k is the window spots[k % len]
+    (file, start)."""
 
     def __init__(self, files: VideoFolderSource, spots: list[tuple[int, float]]):
         self.files = files
@@ -197,7 +197,8 @@ class WindowSource:
         return len(self.spots)
 
     def load(self, k: int) -> tuple[np.ndarray, str]:
-        (i, start), files = self.spots[k % len(self.spots)], self.files
+        i, start = self.spots[k % len(self.spots)]
+        files = self.files
         entry, text = files.items[i]
         return read_video(files.fetch(entry), files.frames, files.size, files.fps, start=start,
                           crop=files.crop), text
@@ -230,7 +231,8 @@ class TarShardSource(VideoFolderSource):
             shards.update(glob.glob(p))
         for shard in sorted(shards):
             # [(key, entry)], {key: caption}
-            videos, texts = [], {}
+            videos = []
+            texts = {}
             try:
                 # a truncated shard keeps the samples before the cut
                 with tarfile.open(shard, "r:") as tar:
@@ -248,7 +250,8 @@ class TarShardSource(VideoFolderSource):
                             texts[key] = text.decode("utf-8", errors="replace")
             except (tarfile.TarError, OSError) as err:
                 reason = f"not a readable uncompressed tar: {err}"
-                dropped, why = dropped + 1, f"{shard} is {reason}"
+                dropped += 1
+                why = f"{shard} is {reason}"
                 say_skipped(f"the rest of {shard} (after {len(videos)} videos)", reason)
             for key, entry in sorted(videos):
                 items.append((entry, texts.get(key, "").strip()[:CAPTION_CHARS]))

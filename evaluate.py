@@ -54,12 +54,13 @@ import torch
 
 from data import make_source
 from evals.measures import psnr, ssim, validation_loss
-from evals.motion import code_following, motion_extras
+from evals.motion import code_following, continuation, motion_probe
 from evals.stories import (animals_extras, animals_stories, judged_in_batches, shapes_long,
                            shapes_stories, shares)
 from evals.watch import Watched, watch
 from kit.checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, read_header, shipped
-from kit.config import HelpWithDefaults, UsageError, check_sampling, exit_usage
+from kit.config import HelpWithDefaults, check_sampling
+from kit.faults import UsageError, exit_usage
 from kit.outputs import check_destination
 from kit.progress import write_grid
 from kit.stream import ClipStream, encode_clips
@@ -70,6 +71,16 @@ from worlds import WORLDS, animals
 
 # world clips from this seed are never trained on
 EVAL_SEED = 1_000_003
+
+
+def motion_extras(model, text, tokenizer, seed: int, clips: int = 128, **sampling) -> dict[str, float]:
+    """The motion probe on `clips` Animals clips of `seed` and the continuation of 4 real clips per
+    action (of another seed derived from it): how things move, beside what the judge reads of single
+    prompts."""
+    codes, captions, _ = encode_clips(tokenizer, make_source("animals", 11, 64, seed), clips,
+                                      torch.device("cpu"))
+    ids, mask = text.encode(captions, model.config.text.max_len)
+    return motion_probe(model, codes, ids, mask) | continuation(model, text, tokenizer, 4, 3, seed + 30, **sampling)
 
 
 def held_out_source(data: str | None, trained: dict):
@@ -89,7 +100,8 @@ def evaluate_tokenizer(model, source, clips: int, batch_size: int = 16) -> dict:
     stream = ClipStream(source, batch_size)
     K = model.quantizer.codebook.shape[0]
     counts = torch.zeros(K)
-    psnrs, ssims = [], []
+    psnrs = []
+    ssims = []
     for b in range((clips + batch_size - 1) // batch_size):
         video = stream.batch(b)["video"]  # (B, 3, T, H, W)
         codes = model.encode(video)
@@ -113,7 +125,8 @@ def judge_round_trip(model, clips: int, frames: int, size: int,
     """How much of the Animals world's meaning survives the tokenizer: the judge's agreement on
     fresh renders (judge_*) and on the same clips after encode and decode (round_trip_*)."""
     rng = np.random.default_rng(EVAL_SEED)
-    clean, trip = {}, {}
+    clean = {}
+    trip = {}
     for i in range(0, clips, batch_size):
         specs = [animals.random_spec(rng) for _ in range(min(batch_size, clips - i))]
         # (B, T, H, W, 3) uint8
@@ -155,9 +168,9 @@ def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int
 @torch.no_grad()
 def evaluate_on_real_data(model, text, tokenizer, source, clips: int, grid: str, rows: int = 8,
                           **sampling) -> dict:
-    """A generator on held-out real clips: val_loss over `clips` of them, and `grid`, a PNG
-    where each of up to `rows` different captions has its (first) real clip above the
-    generator's sample of it."""
+    """A generator on held-out real clips: val_loss over `clips` of them, and `grid`, a PNG where
+    each of up to `rows` different captions has its (first) real clip above the generator's sample
+    of it."""
     codes, captions, videos = encode_clips(tokenizer, source, clips, torch.device("cpu"))
     ids, mask = text.encode(captions, model.config.text.max_len)
     results = {"val_loss": validation_loss(model, codes, ids, mask), "clips": len(codes)}

@@ -102,8 +102,8 @@ CONTEXT_TEMPERATURE = 1.0
 
 
 def mask_ratio(r: torch.Tensor) -> torch.Tensor:
-    """MaskGIT's cosine schedule γ(r) = cos(πr/2): the share of positions
-    still masked at progress r."""
+    """MaskGIT's cosine schedule γ(r) = cos(πr/2): the share of positions still masked at
+    progress r."""
     return torch.cos(math.pi / 2 * r)
 
 
@@ -113,9 +113,9 @@ def gumbel(shape: tuple, generator: torch.Generator | None, device: torch.device
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One code from each row of probs (M, K) -> (M, 1), by inverse CDF: the first code
-    whose cumulative share passes a uniform u. The same distribution as torch.multinomial,
-    several times faster on a CPU."""
+    """One code from each row of probs (M, K) -> (M, 1), by inverse CDF: the first code whose
+    cumulative share passes a uniform u. The same distribution as torch.multinomial, several times
+    faster on a CPU."""
     cdf = probs.cumsum(-1)  # (M, K)
     # total may be 1 - ε
     u = torch.rand(len(cdf), 1, generator=generator, device=probs.device) * cdf[:, -1:]
@@ -126,12 +126,12 @@ class MaskGIT(nn.Module):
     def __init__(self, config: MaskGITConfig):
         super().__init__()
         self.config = config
-        D, K = config.dim, config.codebook_size
+        D = config.dim
+        K = config.codebook_size
         # one extra embedding row for [MASK]
         self.mask_id = K
         self.tok_emb = nn.Embedding(K + 1, D)
-        # factorised positions: time, row and column embeddings are summed (t + h + w rows, not
-        # t·h·w)
+        # factorised positions: time, row and column tables summed (t + h + w rows, not t·h·w)
         self.pos_t = nn.Parameter(torch.randn(config.latent_frames, D) * 0.02)
         self.pos_h = nn.Parameter(torch.randn(config.grid, D) * 0.02)
         self.pos_w = nn.Parameter(torch.randn(config.grid, D) * 0.02)
@@ -166,8 +166,7 @@ class MaskGIT(nn.Module):
 
     def predict(self, tokens: torch.Tensor, ids: torch.Tensor,
                 text_mask: torch.Tensor) -> torch.Tensor:
-        """Logits for tokens (B, t, h, w) under captions ids, text_mask
-        (B, L) -> (B, t, h, w, K)."""
+        """Logits for tokens (B, t, h, w) under captions ids, text_mask (B, L) -> (B, t, h, w, K)."""
         return self.logits(tokens, self.encode_text(ids, text_mask), text_mask)
 
     @staticmethod
@@ -226,10 +225,10 @@ class MaskGIT(nn.Module):
         """The training loss, so that DDP and FSDP see a training step through forward: codes
         (B, t, h, w) long; ids, text_mask (B, L); frames (B,) real latent frames or None (all);
         prefix, prefix_frames: the share of samples masked as continuations and the latent frames
-        they keep (mask_positions). Returns the mean cross-entropy over the masked positions only. With motion_weight > 1 a
-        code that differs from the one at its place in the latent frame before counts that many
-        times: in a video most codes repeat the frame before, and a plain mean lets them
-        outvote the few that move."""
+        they keep (mask_positions). Returns the mean cross-entropy over the masked positions only.
+        With motion_weight > 1 a code that differs from the one at its place in the latent frame
+        before counts that many times: in a video most codes repeat the frame before, and a plain
+        mean lets them outvote the few that move."""
         tokens, masked = self.mask_positions(codes, frames, prefix, prefix_frames)
         ids, text_mask = self.drop_captions(ids, text_mask)
         # (B, t, h, w, K)
@@ -252,7 +251,8 @@ class MaskGIT(nn.Module):
         if scale == 1.0:
             return self.logits(tokens, *cond)
         # pad the empty caption to the prompts' length
-        B, pad = len(tokens), cond[0].shape[1] - uncond[0].shape[1]
+        B = len(tokens)
+        pad = cond[0].shape[1] - uncond[0].shape[1]
         # (2B, L, D)
         states = torch.cat([cond[0], F.pad(uncond[0], (0, 0, 0, pad)).expand(B, -1, -1)])
         mask = torch.cat([cond[1], F.pad(uncond[1], (0, pad)).expand(B, -1)])  # (2B, L)
@@ -265,13 +265,14 @@ class MaskGIT(nn.Module):
                  temperature: float = TEMPERATURE, generator: torch.Generator | None = None,
                  on_step: Callable[[int, int], None] | None = None,
                  code_temperature: float = 1.0) -> torch.Tensor:
-        """Captions ids, text_mask (B, L) -> codes (B, t, h, w). `given` (B, t', h, w) holds
-        known codes and -1 where a code is to be generated; t' may be shorter than the window.
-        None: generate all. `steps` is for a whole window; one with known codes takes
-        proportionally fewer (window_steps). `temperature` is the noise on the confidence that picks
-        which codes to keep; `code_temperature` sharpens (< 1) the draw of each code."""
+        """Captions ids, text_mask (B, L) -> codes (B, t, h, w). `given` (B, t', h, w) holds known
+        codes and -1 where a code is to be generated; t' may be shorter than the window. None:
+        generate all. `steps` is for a whole window; one with known codes takes proportionally fewer
+        (window_steps). `temperature` is the noise on the confidence that picks which codes to keep;
+        `code_temperature` sharpens (< 1) the draw of each code."""
         c = self.config
-        B, device = ids.shape[0], ids.device
+        B = ids.shape[0]
+        device = ids.device
         if given is None:
             given = torch.full((B, c.latent_frames, c.grid, c.grid), -1, dtype=torch.long,
                                device=device)
@@ -327,24 +328,24 @@ def rotary_angles(t: int, h: int, w: int, head_dim: int, device: torch.device) -
 
 
 def window_steps(steps: int, unknown: int, positions: int) -> int:
-    """Decoding steps for a window with `unknown` of its `positions` codes to generate:
-    `steps` for a whole window, proportionally fewer for a continuation (the same number
-    of codes decided per step)."""
+    """Decoding steps for a window with `unknown` of its `positions` codes to generate: `steps`
+    for a whole window, proportionally fewer for a continuation (the same number of codes decided
+    per step)."""
     return max(1, math.ceil(steps * unknown / positions))
 
 
 def plan_windows(t: int, keep: int | None, frames: list[int], have: int = 0,
                  keep_at_cut: int | None = None) -> Iterator[tuple[int, int, int]]:
     """The windows make_video decodes, one at a time as it needs them, so that a plan of any length
-    takes no memory -> (segment, context frames, new frames), in order: segment
-    i adds frames[i] new frames after the `have` frames before it. Context 0 starts a fresh window;
-    otherwise the last `context` frames (1 + 2(k - 1), k = `keep` latent frames) are re-encoded and
-    given. At a cut to the next prompt `keep_at_cut` latent frames are given (None: `keep`, as in
-    the paper). One, the last frame alone, tells where things are and how they look but not how they
-    moved, and the new prompt's motion starts from there. That suits a generator whose training
-    clips never change their motion (Shapes: shapes.KEEP_AT_CUT): given the old motion it has to
-    turn it around within one latent frame, and draws two objects at most cuts. One trained on such
-    changes (Animals' story clips) does better with the whole context."""
+    takes no memory -> (segment, context frames, new frames), in order: segment i adds frames[i] new
+    frames after the `have` frames before it. Context 0 starts a fresh window; otherwise the last
+    `context` frames (1 + 2(k - 1), k = `keep` latent frames) are re-encoded and given. At a cut to
+    the next prompt `keep_at_cut` latent frames are given (None: `keep`, as in the paper). One, the
+    last frame alone, tells where things are and how they look but not how they moved, and the new
+    prompt's motion starts from there. That suits a generator whose training clips never change
+    their motion (Shapes: shapes.KEEP_AT_CUT): given the old motion it has to turn it around within
+    one latent frame, and draws two objects at most cuts. One trained on such changes (Animals'
+    story clips) does better with the whole context."""
     if t < 2:
         # a one-latent-frame window has no room for context and a new frame: it would never end
         raise ValueError(f"a window of {t} latent frame cannot be shifted; it needs at least 2")
@@ -386,7 +387,8 @@ def stream_video(model: MaskGIT, tokenizer: nn.Module,
                                               keep_at_cut):
         ids, mask = prompts[segment]
         # nothing to continue: a fresh window
-        given, settings = None, sampling
+        given = None
+        settings = sampling
         if context:
             # (B, k, h, w), causal: no future needed
             known = tokenizer.encode(tail[:, :, -context:])

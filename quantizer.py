@@ -86,8 +86,8 @@ class VectorQuantizer(nn.Module):
             return self.alias[(z @ codebook.t()).argmax(dim=-1)]
 
     def forward(self, x: torch.Tensor) -> Quantized:
-        """x (..., D), e.g. a latent grid (B, t, h, w, D) -> Quantized(z
-        (..., D), codes (...), loss)."""
+        """x (..., D), e.g. a latent grid (B, t, h, w, D) -> Quantized(z (..., D), codes
+        (...), loss)."""
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
             # (N, c)

@@ -32,16 +32,15 @@ from pathlib import Path
 
 import torch
 
-from kit.checkpoint import DEFAULT_WORLD, SHIPPED_WORLDS, load_generator, load_tokenizer, shipped
-from kit.config import (HelpWithDefaults, UsageError, check_sampling, exit_usage, frame_shares,
-                        keep_at_cut)
-from kit.distributed import check_device
 from evals.measures import psnr, reconstruct, ssim
-from kit.faults import exit_code, signals_unwind
-from maskgit import CFG, STEPS, TEMPERATURE, plan_windows, stream_video, window_steps
-from kit.progress import Progress
+from kit.checkpoint import DEFAULT_WORLD, SHIPPED_WORLDS, load_generator, load_tokenizer, shipped
+from kit.config import HelpWithDefaults, check_sampling, frame_shares, keep_at_cut
+from kit.distributed import check_device
+from kit.faults import UsageError, exit_code, exit_usage, signals_unwind
 from kit.outputs import Outputs, check_outputs, default_out, save_output
+from kit.progress import Progress
 from kit.video import MAX_FRAMES, read_clip
+from maskgit import CFG, STEPS, TEMPERATURE, plan_windows, stream_video, window_steps
 
 # Legend: T frames, H W pixels, t latent frames, L text length.
 
@@ -84,7 +83,8 @@ def run_generate(args) -> None:
         args.keep = t - 1
     device = torch.device(args.device)
     n = args.samples
-    model, tokenizer = model.to(device), tokenizer.to(device)
+    model = model.to(device)
+    tokenizer = tokenizer.to(device)
     prompts = []
     for p in args.prompts:
         prompts.append(tuple(x.to(device) for x in text.encode([p] * n, model.config.text.max_len)))

@@ -35,7 +35,8 @@ from transformer import Transformer
 # Legend: B batch, L text length, D width.
 
 # ids of the two special tokens, fixed by the order they are given to the trainer
-PAD, BOS = 0, 1
+PAD = 0
+BOS = 1
 # the fewest tokens a caption BPE has: its 256 byte values and the two specials
 MIN_VOCAB = 256 + 2
 
@@ -49,7 +50,8 @@ class CaptionTokenizer:
     """Byte-level BPE over lower-cased captions, plus the set of words seen in training."""
 
     def __init__(self, bpe: Tokenizer, words: list[str]):
-        self.bpe, self.words = bpe, set(words)
+        self.bpe = bpe
+        self.words = set(words)
         # "[PAD]" typed in a caption is text, never the special token
         self.bpe.encode_special_tokens = True
 
@@ -81,8 +83,8 @@ class CaptionTokenizer:
         return self.bpe.get_vocab_size()
 
     def encode(self, captions: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """captions -> ids (B, L) long and mask (B, L) bool, True = real token; [BOS] first, then
-        at most max_len - 1 caption tokens, padded to the longest caption in the batch."""
+        """captions -> ids (B, L) long and mask (B, L) bool, True = real token; [BOS] first, then at
+        most max_len - 1 caption tokens, padded to the longest caption in the batch."""
         rows = [[BOS] + self.bpe.encode(c).ids[: max_len - 1] for c in captions]
         L = max(len(r) for r in rows)
         ids = torch.full((len(rows), L), PAD, dtype=torch.long)

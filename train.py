@@ -49,13 +49,13 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from evals.watch import HeldOut, watch_generator, watch_list, watch_tokenizer
-from kit.checkpoint import (TOKENIZERS, file_digest, generator_meta, load_checkpoint, load_tokenizer,
-                            tokenizer_meta)
-from kit.config import HelpWithDefaults, TrainConfig, UsageError, exit_usage
+from kit.checkpoint import (TOKENIZERS, file_digest, generator_meta, load_checkpoint,
+                            load_tokenizer, tokenizer_meta)
+from kit.config import HelpWithDefaults, TrainConfig
 from kit.distributed import compile_blocks, finish, gathered, grad_sync, shard, start, summed_counts
-from kit.faults import TrainingStopped, exit_code, quiet_worker
+from kit.faults import (TrainingStopped, UnusableData, UsageError, exit_code, exit_usage,
+                        quiet_worker)
 from kit.fold import fold_codes
-from kit.folders import UnusableData
 from kit.runs import (RunPlan, load_train_state, release_run, restore_modules, restore_optimizers,
                       save_run, save_weights, setup)
 from kit.steps import Steps, adamw
@@ -122,9 +122,9 @@ def clip_loader(source, cfg: TrainConfig, rank: int, world: int, start: int,
 
 def restart_codes(model: torch.nn.Module, ema: torch.nn.Module | None, kmeans: bool,
                   due: bool) -> dict:
-    """Every `restart_every` steps (`due`) codes nobody used take recent encoder outputs (all
-    ranks' counts). Codes placed anew, by a restart or by the first step's k-means, enter the EMA
-    as they are, not averaged with the init they replace -> {"restarted": n} when due."""
+    """Every `restart_every` steps (`due`) codes nobody used take recent encoder outputs (all ranks'
+    counts). Codes placed anew, by a restart or by the first step's k-means, enter the EMA as they
+    are, not averaged with the init they replace -> {"restarted": n} when due."""
     figures = {}
     moved = torch.arange(model.quantizer.codebook.shape[0]) if kmeans else None
     if due:
@@ -162,8 +162,7 @@ def train_tokenizer(args, plan: RunPlan, rank: int, world: int, device: torch.de
         step = restore_optimizers(resume.tensors, resume.meta, opts, resume.path)
         if master:
             print(f"resumed from {resume.path} at step {step}")
-    # the quantizer's buffers hold per-rank usage counts: keep DDP from overwriting them with rank
-    # 0's
+    # the quantizer's buffers hold per-rank usage counts, which DDP must not overwrite with rank 0's
     ddp_model = DDP(model, forward_sync_buffers=False) if ddp else model
     ddp_disc = DDP(disc, forward_sync_buffers=False) if ddp else disc
     if resume and rank > 0:
@@ -235,8 +234,8 @@ def train_tokenizer(args, plan: RunPlan, rank: int, world: int, device: torch.de
 
 
 def fold_finished(sampled: torch.nn.Module, plan: RunPlan, step: int, device: torch.device) -> None:
-    """Near-copies of a code fold into the more used one, in model.safetensors only: the train
-    state keeps the raw book for --resume."""
+    """Near-copies of a code fold into the more used one, in model.safetensors only: the train state
+    keeps the raw book for --resume."""
     cfg = plan.cfg
     print(f"folding codes within cosine {cfg.fold_cosine} of a more used one (counting them on 512 clips)", flush=True)
     left = fold_codes(sampled, plan.source, cfg.fold_cosine, cfg.batch_size, device)
@@ -265,8 +264,8 @@ def draw_batch(pick: torch.Generator, codes: torch.Tensor, all_ids: torch.Tensor
                all_masks: torch.Tensor, cfg: TrainConfig, t: int, device: torch.device):
     """A micro-batch of the token cache, drawn with replacement from `pick` -> codes (B, t, h, w),
     caption ids and mask (B, L) trimmed to the longest caption, and frames (B,): the real latent
-    frames of each sample (1 for an image, by causality its clip's first latent frame), or None
-    when every sample is a video."""
+    frames of each sample (1 for an image, by causality its clip's first latent frame), or None when
+    every sample is a video."""
     idx = torch.randint(len(codes), (cfg.batch_size,), generator=pick)  # (B,)
     width = int(all_masks[idx].sum(1).max())
     ids = all_ids[idx, :width].to(device)

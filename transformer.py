@@ -33,17 +33,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Legend: B batch, N query tokens, L context tokens, D width, Dc context width, nh heads, hd head
-# dim.
+# Legend: B batch, N query tokens, L context tokens, D width, Dc context width, nh heads,
+# hd head dim.
 
 
 def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding: x (..., N, hd) with its halves taken as hd/2 pairs (x_i, x_{i
-    + hd/2}), each turned by its angle (N, hd/2). A pair turned by a at one position and by b
-    at another has the same dot product as one turned by a - b against one not turned: the
+    """Rotary position embedding: x (..., N, hd) with its halves taken as hd/2 pairs
+    (x_i, x_{i + hd/2}), each turned by its angle (N, hd/2). A pair turned by a at one position and
+    by b at another has the same dot product as one turned by a - b against one not turned: the
     logit sees only the offset."""
     x1, x2 = x.chunk(2, dim=-1)  # (..., N, hd/2) each
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    cos = angles.cos().to(x.dtype)
+    sin = angles.sin().to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (..., N, hd)
 
 
@@ -57,7 +58,8 @@ class Attention(nn.Module):
             # usually nh * hd = D; a model may widen its heads instead
             assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
             head_dim = dim // heads
-        self.heads, self.causal = heads, causal
+        self.heads = heads
+        self.causal = causal
         self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
         self.to_kv = nn.Linear(context_dim or dim, 2 * heads * head_dim, bias=False)
         self.proj = nn.Linear(heads * head_dim, dim)
@@ -76,17 +78,20 @@ class Attention(nn.Module):
         q = self.split_heads(self.to_q(x))  # (B, nh, N, hd)
         # 2 x (B, L, nh * hd)
         k, v = self.to_kv(context).chunk(2, dim=-1)
-        k, v = self.split_heads(k), self.split_heads(v)  # (B, nh, L, hd)
+        k = self.split_heads(k)
+        v = self.split_heads(v)  # (B, nh, L, hd)
         if angles is not None:
             # relative positions: q_i·k_j then depends on positions i and j through i - j
-            q, k = rotate(q, angles), rotate(k, angles)
+            q = rotate(q, angles)
+            k = rotate(k, angles)
         attn_mask = None
         if mask is not None:
             attn_mask = mask[:, None, None, :]  # (B, 1, 1, L), broadcast over heads and queries
         if self.causal and mask is not None:
             # SDPA takes either is_causal or a mask, so fold the triangle into the mask ourselves
             tri = torch.ones(N, k.shape[2], dtype=torch.bool, device=x.device).tril()
-            attn_mask, causal = attn_mask & tri, False
+            attn_mask = attn_mask & tri
+            causal = False
         else:
             causal = self.causal
         # (B, nh, N, hd)
@@ -125,9 +130,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 angles: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, D) -> (B, N, D); mask (B, N) marks the real tokens of x (None: all are);
-        angles (N, hd/2) rotary positions for self attention; context (B, L, Dc) and context_mask
-        (B, L) for cross attention."""
+        """x (B, N, D) -> (B, N, D); mask (B, N) marks the real tokens of x (None: all are); angles
+        (N, hd/2) rotary positions for self attention; context (B, L, Dc) and context_mask (B, L)
+        for cross attention."""
         x = x + self.attn(self.ln_attn(x), mask=mask, angles=angles)
         if self.cross is not None:
             x = x + self.cross(self.ln_cross(x), context, context_mask)

@@ -88,8 +88,8 @@ class CausalConv3d(nn.Module):
         n = self.pad[4]
         if self.past is None or n == 0:
             return self.conv(F.pad(x, self.pad))
-        # streaming: the previous chunk's last n frames stand where a full pass has them (zeros at
-        # first)
+        # streaming: the previous chunk's last n frames stand where a full pass has them, and zeros
+        # before the first chunk
         past = self.past if self.past.numel() else torch.zeros_like(x[:, :, :1]).expand(-1, -1, n, -1, -1)
         x = torch.cat([past, x], dim=2)  # (B, C, n + T, H, W)
         self.past = x[:, :, -n:]
@@ -124,8 +124,10 @@ class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int] = (3, 3, 3),
                  norm: str = "frame"):
         super().__init__()
-        self.norm1, self.conv1 = FrameNorm(cin, norm), CausalConv3d(cin, cout, kernel)
-        self.norm2, self.conv2 = FrameNorm(cout, norm), CausalConv3d(cout, cout, kernel)
+        self.norm1 = FrameNorm(cin, norm)
+        self.conv1 = CausalConv3d(cin, cout, kernel)
+        self.norm2 = FrameNorm(cout, norm)
+        self.conv2 = CausalConv3d(cout, cout, kernel)
         self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +137,8 @@ class ResBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour, then a spatial conv (avoids
-    transposed-conv checkerboards)."""
+    """Double H and W: nearest-neighbour, then a spatial conv (avoids transposed-conv
+    checkerboards)."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
@@ -148,8 +150,8 @@ class Upsample(nn.Module):
 
 
 def to_depth(x: torch.Tensor) -> torch.Tensor:
-    """Fold each 2 x 2 x 2 (time, row, column) cube into channels: (B, C, T, H, W) -> (B, 8C,
-    T/2, H/2, W/2). Frames pair as (0, 1), (2, 3), ...: a latent frame sees its own two
+    """Fold each 2 x 2 x 2 (time, row, column) cube into channels: (B, C, T, H, W) ->
+    (B, 8C, T/2, H/2, W/2). Frames pair as (0, 1), (2, 3), ...: a latent frame sees its own two
     frames and nothing later."""
     B, C, T, H, W = x.shape
     # (B, C, 2, 2, 2, t, h, w)
@@ -171,7 +173,8 @@ class VQGAN(nn.Module):
     def __init__(self, config: VQGANConfig):
         super().__init__()
         self.config = config
-        w, n = config.widths, config.res_blocks
+        w = config.widths
+        n = config.res_blocks
         assert len(w) == 3, "widths at H/2, H/4 and H/8 give the f8 spatial compression"
         # the learned frame, as one colour
         self.first_frame = nn.Parameter(torch.zeros(1, 3, 1, 1, 1))
@@ -245,10 +248,10 @@ class VQGAN(nn.Module):
 
     @torch.no_grad()
     def decode_stream(self, codes: torch.Tensor, chunk: int = 6) -> Iterator[torch.Tensor]:
-        """codes (B, t, h, w) of any length -> the frames of decode(codes), `chunk` latent
-        frames at a time. Every causal conv keeps the last input frames it saw and starts the
-        next chunk from them, so nothing is computed twice: the cost grows linearly with t and
-        memory stays that of one chunk."""
+        """codes (B, t, h, w) of any length -> the frames of decode(codes), `chunk` latent frames at
+        a time. Every causal conv keeps the last input frames it saw and starts the next chunk from
+        them, so nothing is computed twice: the cost grows linearly with t and memory stays that of
+        one chunk."""
         convs = [m for m in self.modules() if isinstance(m, CausalConv3d)]
         for conv in convs:
             # streaming on, nothing seen yet
@@ -314,7 +317,8 @@ class VGGPerceptual(nn.Module):
 
     def __init__(self):
         super().__init__()
-        layers, c = [], 3
+        layers = []
+        c = 3
         for v in VGG16_LAYERS:
             if v == "M":
                 layers.append(nn.MaxPool2d(2))

@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from worlds import animals  # noqa: E402
 from kit.checkpoint import load_generator  # noqa: E402
-from kit.config import UsageError, check_sampling, exit_usage  # noqa: E402
+from kit.config import check_sampling  # noqa: E402
+from kit.faults import exit_usage, UsageError
 from maskgit import CFG, CONTEXT_TEMPERATURE, STEPS, TEMPERATURE, make_video  # noqa: E402
 from evals.stories import sample_and_judge, story_specs  # noqa: E402
 

@@ -36,8 +36,10 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # 'valid' windows only, as the reference implementation
         return F.conv2d(img, window)
 
-    c1, c2 = 0.01**2, 0.03**2
-    mx, my = blur(x), blur(y)
+    c1 = 0.01**2
+    c2 = 0.03**2
+    mx = blur(x)
+    my = blur(y)
     vx = blur(x * x) - mx**2
     vy = blur(y * y) - my**2
     cov = blur(x * y) - mx * my

@@ -29,10 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worlds import animals
-from data import make_source
 from maskgit import make_video
-from kit.stream import encode_clips
+from worlds import animals
 
 # Legend: B batch, t h w latent grid, K codebook size, L text length, N clips.
 
@@ -40,21 +38,23 @@ from kit.stream import encode_clips
 @torch.no_grad()
 def motion_probe(model, codes: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, seed: int = 0,
                  batch_size: int = 32) -> dict[str, float]:
-    """What the generator has learned of motion, from held-out codes (N, t, h, w) and captions (N,
-    L): the masked-code loss and top-1 accuracy on codes that differ from the code at their place
-    one latent frame before (moved) and on those that repeat it (still), latent frames 1.. only,
-    under two masks: training's random ones (probe_random_*, the same draws every call, from `seed`)
-    and a continuation's (probe_next_*: the first half of the latent frames given, the rest to fill,
-    as a shifted window starts). A model that copies the frame before scores well on still codes and
-    badly on moved ones."""
+    """What the generator has learned of motion, from held-out codes (N, t, h, w) and captions
+    (N, L): the masked-code loss and top-1 accuracy on codes that differ from the code at their
+    place one latent frame before (moved) and on those that repeat it (still), latent frames 1..
+    only, under two masks: training's random ones (probe_random_*, the same draws every call, from
+    `seed`) and a continuation's (probe_next_*: the first half of the latent frames given, the rest
+    to fill, as a shifted window starts). A model that copies the frame before scores well on still
+    codes and badly on moved ones."""
     t = codes.shape[1]
     moved = codes[:, 1:] != codes[:, :-1]  # (N, t - 1, h, w): frame 0 has no frame before
-    sums, counts = {}, {}
+    sums = {}
+    counts = {}
     with torch.random.fork_rng(devices=[codes.device] if codes.device.type == "cuda" else []):
         torch.manual_seed(seed)
         for kind in ("random", "next"):
             for i in range(0, len(codes), batch_size):
-                c, rows = codes[i:i + batch_size], slice(i, i + batch_size)
+                c = codes[i:i + batch_size]
+                rows = slice(i, i + batch_size)
                 if kind == "random":
                     tokens, masked = model.mask_positions(c)
                     masked = masked.view(c.shape)
@@ -123,7 +123,8 @@ def _slide(image: np.ndarray, speed: float, frames: int) -> np.ndarray:
     round, fractions by linear interpolation, as the Animals ground scrolls)."""
     out = []
     for i in range(frames):
-        k, f = int(np.floor(speed * i)), speed * i - np.floor(speed * i)
+        k = int(np.floor(speed * i))
+        f = speed * i - np.floor(speed * i)
         out.append(np.roll(image, -k, axis=1) * (1 - f) + np.roll(image, -k - 1, axis=1) * f)
     return np.round(np.stack(out)).astype(np.uint8)  # (T, H, W, 3)
 
@@ -134,13 +135,15 @@ def _codes(tokenizer, videos: np.ndarray) -> torch.Tensor:
 
 
 def _following(codes: torch.Tensor, d: int) -> float:
-    """The share of bottom-row codes (latent frames 2.., inner columns) of codes (N, t, h, w)
-    that repeat the code d places to the right one latent frame before: where a picture moving
-    left by d codes came from."""
+    """The share of bottom-row codes (latent frames 2.., inner columns) of codes (N, t, h, w) that
+    repeat the code d places to the right one latent frame before: where a picture moving left by d
+    codes came from."""
     # (N, t, w): the bottom code row, below every subject's feet
-    bottom, w = codes[:, :, -1], codes.shape[-1]
+    bottom = codes[:, :, -1]
+    w = codes.shape[-1]
     # frame 0 is coded alone, so from 2
-    now, before = bottom[:, 2:, 1:w - 1 - d], bottom[:, 1:-1, 1 + d:w - 1]
+    now = bottom[:, 2:, 1:w - 1 - d]
+    before = bottom[:, 1:-1, 1 + d:w - 1]
     return (now == before).float().mean().item()
 
 
@@ -154,7 +157,8 @@ def code_following(tokenizer, clips: int = 64, seed: int = CONTINUE_SEED) -> dic
     pixels a frame at 8 pixels a code); and nonlocal, the share of codes in the far quadrant that
     change when the top-left 8 x 8 pixels of frames 3.. are inverted (a code that follows only its
     own cell changes none)."""
-    rng, specs = np.random.default_rng(seed), []
+    rng = np.random.default_rng(seed)
+    specs = []
     while len(specs) < clips:
         spec = animals.random_spec(rng)
         if spec.species != "bird":
@@ -189,13 +193,3 @@ def watch_motion(model, text, tokenizer, held_out: tuple, data: str, device: tor
     if data == "animals":
         figures |= continuation(model, text, tokenizer, 1, 2, device=device, **sampling)
     return figures
-
-
-def motion_extras(model, text, tokenizer, seed: int, clips: int = 128, **sampling) -> dict[str, float]:
-    """The motion probe on `clips` Animals clips of `seed` and the continuation of 4 real
-    clips per action (of another seed derived from it): how things move, beside what the
-    judge reads of single prompts."""
-    codes, captions, _ = encode_clips(tokenizer, make_source("animals", 11, 64, seed), clips,
-                                      torch.device("cpu"))
-    ids, mask = text.encode(captions, model.config.text.max_len)
-    return motion_probe(model, codes, ids, mask) | continuation(model, text, tokenizer, 4, 3, seed + 30, **sampling)

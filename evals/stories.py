@@ -11,9 +11,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from worlds import animals
-from worlds import shapes
 from maskgit import make_video
+from worlds import animals, shapes
 from worlds.shapes import DIRECTIONS, ShapeSpec, oracle
 
 
@@ -61,8 +60,8 @@ def judged_in_batches(model, text, tokenizer, world, specs: list, prompts: list[
 def directed(verdicts: list[dict[str, bool]], specs: list) -> float:
     """Among the Animals specs that move (every action but sitting), the share of clips right in
     direction and action together: a directed prompt ("a brown dog running to the left") asks for
-    both, and a clip that goes the right way at the wrong pace, or sits facing the right way, is
-    not what was asked."""
+    both, and a clip that goes the right way at the wrong pace, or sits facing the right way, is not
+    what was asked."""
     moving = [v for v, s in zip(verdicts, specs) if s.action != "sitting"]
     hits = [v["direction"] and v["action"] for v in moving]
     return float(np.mean(hits)) if hits else float("nan")
@@ -72,7 +71,8 @@ def shapes_stories(model, text, tokenizer, rng, stories: int, batch_size: int,
                    **sampling) -> dict[str, float]:
     """Two-prompt Shapes stories: the same object, a new direction after the cut."""
     window = 1 + 2 * (model.config.latent_frames - 1)
-    right, continuous = [], []
+    right = []
+    continuous = []
     for i in range(0, stories, batch_size):
         first = [shapes.random_spec(rng) for _ in range(min(batch_size, stories - i))]
         second = [ShapeSpec(s.color, s.shape, s.size, str(rng.choice([d for d in DIRECTIONS if d != s.direction])))
@@ -82,7 +82,8 @@ def shapes_stories(model, text, tokenizer, rng, stories: int, batch_size: int,
         # (B, 3, 2 window, H, W)
         videos = make_video(model, tokenizer, prompts, [window, window], **sampling).float()
         for video, a, b in zip(videos, first, second):
-            one, two = oracle(video[:, :window]), oracle(video[:, window:])
+            one = oracle(video[:, :window])
+            two = oracle(video[:, window:])
             right += [one["direction"] == a.direction, two["direction"] == b.direction]
             jump = np.inf
             if one["end"] is not None and two["start"] is not None:
@@ -107,7 +108,8 @@ def animals_stories(model, text, tokenizer, rng, stories: int, batch_size: int,
     """Three-prompt Animals stories: a canonical first prompt, then two story prompts ("the dog
     jumps", "the dog sits down") that change the action and keep the subject and the scene."""
     window = 1 + 2 * (model.config.latent_frames - 1)
-    acted, kept = [], []
+    acted = []
+    kept = []
     for i in range(0, stories, batch_size):
         segments = story_specs(rng, min(batch_size, stories - i))
         first = segments[0]
@@ -129,12 +131,12 @@ def animals_stories(model, text, tokenizer, rng, stories: int, batch_size: int,
 def shapes_long(model, text, tokenizer, rng, videos: int, frames: int = 101,
                 **sampling) -> dict[str, float]:
     """101-frame Shapes videos, `videos` of each kind (one batch): one prompt moving right,
-    which has to meet the edge (long_two_objects and long_partial: the share of frames with
-    two or more objects, and with less than the whole object lit: cut by the edge, or
-    fragments; long_direction: of the 11-frame windows that show a whole object, the share
-    whose path reads right), and a ten-segment story alternating left and right
-    (long_story_direction per segment, long_story_one_object per frame, long_story_kept: the
-    last segment's colour and shape are the first's)."""
+    which has to meet the edge (long_two_objects and long_partial: the share of frames with two
+    or more objects, and with less than the whole object lit: cut by the edge, or fragments;
+    long_direction: of the 11-frame windows that show a whole object, the share whose path reads
+    right), and a ten-segment story alternating left and right (long_story_direction per
+    segment, long_story_one_object per frame, long_story_kept: the last segment's colour and
+    shape are the first's)."""
     window = 1 + 2 * (model.config.latent_frames - 1)
     specs = [dataclasses.replace(shapes.random_spec(rng), direction="right") for _ in range(videos)]
     prompt = text.encode([shapes.caption(s) for s in specs], model.config.text.max_len)

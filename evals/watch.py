@@ -21,7 +21,7 @@ import torch
 from evals.measures import psnr, reconstruction, ssim, validation_loss
 from evals.motion import watch_motion
 from evals.stories import sample_and_judge, shares
-from kit.config import UsageError
+from kit.faults import UsageError
 from worlds import WORLDS
 
 
@@ -74,8 +74,8 @@ def watch(model, text, tokenizer, watched: Watched, device: torch.device,
 
 
 def watch_tokenizer(model, video: torch.Tensor, autocast, log) -> dict[str, float]:
-    """The held-out batch video (8, 3, T, H, W) reconstructed -> {val_psnr, val_ssim}, each the
-    mean over the clips in dB or as a share; recon.png shows 4 clips above their reconstructions."""
+    """The held-out batch video (8, 3, T, H, W) reconstructed -> {val_psnr, val_ssim}, each the mean
+    over the clips in dB or as a share; recon.png shows 4 clips above their reconstructions."""
     recon = reconstruction(model, video, autocast)  # (8, 3, T, H, W)
     pairs = torch.stack([video[:4], recon[:4]], dim=1).flatten(0, 1)  # (8, 3, T, H, W)
     log.grid(pairs, "recon.png")
@@ -85,9 +85,9 @@ def watch_tokenizer(model, video: torch.Tensor, autocast, log) -> dict[str, floa
 @torch.no_grad()
 def watch_generator(model, text, tokenizer, watched: Watched, held: HeldOut | None, data: str,
                     device: torch.device, seed: int, steps: int) -> tuple[torch.Tensor, dict]:
-    """Everything a stage-2 run measures at an image_every step, in eval mode -> (the watched
-    clips (B, 3, T, H, W), {val_loss, val_<attribute>, val_<probe figure>}). Each sampling draws
-    from a generator seeded by `seed`, so that two steps differ only by the model."""
+    """Everything a stage-2 run measures at an image_every step, in eval mode -> (the watched clips
+    (B, 3, T, H, W), {val_loss, val_<attribute>, val_<probe figure>}). Each sampling draws from a
+    generator seeded by `seed`, so that two steps differ only by the model."""
     training = model.training
     model.eval()
     figures = {}

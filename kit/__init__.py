@@ -10,7 +10,7 @@ This door is what the method (data.py) and the worlds take from the machinery: r
 and listing a folder of captioned clips.
 """
 
-from kit.folders import (CAPTION_CHARS, UnusableData, expand_braces, folder_items, holds_videos,
-                         say_skipped)
+from kit.faults import UnusableData
+from kit.folders import CAPTION_CHARS, expand_braces, folder_items, holds_videos, say_skipped
 from kit.video import (CROPS, IMAGE_EXTS, MAX_BYTES, VIDEO_EXTS, read_video, to_uint8_frames,
                        video_seconds)

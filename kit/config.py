@@ -39,14 +39,6 @@ CHOICES = {"position": POSITIONS, "norm": NORMS}
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
-class UsageError(Exception):
-    """A mistake in what the user asked for: reported as one line, exit code 2."""
-
-
-# the exit code of a mistake in the command line or the input
-EXIT_USAGE = 2
-
-
 class HelpWithDefaults(argparse.HelpFormatter):
     """--help that shows each flag's default, where it has one and its
     help does not already say it."""
@@ -56,13 +48,6 @@ class HelpWithDefaults(argparse.HelpFormatter):
         if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
             text += " (default: %(default)s)"
         return text
-
-
-def exit_usage(err: Exception) -> None:
-    """Leave a script after a mistake in its command line or input: one
-    line on stderr, no traceback."""
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
 
 
 TOKENIZER_CONFIGS = {"vqgan": VQGANConfig, "cvivit": CViViTConfig}
@@ -89,9 +74,9 @@ def check_sampling(steps: int, guidance: float, temperature: float, seed: int) -
 
 
 def frame_shares(frames: int, prompts: int, have: int = 0) -> list[int]:
-    """The new frames of each prompt's segment in a video of `frames` frames whose first `have`
-    are given (--init): equal shares, the first ones a frame more where they do not divide.
-    UsageError where a prompt would get none (serve.py asks the same of a page's request)."""
+    """The new frames of each prompt's segment in a video of `frames` frames whose first `have` are
+    given (--init): equal shares, the first ones a frame more where they do not divide. UsageError
+    where a prompt would get none (serve.py asks the same of a page's request)."""
     new = frames - have
     if new < 1:
         raise UsageError(f"--init holds at least the {have} frames asked; raise --frames")
@@ -193,9 +178,9 @@ STAGE_OF_FIELD = {"restart_every": 1, "fold_cosine": 1, "gan_weight": 1, "gan_st
 
 
 def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTConfig, TrainConfig]:
-    """Stage-1 sizes. tiny: two CPU cores in under 45 minutes. base: one GPU. paper: the
-    paper's C-ViViT (4 + 4 layers, width 512, 8 heads, MLP 2048, 8192 codes of dim 32)
-    and the seed's 43M VQGAN."""
+    """Stage-1 sizes. tiny: two CPU cores in under 45 minutes. base: one GPU. paper: the paper's
+    C-ViViT (4 + 4 layers, width 512, 8 heads, MLP 2048, 8192 codes of dim 32) and the seed's
+    43M VQGAN."""
     if tokenizer not in TOKENIZER_CONFIGS:
         raise UsageError(f"unknown tokenizer {tokenizer!r}; choose one of {sorted(TOKENIZER_CONFIGS)}")
     vqgan = tokenizer == "vqgan"
@@ -205,9 +190,8 @@ def tokenizer_preset(name: str, tokenizer: str) -> tuple[VQGANConfig | CViViTCon
         else:
             model = CViViTConfig(dim=128, spatial_depth=2, temporal_depth=2, heads=4, mlp=512,
                                  codebook_size=1024, code_dim=16)
-        # the VQGAN is stable at 3e-4 but not at 1e-3 (its reconstructions fall back to grey). At
-        # the end, near-copies of a code are folded into it: most of the VQGAN's 1024 codes are
-        # black
+        # the VQGAN is stable at 3e-4 but not at 1e-3 (its reconstructions fall back to grey). Most
+        # of its 1024 codes are near-copies of black, folded into one at the end of training
         lr, min_lr = (3e-4, 3e-5) if vqgan else (1e-3, 1e-4)
         return model, TrainConfig(max_steps=8000, lr=lr, min_lr=min_lr, save_every=250,
                                   fold_cosine=0.95)
@@ -259,8 +243,8 @@ def generator_preset(name: str) -> tuple[MaskGITConfig, TrainConfig]:
 
 
 def parse_value(key: str, value: str, current: object) -> object:
-    """`value` as the type of the field's `current` value: a tuple from
-    commas, a bool from 1/true/yes."""
+    """`value` as the type of the field's `current` value: a tuple from commas, a bool
+    from 1/true/yes."""
     if dataclasses.is_dataclass(current):
         raise UsageError(f"{key} is a group of fields: set {key}.<field>=... one at a time")
     try:
@@ -310,13 +294,14 @@ RESUMABLE = {"max_steps", "lr", "min_lr", "log_every", "image_every", "save_ever
 
 
 def resume_changes(saved: tuple, asked: tuple) -> list[str]:
-    """(model config, TrainConfig) as saved and as the resuming command asks -> a note for
-    each resumable train key that changes; any other change is a UsageError (the weights
-    or the data would not fit)."""
+    """(model config, TrainConfig) as saved and as the resuming command asks -> a note for each
+    resumable train key that changes; any other change is a UsageError (the weights or the data
+    would not fit)."""
     notes = []
     for prefix, old, new in (("model", saved[0], asked[0]), ("train", saved[1], asked[1])):
         for f in dataclasses.fields(old):
-            a, b = getattr(old, f.name), getattr(new, f.name)
+            a = getattr(old, f.name)
+            b = getattr(new, f.name)
             if a == b:
                 continue
             if prefix == "model" or f.name not in RESUMABLE:
@@ -344,7 +329,8 @@ def configure(stage: int, preset: str, tokenizer: str, assignments: list[str],
         model_cfg, base = tokenizer_preset(preset, tokenizer)
     else:
         model_cfg, base = generator_preset(preset)
-    model_cfg, cfg = override(model_cfg, assignments, "model"), override(base, assignments, "train")
+    model_cfg = override(model_cfg, assignments, "model")
+    cfg = override(base, assignments, "train")
     cfg = dataclasses.replace(cfg, max_steps=max_steps or cfg.max_steps)
     if cfg.max_steps < base.max_steps and not any(a.startswith("train.warmup=") for a in assignments):
         cfg = dataclasses.replace(cfg,

@@ -35,7 +35,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kit.config import UsageError, exit_usage
+from kit.faults import UsageError, exit_usage
 from maskgit import MaskGIT
 from transformer import Block
 
@@ -117,18 +117,16 @@ def shard(root: nn.Module, device: torch.device) -> None:
 
 
 def compile_blocks(model: nn.Module) -> None:
-    """torch.compile where the work is: each transformer block of a generator (the unit
-    FSDP shards too), or a tokenizer's whole forward. In place: parameter names and
-    checkpoints do not change."""
+    """torch.compile where the work is: each transformer block of a generator (the unit FSDP shards
+    too), or a tokenizer's whole forward. In place: parameter names and checkpoints do not change."""
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks if isinstance(model, MaskGIT) else [model]:
         block.compile()
 
 
 def grad_sync(module: nn.Module, last: bool):
-    """Gradient accumulation: DDP and FSDP average gradients across ranks on the `last`
-    micro-step of an optimizer step only; the earlier ones accumulate locally. -> a
-    context for the backward."""
+    """Gradient accumulation: DDP and FSDP average gradients across ranks on the `last` micro-step
+    of an optimizer step only; the earlier ones accumulate locally. -> a context for the backward."""
     if isinstance(module, DDP):
         return contextlib.nullcontext() if last else module.no_sync()
     if hasattr(module, "set_requires_gradient_sync"):

@@ -32,10 +32,24 @@ import sys
 import torch
 import torch.distributed as dist
 
-from kit.config import EXIT_USAGE, UsageError
-from kit.folders import UnusableData
-
+# the exit codes of a run that failed and of a mistake in the command line or the input
 EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit code 2."""
+
+
+class UnusableData(ValueError):
+    """The data set has nothing to train on: no files, or only files that fail to load. One line."""
+
+
+def exit_usage(err: Exception) -> None:
+    """Leave a script after a mistake in its command line or input: one line on stderr, no
+    traceback."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
 
 
 class TrainingStopped(Exception):
@@ -52,7 +66,8 @@ class StepGuard:
         self.skipped = 0
         self.stop = False
         # signalled: the first signal's number
-        self.signalled, self.previous = 0, {}
+        self.signalled = 0
+        self.previous = {}
 
     def __enter__(self) -> "StepGuard":
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -77,7 +92,8 @@ class StepGuard:
         if dist.is_initialized():
             # one collective for both questions
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad, self.stop = bool(flags[0]), bool(flags[1])
+        bad = bool(flags[0])
+        self.stop = bool(flags[1])
         self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
         self.skipped += bad
         if self.bad_in_a_row >= 10:

@@ -26,10 +26,10 @@ import math
 import torch
 import torch.nn as nn
 
-from kit.checkpoint import file_digest, load_checkpoint, load_tokenizer, save_checkpoint
-from kit.checks import train_record
-from kit.config import UsageError, exit_usage
 from data import make_source
+from kit.checkpoint import (file_digest, load_checkpoint, load_tokenizer, save_checkpoint,
+                            train_record)
+from kit.faults import UsageError, exit_usage
 from kit.outputs import check_destination
 from kit.stream import ClipStream
 

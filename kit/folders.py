@@ -23,18 +23,14 @@ from pathlib import Path
 from kit.video import VIDEO_EXTS
 
 
-class UnusableData(ValueError):
-    """The data set has nothing to train on: no files, or only files that fail to load. One line."""
-
-
 # the most names a brace pattern may expand to: 'x-{0..99999999999}.tar' would fill memory with
 # names before one is looked for
 MAX_NAMES = 1_000_000
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """'shard-{000..002}.tar' -> ['shard-000.tar', 'shard-001.tar', 'shard-002.tar']; '{a,b}'
-    too. UnusableData past MAX_NAMES names, before they are listed."""
+    """'shard-{000..002}.tar' -> ['shard-000.tar', 'shard-001.tar', 'shard-002.tar']; '{a,b}' too.
+    UnusableData past MAX_NAMES names, before they are listed."""
     match = re.search(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}", pattern)
     if match is None:
         return [pattern]
@@ -46,7 +42,8 @@ def expand_braces(pattern: str) -> list[str]:
             raise too_many
         # a numeric range keeps the zero padding of its lower end
         options = ",".join(str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1))
-    head, tail = pattern[:match.start()], pattern[match.end():]
+    head = pattern[:match.start()]
+    tail = pattern[match.end():]
     expanded = []
     for option in options.split(","):
         expanded += expand_braces(head + option + tail)
@@ -56,8 +53,8 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def say_skipped(what: str, why: object) -> None:
-    """One stderr line for one skipped file (warnings.warn prints two; FFmpeg
-    messages may hold newlines)."""
+    """One stderr line for one skipped file (warnings.warn prints two; FFmpeg messages may
+    hold newlines)."""
     print(f"skipped {what}: {' '.join(str(why).split())}", file=sys.stderr, flush=True)
 
 
@@ -74,9 +71,8 @@ def caption_table(root: Path) -> Path | None:
 
 
 def table_rows(root: Path, table: Path) -> list[list[str]]:
-    """The `path,caption` rows of a captions.csv, one row a line: a quote opened and
-    never closed is read to the end of its line (and said), never across the rows after
-    it. A header row is dropped."""
+    """The `path,caption` rows of a captions.csv, one row a line: a quote opened and never closed is
+    read to the end of its line (and said), never across the rows after it. A header row is dropped."""
     # lift the csv module's 128 KiB field limit (process-wide), so a huge caption is cut, not fatal
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
     with open(table, newline="", encoding="utf-8-sig", errors="replace") as f:
@@ -98,16 +94,16 @@ def table_rows(root: Path, table: Path) -> list[list[str]]:
 
 
 def readable(name: str) -> str:
-    """A file name as text: bytes that are not UTF-8 (which Python keeps as lone surrogates, and
-    the caption BPE cannot encode) become U+FFFD."""
+    """A file name as text: bytes that are not UTF-8 (which Python keeps as lone surrogates, and the
+    caption BPE cannot encode) become U+FFFD."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def folder_items(root: Path, exts: tuple[str, ...]) -> tuple[list[tuple[Path, str]], int, str]:
     """(file, caption) pairs of a folder, the number of captions.csv rows dropped, and the layout:
-    root/captions.csv (`path,caption` rows, paths relative to root) if there is one, else
-    `a video of {label}` from each file's sub-folder, else "". Captions are cut to CAPTION_CHARS
-    characters; bytes that are not UTF-8 become U+FFFD."""
+    root/captions.csv (`path,caption` rows, paths relative to root) if there is one, else `a video
+    of {label}` from each file's sub-folder, else "". Captions are cut to CAPTION_CHARS characters;
+    bytes that are not UTF-8 become U+FFFD."""
     table = caption_table(root)
     if table is None:
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())

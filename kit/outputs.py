@@ -26,7 +26,7 @@ import re
 import numpy as np
 import torch
 
-from kit.config import UsageError
+from kit.faults import UsageError
 from kit.video import VideoWriter, scaled_frames, write_video
 
 # the files that writing <file> makes or replaces beside it: VideoWriter's part, save_checkpoint's
@@ -106,8 +106,7 @@ def save_grid(path: str, frames: np.ndarray, columns: int = 11) -> None:
 
 
 def save_output(path: str, video: torch.Tensor, fps: float = 8, scale: int = 1) -> None:
-    """Write a whole video (3, T, H, W) in [-1, 1] as .mp4 / .gif, or as
-    a .png grid of its frames."""
+    """Write a whole video (3, T, H, W) in [-1, 1] as .mp4 / .gif, or as a .png grid of its frames."""
     frames = scaled_frames(video, scale)
     save_grid(path, frames) if path.lower().endswith(".png") else write_video(path, frames, fps)
 

@@ -44,7 +44,8 @@ class Progress:
         # the last tenth reported in a pipe
         self.decile = (10 * start) // max(total, 1)
         # in a pipe, a line at least every `every` seconds too
-        self.every, self.last = every, self.t0
+        self.every = every
+        self.last = self.t0
         # a terminal line is open and needs a newline before other output
         self.drawn = False
 
@@ -52,10 +53,12 @@ class Progress:
         return time.time() - self.t0
 
     def update(self, done: int, text: str = "") -> None:
-        decile, now = (10 * done) // max(self.total, 1), time.time()
+        decile = (10 * done) // max(self.total, 1)
+        now = time.time()
         if not self.tty and decile == self.decile and done < self.total and now - self.last < self.every:
             return
-        self.decile, self.last = decile, now
+        self.decile = decile
+        self.last = now
         left = (self.total - done) * self.elapsed() / max(done - self.start, 1)
         line = f"{self.label} {done}/{self.total}{' | ' + text if text else ''} | {int(left) // 60}m{int(left) % 60:02d}s left"
         if self.tty:
@@ -75,8 +78,8 @@ class Progress:
 
 
 def logged(line: str) -> list[dict]:
-    """The record of one log.jsonl line, as a list of one; none for a blank line, or for one torn
-    by a process killed mid-write (or a full disk), whose step is lost with it."""
+    """The record of one log.jsonl line, as a list of one; none for a blank line, or for one torn by
+    a process killed mid-write (or a full disk), whose step is lost with it."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
@@ -85,12 +88,12 @@ def logged(line: str) -> list[dict]:
 
 
 class RunLog:
-    """log.jsonl, loss.png and sample grids in a run's folder; `history` holds the
-    records so far, those of the run's earlier sessions too (up to `start`, the step a
-    resumed run continues from)."""
+    """log.jsonl, loss.png and sample grids in a run's folder; `history` holds the records so far,
+    those of the run's earlier sessions too (up to `start`, the step a resumed run continues from)."""
 
     def __init__(self, out: str, start: int = 0):
-        self.out, self.history = out, []
+        self.out = out
+        self.history = []
         path = os.path.join(out, "log.jsonl")
         if start and os.path.exists(path):
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -117,8 +120,8 @@ class RunLog:
                   file=sys.stderr)
 
     def plot(self, keys: tuple[str, ...]) -> None:
-        """loss.png: the curves of `keys` over the whole run, losses on a log scale,
-        PSNR on an axis of its own."""
+        """loss.png: the curves of `keys` over the whole run, losses on a log scale, PSNR on an axis
+        of its own."""
         import matplotlib
         # files only, no window
         matplotlib.use("Agg")
@@ -146,8 +149,8 @@ class RunLog:
             plt.close(fig)
 
     def grid(self, videos: torch.Tensor, name: str, labels: list[str] | None = None) -> None:
-        """`name`: videos (B, 3, T, H, W) as a grid of frames, one clip a row (each
-        under its label, if given)."""
+        """`name`: videos (B, 3, T, H, W) as a grid of frames, one clip a row (each under its label,
+        if given)."""
         try:
             write_grid(os.path.join(self.out, name), videos, labels)
         except OSError as err:
@@ -156,8 +159,8 @@ class RunLog:
 
 def write_grid(path: str, videos: torch.Tensor, labels: list[str] | None = None) -> None:
     """A PNG of videos (B, 3, T, H, W) in [-1, 1], one clip a row, frames left to right; with
-    `labels`, each row under its caption, drawn by matplotlib with the frames enlarged so
-    that the text stays small."""
+    `labels`, each row under its caption, drawn by matplotlib with the frames enlarged so that the
+    text stays small."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -27,22 +27,23 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from kit.checkpoint import (TOKENIZERS, file_digest, generator_config_for, init_config, load_checkpoint,
-                        read_header, save_checkpoint, tokenizer_config)
-from kit.checks import (check_indices, check_model_config, check_pairing, check_tensors, checked_config,
-                    checked_train, model_bounds, train_limits)
-from kit.config import TrainConfig, UsageError, configure, override, resume_changes
 from data import train_and_val
+from kit.checkpoint import (TOKENIZERS, check_indices, check_model_config, check_pairing,
+                            check_tensors, checked_config, checked_train, file_digest,
+                            generator_config_for, init_config, load_checkpoint, model_bounds,
+                            read_header, save_checkpoint, tokenizer_config, train_limits)
+from kit.config import TrainConfig, configure, override, resume_changes
 from kit.distributed import check_device
-from maskgit import MaskGITConfig
+from kit.faults import UsageError
 from kit.outputs import same_file, written_by
+from maskgit import MaskGITConfig
 
 
 def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
-    """Under FSDP a state dict holds shards (DTensors): gather each into the full tensor,
-    on the CPU. A collective: every rank calls it, in the same order, but only a rank
-    that will write (`keep`) holds on to the result, one tensor at a time being gathered.
-    Plain tensors pass through."""
+    """Under FSDP a state dict holds shards (DTensors): gather each into the full tensor, on
+    the CPU. A collective: every rank calls it, in the same order, but only a rank that will
+    write (`keep`) holds on to the result, one tensor at a time being gathered. Plain tensors
+    pass through."""
     out = {}
     for k, v in tensors.items():
         full = v.full_tensor() if isinstance(v, DTensor) else v
@@ -108,8 +109,8 @@ def save_run(out: str, meta: dict[str, str], cfg: TrainConfig, modules: dict[str
              opts: dict[str, torch.optim.Optimizer], write: bool = True) -> None:
     """model.safetensors: the weights to sample with (the EMA's when there is one);
     train_state.safetensors: every module and optimizer, for --resume. Under FSDP every rank calls
-    this (the shards are gathered first) and only the one with `write` writes. A failed write (a
-    full disk) keeps the previous checkpoint and says so: the next save tries again."""
+    this (the shards are gathered first) and only the one with `write` writes. A failed write
+    (a full disk) keeps the previous checkpoint and says so: the next save tries again."""
     states = {name: whole(m.state_dict(), write) for name, m in modules.items()}
     tensors = {}
     for name, state in states.items():
@@ -163,8 +164,8 @@ def resume_point(out: str) -> tuple[str | None, dict[str, str], list[str]]:
 
 
 def saved_configs(meta: dict[str, str], where: str = "the saved run") -> tuple[object, TrainConfig]:
-    """The model and train configs a run saved with its checkpoint, checked ->
-    (model config, TrainConfig)."""
+    """The model and train configs a run saved with its checkpoint, checked -> (model config,
+    TrainConfig)."""
     model_cfg = (checked_config(MaskGITConfig, meta.get("config"), f"{where}: config", model_bounds("maskgit"))
                  if meta.get("stage") == "2" else tokenizer_config(meta.get("kind"), meta.get("config"), where))
     return model_cfg, checked_train(meta.get("train_config"), f"{where}: train_config")
@@ -318,8 +319,8 @@ def restore_modules(tensors: dict, modules: dict[str, nn.Module],
 
 def restore_optimizers(tensors: dict, meta: dict[str, str], opts: dict[str, torch.optim.Optimizer],
                        path: str = "the train state") -> int:
-    """The optimizer states of save_run's train state (after sharding, if any) ->
-    the step to continue from."""
+    """The optimizer states of save_run's train state (after sharding, if any) -> the step to
+    continue from."""
     for name, opt in opts.items():
         if f"{name}_groups" not in meta:
             raise UsageError(f"{path}: the {name} optimizer's groups are missing")
@@ -348,8 +349,8 @@ class RunPlan(NamedTuple):
 
 def setup(args) -> RunPlan:
     """Everything that can be refused before a process group exists -> the plan of the run. A
-    mistake raises UsageError or ValueError; once all is accepted the folder is locked (rank 0)
-    and, under --force, cleared of the old run."""
+    mistake raises UsageError or ValueError; once all is accepted the folder is locked (rank 0) and,
+    under --force, cleared of the old run."""
     image_ratio = [f"train.image_ratio={args.image_ratio}"] if args.image_ratio is not None else []
     asked = args.set + image_ratio
     out = args.out or f"runs/stage{args.stage}-{args.tokenizer if args.stage == 1 else 'maskgit'}-{args.preset}"

@@ -46,10 +46,10 @@ DECAYED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def adamw(model: nn.Module, cfg: TrainConfig, beta1: float = 0.9) -> torch.optim.AdamW:
-    """AdamW with weight decay on the weight matrices of linear and conv layers only (group
-    0), as the references do: not on biases, norms, embeddings, position tables, [MASK],
-    the learned first frame or the codebook (group 1), which decay would pull toward zero
-    for no gain in generalisation."""
+    """AdamW with weight decay on the weight matrices of linear and conv layers only (group 0), as
+    the references do: not on biases, norms, embeddings, position tables, [MASK], the learned first
+    frame or the codebook (group 1), which decay would pull toward zero for no gain in
+    generalisation."""
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, DECAYED)}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": cfg.weight_decay},
@@ -93,7 +93,8 @@ class Steps:
         self.world = world
         self.master = rank == 0
         # files the data set dropped or skipped so far
-        self.step, self.skipped_files = step, skipped_files
+        self.step = step
+        self.skipped_files = skipped_files
         # bf16 autocast on CUDA; on the CPU only when asked, where it is fast on some CPUs alone
         self.autocast = contextlib.nullcontext()
         if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
@@ -103,8 +104,8 @@ class Steps:
         self.log = RunLog(out, start=step)
 
     def begin(self, opts: list[torch.optim.Optimizer]) -> torch.Generator:
-        """Seed this step's draws from (seed, rank, step) and set the lr -> a
-        generator for batch picks."""
+        """Seed this step's draws from (seed, rank, step) and set the lr -> a generator for
+        batch picks."""
         seed = step_seed(self.cfg.seed, self.rank, self.step)
         torch.manual_seed(seed)
         for opt in opts:

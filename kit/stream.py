@@ -38,9 +38,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import IterableDataset, get_worker_info
 
-from kit.config import TrainConfig, UsageError
-from kit.faults import TrainingStopped
-from kit.folders import UnusableData, say_skipped
+from kit.config import TrainConfig
+from kit.faults import TrainingStopped, UnusableData, UsageError
+from kit.folders import say_skipped
 from kit.progress import Progress
 
 # Legend: B batch, T frames, H W pixels, t h w latent grid, N clips, k global clip index, j clip
@@ -59,7 +59,8 @@ class ClipStream(IterableDataset):
         self.batch_size = batch_size
         self.rank = rank
         self.world = world
-        self.start, self.max_batches = start, max_batches
+        self.start = start
+        self.max_batches = max_batches
         # per process; each DataLoader worker counts its own
         self.skipped = 0
         # the failures already reported: a bad file is named once, not every epoch
@@ -68,13 +69,15 @@ class ClipStream(IterableDataset):
     def clip(self, j: int) -> tuple[np.ndarray, str]:
         """Clip number j of this rank, with substitutes for files that fail to decode."""
         n = len(self.source)
-        k, failed = self.start + j * self.world + self.rank, set()
+        k = self.start + j * self.world + self.rank
+        failed = set()
         for attempt in range(20):
             try:
                 return self.source.load(k)
             except (OSError, ValueError, RuntimeError) as err:
                 # PyAV's errors derive from these
-                self.skipped, last = self.skipped + 1, err
+                self.skipped += 1
+                last = err
                 # one message a file: what counts files, not retries of one
                 failed.add(str(err))
                 if str(err) not in self.said:
@@ -86,8 +89,8 @@ class ClipStream(IterableDataset):
                            f"the last with: {last}")
 
     def batch(self, b: int) -> dict:
-        """{"video": (B, 3, T, H, W) in [-1, 1], "caption": [B str],
-        "skipped": files skipped for it}."""
+        """{"video": (B, 3, T, H, W) in [-1, 1], "caption": [B str], "skipped": files skipped
+        for it}."""
         before = self.skipped
         clips = [self.clip(j) for j in range(b * self.batch_size, (b + 1) * self.batch_size)]
         video = torch.from_numpy(np.stack([v for v, _ in clips]))  # (B, T, H, W, 3) uint8
@@ -115,14 +118,15 @@ def encode_clips(tokenizer, source, clips: int, device: torch.device, batch_size
     for b in range((clips + batch_size - 1) // batch_size):
         batch = stream.batch(b)
         codes.append(tokenizer.encode(batch["video"].to(device)))
-        captions, videos = captions + batch["caption"], videos + [batch["video"]]
+        captions = captions + batch["caption"]
+        videos = videos + [batch["video"]]
     return torch.cat(codes)[:clips], captions[:clips], torch.cat(videos)[:clips]
 
 
 def held_out(read, master: bool = True):
-    """read() the held-out clips, or None with one line when none of them loads: the run
-    trains on, without the val_ figures (a folder whose held-out share is all broken files
-    would otherwise stop here)."""
+    """read() the held-out clips, or None with one line when none of them loads: the run trains on,
+    without the val_ figures (a folder whose held-out share is all broken files would otherwise
+    stop here)."""
     try:
         return read()
     except UnusableData as err:
@@ -140,10 +144,10 @@ def cache_shard(folder: str, rank: int, world: int) -> str:
 
 def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, rank: int,
                       world: int, key: str, on_batch=None) -> None:
-    """Encode this rank's share of `clips` clips with `encode` (video (B, 3, T, H, W) -> codes
-    (B, t, h, w)) into one shard. `key` names what made the cache (tokenizer hash, data,
-    sizes); a shard whose key differs is rebuilt. Written atomically, so an interrupted build
-    is redone, never half-read."""
+    """Encode this rank's share of `clips` clips with `encode` (video (B, 3, T, H, W) -> codes (B,
+    t, h, w)) into one shard. `key` names what made the cache (tokenizer hash, data, sizes); a
+    shard whose key differs is rebuilt. Written atomically, so an interrupted build is redone,
+    never half-read."""
     path = cache_shard(folder, rank, world)
     if os.path.exists(path):
         try:
@@ -156,7 +160,8 @@ def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, 
     os.makedirs(folder, exist_ok=True)
     stream = ClipStream(source, batch_size, rank, world)
     batches = math.ceil(clips / world / batch_size)
-    codes, captions = [], []
+    codes = []
+    captions = []
     for b in range(batches):
         batch = stream.batch(b)
         codes.append(encode(batch["video"]).to(torch.int16).cpu())  # (B, t, h, w)
@@ -178,8 +183,8 @@ def build_token_cache(encode, source, clips: int, folder: str, batch_size: int, 
 
 
 def load_token_cache(folder: str, world: int, key: str) -> tuple[torch.Tensor, list[str], int]:
-    """All shards of a cache -> codes (N, t, h, w) long, N captions, and the
-    files skipped building it."""
+    """All shards of a cache -> codes (N, t, h, w) long, N captions, and the files skipped
+    building it."""
     codes = []
     captions = []
     skipped = 0
@@ -201,8 +206,8 @@ def load_token_cache(folder: str, world: int, key: str) -> tuple[torch.Tensor, l
 
 
 def file_stamp(entry) -> list[int]:
-    """[size, modification time in ns] of the file an entry reads (a tar member: its
-    shard); [] if it is gone."""
+    """[size, modification time in ns] of the file an entry reads (a tar member: its shard); [] if
+    it is gone."""
     path = entry[0] if isinstance(entry, tuple) else entry
     try:
         stat = os.stat(path)
@@ -213,13 +218,13 @@ def file_stamp(entry) -> list[int]:
 
 def content_digest(source) -> str:
     """sha256 of what a source's clips and captions are made from, for stage 2's cache key: a
-    world's module (its renderer, captions and settings: shapes.EDGES, the Animals story share),
-    or a real data set's entries and their captions (captions.csv, label folders, tar .txt). An
-    edit to any changes the key."""
+    world's module (its renderer, captions and settings: shapes.EDGES, the Animals story share), or
+    a real data set's entries and their captions (captions.csv, label folders, tar .txt). An edit to
+    any changes the key."""
     h = hashlib.sha256()
     if hasattr(source, "items"):
         # each file's size and modification time too: a video re-encoded under its old name makes
-        # other codes
+        # other codes than before
         stamped = [[str(entry), text, *file_stamp(entry)] for entry, text in source.items]
         h.update(json.dumps(stamped).encode("utf-8", "replace"))
     else:
@@ -246,10 +251,9 @@ def rendering_code(path: str) -> bytes:
 def cache_codes(out: str, tokenizer: torch.nn.Module, digest: str, cfg: TrainConfig, source,
                 rank: int, world: int, device: torch.device) -> tuple[torch.Tensor, list[str], int]:
     """Every clip through the frozen encoder once, each rank its share -> (codes (N, t, h, w), N
-    captions, files skipped). A cache made by the same tokenizer (`digest`), data
-    (content_digest: the files and captions, or the world's code) and sizes is reused. A world
-    gives cache_clips clips; real data a few windows per second of each file
-    (data.CLIPS_PER_SECOND), at most that."""
+    captions, files skipped). A cache made by the same tokenizer (`digest`), data (content_digest:
+    the files and captions, or the world's code) and sizes is reused. A world gives cache_clips
+    clips; real data a few windows per second of each file (data.CLIPS_PER_SECOND), at most that."""
     key = [digest, cfg.data, cfg.frames, cfg.image_size, cfg.fps, cfg.cache_clips, cfg.seed,
            content_digest(source)]
     clips = cfg.cache_clips
@@ -257,13 +261,14 @@ def cache_codes(out: str, tokenizer: torch.nn.Module, digest: str, cfg: TrainCon
         # real data (a world renders any clip): fixed windows; the key names the files' split and
         # the crop too
         source = source.windows(cfg.cache_clips)
-        key, clips = key + [cfg.val_data, cfg.crop, len(source)], len(source)
+        key = key + [cfg.val_data, cfg.crop, len(source)]
+        clips = len(source)
     key = json.dumps(key)
 
     @torch.no_grad()
     def encode(video: torch.Tensor) -> torch.Tensor:  # (B, 3, T, H, W) -> (B, t, h, w)
-        # fp32, as validation, story contexts and evaluation encode: under bf16 0.4 to 0.75% of
-        # codes differ
+        # fp32, as validation, story contexts and evaluation encode (under bf16, 0.4 to 0.75% of
+        # the codes differ)
         return tokenizer.encode(video.to(device))
 
     # batches of 32 clips

@@ -40,8 +40,10 @@ import torch
 
 # Legend: T frames, H W pixels.
 
-# swscale in the calling thread: PyAV 18 keeps one scaler a thread for the process's life, and a
-# DataLoader worker forked after the main process scaled a frame waits on slice threads it lacks
+# swscale runs in the calling thread. PyAV (18 on) keeps one scaler a thread for the life of the
+# process, with a pool of slice threads when asked for more than one; a DataLoader worker forked
+# after the main process scaled a frame inherits that scaler without its threads and waits for them
+# forever. One thread keeps no pool, and the workers are the parallelism anyway.
 SWS_THREADS = 1
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
@@ -82,24 +84,27 @@ CROPS = ("center", "pad")
 def _fit(width: int, height: int, size: int | None, crop: str = "center") -> tuple[int, int]:
     """(w, h) with the short side resized to `size` (crop "center") or the long side ("pad");
     ValueError if the frame, before or after, is too big."""
-    w, h = width, height
+    w = width
+    h = height
     if size is not None and crop == "pad":
         scale = size / max(width, height, 1)
-        w, h = max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale)))
+        w = max(1, min(size, round(width * scale)))
+        h = max(1, min(size, round(height * scale)))
     elif size is not None:
         # a header may not know the size yet: 0 x 0
         scale = size / max(min(width, height), 1)
-        w, h = max(size, round(width * scale)), max(size, round(height * scale))
+        w = max(size, round(width * scale))
+        h = max(size, round(height * scale))
     if max(width * height, w * h) > MAX_PIXELS:
         raise ValueError(f"{width} x {height} frames (resized {w} x {h}) are above MAX_PIXELS = {MAX_PIXELS}")
     return w, h
 
 
 def _orientation(frame: av.VideoFrame) -> tuple[bool, int]:
-    """How a frame is shown -> (mirrored left to right first, then clockwise quarter turns),
-    from its display matrix [[a, b], [c, d]], which maps a stored pixel (x, y) to (a x + c y, b
-    x + d y) on screen. Phones store a rotation there; a mirror (a d - b c < 0) is a left-right
-    flip followed by a rotation."""
+    """How a frame is shown -> (mirrored left to right first, then clockwise quarter turns), from
+    its display matrix [[a, b], [c, d]], which maps a stored pixel (x, y) to (a x + c y, b x + d y)
+    on screen. Phones store a rotation there; a mirror (a d - b c < 0) is a left-right flip followed
+    by a rotation."""
     # Not frame.side_data: the frame caches that container, which points back at the frame, and the
     # cycle leaves the frame to the garbage collector; collected after a fork, it crashed DataLoader
     # workers. A container of our own is freed with the frame, by reference counting.
@@ -110,7 +115,8 @@ def _orientation(frame: av.VideoFrame) -> tuple[bool, int]:
     a, b, _, c, d = np.frombuffer(bytes(matrix), "=i4")[:5].astype(float)
     mirrored = a * d - b * c < 0
     if mirrored:  # (x, y) -> (-x, y) first: what is left is a rotation
-        a, b = -a, -b
+        a = -a
+        b = -b
     return bool(mirrored), round(math.degrees(math.atan2(b, a)) / 90) % 4
 
 
@@ -137,11 +143,13 @@ def _rgb(frame: av.VideoFrame, size: int | None, crop: str = "center",
     img = np.rot90(img[:, ::-1] if mirrored else img, k=-turns)
     if size is not None and crop == "pad":
         canvas = np.zeros((size, size, 3), np.uint8)
-        top, left = (size - img.shape[0]) // 2, (size - img.shape[1]) // 2
+        top = (size - img.shape[0]) // 2
+        left = (size - img.shape[1]) // 2
         canvas[top:top + img.shape[0], left:left + img.shape[1]] = img
         return canvas
     if size is not None:
-        top, left = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+        top = (img.shape[0] - size) // 2
+        left = (img.shape[1] - size) // 2
         img = img[top:top + size, left:left + size]  # (size, size, 3)
     return np.ascontiguousarray(img)
 
@@ -183,7 +191,8 @@ def _pick(container, stream, fps: float | None, start: float, budget: int):
             yield prev
             i += 1
         gap = t - prev_t if prev is not None and t > prev_t else gap
-        prev, prev_t = frame, t
+        prev = frame
+        prev_t = t
     while prev is not None and fps and i / fps < prev_t + gap - eps:
         # the last frame lasts one gap
         yield prev
@@ -191,16 +200,17 @@ def _pick(container, stream, fps: float | None, start: float, budget: int):
 
 
 def _seconds(container, stream) -> float:
-    """The video stream's duration in seconds: its header's, else where its last frame ends
-    (MKV and WebM give no stream duration, and the container's counts the audio too, which may
-    run on for longer). The packets after a seek near the end are read, none decoded, and the
-    container is rewound. 0: unknown."""
+    """The video stream's duration in seconds: its header's, else where its last frame ends (MKV and
+    WebM give no stream duration, and the container's counts the audio too, which may run on for
+    longer). The packets after a seek near the end are read, none decoded, and the container is
+    rewound. 0: unknown."""
     if stream.duration:
         return float(stream.duration * stream.time_base)
     if not container.duration:
         # an image, or a stream that says nothing
         return 0.0
-    start, end = stream.start_time or 0, None
+    start = stream.start_time or 0
+    end = None
     try:
         # the key frame before the end, then the packets after it
         container.seek(container.duration, backward=True)
@@ -244,15 +254,15 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None,
                upto: int | None = None) -> np.ndarray:
     """Decode a video or image (a path or a binary file object) to (T, H, W, 3) uint8 RGB.
 
-    frames: exactly this many (ValueError if the video is shorter), else all, up to MAX_FRAMES, or
-    the first `upto` of them.
-    size: made a size x size square, by `crop` ("center": short side resized, the centre cut out;
-    "pad": long side resized, black bars above and below or at the sides).  fps: resample by
-    timestamp. start: seconds to skip; with `rng`, the start is drawn uniformly over where a full
-    clip fits. Every failure is a ValueError naming the file (a file object by its `name`, if it
-    has one): unreadable, truncated, empty, video-less or too short files, frames above
-    MAX_PIXELS, a first frame beyond MAX_LEAD, more decoding than DECODE_PER_BYTE allows. PyAV's
-    errors are converted, since not all derive from OSError or ValueError."""
+    frames: exactly this many (ValueError if the video is shorter), else all, up to
+    MAX_FRAMES, or the first `upto` of them. size: made a size x size square, by `crop`
+    ("center": short side resized, the centre cut out; "pad": long side resized, black bars
+    above and below or at the sides). fps: resample by timestamp. start: seconds to skip; with
+    `rng`, the start is drawn uniformly over where a full clip fits. Every failure is a
+    ValueError naming the file (a file object by its `name`, if it has one): unreadable,
+    truncated, empty, video-less or too short files, frames above MAX_PIXELS, a first frame
+    beyond MAX_LEAD, more decoding than DECODE_PER_BYTE allows. PyAV's errors are converted,
+    since not all derive from OSError or ValueError."""
     name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "a file object")
     limit = frames or upto or MAX_FRAMES + 1
     try:
@@ -274,7 +284,8 @@ def read_video(src: str | os.PathLike | io.IOBase, frames: int | None = None,
             for frame in _pick(container, stream, fps, start, budget):
                 if frame is not last:
                     # convert a repeated frame once
-                    last, img = frame, _rgb(frame, size, crop, aspect)
+                    last = frame
+                    img = _rgb(frame, size, crop, aspect)
                 out.append(img)
                 if len(out) == limit:
                     break
@@ -302,7 +313,8 @@ class VideoWriter:
         self.path = path
         self.part = path + ".part"
         self.fps = fps
-        self.container, self.stream = None, None
+        self.container = None
+        self.stream = None
 
     def write(self, video) -> None:
         video = to_uint8_frames(video)
@@ -342,7 +354,8 @@ class VideoWriter:
         os.replace(self.part, self.path)
 
     def abort(self) -> None:
-        container, self.container = self.container, None
+        container = self.container
+        self.container = None
         if container is not None:
             try:
                 container.close()

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from worlds.animals import (ACTIONS, COLORS, DIRECTIONS, SCENES, SPECIES, AnimalSpec, AnimalsSource, agreement, caption, judge,
-                     parse, random_spec, render, story_caption, training_caption)
 from data import make_source
 from kit.video import write_video
+from worlds.animals import (ACTIONS, COLORS, DIRECTIONS, SCENES, SPECIES, AnimalSpec, AnimalsSource,
+                            agreement, caption, judge, parse, random_spec, render, story_caption,
+                            training_caption)
 
 BASE = AnimalSpec("dog", "brown", "running", "right", "on the grass")
 

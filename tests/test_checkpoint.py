@@ -5,7 +5,8 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from kit.checkpoint import TOKENIZERS, file_digest, load_checkpoint, load_tokenizer, save_checkpoint, shipped, tokenizer_meta
+from kit.checkpoint import (TOKENIZERS, file_digest, load_checkpoint, load_tokenizer,
+                            save_checkpoint, shipped, tokenizer_meta)
 from vqgan import VQGANConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from kit.config import UsageError, configure, generator_preset, override, tokenizer_preset
+from kit.config import configure, generator_preset, override, tokenizer_preset
+from kit.faults import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

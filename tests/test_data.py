@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from data import ImageFolderSource, TarShardSource, VideoFolderSource, expand_braces, make_source
-from worlds.shapes import ShapesSource
 from kit.stream import ClipStream
+from worlds.shapes import ShapesSource
 from test_video import encode_mp4
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from data import ImageFolderSource, TarShardSource, VideoFolderSource, make_source
-from kit.folders import UnusableData
+from kit.faults import UnusableData
 from kit.stream import ClipStream
 from test_video import RED, encode, solid
 from kit.video import read_video

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kit import fold
-from kit.checkpoint import TOKENIZERS, file_digest, load_checkpoint, load_tokenizer, save_checkpoint, tokenizer_meta
+from kit.checkpoint import (TOKENIZERS, file_digest, load_checkpoint, load_tokenizer,
+                            save_checkpoint, tokenizer_meta)
 from kit.config import TrainConfig
 from vqgan import VQGANConfig
 

@@ -7,14 +7,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kit.checkpoint import load_tokenizer, shipped
-from maskgit import (CFG, CONTEXT_TEMPERATURE, TEMPERATURE, MaskGIT, MaskGITConfig, draw, make_video,
-                     mask_ratio, plan_windows, stream_video)
-from worlds import animals
-from worlds import shapes
-from worlds.animals import AnimalSpec
-from worlds.shapes import ShapeSpec
+from maskgit import (CFG, CONTEXT_TEMPERATURE, TEMPERATURE, MaskGIT, MaskGITConfig, draw,
+                     make_video, mask_ratio, plan_windows, stream_video)
 from text_encoder import BOS, PAD, CaptionTokenizer, TextEncoderConfig
 from vqgan import VQGAN, VQGANConfig
+from worlds import animals, shapes
+from worlds.animals import AnimalSpec
+from worlds.shapes import ShapeSpec
 
 CAPTIONS = ["a red circle moving right", "a blue square moving up", "a large green triangle standing still"]
 

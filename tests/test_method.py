@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 
 from kit.config import TrainConfig
-from maskgit import MaskGIT, MaskGITConfig, mask_ratio
 from kit.steps import lr_at, update_ema
-from text_encoder import BOS, PAD, TextEncoderConfig
+from maskgit import MaskGIT, MaskGITConfig, mask_ratio
 from quantizer import VectorQuantizer
+from text_encoder import BOS, PAD, TextEncoderConfig
 from vqgan import adaptive_gan_weight, hinge_d_loss
 
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 import sample
 import train
 from kit.runs import STATE
-from tests.test_train import TINY, TINY_GENERATOR, run_cli
 from kit.video import write_video
+from tests.test_train import TINY, TINY_GENERATOR, run_cli
 
 
 def test_resume_without_a_train_state_is_refused_and_the_model_stays(tmp_path):

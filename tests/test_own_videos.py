@@ -13,9 +13,9 @@ import av
 import numpy as np
 import pytest
 
-from kit.config import TrainConfig
 from data import VideoFolderSource, held_out, make_source, train_and_val
 from evals.watch import watch_list
+from kit.config import TrainConfig
 from test_train import ROOT, TINY, TINY_GENERATOR
 from kit.video import read_video
 

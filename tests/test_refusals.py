@@ -20,21 +20,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kit import checkpoint
 import sample
 import train
+from data import make_source
+from kit import checkpoint
 from kit.checkpoint import file_digest, generator_meta, save_checkpoint, shipped, tokenizer_meta
 from kit.config import TrainConfig
-from data import make_source
-from kit.stream import content_digest
-from maskgit import MaskGIT, MaskGITConfig
 from kit.runs import STATE
-from kit.stream import build_token_cache, cache_codes, load_token_cache
+from kit.stream import build_token_cache, cache_codes, content_digest, load_token_cache
+from kit.video import write_video
+from maskgit import MaskGIT, MaskGITConfig
 from tests.test_nothing_lost import caption_folder
 from tests.test_own_videos import write_clip
 from tests.test_train import ROOT, TINY, TINY_GENERATOR, run_cli
 from text_encoder import CaptionTokenizer, TextEncoderConfig
-from kit.video import write_video
 from vqgan import VQGAN, VQGANConfig
 
 TOKENIZER = VQGANConfig(widths=(8, 16, 16), codebook_size=32, code_dim=4)
@@ -397,7 +396,7 @@ import evaluate  # noqa: E402
 from kit import fold  # noqa: E402
 from kit import stream  # noqa: E402
 from kit import video  # noqa: E402
-from kit.checks import TRAIN_LIMITS, check_pairing  # noqa: E402
+from kit.checkpoint import TRAIN_LIMITS, check_pairing  # noqa: E402
 from kit.config import frame_shares, tokenizer_preset  # noqa: E402
 from kit.folders import folder_items  # noqa: E402
 from kit.video import VIDEO_EXTS, read_video  # noqa: E402

@@ -11,13 +11,13 @@ import torch
 import evaluate
 import sample
 from kit.checkpoint import file_digest, generator_meta, tokenizer_meta
-from kit.runs import save_weights
 from kit.config import TrainConfig
-from maskgit import MaskGIT, MaskGITConfig
-from worlds.shapes import ShapesSource, caption, random_spec
-from text_encoder import CaptionTokenizer, TextEncoderConfig
+from kit.runs import save_weights
 from kit.video import write_video
+from maskgit import MaskGIT, MaskGITConfig
+from text_encoder import CaptionTokenizer, TextEncoderConfig
 from vqgan import VQGAN, VQGANConfig
+from worlds.shapes import ShapesSource, caption, random_spec
 
 # the window of both models: 3-frame clips (2 latent frames) of 32 x 32 pixels (4 x 4 codes)
 WINDOW = TrainConfig(frames=3, image_size=32)

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from worlds.shapes import EDGES, ShapeSpec, ShapesSource, agreement, oracle, random_spec, render_shapes
+from worlds.shapes import (EDGES, ShapeSpec, ShapesSource, agreement, oracle, random_spec,
+                           render_shapes)
 
 
 def test_the_oracle_reads_back_what_was_rendered():

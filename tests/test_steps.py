@@ -1,8 +1,8 @@
 import torch
 
 from kit.config import TrainConfig
-from maskgit import MaskGIT, MaskGITConfig
 from kit.steps import DECAYED, Steps, adamw, step_seed
+from maskgit import MaskGIT, MaskGITConfig
 from text_encoder import TextEncoderConfig
 from vqgan import VQGAN, VQGANConfig
 

@@ -3,11 +3,11 @@ import torch
 import torch.nn.functional as F
 
 from cvivit import CViViT, CViViTConfig
-from kit.stream import ClipStream
 from evals.measures import psnr
-from worlds.shapes import ShapesSource
+from kit.stream import ClipStream
 from quantizer import VectorQuantizer
 from vqgan import VQGAN, VQGANConfig
+from worlds.shapes import ShapesSource
 
 
 def tiny(kind: str):
@@ -231,8 +231,8 @@ def test_position_norm_makes_a_code_depend_on_its_neighbourhood_alone(norm):
 
 def test_a_norm_is_read_from_the_file_and_a_file_without_one_keeps_the_frame_norm():
     from kit.checkpoint import load_tokenizer, shipped
-    from kit.checks import checked_config
-    from kit.config import UsageError
+    from kit.checkpoint import checked_config
+    from kit.faults import UsageError
     assert load_tokenizer(shipped("animals", "tokenizer"))[0].config.norm == "frame"
     assert checked_config(VQGANConfig, '{"norm": "position"}', "f").norm == "position"
     with pytest.raises(UsageError, match="norm must be one of frame, position"):

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 import train
 from kit.checkpoint import load_tokenizer, read_header
-from kit.config import UsageError
 from kit.distributed import check_gpus
+from kit.faults import UsageError
 from maskgit import MaskGIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

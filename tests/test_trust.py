@@ -66,7 +66,7 @@ def test_a_train_state_with_crafted_groups_or_moments_is_refused_in_one_line(tmp
     """--resume reads the optimizer's groups and moments from the file: each is checked against the model."""
     import torch
     from kit.runs import restore_optimizer
-    from kit.config import UsageError
+    from kit.faults import UsageError
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
     groups = json.dumps(opt.state_dict()["param_groups"])
@@ -171,7 +171,7 @@ def fuzz(folder: str) -> dict:
     import gc
     import torch
     from kit.checkpoint import generator_meta, load_generator, load_tokenizer, save_checkpoint, tokenizer_meta, file_digest
-    from kit.config import UsageError
+    from kit.faults import UsageError
     from maskgit import MaskGIT, MaskGITConfig
     from text_encoder import CaptionTokenizer, TextEncoderConfig
     from vqgan import VQGAN, VQGANConfig
