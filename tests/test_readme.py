@@ -6,8 +6,8 @@ A command is parsed, never run: argparse.ArgumentParser.parse_args is wrapped so
 main() stops right after parsing, with the Namespace in a private exception. An unknown flag or a
 bad choice makes argparse raise SystemExit(2), and the test fails naming the command. Placeholders
 such as clip.mp4 or HOST are fine, since only the flags and their types are checked. A script whose
-main() takes no argv (animals.py) gets the command through sys.argv instead. Nothing trains or
-samples.
+main() takes no argv (`python -m worlds`) gets the command through sys.argv instead. Nothing trains
+or samples.
 """
 
 import argparse
@@ -107,15 +107,16 @@ def inline_commands(page: Path) -> list[str]:
     commands = []
     for span in INLINE_CODE.findall(FENCE.sub("", page.read_text())):
         words = span.strip("`").split()
-        names_a_script = any(word.endswith(".py") for word in words)
+        names_a_script = any(word.endswith(".py") for word in words) or words[1:2] == ["-m"]
         if RUNS.match(" ".join(words)) and names_a_script and "..." not in words:
             commands.append(" ".join(words))
     return commands
 
 
 def script_calls(command: str) -> list[tuple[str, list[str]]]:
-    """Each (script's path from the root, argv) a command line runs: `&&` splits it; pip, python -m
-    and python -c are left out; torchrun's own flags come before the script and are not the script's."""
+    """Each (script's path from the root, argv) a command line runs: `&&` splits it; `python -m
+    kit.fold` runs kit/fold.py, `python -m worlds` worlds/__main__.py; pip and python -c are left out;
+    torchrun's own flags come before the script and are not the script's."""
     parts = [[]]
     for word in shlex.split(command, comments=True):
         if word == "&&":
@@ -126,6 +127,10 @@ def script_calls(command: str) -> list[tuple[str, list[str]]]:
     for part in parts:
         if part[:1] == ["python"] and len(part) > 1 and part[1].endswith(".py"):
             calls.append((part[1], part[2:]))
+        elif part[:2] == ["python", "-m"] and len(part) > 2 and part[2] != "pytest":
+            module = part[2].replace(".", "/")
+            path = f"{module}.py" if (ROOT / f"{module}.py").exists() else f"{module}/__main__.py"
+            calls.append((path, part[3:]))
         elif part[:1] == ["torchrun"]:
             scripts = [i for i, word in enumerate(part) if word.endswith(".py")]
             assert scripts, f"no script in {command!r}"
@@ -141,7 +146,9 @@ def load_script(script: str):
     it, one in a folder (a study kept in docs/) from its file."""
     if "/" not in script:
         return importlib.import_module(Path(script).stem)
-    spec = importlib.util.spec_from_file_location(Path(script).stem.replace("-", "_"), ROOT / script)
+    # named by its path, so that worlds/__main__.py is not run as __main__
+    name = script[:-3].replace("/", "_").replace("-", "_")
+    spec = importlib.util.spec_from_file_location(name, ROOT / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -161,7 +168,7 @@ def test_the_readme_gives_commands_to_parse():
     for command in fenced_commands(README) + inline_commands(README):
         for script, _ in script_calls(command):
             scripts.add(script)
-    assert {"train.py", "sample.py", "evaluate.py", "animals.py"} <= scripts, scripts
+    assert {"train.py", "sample.py", "evaluate.py", "worlds/__main__.py"} <= scripts, scripts
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[:60])

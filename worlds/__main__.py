@@ -5,7 +5,12 @@ import sys
 
 from worlds import animals
 
-if __name__ == "__main__":
+
+def main() -> None:
     # the command's name in its usage line, not this file's
     sys.argv[0] = "python -m worlds"
     animals.main()
+
+
+if __name__ == "__main__":
+    main()
