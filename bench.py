@@ -282,7 +282,7 @@ def bench_data(repeats: int) -> dict:
     """Decoded clips per second on one core, from .mp4 files written here first."""
     from data import VideoFolderSource
     from worlds.shapes import ShapesSource
-    from kit.video import write_video
+    from media.video import write_video
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         shapes = ShapesSource(frames=48, size=128)

@@ -39,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kit import (CAPTION_CHARS, CROPS, IMAGE_EXTS, MAX_BYTES, VIDEO_EXTS, UnusableData,
-                 expand_braces, folder_items, holds_videos, read_video, say_skipped, video_seconds)
+from media.folders import (CAPTION_CHARS, UnusableData, expand_braces, folder_items, holds_videos,
+                           say_skipped)
+from media.video import CROPS, IMAGE_EXTS, MAX_BYTES, VIDEO_EXTS, read_video, video_seconds
 from worlds import SOURCES
 
 # Legend: T frames, H W pixels, k global clip index.

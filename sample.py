@@ -39,7 +39,7 @@ from kit.distributed import check_device
 from kit.faults import UsageError, exit_code, exit_usage, signals_unwind
 from kit.outputs import Outputs, check_outputs, default_out, save_output
 from kit.progress import Progress
-from kit.video import MAX_FRAMES, read_clip
+from media.video import MAX_FRAMES, read_clip
 from maskgit import CFG, STEPS, TEMPERATURE, plan_windows, stream_video, window_steps
 
 # Legend: T frames, H W pixels, t latent frames, L text length.

@@ -54,7 +54,7 @@ from kit.checkpoint import DEFAULT_WORLD, SHIPPED_WORLDS, load_generator, shippe
 from kit.config import HelpWithDefaults, check_sampling, frame_shares, keep_at_cut
 from kit.distributed import check_device
 from kit.faults import UsageError, exit_usage
-from kit.video import VideoWriter, scaled_frames
+from media.video import VideoWriter, scaled_frames
 from maskgit import CFG, STEPS, TEMPERATURE, MaskGIT, plan_windows, stream_video, window_steps
 from text_encoder import CaptionTokenizer
 

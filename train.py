@@ -53,8 +53,8 @@ from kit.checkpoint import (TOKENIZERS, file_digest, generator_meta, load_checkp
                             load_tokenizer, tokenizer_meta)
 from kit.config import HelpWithDefaults, TrainConfig
 from kit.distributed import compile_blocks, finish, gathered, grad_sync, shard, start, summed_counts
-from kit.faults import (TrainingStopped, UnusableData, UsageError, exit_code, exit_usage,
-                        quiet_worker)
+from kit.faults import TrainingStopped, UsageError, exit_code, exit_usage, quiet_worker
+from media.folders import UnusableData
 from kit.fold import fold_codes
 from kit.runs import (RunPlan, load_train_state, release_run, restore_modules, restore_optimizers,
                       save_run, save_weights, setup)

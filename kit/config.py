@@ -24,7 +24,6 @@ and exit code 2, never a setting silently ignored.
 import argparse
 import dataclasses
 import difflib
-import sys
 from dataclasses import dataclass
 
 from cvivit import CViViTConfig

@@ -32,6 +32,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from media.folders import UnusableData
+
 # the exit codes of a run that failed and of a mistake in the command line or the input
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -39,10 +41,6 @@ EXIT_USAGE = 2
 
 class UsageError(Exception):
     """A mistake in what the user asked for: reported as one line, exit code 2."""
-
-
-class UnusableData(ValueError):
-    """The data set has nothing to train on: no files, or only files that fail to load. One line."""
 
 
 def exit_usage(err: Exception) -> None:

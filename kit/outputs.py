@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from kit.faults import UsageError
-from kit.video import VideoWriter, scaled_frames, write_video
+from media.video import VideoWriter, scaled_frames, write_video
 
 # the files that writing <file> makes or replaces beside it: VideoWriter's part, save_checkpoint's
 # temporary and the previous version it keeps

@@ -39,8 +39,9 @@ from safetensors.torch import save_file
 from torch.utils.data import IterableDataset, get_worker_info
 
 from kit.config import TrainConfig
-from kit.faults import TrainingStopped, UnusableData, UsageError
-from kit.folders import say_skipped
+from kit.faults import TrainingStopped, UsageError
+from media.folders import UnusableData
+from media.folders import say_skipped
 from kit.progress import Progress
 
 # Legend: B batch, T frames, H W pixels, t h w latent grid, N clips, k global clip index, j clip

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data import make_source
-from kit.video import write_video
+from media.video import write_video
 from worlds.animals import (ACTIONS, COLORS, DIRECTIONS, SCENES, SPECIES, AnimalSpec, AnimalsSource,
                             agreement, caption, judge, parse, random_spec, render, story_caption,
                             training_caption)

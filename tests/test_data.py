@@ -164,7 +164,7 @@ def test_a_world_cache_key_follows_its_rendering_code_not_where_its_imports_live
     from kit.stream import rendering_code
     first, moved, edited = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "c.py"
     first.write_text("import os\nfrom video import (A,\n                   B)\nEDGES = 3\n")
-    moved.write_text("import os\nfrom kit.video import A, B\nEDGES = 3\n")
+    moved.write_text("import os\nfrom media.video import A, B\nEDGES = 3\n")
     edited.write_text("import os\nfrom video import (A,\n                   B)\nEDGES = 4\n")
     assert rendering_code(str(first)) == rendering_code(str(moved))
     assert rendering_code(str(first)) != rendering_code(str(edited))

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from data import ImageFolderSource, TarShardSource, VideoFolderSource, make_source
-from kit.faults import UnusableData
+from media.folders import UnusableData
 from kit.stream import ClipStream
 from test_video import RED, encode, solid
-from kit.video import read_video
+from media.video import read_video
 
 
 def audio_only(path) -> None:

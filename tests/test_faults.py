@@ -308,7 +308,7 @@ def test_data_with_nothing_usable_stops_the_run_naming_the_folder(tmp_path, work
 def video_folder(tmp_path, n: int):
     """A folder of n good 5-frame 32 x 32 Shapes videos, 0.mp4 ... """
     from worlds.shapes import ShapesSource
-    from kit.video import write_video
+    from media.video import write_video
     folder = tmp_path / "videos"
     folder.mkdir()
     shapes = ShapesSource(frames=5, size=32)

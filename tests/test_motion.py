@@ -19,6 +19,9 @@ class Predictor:
         self.config = MaskGITConfig(codebook_size=K, latent_frames=4, grid=2, dim=8, depth=1, heads=1, mlp=8, text=text)
         self.model, self.rule, self.K, self.truth = MaskGIT(self.config), rule, K, None
 
+    def mask_positions(self, codes, *args):
+        return self.model.mask_positions(codes, *args)
+
     def predict(self, tokens, ids, mask):  # a confident one-hot on the rule's code
         return F.one_hot(self.rule(self.truth[:len(tokens)]), self.K).float() * 20
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import sample
 import train
 from kit.runs import STATE
-from kit.video import write_video
+from media.video import write_video
 from tests.test_train import TINY, TINY_GENERATOR, run_cli
 
 
@@ -162,7 +162,7 @@ def video_with_long_audio(path: str, seconds: int = 3, audio_seconds: int = 12, 
 @pytest.mark.parametrize("ext", [".mkv", ".webm"])
 def test_a_video_without_a_stream_duration_ends_where_its_frames_end_not_its_audio(ext, tmp_path):
     import numpy as np
-    from kit.video import read_video, video_seconds
+    from media.video import read_video, video_seconds
     path = str(tmp_path / f"clip{ext}")
     video_with_long_audio(path)
     assert abs(video_seconds(path) - 3.0) < 0.2  # the container says 12 s
@@ -219,7 +219,7 @@ def with_matrix(src: str, dst: str, a: int, b: int, c: int, d: int) -> None:
     ("a phone's 90", (0, 1, -1, 0), lambda img: np.rot90(img, k=-1)),
     ("90 and mirrored", (0, 1, 1, 0), lambda img: img.transpose(1, 0, 2))])  # x' = y, y' = x
 def test_the_display_matrix_is_honoured_flips_as_flips(name, matrix, shown, tmp_path):
-    from kit.video import read_video
+    from media.video import read_video
     img = marked_video(str(tmp_path / "plain.mp4"))
     with_matrix(str(tmp_path / "plain.mp4"), str(tmp_path / "shown.mp4"), *matrix)
     frame = read_video(str(tmp_path / "shown.mp4"), 1)[0].astype(float)
@@ -231,7 +231,7 @@ def test_reading_a_video_leaves_no_frame_to_the_garbage_collector(tmp_path):
     """Frames freed by the cycle collector after a fork crashed DataLoader workers (a decoded frame caches
     its side data, which points back at it): each frame read must go with its last reference."""
     import gc
-    from kit.video import read_video
+    from media.video import read_video
     marked_video(str(tmp_path / "plain.mp4"))
     with_matrix(str(tmp_path / "plain.mp4"), str(tmp_path / "shown.mp4"), -1, 0, 0, 1)
     gc.collect()
@@ -249,7 +249,7 @@ def test_reading_a_video_leaves_no_frame_to_the_garbage_collector(tmp_path):
 def test_non_square_pixels_are_shown_at_their_displayed_proportions(tmp_path):
     """64 x 48 pixels 4/3 wide show as 85 x 48 (16:9): letterboxed into 64 x 64 the picture is 36 rows high."""
     from fractions import Fraction
-    from kit.video import read_video
+    from media.video import read_video
     marked_video(str(tmp_path / "wide.mp4"), aspect=Fraction(4, 3))
     marked_video(str(tmp_path / "square.mp4"))
     rows = [int((read_video(str(tmp_path / f), 1, 64, crop="pad")[0].max(axis=(1, 2)) > 40).sum())

@@ -17,7 +17,7 @@ from data import VideoFolderSource, held_out, make_source, train_and_val
 from evals.watch import watch_list
 from kit.config import TrainConfig
 from test_train import ROOT, TINY, TINY_GENERATOR
-from kit.video import read_video
+from media.video import read_video
 
 # (file, codec, width, height, seconds): h264 and mpeg4, 1:1 and 16:9
 CLIPS = [("beach.mp4", "h264", 64, 64, 3), ("city/night.mp4", "h264", 96, 54, 2), ("dog.avi", "mpeg4", 64, 64, 3),

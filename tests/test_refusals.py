@@ -28,7 +28,7 @@ from kit.checkpoint import file_digest, generator_meta, save_checkpoint, shipped
 from kit.config import TrainConfig
 from kit.runs import STATE
 from kit.stream import build_token_cache, cache_codes, content_digest, load_token_cache
-from kit.video import write_video
+from media.video import write_video
 from maskgit import MaskGIT, MaskGITConfig
 from tests.test_nothing_lost import caption_folder
 from tests.test_own_videos import write_clip
@@ -160,7 +160,7 @@ def test_a_header_claiming_2_to_the_32_frames_reads_as_unknown_and_its_windows_s
         os.makedirs(folder)
         avi(folder / "clip.avi", claimed)
         assert os.path.getsize(folder / "clip.avi") < 10_000
-        runs[name] = capped(f"from data import make_source\nfrom video import video_seconds\n"
+        runs[name] = capped(f"from data import make_source\nfrom media.video import video_seconds\n"
                             f"source = make_source({str(folder)!r}, 3, 32)\n"
                             f"result['seconds'] = video_seconds({str(folder / 'clip.avi')!r})\n"
                             "result['windows'] = len(source.windows(1000))")
@@ -395,11 +395,11 @@ def test_an_empty_token_cache_shard_is_built_again(tmp_path, capsys):
 import evaluate  # noqa: E402
 from kit import fold  # noqa: E402
 from kit import stream  # noqa: E402
-from kit import video  # noqa: E402
+from media import video  # noqa: E402
 from kit.checkpoint import TRAIN_LIMITS, check_pairing  # noqa: E402
 from kit.config import frame_shares, tokenizer_preset  # noqa: E402
-from kit.folders import folder_items  # noqa: E402
-from kit.video import VIDEO_EXTS, read_video  # noqa: E402
+from media.folders import folder_items  # noqa: E402
+from media.video import VIDEO_EXTS, read_video  # noqa: E402
 
 
 def no_work(monkeypatch, module, *names):
@@ -662,7 +662,7 @@ def test_19_a_full_disk_under_a_sample_is_one_line_and_keeps_the_video_before(tm
 def test_3_a_second_run_in_a_folder_another_run_writes_is_refused(tmp_path, capsys):
     out = str(tmp_path / "run")
     os.makedirs(out)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, runs; runs.lock_run(sys.argv[1]); print('held', "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from kit import runs; runs.lock_run(sys.argv[1]); print('held', "
                                "flush=True); sys.stdin.read()", out], cwd=ROOT, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:

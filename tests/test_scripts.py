@@ -13,7 +13,7 @@ import sample
 from kit.checkpoint import file_digest, generator_meta, tokenizer_meta
 from kit.config import TrainConfig
 from kit.runs import save_weights
-from kit.video import write_video
+from media.video import write_video
 from maskgit import MaskGIT, MaskGITConfig
 from text_encoder import CaptionTokenizer, TextEncoderConfig
 from vqgan import VQGAN, VQGANConfig

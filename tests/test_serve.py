@@ -27,7 +27,7 @@ import torch
 import sample
 import serve
 from kit.checkpoint import shipped
-from kit.video import read_video
+from media.video import read_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RED = {"prompts": ["a red circle moving right"], "frames": 5, "steps": 4}

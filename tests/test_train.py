@@ -76,8 +76,9 @@ def test_resume_reuses_the_saved_config_and_changes_only_what_may_change(tmp_pat
                                            (["--max-steps", "400", "--set", "train.warmup=50"], 50),
                                            (["--set", "train.max_steps=400"], 10)])  # the same run, spelt otherwise
 def test_a_short_run_warms_up_in_proportion(tmp_path, flags, warmup):
-    _, cfg, _ = train.setup(train.parse_args(["--stage", "1", "--out", str(tmp_path), *flags]))  # tiny: 8000 steps
-    assert cfg.warmup == warmup
+    # tiny: 8000 steps
+    plan = train.setup(train.parse_args(["--stage", "1", "--out", str(tmp_path), *flags]))
+    assert plan.cfg.warmup == warmup
 
 
 def test_an_out_that_holds_a_run_needs_resume_or_force(tmp_path):

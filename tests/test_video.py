@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from data import VideoFolderSource
-from kit.video import VideoWriter, read_video, write_video
+from media.video import VideoWriter, read_video, write_video
 
 RED = (200, 50, 100)  # a colour that survives 4:2:0 chroma and 10 bits within a few levels
 
@@ -154,7 +154,7 @@ def test_odd_and_huge_resolutions_come_out_size_by_size(tmp_path):
 
 
 def test_a_strip_too_large_once_resized_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr("kit.video.MAX_PIXELS", 64 * 64)
+    monkeypatch.setattr("media.video.MAX_PIXELS", 64 * 64)
     encode(tmp_path / "strip.mkv", solid(2, 4, 400), codec="ffv1")  # 1600 pixels, but 16 x 1600 resized
     assert read_video(tmp_path / "strip.mkv", size=2).shape == (2, 2, 2, 3)  # 2 x 200 fits
     with pytest.raises(ValueError, match=r"400 x 4 frames \(resized 1600 x 16\) are above MAX_PIXELS"):
@@ -182,7 +182,7 @@ def test_timestamp_jump_and_sparse_key_frames_are_bounded(tmp_path, monkeypatch)
     assert time.perf_counter() - start < 5
     assert read_video(tmp_path / "jump.mkv", frames=11, fps=8).shape == (11, 16, 16, 3)
     # one key frame in 64: seeking to 3 s decodes 48 frames before the clip's first
-    monkeypatch.setattr("kit.video.MAX_LEAD", 20)
+    monkeypatch.setattr("media.video.MAX_LEAD", 20)
     encode(tmp_path / "gop.mp4", solid(64, 16, 16), options={"g": "1000", "sc_threshold": "0"})
     assert read_video(tmp_path / "gop.mp4", frames=3, fps=8, start=0.5).shape == (3, 16, 16, 3)
     with pytest.raises(ValueError, match="no frame at 3.00 s within 20 decoded frames"):

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kit import read_video, to_uint8_frames
+from media.video import read_video, to_uint8_frames
 from worlds import sprites
 from worlds.shapes import _components, _grow, _solid
 from worlds.sprites import OUTLINE, RIM, capsule_distance, draw_subject

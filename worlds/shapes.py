@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kit import read_video, to_uint8_frames
+from media.video import read_video, to_uint8_frames
 
 # Legend: T frames, H W pixels, k global clip index.
 

@@ -20,7 +20,11 @@ import re
 import sys
 from pathlib import Path
 
-from kit.video import VIDEO_EXTS
+from media.video import VIDEO_EXTS
+
+
+class UnusableData(ValueError):
+    """The data set has nothing to train on: no files, or only files that fail to load. One line."""
 
 
 # the most names a brace pattern may expand to: 'x-{0..99999999999}.tar' would fill memory with
