@@ -56,7 +56,7 @@ from data import make_source
 from evals.measures import psnr, ssim, validation_loss
 from evals.motion import code_following, continuation, motion_probe
 from evals.stories import (animals_extras, animals_stories, judged_in_batches, shapes_long,
-                           shapes_stories, shares)
+                           shapes_stories)
 from evals.watch import Watched, watch
 from kit.checkpoint import DEFAULT_WORLD, load_generator, load_tokenizer, read_header, shipped
 from kit.config import HelpWithDefaults, check_sampling

@@ -49,15 +49,14 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from evals.watch import HeldOut, watch_generator, watch_list, watch_tokenizer
-from kit.checkpoint import (TOKENIZERS, file_digest, generator_meta, load_checkpoint,
-                            load_tokenizer, tokenizer_meta)
+from kit.checkpoint import TOKENIZERS, file_digest, generator_meta, load_tokenizer, tokenizer_meta
 from kit.config import HelpWithDefaults, TrainConfig
 from kit.distributed import compile_blocks, finish, gathered, grad_sync, shard, start, summed_counts
 from kit.faults import TrainingStopped, UsageError, exit_code, exit_usage, quiet_worker
 from media.folders import UnusableData
 from kit.fold import fold_codes
-from kit.runs import (RunPlan, load_train_state, release_run, restore_modules, restore_optimizers,
-                      save_run, save_weights, setup)
+from kit.runs import (RunPlan, TrainState, load_train_state, release_run, restore_modules,
+                      restore_optimizers, save_run, save_weights, setup)
 from kit.steps import Steps, adamw
 from kit.stream import ClipStream, cache_codes, encode_clips, held_out
 from maskgit import MaskGIT
@@ -246,14 +245,14 @@ def fold_finished(sampled: torch.nn.Module, plan: RunPlan, step: int, device: to
 
 # ----------------------------------------------------------------------------- stage 2
 
-def caption_bpe(resume, init, captions: list[str], vocab_size: int, master: bool,
-                ddp: bool) -> CaptionTokenizer:
+def caption_bpe(resume: TrainState | None, init: TrainState | None, captions: list[str],
+                vocab_size: int, master: bool, ddp: bool) -> CaptionTokenizer:
     """The caption tokenizer: restored on resume, the file's on --init, else trained on the cached
     captions by rank 0 and sent to all."""
     if resume:
         return CaptionTokenizer.from_json(resume.meta["text_tokenizer"])
     if init:
-        return CaptionTokenizer.from_json(init[1]["text_tokenizer"])
+        return CaptionTokenizer.from_json(init.meta["text_tokenizer"])
     text_json = [CaptionTokenizer.train(captions, vocab_size).to_json() if master else None]
     if ddp:
         dist.broadcast_object_list(text_json)
@@ -290,7 +289,7 @@ def train_generator(args, plan: RunPlan, rank: int, world: int, device: torch.de
                                                  rank, world, device)
     resume = load_train_state(plan.resume_from)
     # --init: a fine-tune starts from a generator file's weights and caption tokenizer
-    init = load_checkpoint(plan.init) if plan.init else None
+    init = load_train_state(plan.init)
     text = caption_bpe(resume, init, captions, model_cfg.text.vocab_size, master, ddp)
     # (N, L) each, tokenized once
     all_ids, all_masks = text.encode(captions, model_cfg.text.max_len)
@@ -300,7 +299,7 @@ def train_generator(args, plan: RunPlan, rank: int, world: int, device: torch.de
     model = MaskGIT(model_cfg).to(device)
     if init:
         # checked against this config by setup; fp16 files train in fp32
-        model.load_state_dict({k: v.float() for k, v in init[0].items()})
+        model.load_state_dict({k: v.float() for k, v in init.tensors.items()})
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
     modules = {"model": model} | ({"ema": ema} if ema is not None else {})
     if resume:

@@ -27,6 +27,7 @@ import difflib
 from dataclasses import dataclass
 
 from cvivit import CViViTConfig
+from kit.faults import UsageError
 from maskgit import POSITIONS, MaskGITConfig
 from text_encoder import TextEncoderConfig
 from vqgan import NORMS, VQGANConfig

@@ -290,14 +290,15 @@ def clear_run(out: str) -> None:
 
 
 class TrainState(NamedTuple):
-    """A train state read for --resume: where it was read from, its tensors and its metadata."""
+    """A checkpoint read whole (--resume's train state, --init's generator): where it was read from,
+    its tensors and its metadata."""
     path: str
     tensors: dict[str, torch.Tensor]
     meta: dict[str, str]
 
 
 def load_train_state(path: str | None) -> TrainState | None:
-    """The train state resumed_run chose (resume_point); None: start afresh."""
+    """The train state resumed_run chose (resume_point), or --init's generator; None: none."""
     if path is None:
         return None
     tensors, meta = load_checkpoint(path)
