@@ -393,7 +393,7 @@ def setup(args) -> RunPlan:
             raise UsageError("stage 2 needs --tokenizer-checkpoint PATH (a stage-1 model.safetensors)")
         model_cfg = generator_config_for(tokenizer_checkpoint, model_cfg, cfg,
                                          same_data=not (saved or args.data))
-        if args.init and not saved:
+        if args.init and not continued.path:
             model_cfg = fine_tuned_config(args.init, tokenizer_checkpoint, model_cfg, asked)
     elif args.init:
         raise UsageError("--init starts a stage-2 generator from a file; stage 1 has no such start")
@@ -419,8 +419,10 @@ def setup(args) -> RunPlan:
         clear_run(out)
     if summary and master:
         print("\n".join(summary), flush=True)
+    # a resumed fine-tune continues from its own train state
+    init = None if continued.path else args.init
     return RunPlan(out, kind, model_cfg, cfg, source, val_source, continued.path,
-                   tokenizer_checkpoint, None if saved or continued.path else args.init)
+                   tokenizer_checkpoint, init)
 
 
 def fine_tuned_config(init: str, tokenizer_checkpoint: str, model_cfg: MaskGITConfig,

@@ -307,3 +307,18 @@ def test_init_fine_tunes_a_generator_from_its_file(generator, tokenizer, tmp_pat
         train.main(common + ["--out", str(tmp_path / "other"), "--init", generator,
                              "--tokenizer-checkpoint", generator])
     assert exit_info.value.code == 2
+
+
+def test_a_fine_tune_resumes_from_its_own_train_state_not_from_the_file(generator, tokenizer, tmp_path):
+    """--init given again with --resume: the run goes on from its last save, so that stopping and
+    resuming a fine-tune equals running it through."""
+    common = ["--stage", "2", "--tokenizer-checkpoint", tokenizer, *TINY_GENERATOR,
+              "--set", "train.image_every=100", "--init", generator]
+    whole = str(tmp_path / "whole")
+    split = str(tmp_path / "split")
+    train.main(common + ["--out", whole, "--max-steps", "4"])
+    train.main(common + ["--out", split, "--max-steps", "2"])
+    train.main(common + ["--out", split, "--max-steps", "4", "--resume"])
+    a = load_file(os.path.join(whole, "model.safetensors"))
+    b = load_file(os.path.join(split, "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
