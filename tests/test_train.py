@@ -274,15 +274,23 @@ def test_stage2_trains_with_the_continuation_masks_it_is_given(tokenizer, tmp_pa
     assert (0.5, 1) in seen and (0.5, 0) not in seen
 
 
-def test_stage2_resume_matches_an_uninterrupted_run(tokenizer, tmp_path):
-    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
-    common = ["--stage", "2", "--tokenizer-checkpoint", tokenizer, *TINY_GENERATOR, "--set", "train.image_every=100"]
+def run_through_and_resumed(common: list[str], tmp_path) -> str:
+    """Run `common` for 4 steps, and again for 2 then --resume to 4; assert both end on the same
+    weights -> the resumed run's folder."""
+    whole = str(tmp_path / "whole")
+    split = str(tmp_path / "split")
     train.main(common + ["--out", whole, "--max-steps", "4"])
     train.main(common + ["--out", split, "--max-steps", "2"])
     train.main(common + ["--out", split, "--max-steps", "4", "--resume"])
     a = load_file(os.path.join(whole, "model.safetensors"))
     b = load_file(os.path.join(split, "model.safetensors"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    return split
+
+
+def test_stage2_resume_matches_an_uninterrupted_run(tokenizer, tmp_path):
+    common = ["--stage", "2", "--tokenizer-checkpoint", tokenizer, *TINY_GENERATOR, "--set", "train.image_every=100"]
+    run_through_and_resumed(common, tmp_path)
 
 
 def test_init_fine_tunes_a_generator_from_its_file(generator, tokenizer, tmp_path, capsys):
@@ -314,11 +322,7 @@ def test_a_fine_tune_resumes_from_its_own_train_state_not_from_the_file(generato
     resuming a fine-tune equals running it through."""
     common = ["--stage", "2", "--tokenizer-checkpoint", tokenizer, *TINY_GENERATOR,
               "--set", "train.image_every=100", "--init", generator]
-    whole = str(tmp_path / "whole")
-    split = str(tmp_path / "split")
-    train.main(common + ["--out", whole, "--max-steps", "4"])
-    train.main(common + ["--out", split, "--max-steps", "2"])
-    train.main(common + ["--out", split, "--max-steps", "4", "--resume"])
-    a = load_file(os.path.join(whole, "model.safetensors"))
-    b = load_file(os.path.join(split, "model.safetensors"))
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    split = run_through_and_resumed(common, tmp_path)
+    # steps 3 and 4 went on from the save at step 2: a fresh start from the file would log 1 to 4 again
+    steps = [json.loads(line)["step"] for line in open(os.path.join(split, "log.jsonl"))]
+    assert steps == [1, 2, 3, 4]
