@@ -73,14 +73,16 @@ from worlds import WORLDS, animals
 EVAL_SEED = 1_000_003
 
 
-def motion_extras(model, text, tokenizer, seed: int, clips: int = 128, **sampling) -> dict[str, float]:
+def motion_extras(model, text, tokenizer, seed: int, clips: int = 128,
+                  **sampling) -> dict[str, float]:
     """The motion probe on `clips` Animals clips of `seed` and the continuation of 4 real clips per
     action (of another seed derived from it): how things move, beside what the judge reads of single
     prompts."""
     codes, captions, _ = encode_clips(tokenizer, make_source("animals", 11, 64, seed), clips,
                                       torch.device("cpu"))
     ids, mask = text.encode(captions, model.config.text.max_len)
-    return motion_probe(model, codes, ids, mask) | continuation(model, text, tokenizer, 4, 3, seed + 30, **sampling)
+    probe = motion_probe(model, codes, ids, mask)
+    return probe | continuation(model, text, tokenizer, 4, 3, seed + 30, **sampling)
 
 
 def held_out_source(data: str | None, trained: dict):
@@ -153,8 +155,9 @@ def evaluate_generator(model, text, tokenizer, world, prompts: int, stories: int
     results = judged_in_batches(model, text, tokenizer, world, specs, None, batch_size, **sampling)
     if stories:
         # cuts as sample.py makes them for a generator of this world
-        results |= (animals_stories if world is animals else shapes_stories)(
-            model, text, tokenizer, rng, stories, batch_size, keep_at_cut=world.KEEP_AT_CUT, **sampling)
+        judged = animals_stories if world is animals else shapes_stories
+        results |= judged(model, text, tokenizer, rng, stories, batch_size,
+                          keep_at_cut=world.KEEP_AT_CUT, **sampling)
     if world is animals:
         results |= animals_extras(model, text, tokenizer, rng, prompts // 2, batch_size, **sampling)
         # motion.py
@@ -177,7 +180,8 @@ def evaluate_on_real_data(model, text, tokenizer, source, clips: int, grid: str,
     # the first clip of each caption
     picks = [i for i, c in enumerate(captions) if captions.index(c) == i][:rows]
     shown = [captions[i] for i in picks]
-    samples, _ = watch(model, text, tokenizer, Watched(None, [], shown), torch.device("cpu"), **sampling)
+    samples, _ = watch(model, text, tokenizer, Watched(None, [], shown), torch.device("cpu"),
+                       **sampling)
     # (2 rows, 3, T, H, W): real, sample
     pairs = torch.stack([videos[picks], samples], dim=1).flatten(0, 1)
     labels = []
@@ -188,18 +192,20 @@ def evaluate_on_real_data(model, text, tokenizer, source, clips: int, grid: str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Evaluate a phenaki checkpoint: a tokenizer or a generator.",
-                                formatter_class=HelpWithDefaults)
+    p = argparse.ArgumentParser(
+        description="Evaluate a phenaki checkpoint: a tokenizer or a generator.",
+        formatter_class=HelpWithDefaults)
     p.add_argument("checkpoint", nargs="?",
                    help="a stage-1 or stage-2 model.safetensors (default: the world's generator)")
     p.add_argument("--world", default=DEFAULT_WORLD, choices=sorted(WORLDS),
-                   help=f"whose shipped pair to use when no checkpoint is given (default {DEFAULT_WORLD})")
-    p.add_argument("--data", help="held-out data (default: the run's --val-data, or the files it held out, or "
-                   "its world at an unseen seed)")
+                   help="whose shipped pair to use when no checkpoint is given "
+                   f"(default {DEFAULT_WORLD})")
+    p.add_argument("--data", help="held-out data (default: the run's --val-data, or the files it "
+                   "held out, or its world at an unseen seed)")
     p.add_argument("--clips", type=int, default=256,
                    help="how many held-out clips (stage 1; stage 2 on real data)")
-    p.add_argument("--grid", help="stage 2 on real data: the PNG of samples beside their captions and the real clips "
-                   "(default: eval_samples.png beside the checkpoint)")
+    p.add_argument("--grid", help="stage 2 on real data: the PNG of samples beside their captions and "
+                   "the real clips (default: eval_samples.png beside the checkpoint)")
     p.add_argument("--tokenizer-checkpoint",
                    help="stage 2: the generator's tokenizer (default: the world's)")
     p.add_argument("--prompts", type=int, default=200, help="stage 2: random canonical prompts")
@@ -210,9 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--motion", type=int, metavar="SEED",
-                   help="Animals generator: the motion figures alone, on prompts and clips of SEED (one "
-                   "the evaluation never draws): action per action on --prompts canonical prompts, "
-                   "the motion probe and the continuation of real clips (docs/motion.md)")
+                   help="Animals generator: the motion figures alone, on prompts and clips of SEED "
+                   "(one the evaluation never draws): action per action on --prompts canonical "
+                   "prompts, the motion probe and the continuation of real clips (docs/motion.md)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     args.checkpoint = args.checkpoint or shipped(args.world, "generator")
@@ -234,21 +240,24 @@ def main(argv: list[str] | None = None) -> None:
         if meta.get("stage") == "2":
             if args.motion is not None and data != "animals":
                 raise UsageError("--motion measures an Animals generator")
-            model, text, tokenizer, meta = load_generator(args.checkpoint, args.tokenizer_checkpoint)
+            model, text, tokenizer, meta = load_generator(args.checkpoint,
+                                                          args.tokenizer_checkpoint)
             sampling = dict(steps=args.steps, cfg=args.cfg, temperature=args.temperature,
                             generator=torch.Generator().manual_seed(args.seed))
             results = {"generator": args.checkpoint, "step": int(meta["step"])}
             if args.motion is not None:
                 rng = np.random.default_rng(args.motion)
                 specs = [animals.random_spec(rng) for _ in range(args.prompts)]
-                results |= judged_in_batches(model, text, tokenizer, animals, specs, None, 20, **sampling)
+                results |= judged_in_batches(model, text, tokenizer, animals, specs, None, 20,
+                                             **sampling)
                 results |= motion_extras(model, text, tokenizer, args.motion, **sampling)
             elif data in WORLDS:
                 results |= evaluate_generator(model, text, tokenizer, WORLDS[data], args.prompts,
                                               args.stories, **sampling)
             else:
                 # real data: no judge, but a held-out loss and samples to look at
-                grid = args.grid or os.path.join(os.path.dirname(args.checkpoint), "eval_samples.png")
+                beside = os.path.dirname(args.checkpoint)
+                grid = args.grid or os.path.join(beside, "eval_samples.png")
                 source = held_out_source(args.data, trained)
                 results |= evaluate_on_real_data(model, text, tokenizer, source, args.clips, grid,
                                                  **sampling)

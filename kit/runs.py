@@ -13,7 +13,6 @@ Under FSDP2 a state dict holds shards (DTensors): `whole` gathers them, so that 
 same as under DDP or in one process, and `restore_optimizer` shards the moments again on load.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -183,26 +182,26 @@ class Continued(NamedTuple):
     replace: bool = False
 
 
-def resumed_run(args) -> Continued:
-    """Whether this command may use --out, and what it continues there. A fresh start in a folder
-    that holds a run needs --force; --resume needs a readable train state."""
-    meta = saved_run(args.out)
+def resumed_run(args, out: str) -> Continued:
+    """Whether this command may use `out` (its --out), and what it continues there. A fresh start
+    in a folder that holds a run needs --force; --resume needs a readable train state."""
+    meta = saved_run(out)
     # torchrun resumes by itself
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if meta is not None and not (args.resume or restarted):
         if not args.force:
-            raise UsageError(f"{args.out} already holds a run (step {meta.get('step', '?')}): add --resume to "
+            raise UsageError(f"{out} already holds a run (step {meta.get('step', '?')}): add --resume to "
                              "continue it, or --force to start a new one there")
         # setup removes the old run's files once everything else is accepted
         return Continued(replace=True)
     if meta is None:
         if args.resume and not restarted:
-            raise UsageError(f"nothing to resume in {args.out}: it holds no checkpoint; leave out --resume to start a run")
+            raise UsageError(f"nothing to resume in {out}: it holds no checkpoint; leave out --resume to start a run")
         return Continued()
-    path, meta, problems = resume_point(args.out)
+    path, meta, problems = resume_point(out)
     if path is None:
         # model.safetensors alone: resuming would start afresh and overwrite it
-        raise UsageError(f"--resume needs {os.path.join(args.out, STATE)} (the optimizer and the step): "
+        raise UsageError(f"--resume needs {os.path.join(out, STATE)} (the optimizer and the step): "
                          + (f"no readable train state to resume from ({problems[0]})" if problems else "it is missing")
                          + "; start a new run in another --out")
     if problems:
@@ -210,7 +209,7 @@ def resumed_run(args) -> Continued:
     if "train_config" not in meta:
         return Continued(path)
     if meta.get("stage") != str(args.stage):
-        raise UsageError(f"{args.out} holds a stage-{meta.get('stage')} run; this command is --stage {args.stage}")
+        raise UsageError(f"{out} holds a stage-{meta.get('stage')} run; this command is --stage {args.stage}")
     if args.stage == 1:
         if meta.get("kind") not in TOKENIZERS:
             raise UsageError(f"{path}: unknown tokenizer kind {str(meta.get('kind'))[:40]!r}")
@@ -355,12 +354,11 @@ def setup(args) -> RunPlan:
     image_ratio = [f"train.image_ratio={args.image_ratio}"] if args.image_ratio is not None else []
     asked = args.set + image_ratio
     out = args.out or f"runs/stage{args.stage}-{args.tokenizer if args.stage == 1 else 'maskgit'}-{args.preset}"
-    args = argparse.Namespace(**vars(args) | {"out": out})
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
     check_device(args.device, gpus="RANK" not in os.environ)
     # the saved configs when this command continues a run
-    continued = resumed_run(args)
+    continued = resumed_run(args, out)
     kind = args.tokenizer if args.stage == 1 else "maskgit"
     tokenizer_checkpoint = args.tokenizer_checkpoint
     if continued.tokenizer is not None and args.stage == 1:

@@ -66,3 +66,13 @@ def test_the_precision_is_a_checked_train_field():
     assert configure(2, "tiny", "vqgan", ["train.precision=bf16"])[1].precision == "bf16"
     with pytest.raises(UsageError, match="train.precision must be one of auto, bf16, fp32"):
         configure(2, "tiny", "vqgan", ["train.precision=fp16"])
+
+
+def test_the_cut_rules_and_world_names_sample_py_reads_are_the_worlds_own():
+    """kit.config.KEEP_AT_CUT and kit.checkpoint.SHIPPED_WORLDS name what the worlds say, so that
+    sample.py need not load a world to know them."""
+    from kit.checkpoint import SHIPPED_WORLDS
+    from kit.config import KEEP_AT_CUT
+    from worlds import WORLDS
+    assert KEEP_AT_CUT == {name: world.KEEP_AT_CUT for name, world in WORLDS.items()}
+    assert sorted(SHIPPED_WORLDS) == sorted(WORLDS)
